@@ -1,0 +1,48 @@
+# polarprune: train once with polarized gates, cut for real, serve on Triton, measure dense vs pruned.
+# Every target bootstraps what it needs (venv, packages, data) on a fresh machine.
+PYTHON   ?= python3
+VENV     ?= .venv
+PY       := $(VENV)/bin/python
+RUN      ?= fmnist_resnet20
+CONFIG   ?= configs/$(RUN).yaml
+RUN_DIR  ?= runs/$(RUN)
+REPO     ?= model_repository
+REPORTS  ?= reports/$(RUN)
+TARGET   ?= cpu
+GPU      ?=
+TRAIN_ARGS  ?=
+EXPORT_ARGS ?=
+SERVE_ARGS  ?=
+FMNIST   := data/fashion-mnist/train-images-idx3-ubyte.gz
+STAMP    := $(VENV)/.installed$(if $(GPU),-gpu)
+
+.PHONY: all venv data train export serve test bench compare clean
+all: train export serve
+
+$(STAMP): requirements.txt $(if $(GPU),requirements-gpu.txt)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt $(if $(GPU),-r requirements-gpu.txt)
+	touch $@
+
+venv: $(STAMP)
+
+$(FMNIST):
+	scripts/get_fmnist.sh data/fashion-mnist
+
+data: $(FMNIST)
+
+train: venv data
+	$(PY) -m training --config $(CONFIG) $(TRAIN_ARGS)
+
+export: venv
+	$(PY) -m export --run $(RUN_DIR) --target $(TARGET) --repository $(REPO) $(EXPORT_ARGS)
+
+serve: venv
+	$(PY) -m serving --repository $(REPO) --run $(RUN_DIR) --report-dir $(REPORTS) $(SERVE_ARGS)
+
+test: venv data
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf runs reports $(REPO)/*/

@@ -1,0 +1,98 @@
+"""Gates: hard forward values, straight-through gradients, polarization, gradients reach every parameter."""
+import torch
+
+from training.arch import make_spec
+from training.gates import Gate, polarization, straight_through
+from training.models import GateOptions, build_model
+
+
+def test_straight_through_forward_is_hard_and_backward_is_sigmoid():
+    logits = torch.tensor([-2.0, -0.1, 0.3, 4.0], requires_grad=True)
+    values, probs = straight_through(logits)
+    assert values.tolist() == [0.0, 0.0, 1.0, 1.0]
+    values.backward(torch.ones(4))
+    sig = torch.sigmoid(logits.detach())
+    assert torch.allclose(logits.grad, sig * (1 - sig))
+
+
+def test_min_open_keeps_the_highest_scores():
+    values, _ = straight_through(torch.tensor([-3.0, -1.0, -2.0]), min_open=1)
+    assert values.tolist() == [0.0, 1.0, 0.0]
+    batch, _ = straight_through(torch.tensor([[-3.0, -1.0], [-1.0, -3.0]]), min_open=1)
+    assert batch.tolist() == [[0.0, 1.0], [1.0, 0.0]]
+
+
+def test_frozen_gate_is_constant_and_passes_no_gradient():
+    gate = Gate(4, init_score=1.0)
+    gate.freeze(torch.tensor([1.0, 0.0, 1.0, 0.0]))
+    values = gate()
+    assert values.tolist() == [1.0, 0.0, 1.0, 0.0]
+    assert not values.requires_grad
+
+
+def test_polarization_drives_gates_to_zero_or_one():
+    torch.manual_seed(0)
+    scores = torch.nn.Parameter(torch.randn(64) * 0.1)
+    optimizer = torch.optim.Adam([scores], lr=0.05)
+    for _ in range(400):
+        optimizer.zero_grad()
+        polarization(torch.sigmoid(scores), t=0.2).backward()
+        optimizer.step()
+    probs = torch.sigmoid(scores.detach())
+    assert ((probs < 0.05) | (probs > 0.95)).all(), probs
+    assert 0 < (probs > 0.5).sum() < 64  # two groups, not a collapse to one side
+
+
+def _polarize_against_a_target(center: str, target: float = 0.3) -> torch.Tensor:
+    """The method's pairing on a toy: the polarizer splits, a kept-share term (like the FLOPs term) sets
+    the split point."""
+    torch.manual_seed(1)
+    scores = torch.nn.Parameter(torch.randn(100) * 0.1 + 1.0)
+    optimizer = torch.optim.Adam([scores], lr=0.05)
+    for _ in range(600):
+        optimizer.zero_grad()
+        values, probs = straight_through(scores)
+        loss = polarization(probs, t=0.0, center=center) + 5.0 * (values.mean() - target).abs()
+        loss.backward()
+        optimizer.step()
+    return scores.detach()
+
+
+def test_threshold_centred_polarizer_settles_decided_gates_on_the_target():
+    scores = _polarize_against_a_target("threshold")
+    probs = torch.sigmoid(scores)
+    assert abs(float((scores > 0).float().mean()) - 0.3) <= 0.03
+    assert float(((probs < 0.1) | (probs > 0.9)).float().mean()) > 0.95
+
+
+def test_mean_centred_polarizer_leaves_gates_at_the_boundary():
+    # Why the default centre is the threshold: Zhuang's mean centre splits at mean(p) = 0.3, so closed
+    # gates between 0.3 and 0.5 are pushed open while the target pushes them shut.
+    probs = torch.sigmoid(_polarize_against_a_target("mean"))
+    assert float(((probs > 0.3) & (probs < 0.7)).float().mean()) > 0.3
+
+
+def _all_parameters_get_gradients(model, shape):
+    model.train()
+    model(torch.randn(4, *shape)).logsumexp(1).sum().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not missing, missing
+    gate_grads = [p.grad.abs().sum() for n, p in model.named_parameters() if ".gate." in n or "block_gate" in n]
+    assert gate_grads and all(g > 0 for g in gate_grads)
+
+
+def test_every_parameter_of_a_gated_resnet_receives_a_gradient():
+    spec = make_spec("resnet20", 1, 10, (16, 16))
+    _all_parameters_get_gradients(build_model(spec, GateOptions()), (1, 16, 16))
+
+
+def test_every_parameter_of_a_dynamic_gated_resnet_receives_a_gradient():
+    torch.manual_seed(0)
+    model = build_model(make_spec("resnet20", 3, 10, (16, 16)), GateOptions(dynamic=True))
+    for gate in model.gates().values():  # zero-initialised heads get a gradient only through real inputs
+        torch.nn.init.normal_(gate.head.weight, std=0.1)
+    _all_parameters_get_gradients(model, (3, 16, 16))
+
+
+def test_every_parameter_of_a_gated_vgg_receives_a_gradient():
+    _all_parameters_get_gradients(build_model(make_spec("vgg16", 3, 10, (16, 16)), GateOptions()), (3, 16, 16))

@@ -1,0 +1,128 @@
+"""Short real runs on a Fashion-MNIST subset: the target is met, the artifacts are complete, resume works."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from training.arch import prune_spec
+from training.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from training.config import make_config
+from training.flops import count_macs
+from training.loop import RunError, train
+from training.mask import load_mask
+from training.models import build_model
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICK = dict(dataset="fashion_mnist", model="resnet20", epochs=3, batch_size=64, train_subset=1536,
+             val_size=256, test_subset=1000, eval_batch_size=500, progress=False, seed=0, threads=2)
+
+
+def quick_config(tmp_path, **overrides):
+    return make_config({**QUICK, "out_dir": str(tmp_path), "name": "run", **overrides})
+
+
+@pytest.fixture(scope="module")
+def polarized_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    metrics = train(quick_config(out, target_flops_ratio=0.5))
+    return out / "run", metrics
+
+
+def test_short_run_meets_its_flops_target_and_learns(polarized_run):
+    run_dir, metrics = polarized_run
+    assert abs(metrics["flops_ratio"] - 0.5) <= 0.03
+    assert metrics["test_accuracy"] > 0.5  # chance is 0.1
+    assert 0 < metrics["params_ratio"] < 1
+    for key in ("dataset", "model", "method", "epochs", "test_accuracy", "dense_flops", "pruned_flops",
+                "flops_ratio", "params_ratio", "target_flops_ratio", "kept_channels", "removed_blocks",
+                "train_seconds"):
+        assert key in metrics
+    assert json.loads((run_dir / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
+    for name in ("checkpoint.pt", "mask.json", "log.jsonl", "progress.png", "gate_scores.png"):
+        assert (run_dir / name).is_file(), name
+    assert len((run_dir / "log.jsonl").read_text().splitlines()) == 3
+
+
+def test_mask_rebuilds_the_pruned_network_without_the_dense_class(polarized_run):
+    run_dir, metrics = polarized_run
+    document, mask = load_mask(run_dir / "mask.json")
+    pruned = build_model(document["pruned_spec"])
+    assert count_macs(pruned) == metrics["pruned_flops"] == document["pruned_flops"]
+    for name, kept in mask.kept_channels.items():
+        assert len(kept) % 16 == 0, (name, len(kept))  # round_to
+    assert document["pruned_spec"] == prune_spec(document["dense_spec"], mask.kept_channels, mask.closed_blocks)
+
+
+def test_checkpoint_round_trip_reproduces_the_reported_accuracy(polarized_run):
+    run_dir, metrics = polarized_run
+    from training.data import BatchIterator, load_splits
+    state = load_checkpoint(run_dir / "checkpoint.pt")
+    model = model_from_checkpoint(state).eval()
+    info, _, _, test = load_splits("fashion_mnist", None, None, 0, 0)
+    test = test.subset(torch.arange(1000))
+    correct = 0
+    with torch.no_grad():
+        for images, labels in BatchIterator(test, info, 500, train=False, seed=0).epoch(0):
+            correct += int((model(images).argmax(1) == labels).sum())
+    assert correct / 1000 == pytest.approx(metrics["test_accuracy"], abs=1e-9)
+
+
+def test_resume_after_interruption_gives_the_same_run(tmp_path, polarized_run, monkeypatch):
+    _, full = polarized_run
+    cfg = quick_config(tmp_path, target_flops_ratio=0.5)
+    run_dir = tmp_path / "run"
+    import training.loop as loop
+    save = loop.save_checkpoint
+
+    def save_then_die_after_epoch_2(path, state):  # as if killed right after the second checkpoint
+        save(path, state)
+        if state["epoch"] == 2:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_die_after_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg)
+    monkeypatch.setattr(loop, "save_checkpoint", save)
+    assert load_checkpoint(run_dir / "checkpoint.pt")["epoch"] == 2
+    assert not (run_dir / "metrics.json").exists()
+    resumed = train(cfg, resume=True)
+    assert resumed["removed_blocks"] == full["removed_blocks"]
+    assert resumed["kept_channels"] == full["kept_channels"]
+    assert resumed["test_accuracy"] == pytest.approx(full["test_accuracy"], abs=0.01)
+    assert len((run_dir / "log.jsonl").read_text().splitlines()) == 3
+
+
+def test_existing_run_is_not_overwritten(polarized_run):
+    run_dir, _ = polarized_run
+    cfg = quick_config(run_dir.parent)
+    with pytest.raises(RunError, match="--resume"):
+        train(cfg)
+
+
+def test_dense_method_trains_with_the_same_loop(tmp_path):
+    metrics = train(quick_config(tmp_path, method="dense", epochs=1))
+    assert metrics["flops_ratio"] == 1.0 and metrics["removed_blocks"] == []
+    assert metrics["test_accuracy"] > 0.3
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["gates"] is None
+
+
+def test_corrupt_and_mismatched_checkpoints_are_refused(tmp_path, polarized_run):
+    run_dir, _ = polarized_run
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes((run_dir / "checkpoint.pt").read_bytes()[:5000])
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_checkpoint(corrupt)
+    state = load_checkpoint(run_dir / "checkpoint.pt")
+    state["model"]["layer3.2.conv1.weight"] = torch.zeros(3, 3, 3, 3)
+    with pytest.raises(CheckpointError, match="do not fit"):
+        model_from_checkpoint(state)
+
+
+def test_cli_refuses_bad_config_with_the_key_named(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "training", "--set", "target_flops_ratio=1.7",
+                             "--set", f"out_dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "target_flops_ratio" in result.stderr and "Traceback" not in result.stderr
+    assert not any(tmp_path.iterdir())

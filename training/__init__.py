@@ -1,0 +1,1 @@
+"""Training of pruning gates: data, models, one-pass schedule and checkpoints."""

@@ -1,0 +1,171 @@
+"""Training configuration: one dataclass, loaded from YAML plus `--set key=value` overrides.
+
+Unknown keys, wrong types and impossible values are refused with a message that names the key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+import yaml
+
+from .arch import MODEL_NAMES
+
+DATASETS = ("fashion_mnist", "cifar10", "cifar100", "tiny_imagenet")
+METHODS = ("polarized", "dense", "activation_density", "flipout")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class ConfigError(ValueError):
+    """A configuration key that is unknown, of the wrong type, or out of range."""
+
+
+@dataclass
+class TrainConfig:
+    # what to train
+    dataset: str = "fashion_mnist"
+    data_dir: str | None = None          # None: the embedded Fashion-MNIST (data/fashion-mnist or Debian's copy)
+    model: str = "resnet20"
+    method: str = "polarized"
+    # budget
+    epochs: int = 4
+    batch_size: int = 128
+    eval_batch_size: int = 500
+    train_subset: int | None = None      # limit training examples (quick runs)
+    test_subset: int | None = None       # evaluate on the first N test examples only (quick runs, tests)
+    val_size: int = 2000                 # held out of the train split: dynamic-gate consensus, model selection
+    # optimiser (SGD + cosine for weights, Adam for gate scores)
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    gate_lr: float = 0.05
+    # the method: polarized gates
+    target_flops_ratio: float = 0.5      # kept MACs / dense MACs
+    flops_tolerance: float = 0.02        # the final mask lands within this of the target (if widths allow)
+    round_to: int = 16                   # kept widths are multiples of this (onnxruntime's fast conv path)
+    flops_weight: float = 5.0
+    polarization_weight: float = 1.0
+    polarization_t: float = 0.0          # extra closing push; the FLOPs term already sets how much closes
+    polarization_center: str = "threshold"  # "threshold" (p = 0.5, default) or "mean" (Zhuang et al.)
+    consensus_weight: float = 1.0        # dynamic gates: pull inputs towards one consensus sub-network
+    gate_init: float = 2.0               # initial gate score: all gates open, sigmoid = 0.88
+    dynamic_gates: bool = False
+    warmup_fraction: float = 0.1         # of all steps, before gate losses start
+    freeze_fraction: float = 0.75        # of all epochs, when the mask is fixed; the rest fine-tunes it
+    # run
+    seed: int = 0
+    device: str = "auto"
+    threads: int | None = None           # torch intra-op threads (None: torch's default)
+    out_dir: str = "runs"
+    name: str | None = None              # run directory name (default: the config file's stem)
+    progress: bool = True
+
+    def validate(self) -> "TrainConfig":
+        def need(ok: bool, key: str, why: str) -> None:
+            if not ok:
+                raise ConfigError(f"config key {key!r}: {why} (got {getattr(self, key)!r})")
+        need(self.dataset in DATASETS, "dataset", f"must be one of {', '.join(DATASETS)}")
+        need(self.model in MODEL_NAMES, "model", f"must be one of {', '.join(MODEL_NAMES)}")
+        need(self.method in METHODS, "method", f"must be one of {', '.join(METHODS)}")
+        need(self.polarization_center in ("threshold", "mean"), "polarization_center",
+             "must be 'threshold' or 'mean'")
+        need(self.device in DEVICES, "device", f"must be one of {', '.join(DEVICES)}")
+        need(self.epochs >= 1, "epochs", "must be at least 1")
+        need(self.batch_size >= 1, "batch_size", "must be at least 1")
+        need(self.eval_batch_size >= 1, "eval_batch_size", "must be at least 1")
+        need(self.train_subset is None or self.train_subset >= self.batch_size, "train_subset",
+             "must be at least batch_size")
+        need(self.val_size >= 0, "val_size", "must be >= 0")
+        need(self.test_subset is None or self.test_subset >= 1, "test_subset", "must be at least 1")
+        need(0 < self.target_flops_ratio <= 1, "target_flops_ratio", "must be in (0, 1]")
+        need(0 <= self.flops_tolerance < 1, "flops_tolerance", "must be in [0, 1)")
+        need(self.round_to >= 1, "round_to", "must be at least 1")
+        need(0 <= self.warmup_fraction < 1, "warmup_fraction", "must be in [0, 1)")
+        need(0 < self.freeze_fraction <= 1, "freeze_fraction", "must be in (0, 1]")
+        need(self.warmup_fraction < self.freeze_fraction, "warmup_fraction", "must be below freeze_fraction")
+        for key in ("lr", "gate_lr"):
+            need(getattr(self, key) > 0 and math.isfinite(getattr(self, key)), key, "must be a positive number")
+        for key in ("momentum", "weight_decay", "flops_weight", "polarization_weight", "polarization_t",
+                    "consensus_weight"):
+            need(getattr(self, key) >= 0, key, "must be >= 0")
+        need(self.threads is None or self.threads >= 1, "threads", "must be at least 1")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Check/convert one value against its field type; YAML and --set strings both pass through here."""
+    allowed = get_args(annotation) if get_origin(annotation) is not None else (annotation,)
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+        if type(None) in allowed:
+            return None
+        raise ConfigError(f"config key {key!r}: may not be empty")
+    for kind in (t for t in allowed if t is not type(None)):
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+                return value.lower() in ("true", "1", "yes")
+        elif kind is int:
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+            if isinstance(value, str):
+                try:
+                    return int(value)
+                except ValueError:
+                    pass
+        elif kind is float:
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return float(value)
+            if isinstance(value, str):
+                try:
+                    return float(value)
+                except ValueError:
+                    pass
+        elif kind is str:
+            if isinstance(value, str):
+                return value
+    names = " or ".join(getattr(t, "__name__", str(t)) for t in allowed)
+    raise ConfigError(f"config key {key!r}: expected {names}, got {value!r}")
+
+
+def make_config(values: dict[str, Any]) -> TrainConfig:
+    hints = get_type_hints(TrainConfig)
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown config key(s): {', '.join(unknown)}; known keys: {', '.join(sorted(known))}")
+    return TrainConfig(**{k: _coerce(k, v, hints[k]) for k, v in values.items()}).validate()
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, str]:
+    overrides = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set expects key=value, got {pair!r}")
+        overrides[key.strip()] = value
+    return overrides
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} not found")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of keys to values")
+        values.update(loaded)
+        values.setdefault("name", path.stem)
+    values.update(parse_overrides(list(overrides)))
+    return make_config(values)

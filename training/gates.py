@@ -1,0 +1,99 @@
+"""Binary gates: hard 0/1 in the forward pass, a straight-through estimator in the backward pass.
+
+A gate holds one learnable score per unit (channel or residual block). Forward value = 1[score > 0];
+backward treats it as sigmoid(score), so d(value)/d(score) = sigmoid'(score). A dynamic gate adds an
+input-dependent term from a light head (global pool -> linear) on the layer input; the static consensus
+mask is fixed later by majority vote. Once frozen, a gate is a constant 0/1 vector and trains no more.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def straight_through(logits: torch.Tensor, min_open: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hard 0/1 values carrying sigmoid gradients, sigmoid probabilities). At least `min_open` units
+    (the highest logits) stay open along the last dimension."""
+    probs = torch.sigmoid(logits)
+    hard = (logits > 0).to(logits.dtype)
+    if min_open > 0:
+        top = logits.detach().topk(min_open, dim=-1).indices
+        hard = hard.scatter(-1, top, 1.0)
+    return hard + (probs - probs.detach()), probs  # the bracket is exactly 0 forward: values stay 0/1
+
+
+class Gate(nn.Module):
+    def __init__(self, width: int, init_score: float = 2.0, dynamic_in: int | None = None, min_open: int = 0):
+        super().__init__()
+        self.width, self.min_open = width, min_open
+        self.score = nn.Parameter(torch.full((width,), float(init_score)))
+        # Zero-initialised so a dynamic gate starts as its static score.
+        self.head = nn.Linear(dynamic_in, width) if dynamic_in else None
+        if self.head is not None:
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
+        self.register_buffer("frozen", torch.zeros(()), persistent=True)
+        self.register_buffer("frozen_mask", torch.ones(width), persistent=True)
+        # Set by forward, read by the losses of the same step (values carry STE gradients).
+        self.last_values: torch.Tensor | None = None
+        self.last_probs: torch.Tensor | None = None
+
+    @property
+    def is_frozen(self) -> bool:
+        return bool(self.frozen.item())
+
+    def logits(self, layer_input: torch.Tensor | None = None) -> torch.Tensor:
+        """(width,) for a static gate, (batch, width) for a dynamic one."""
+        if self.head is None or layer_input is None:
+            return self.score
+        return self.score + self.head(layer_input.mean(dim=(2, 3)))
+
+    def forward(self, layer_input: torch.Tensor | None = None) -> torch.Tensor:
+        if self.is_frozen:
+            values = self.frozen_mask
+            self.last_values, self.last_probs = values, None
+            return values
+        values, probs = straight_through(self.logits(layer_input), self.min_open)
+        self.last_values, self.last_probs = values, probs
+        return values
+
+    def freeze(self, mask: torch.Tensor) -> None:
+        """Fix the gate to a 0/1 mask; the score stops receiving gradients through the forward pass."""
+        self.frozen_mask.copy_(mask.to(self.frozen_mask))
+        self.frozen.fill_(1.0)
+        self.score.requires_grad_(False)
+        if self.head is not None:
+            self.head.requires_grad_(False)
+
+    def unfreeze(self) -> None:
+        self.frozen.fill_(0.0)
+        self.score.requires_grad_(True)
+        if self.head is not None:
+            self.head.requires_grad_(True)
+
+
+def gate_multiplier(values: torch.Tensor, ndim: int) -> torch.Tensor:
+    """Shape gate values (width,) or (batch, width) to broadcast over an (N, C, H, W) activation."""
+    if values.dim() == 1:
+        return values.view(1, -1, *([1] * (ndim - 2)))
+    return values.view(values.shape[0], values.shape[1], *([1] * (ndim - 2)))
+
+
+def polarization(probs: torch.Tensor, t: float, center: str = "threshold") -> torch.Tensor:
+    """Polarizer of Zhuang et al. (NeurIPS 2020), t * mean(p) - mean|p - c|, on gate probabilities.
+
+    Zhuang et al. centre on c = mean(p). Our gates are hard, decided at p = 0.5, so the default centres
+    there: every gate is pushed away from its own decision boundary. With the mean as centre, closed
+    gates whose p lies between the mean and 0.5 are pushed towards opening, and against a FLOPs target
+    about half the gates hovered at the boundary in our toy runs (tests/test_gates.py; README).
+    """
+    probs = probs.reshape(-1)
+    c = probs.mean() if center == "mean" else 0.5
+    return t * probs.mean() - (probs - c).abs().mean()
+
+
+def consensus_disagreement(probs: torch.Tensor) -> torch.Tensor:
+    """For dynamic gates (batch, width): how far individual inputs sit from the batch consensus."""
+    if probs.dim() < 2:
+        return probs.new_zeros(())
+    return (probs - probs.mean(dim=0, keepdim=True)).abs().mean()

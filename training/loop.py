@@ -1,0 +1,227 @@
+"""The shared training loop: data, optimisers, per-epoch checkpoints, resume, metrics and plots.
+
+A run directory `<out_dir>/<name>/` holds checkpoint.pt (resume state), log.jsonl (one row per epoch),
+mask.json (the architecture spec of the static sub-network), metrics.json and plots. Every write is
+atomic; a run is resumable from its last completed epoch.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from common.atomicio import write_json, write_text
+
+from .arch import make_spec
+from .checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from .config import TrainConfig
+from .data import BatchIterator, load_splits
+from .flops import count_macs, count_params, layer_costs
+from .mask import mask_document, save_mask
+from .methods import RunContext, make_method
+from .models import build_model
+from .plots import write_plots
+
+# Keys that may differ between the interrupted run and its resume (they do not change the result).
+RESUME_FREE_KEYS = {"progress", "device", "threads", "epochs"}
+
+
+class RunError(RuntimeError):
+    """A run directory in a state that the requested action would damage or cannot use."""
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RunError("device 'cuda' requested but torch sees no CUDA device; use device=auto or cpu")
+    return torch.device(name)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def is_gate_param(name: str) -> bool:
+    return ".gate." in name or ".block_gate." in name
+
+
+def make_optimizers(model, cfg: TrainConfig, total_steps: int, done_steps: int = 0):
+    weights = [p for n, p in model.named_parameters() if not is_gate_param(n)]
+    gate_params = [p for n, p in model.named_parameters() if is_gate_param(n)]
+    no_decay = {id(p) for n, p in model.named_parameters() if p.dim() == 1 and not is_gate_param(n)}
+    weight_groups = [
+        {"params": [p for p in weights if id(p) not in no_decay], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in weights if id(p) in no_decay], "weight_decay": 0.0},  # BN and biases
+    ]
+    sgd = torch.optim.SGD(weight_groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
+    adam = torch.optim.Adam(gate_params, lr=cfg.gate_lr) if gate_params else None
+    cosine = lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(sgd, cosine, last_epoch=-1)
+    for _ in range(done_steps):  # a model replaced mid-run resumes its schedule where it was
+        scheduler.step()
+    return sgd, adam, scheduler
+
+
+@torch.no_grad()
+def evaluate(model, batches, device) -> tuple[float, float]:
+    was_training = model.training
+    model.eval()
+    correct, total, loss_sum = 0, 0, 0.0
+    for images, labels in batches:
+        images, labels = images.to(device), labels.to(device)
+        logits = model(images)
+        loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
+        correct += int((logits.argmax(1) == labels).sum())
+        total += labels.numel()
+    model.train(was_training)
+    return correct / max(total, 1), loss_sum / max(total, 1)
+
+
+def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
+    """Run (or resume) one training run; returns the metrics written to metrics.json."""
+    run_dir = Path(cfg.out_dir) / (cfg.name or f"{cfg.dataset}_{cfg.model}_{cfg.method}")
+    checkpoint_path = run_dir / "checkpoint.pt"
+    if checkpoint_path.exists() and not resume:
+        raise RunError(f"{run_dir} already holds a run: pass --resume to continue it, or choose another name")
+    if resume and not checkpoint_path.exists():
+        raise RunError(f"--resume: {checkpoint_path} does not exist")
+    device = pick_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+
+    info, train_set, val_set, test_set = load_splits(cfg.dataset, cfg.data_dir, cfg.train_subset,
+                                                     cfg.val_size, cfg.seed)
+    if cfg.test_subset:
+        test_set = test_set.subset(torch.arange(min(cfg.test_subset, len(test_set))))
+    train_batches = BatchIterator(train_set, info, cfg.batch_size, train=True, seed=cfg.seed, device=device)
+    val_batches = BatchIterator(val_set, info, cfg.eval_batch_size, train=False, seed=cfg.seed, device=device)
+    test_batches = BatchIterator(test_set, info, cfg.eval_batch_size, train=False, seed=cfg.seed, device=device)
+    spec = make_spec(cfg.model, info.in_channels, info.num_classes, info.input_size)
+    method = make_method(cfg, spec)
+    model = method.build_model()
+    steps_per_epoch = len(train_batches)
+    total_steps = cfg.epochs * steps_per_epoch
+    ctx = RunContext(device, lambda: val_batches.epoch(0), cfg.epochs, steps_per_epoch)
+
+    start_epoch, history, train_seconds = 0, [], 0.0
+    state = None
+    if resume:
+        state = load_checkpoint(checkpoint_path)
+        changed = {k for k in cfg.to_dict() if k not in RESUME_FREE_KEYS
+                   and state["config"].get(k) != getattr(cfg, k)}
+        if changed:
+            raise RunError(f"--resume with a different config: {', '.join(sorted(changed))} changed")
+        model = model_from_checkpoint(state, checkpoint_path)
+        method.load_state_dict(state.get("method_state", {}))
+        start_epoch, history = state["epoch"], state.get("history", [])
+        train_seconds = state.get("train_seconds", 0.0)
+    model.to(device)
+    method.prepare(model, ctx)
+    sgd, adam, scheduler = make_optimizers(model, cfg, total_steps, start_epoch * steps_per_epoch)
+    if state is not None:
+        sgd.load_state_dict(state["optimizer"])
+        if adam is not None and state.get("gate_optimizer"):
+            adam.load_state_dict(state["gate_optimizer"])
+        set_rng_state(state["rng"])
+
+    for epoch in range(start_epoch, cfg.epochs):
+        started = time.perf_counter()
+        new_model = method.start_epoch(model, epoch, ctx)
+        if new_model is not model:  # the method resized the network: fresh optimisers for the new shapes
+            model = new_model.to(device)
+            method.prepare(model, ctx)
+            sgd, adam, scheduler = make_optimizers(model, cfg, total_steps, epoch * steps_per_epoch)
+        model.train()
+        loss_sum, correct, seen = 0.0, 0, 0
+        logs: dict[str, float] = {}
+        bar = tqdm(train_batches.epoch(epoch), total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                   disable=not cfg.progress, leave=False)
+        for step, (images, labels) in enumerate(bar):
+            progress = (epoch * steps_per_epoch + step) / total_steps
+            logits = model(images)
+            loss = F.cross_entropy(logits, labels)
+            extra, logs = method.extra_loss(model, progress)
+            total = loss if extra is None else loss + extra
+            sgd.zero_grad(set_to_none=True)
+            if adam is not None:
+                adam.zero_grad(set_to_none=True)
+            total.backward()
+            sgd.step()
+            if adam is not None:
+                adam.step()
+            scheduler.step()
+            method.after_step(model)
+            loss_sum += float(loss.detach()) * labels.numel()
+            correct += int((logits.argmax(1) == labels).sum())
+            seen += labels.numel()
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}",
+                            kept_flops=f"{logs.get('kept_flops', 1.0):.3f}")
+        train_seconds += time.perf_counter() - started
+        test_accuracy, test_loss = evaluate(model, tqdm(test_batches.epoch(0), total=len(test_batches),
+                                                        desc="eval", disable=not cfg.progress, leave=False),
+                                            device)
+        row = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1),
+               "test_loss": test_loss, "test_accuracy": test_accuracy, "kept_flops": logs.get("kept_flops", 1.0),
+               "lr": scheduler.get_last_lr()[0], "seconds": time.perf_counter() - started}
+        history.append(row)
+        print(json.dumps(row), flush=True)
+        write_text(run_dir / "log.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+        save_checkpoint(checkpoint_path, {
+            "config": cfg.to_dict(), "spec": model.spec,
+            "gates": None if not model.gated else vars(method.gate_options()),
+            "model": model.state_dict(), "optimizer": sgd.state_dict(),
+            "gate_optimizer": adam.state_dict() if adam is not None else None,
+            "epoch": epoch + 1, "method_state": method.state_dict(), "rng": rng_state(),
+            "history": history, "train_seconds": train_seconds})
+
+    return finish_run(cfg, run_dir, method, model, ctx, test_batches, device, history, train_seconds, spec)
+
+
+def finish_run(cfg, run_dir, method, model, ctx, test_batches, device, history, train_seconds, dense_spec):
+    """Fix the static sub-network, evaluate exactly it, and write mask.json, metrics.json and plots."""
+    model = method.finish(model, ctx)
+    test_accuracy, _ = evaluate(model, test_batches.epoch(0), device)
+    mask = method.final_mask(model)
+    costs = layer_costs(build_model(dense_spec))
+    document = mask_document(cfg.model, dense_spec, mask, costs, cfg.round_to)
+    save_mask(run_dir / "mask.json", document)
+    dense_net = build_model(dense_spec)
+    pruned_net = build_model(document["pruned_spec"])
+    dense_flops, pruned_flops = count_macs(dense_net), count_macs(pruned_net)
+    metrics = {
+        "dataset": cfg.dataset, "model": cfg.model, "method": cfg.method, "epochs": cfg.epochs,
+        "test_accuracy": test_accuracy, "dense_flops": dense_flops, "pruned_flops": pruned_flops,
+        "flops_ratio": pruned_flops / dense_flops,
+        "dense_params": count_params(dense_net), "pruned_params": count_params(pruned_net),
+        "params_ratio": count_params(pruned_net) / count_params(dense_net),
+        "target_flops_ratio": cfg.target_flops_ratio if method.uses_gates else None,
+        "kept_channels": {name: len(kept) for name, kept in mask.kept_channels.items()},
+        "removed_blocks": mask.closed_blocks, "train_seconds": train_seconds,
+        "device": str(device), **method.summary(),
+    }
+    write_plots(run_dir, model, history)
+    write_json(run_dir / "metrics.json", metrics)  # last: its presence marks a finished run
+    return metrics

@@ -1,0 +1,22 @@
+"""Pruning methods behind one small interface (`base.Method`) that the training loop calls."""
+from __future__ import annotations
+
+from ..arch import Spec
+from ..config import TrainConfig
+from .base import Method, RunContext
+from .dense import DenseMethod
+from .polarized import PolarizedMethod
+
+REGISTRY: dict[str, type[Method]] = {
+    "dense": DenseMethod,
+    "polarized": PolarizedMethod,
+}
+
+
+def make_method(cfg: TrainConfig, spec: Spec) -> Method:
+    if cfg.method not in REGISTRY:
+        raise ValueError(f"method {cfg.method!r} is not available; choose one of {', '.join(REGISTRY)}")
+    return REGISTRY[cfg.method](cfg, spec)
+
+
+__all__ = ["Method", "RunContext", "make_method", "REGISTRY"]

@@ -1,0 +1,67 @@
+"""The interface between the shared training loop and a pruning method.
+
+The loop owns data, optimisers, checkpoints and metrics; a method decides the model it trains, the extra
+loss it adds, what happens between steps and epochs, and the final static mask. A method may hand back a
+new (smaller) model from `start_epoch`; the loop then rebuilds its optimisers.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+import torch
+
+from ..arch import Spec, prunable_layers
+from ..config import TrainConfig
+from ..mask import Mask
+from ..models import SpecNet
+
+
+@dataclass
+class RunContext:
+    """What the loop lends a method: the device and a way to walk the validation set."""
+    device: torch.device
+    val_batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]
+    total_epochs: int
+    steps_per_epoch: int
+
+
+class Method:
+    uses_gates = False
+
+    def __init__(self, cfg: TrainConfig, spec: Spec):
+        self.cfg, self.dense_spec = cfg, spec
+
+    def build_model(self) -> SpecNet:
+        raise NotImplementedError
+
+    def prepare(self, model: SpecNet, ctx: RunContext) -> None:
+        """Called once the model sits on its device (fresh or resumed)."""
+
+    def start_epoch(self, model: SpecNet, epoch: int, ctx: RunContext) -> SpecNet:
+        return model
+
+    def extra_loss(self, model: SpecNet, progress: float) -> tuple[torch.Tensor | None, dict[str, float]]:
+        """Added to the task loss after each forward; `progress` is the share of all steps done."""
+        return None, {}
+
+    def after_step(self, model: SpecNet) -> None:
+        """Called after each optimiser step."""
+
+    def finish(self, model: SpecNet, ctx: RunContext) -> SpecNet:
+        """End of training: make the model the static network that will be deployed."""
+        return model
+
+    def final_mask(self, model: SpecNet) -> Mask:
+        layers = prunable_layers(self.dense_spec)
+        return Mask({name: list(range(width)) for name, width in layers.items()})
+
+    def summary(self) -> dict[str, Any]:
+        """Extra entries for metrics.json."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
