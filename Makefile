@@ -13,6 +13,7 @@ GPU      ?=
 TRAIN_ARGS  ?=
 EXPORT_ARGS ?=
 SERVE_ARGS  ?=
+BENCH_ARGS  ?=
 FMNIST   := data/fashion-mnist/train-images-idx3-ubyte.gz
 STAMP    := $(VENV)/.installed$(if $(GPU),-gpu)
 
@@ -23,6 +24,7 @@ $(STAMP): requirements.txt $(if $(GPU),requirements-gpu.txt)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt $(if $(GPU),-r requirements-gpu.txt)
+	$(PY) -m serving.perf_analyzer --install || echo "perf_analyzer not installed: serving probes run without it"
 	touch $@
 
 venv: $(STAMP)
@@ -40,6 +42,10 @@ export: venv
 
 serve: venv
 	$(PY) -m serving --repository $(REPO) --run $(RUN_DIR) --report-dir $(REPORTS) $(SERVE_ARGS)
+
+bench: venv
+	$(PY) bench/speedup.py --run $(RUN_DIR) --out $(REPORTS)/speedup.json $(BENCH_ARGS)
+	$(PY) bench/train_overhead.py --config $(CONFIG) --out $(REPORTS)/train_overhead.json $(BENCH_ARGS)
 
 test: venv data
 	$(PY) -m pytest -q tests

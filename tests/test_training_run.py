@@ -126,3 +126,13 @@ def test_cli_refuses_bad_config_with_the_key_named(tmp_path):
     assert result.returncode == 2
     assert "target_flops_ratio" in result.stderr and "Traceback" not in result.stderr
     assert not any(tmp_path.iterdir())
+
+
+def test_dynamic_gates_vote_a_consensus_mask(tmp_path):
+    metrics = train(quick_config(tmp_path, dynamic_gates=True, epochs=2))
+    assert metrics["dynamic_gates"] is True
+    assert 0.5 <= metrics["consensus_agreement"] <= 1.0
+    assert abs(metrics["flops_ratio"] - 0.5) <= 0.03
+    state = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    model = model_from_checkpoint(state)
+    assert all(gate.is_frozen for gate in model.gates().values())

@@ -37,16 +37,16 @@ class TrainConfig:
     train_subset: int | None = None      # limit training examples (quick runs)
     test_subset: int | None = None       # evaluate on the first N test examples only (quick runs, tests)
     val_size: int = 2000                 # held out of the train split: dynamic-gate consensus, model selection
-    # optimiser (SGD + cosine for weights, Adam for gate scores)
+    # optimiser (SGD + cosine for weights, SGD with momentum for gate scores)
     lr: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    gate_lr: float = 0.05
+    gate_lr: float = 1.0                # SGD with momentum on gate scores (see loop.make_optimizers)
     # the method: polarized gates
     target_flops_ratio: float = 0.5      # kept MACs / dense MACs
     flops_tolerance: float = 0.02        # the final mask lands within this of the target (if widths allow)
     round_to: int = 16                   # kept widths are multiples of this (onnxruntime's fast conv path)
-    flops_weight: float = 5.0
+    flops_weight: float = 20.0
     polarization_weight: float = 1.0
     polarization_t: float = 0.0          # extra closing push; the FLOPs term already sets how much closes
     polarization_center: str = "threshold"  # "threshold" (p = 0.5, default) or "mean" (Zhuang et al.)
@@ -54,6 +54,8 @@ class TrainConfig:
     gate_init: float = 2.0               # initial gate score: all gates open, sigmoid = 0.88
     dynamic_gates: bool = False
     warmup_fraction: float = 0.1         # of all steps, before gate losses start
+    ramp_fraction: float = 0.5           # of all steps, when the kept-FLOPs target reaches its final value;
+                                         # it falls linearly from 1 after warm-up, so gates close gradually
     freeze_fraction: float = 0.75        # of all epochs, when the mask is fixed; the rest fine-tunes it
     # run
     seed: int = 0
@@ -86,6 +88,7 @@ class TrainConfig:
         need(0 <= self.warmup_fraction < 1, "warmup_fraction", "must be in [0, 1)")
         need(0 < self.freeze_fraction <= 1, "freeze_fraction", "must be in (0, 1]")
         need(self.warmup_fraction < self.freeze_fraction, "warmup_fraction", "must be below freeze_fraction")
+        need(self.warmup_fraction <= self.ramp_fraction <= 1, "ramp_fraction", "must be in [warmup_fraction, 1]")
         for key in ("lr", "gate_lr"):
             need(getattr(self, key) > 0 and math.isfinite(getattr(self, key)), key, "must be a positive number")
         for key in ("momentum", "weight_decay", "flops_weight", "polarization_weight", "polarization_t",

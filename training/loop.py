@@ -61,25 +61,28 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def is_gate_param(name: str) -> bool:
-    return ".gate." in name or ".block_gate." in name
+def is_gate_score(name: str) -> bool:
+    return name.endswith(".gate.score") or name.endswith(".block_gate.score")
 
 
 def make_optimizers(model, cfg: TrainConfig, total_steps: int, done_steps: int = 0):
-    weights = [p for n, p in model.named_parameters() if not is_gate_param(n)]
-    gate_params = [p for n, p in model.named_parameters() if is_gate_param(n)]
-    no_decay = {id(p) for n, p in model.named_parameters() if p.dim() == 1 and not is_gate_param(n)}
+    """SGD + cosine for the weights; plain SGD with momentum for gate scores. Not Adam for the scores:
+    Adam normalises away gradient size, so every gate moved in lockstep under the shared FLOPs push and
+    they all closed together (measured; README). With SGD a gate closes when its cost outweighs its use."""
+    named = list(model.named_parameters())
+    weights = [(n, p) for n, p in named if not is_gate_score(n)]
+    scores = [p for n, p in named if is_gate_score(n)]
     weight_groups = [
-        {"params": [p for p in weights if id(p) not in no_decay], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in weights if id(p) in no_decay], "weight_decay": 0.0},  # BN and biases
+        {"params": [p for n, p in weights if p.dim() > 1], "weight_decay": cfg.weight_decay},
+        {"params": [p for n, p in weights if p.dim() <= 1], "weight_decay": 0.0},  # BN and biases
     ]
     sgd = torch.optim.SGD(weight_groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
-    adam = torch.optim.Adam(gate_params, lr=cfg.gate_lr) if gate_params else None
+    gate_sgd = torch.optim.SGD(scores, lr=cfg.gate_lr, momentum=0.9) if scores else None
     cosine = lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
     scheduler = torch.optim.lr_scheduler.LambdaLR(sgd, cosine, last_epoch=-1)
     for _ in range(done_steps):  # a model replaced mid-run resumes its schedule where it was
         scheduler.step()
-    return sgd, adam, scheduler
+    return sgd, gate_sgd, scheduler
 
 
 @torch.no_grad()
@@ -140,12 +143,20 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
         train_seconds = state.get("train_seconds", 0.0)
     model.to(device)
     method.prepare(model, ctx)
-    sgd, adam, scheduler = make_optimizers(model, cfg, total_steps, start_epoch * steps_per_epoch)
+    sgd, gate_sgd, scheduler = make_optimizers(model, cfg, total_steps, start_epoch * steps_per_epoch)
     if state is not None:
         sgd.load_state_dict(state["optimizer"])
-        if adam is not None and state.get("gate_optimizer"):
-            adam.load_state_dict(state["gate_optimizer"])
+        if gate_sgd is not None and state.get("gate_optimizer"):
+            gate_sgd.load_state_dict(state["gate_optimizer"])
         set_rng_state(state["rng"])
+
+    def checkpoint_state(epochs_done: int) -> dict[str, Any]:
+        return {"config": cfg.to_dict(), "spec": model.spec,
+                "gates": vars(method.gate_options()) if model.gated else None,
+                "model": model.state_dict(), "optimizer": sgd.state_dict(),
+                "gate_optimizer": gate_sgd.state_dict() if gate_sgd is not None else None,
+                "epoch": epochs_done, "method_state": method.state_dict(), "rng": rng_state(),
+                "history": history, "train_seconds": train_seconds}
 
     for epoch in range(start_epoch, cfg.epochs):
         started = time.perf_counter()
@@ -153,7 +164,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
         if new_model is not model:  # the method resized the network: fresh optimisers for the new shapes
             model = new_model.to(device)
             method.prepare(model, ctx)
-            sgd, adam, scheduler = make_optimizers(model, cfg, total_steps, epoch * steps_per_epoch)
+            sgd, gate_sgd, scheduler = make_optimizers(model, cfg, total_steps, epoch * steps_per_epoch)
         model.train()
         loss_sum, correct, seen = 0.0, 0, 0
         logs: dict[str, float] = {}
@@ -166,12 +177,12 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
             extra, logs = method.extra_loss(model, progress)
             total = loss if extra is None else loss + extra
             sgd.zero_grad(set_to_none=True)
-            if adam is not None:
-                adam.zero_grad(set_to_none=True)
+            if gate_sgd is not None:
+                gate_sgd.zero_grad(set_to_none=True)
             total.backward()
             sgd.step()
-            if adam is not None:
-                adam.step()
+            if gate_sgd is not None:
+                gate_sgd.step()
             scheduler.step()
             method.after_step(model)
             loss_sum += float(loss.detach()) * labels.numel()
@@ -189,20 +200,16 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
         history.append(row)
         print(json.dumps(row), flush=True)
         write_text(run_dir / "log.jsonl", "".join(json.dumps(r) + "\n" for r in history))
-        save_checkpoint(checkpoint_path, {
-            "config": cfg.to_dict(), "spec": model.spec,
-            "gates": None if not model.gated else vars(method.gate_options()),
-            "model": model.state_dict(), "optimizer": sgd.state_dict(),
-            "gate_optimizer": adam.state_dict() if adam is not None else None,
-            "epoch": epoch + 1, "method_state": method.state_dict(), "rng": rng_state(),
-            "history": history, "train_seconds": train_seconds})
+        save_checkpoint(checkpoint_path, checkpoint_state(epoch + 1))
 
-    return finish_run(cfg, run_dir, method, model, ctx, test_batches, device, history, train_seconds, spec)
-
-
-def finish_run(cfg, run_dir, method, model, ctx, test_batches, device, history, train_seconds, dense_spec):
-    """Fix the static sub-network, evaluate exactly it, and write mask.json, metrics.json and plots."""
+    # The static sub-network is fixed before the last save, so checkpoint.pt holds what export will cut.
     model = method.finish(model, ctx)
+    save_checkpoint(checkpoint_path, checkpoint_state(cfg.epochs))
+    return finish_run(cfg, run_dir, method, model, test_batches, device, history, train_seconds, spec)
+
+
+def finish_run(cfg, run_dir, method, model, test_batches, device, history, train_seconds, dense_spec):
+    """Evaluate exactly the static sub-network, and write mask.json, metrics.json and plots."""
     test_accuracy, _ = evaluate(model, test_batches.epoch(0), device)
     mask = method.final_mask(model)
     costs = layer_costs(build_model(dense_spec))

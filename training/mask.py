@@ -50,84 +50,74 @@ def finalize_mask(spec: Spec, decisions: dict[str, GateDecision], costs: list[La
                   target_ratio: float | None, tolerance: float) -> Mask:
     """Deployable mask from gate decisions; see the module docstring."""
     layers, blocks = prunable_layers(spec), set(residual_blocks(spec))
-    dense = mask_macs(costs, spec, Mask({n: list(range(w)) for n, w in layers.items()}))
-    order = {name: torch.argsort(d.channel_conf + d.channel_open.float(), descending=True)
-             for name, d in decisions.items()}  # open channels first, then by confidence
-    kept_count: dict[str, int] = {}
-    closed: set[str] = set()
+    # Channels in the order they are kept: open ones first, then by confidence.
+    order = {name: torch.argsort(d.channel_conf + d.channel_open.float(), descending=True).tolist()
+             for name, d in decisions.items()}
+
+    def step(name: str) -> int:
+        return min(round_to, layers[name])
+
+    def to_mask(widths: dict[str, int]) -> Mask:
+        return Mask({n: sorted(order[n][:k]) for n, k in widths.items() if k > 0},
+                    sorted(n for n, k in widths.items() if k == 0))
+
+    def confidence(name: str, lo: int, hi: int) -> float:
+        """What the gates said about channels lo..hi of the keep order (a block's own gate when all go)."""
+        conf = float(decisions[name].channel_conf[order[name][lo:hi]].sum())
+        return conf * decisions[name].block_conf if lo == 0 and name in blocks else conf
+
+    dense = mask_macs(costs, spec, to_mask(dict(layers)))
+
+    def ratio(widths: dict[str, int]) -> float:
+        return mask_macs(costs, spec, to_mask(widths)) / dense
+
+    # Kept width per unit; 0 closes a residual block. Plain layers never go below one group.
+    kept: dict[str, int] = {}
     for name, width in layers.items():
         decision = decisions[name]
         n_open = int(decision.channel_open.sum())
         if name in blocks and (not decision.block_open or n_open == 0):
-            closed.add(name)
-            continue
-        step = min(round_to, width)
-        kept_count[name] = int(min(width, max(step, step * round(n_open / step))))
+            kept[name] = 0
+        else:
+            kept[name] = min(width, max(step(name), step(name) * round(n_open / step(name))))
+    if target_ratio is None:
+        return to_mask(kept)
 
-    def build() -> Mask:
-        kept = {n: sorted(order[n][:k].tolist()) for n, k in kept_count.items() if n not in closed}
-        return Mask(kept, sorted(closed))
+    def shrink_moves():
+        for name, k in kept.items():
+            if k - step(name) >= step(name):
+                yield name, k - step(name), confidence(name, k - step(name), k)
+            if name in blocks and k > 0:
+                yield name, 0, confidence(name, 0, k)
 
-    def ratio() -> float:
-        return mask_macs(costs, spec, build()) / dense
+    def grow_moves():
+        for name, k in kept.items():
+            new_k = step(name) if k == 0 else k + step(name)
+            if new_k <= layers[name]:
+                yield name, new_k, confidence(name, k, new_k)
 
-    if target_ratio is not None:
-        # Shrink: cheapest confidence lost per MAC saved first (closing a block counts its whole cost).
-        while ratio() > target_ratio + tolerance:
-            moves = []
-            current = ratio()
-            for name, k in kept_count.items():
-                if name in closed:
-                    continue
-                step = min(round_to, layers[name])
-                if k - step >= step:
-                    lost = float(decisions[name].channel_conf[order[name][k - step:k]].sum())
-                    moves.append((lost, ("shrink", name)))
-                if name in blocks:
-                    kept_conf = float(decisions[name].channel_conf[order[name][:k]].sum())
-                    moves.append((decisions[name].block_conf * kept_conf, ("close", name)))
-            if not moves:
-                break
-            scored = []
-            for lost, (kind, name) in moves:
-                _apply(kind, name, kept_count, closed, round_to, layers)
-                after = ratio()
-                _undo(kind, name, kept_count, closed, round_to, layers)
-                overshoots = after < target_ratio - tolerance  # rank moves that stay in the band first
-                scored.append((overshoots, lost / max(current - after, 1e-12), kind, name))
-            _, _, kind, name = min(scored)
-            _apply(kind, name, kept_count, closed, round_to, layers)
-        # Grow back where rounding overshot, most confident channels first, never past the band.
-        while ratio() < target_ratio - tolerance:
-            best = None
-            for name, k in kept_count.items():
-                step = min(round_to, layers[name])
-                if name in closed or k + step > layers[name]:
-                    continue
-                gained = float(decisions[name].channel_conf[order[name][k:k + step]].sum())
-                kept_count[name] = k + step
-                fits = ratio() <= target_ratio + tolerance
-                kept_count[name] = k
-                if fits and (best is None or gained > best[0]):
-                    best = (gained, name)
-            if best is None:
-                break
-            kept_count[best[1]] += min(round_to, layers[best[1]])
-    return build()
-
-
-def _apply(kind, name, kept_count, closed, round_to, layers):
-    if kind == "shrink":
-        kept_count[name] -= min(round_to, layers[name])
-    else:
-        closed.add(name)
-
-
-def _undo(kind, name, kept_count, closed, round_to, layers):
-    if kind == "shrink":
-        kept_count[name] += min(round_to, layers[name])
-    else:
-        closed.discard(name)
+    # Shrink: least confidence lost per MAC saved, preferring moves that stay inside the band.
+    while (current := ratio(kept)) > target_ratio + tolerance:
+        candidates = []
+        for name, new_k, conf in shrink_moves():
+            after = ratio({**kept, name: new_k})
+            candidates.append((after < target_ratio - tolerance, conf / max(current - after, 1e-12), name, new_k))
+        if not candidates:
+            break
+        _, _, name, new_k = min(candidates)
+        kept[name] = new_k
+    # Grow back where gates or rounding overshot: most confidence gained per MAC, never past the band.
+    while (current := ratio(kept)) < target_ratio - tolerance:
+        candidates = []
+        for name, new_k, conf in grow_moves():
+            after = ratio({**kept, name: new_k})
+            if after <= target_ratio + tolerance:
+                candidates.append((conf / max(after - current, 1e-12), name, new_k))
+        if not candidates:
+            break
+        _, name, new_k = max(candidates)
+        kept[name] = new_k
+    return to_mask(kept)
 
 
 def mask_document(model_name: str, dense_spec: Spec, mask: Mask, costs: list[LayerCost], round_to: int) -> dict:

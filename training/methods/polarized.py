@@ -1,6 +1,6 @@
 """Polarized gates (Zhi et al., arXiv 2302.10798): one pass learns the weights and a static sub-network.
 
-Loss = task + flops_weight * |kept MACs ratio - target| + polarization_weight * polarizer
+Loss = task + flops_weight * (kept MACs ratio - target)^2 + polarization_weight * polarizer
        (+ consensus_weight * disagreement for dynamic gates).
 Schedule over one run: warm-up (gates open, weights settle) -> gates learn -> at `freeze_fraction` of the
 epochs the decisions become a deployable mask (rounded widths, target met) and the gates are frozen ->
@@ -77,10 +77,20 @@ class PolarizedMethod(Method):
         polarizer = torch.stack(channel_terms).mean()
         if block_probs:  # one block gate alone cannot polarize: blocks form one group
             polarizer = polarizer + polarization(torch.cat(block_probs), cfg.polarization_t, cfg.polarization_center)
-        loss = cfg.flops_weight * (ratio - cfg.target_flops_ratio).abs() + cfg.polarization_weight * polarizer
+        # Squared: the push fades as the ratio tracks the ramped target, so near it the task loss decides
+        # which gates close (with abs, the constant push closed gates regardless of their use).
+        loss = cfg.flops_weight * (ratio - self.target_at(progress)) ** 2 + cfg.polarization_weight * polarizer
         if cfg.dynamic_gates:
             loss = loss + cfg.consensus_weight * torch.stack(disagreement).mean()
         return loss, {"kept_flops": self.last_ratio}
+
+    def target_at(self, progress: float) -> float:
+        """The kept-FLOPs target of this step: 1 until warm-up ends, then linearly down to the final target
+        at ramp_fraction. Closing everything at once overshoots, and the polarizer then locks gates shut."""
+        cfg = self.cfg
+        span = max(cfg.ramp_fraction - cfg.warmup_fraction, 1e-9)
+        done = min(1.0, max(0.0, (progress - cfg.warmup_fraction) / span))
+        return 1.0 - (1.0 - cfg.target_flops_ratio) * done
 
     def start_epoch(self, model: SpecNet, epoch: int, ctx: RunContext) -> SpecNet:
         freeze_epoch = min(ctx.total_epochs, max(1, round(self.cfg.freeze_fraction * ctx.total_epochs)))

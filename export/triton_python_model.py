@@ -1,0 +1,85 @@
+"""Triton python-backend model that serves `model.onnx` (same version folder) through onnxruntime.
+
+export/triton_repo.py copies this file as `model.py` into every CPU version folder. The bundled Triton
+build has no onnxruntime backend, so this is how ONNX is served on CPU.
+
+`execute` receives every request of one dynamic batch: valid ones are concatenated into ONE
+`session.run` and the logits are split back; a bad request gets its own error response and never
+fails its neighbours or the model. Tunables come from the config's `parameters`:
+  intra_op_thread_count  onnxruntime intra-op threads (0 = onnxruntime decides)
+  allow_spinning         "0" (default) stops idle ORT threads spinning, which on a small CPU steals
+                         cycles from the other loaded model and from the client
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import onnxruntime as ort
+import triton_python_backend_utils as pb_utils
+
+
+def _parameter(config: dict, key: str, default: str) -> str:
+    entry = config.get("parameters", {}).get(key)
+    return entry["string_value"] if entry else default
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict) -> None:
+        config = json.loads(args["model_config"])
+        self.input_name = config["input"][0]["name"]
+        self.output_name = config["output"][0]["name"]
+        self.sample_dims = tuple(int(d) for d in config["input"][0]["dims"])
+        self.max_batch_size = int(config.get("max_batch_size", 0))
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = int(_parameter(config, "intra_op_thread_count", "0"))
+        options.inter_op_num_threads = 1
+        options.add_session_config_entry(
+            "session.intra_op.allow_spinning", _parameter(config, "allow_spinning", "0"))
+        onnx_path = os.path.join(args["model_repository"], args["model_version"], "model.onnx")
+        self.session = ort.InferenceSession(onnx_path, options, providers=["CPUExecutionProvider"])
+        self.session_input = self.session.get_inputs()[0].name
+
+    def _checked_batch(self, request) -> np.ndarray:
+        """The request's input as float32 (N, *dims); raises ValueError with a readable reason."""
+        tensor = pb_utils.get_input_tensor_by_name(request, self.input_name)
+        if tensor is None:
+            raise ValueError(f"missing input '{self.input_name}'")
+        batch = tensor.as_numpy()
+        if batch.dtype != np.float32:
+            raise ValueError(f"input '{self.input_name}' must be FP32, got {batch.dtype}")
+        if batch.ndim != len(self.sample_dims) + 1 or tuple(batch.shape[1:]) != self.sample_dims:
+            raise ValueError(f"input '{self.input_name}' must have shape [N, "
+                             f"{', '.join(map(str, self.sample_dims))}], got {list(batch.shape)}")
+        if not np.isfinite(batch).all():
+            raise ValueError(f"input '{self.input_name}' contains NaN or Inf")
+        return batch
+
+    def execute(self, requests):
+        responses = [None] * len(requests)
+        batches, owners = [], []
+        for i, request in enumerate(requests):
+            try:
+                batches.append(self._checked_batch(request))
+                owners.append(i)
+            except ValueError as bad:
+                responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(bad)))
+        if batches:
+            try:
+                logits = self.session.run(None, {self.session_input: np.concatenate(batches)})[0]
+            except Exception as failure:  # an ORT failure answers the requests, it must not kill the stub
+                message = f"onnxruntime failed: {failure}"
+                for i in owners:
+                    responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(message))
+                return responses
+            bounds = np.cumsum([len(b) for b in batches])[:-1]
+            for i, part in zip(owners, np.split(logits, bounds)):
+                out = pb_utils.Tensor(self.output_name, np.ascontiguousarray(part, dtype=np.float32))
+                responses[i] = pb_utils.InferenceResponse(output_tensors=[out])
+        return responses
+
+    def finalize(self) -> None:
+        self.session = None

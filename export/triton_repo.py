@@ -1,0 +1,272 @@
+"""Write Triton model-repository entries: `<repository>/<model>/config.pbtxt` plus a new version folder.
+
+Targets
+  cpu  python backend running onnxruntime (`model.onnx` + `model.py`); the only backend the bundled
+       CPU Triton build has.
+  gpu  `onnxruntime_onnx` on KIND_GPU (optionally ORT's TensorRT accelerator), or `tensorrt_plan` when an
+       engine file is given. These load only in NVIDIA's Triton container, never here.
+
+Safety rules: a version a server may be serving is never touched (each export adds version n+1); a model
+folder holding anything this module did not write (tracked in `.polarprune.json`) is refused before any
+write; a version folder is built under a temporary name and renamed into place; every config.pbtxt is
+parsed into Triton's ModelConfig protobuf before it is written.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import onnx
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+
+from common.atomicio import atomic_path
+
+MANIFEST_NAME = ".polarprune.json"
+TARGETS = ("cpu", "gpu")
+PYTHON_MODEL_SOURCE = Path(__file__).with_name("triton_python_model.py")
+_TEMP_PREFIX = ".polarprune-tmp-"
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+
+
+class RepositoryError(RuntimeError):
+    """The repository entry cannot be written safely; nothing was written."""
+
+
+@dataclass(frozen=True)
+class TritonModelOptions:
+    """How the model is served. `gpu_*`/`engine_path` only matter for target "gpu"."""
+
+    target: str = "cpu"
+    max_batch_size: int = 64
+    preferred_batch_sizes: tuple[int, ...] = (8, 16, 32, 64)
+    max_queue_delay_us: int = 0          # adds straight to single-client latency: keep 0 or tiny
+    instance_count: int = 1
+    intra_op_threads: int = 0            # onnxruntime intra-op threads, 0 = onnxruntime decides
+    warmup: bool = True
+    gpu_tensorrt: bool = False           # ORT's TensorRT execution accelerator inside onnxruntime_onnx
+    gpu_precision: str = "FP16"          # TensorRT accelerator precision: FP32 | FP16
+    gpu_workspace_bytes: int = 1 << 30
+    engine_path: str | None = None       # serve this TensorRT plan (platform tensorrt_plan) instead
+
+    def check(self) -> None:
+        if self.target not in TARGETS:
+            raise RepositoryError(f"unknown target {self.target!r}; expected one of {TARGETS}")
+        if self.max_batch_size < 1:
+            raise RepositoryError("max_batch_size must be >= 1 (the exporter emits a dynamic batch dim)")
+        if self.instance_count < 1 or self.max_queue_delay_us < 0 or self.intra_op_threads < 0:
+            raise RepositoryError("instance_count >= 1, max_queue_delay_us >= 0, intra_op_threads >= 0")
+        if self.gpu_precision not in ("FP32", "FP16"):
+            raise RepositoryError(f"gpu_precision must be FP32 or FP16, not {self.gpu_precision!r}")
+        if self.engine_path and self.target != "gpu":
+            raise RepositoryError("engine_path (TensorRT plan) needs target 'gpu'")
+
+
+@dataclass(frozen=True)
+class ModelSignature:
+    """One FP32 input and one FP32 output; dims exclude the (dynamic) batch dimension."""
+
+    input_name: str
+    input_dims: tuple[int, ...]
+    output_name: str
+    output_dims: tuple[int, ...]
+
+
+def read_onnx_signature(onnx_path: str | os.PathLike) -> ModelSignature:
+    """Read the single input/output of an exported classifier, checking FP32 and a dynamic batch dim."""
+    try:
+        graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    except OSError as bad:
+        raise RepositoryError(f"cannot read ONNX model {onnx_path}: {bad}") from None
+    except Exception as bad:  # protobuf DecodeError and kin: not an ONNX file at all
+        raise RepositoryError(f"{onnx_path} is not an ONNX model ({type(bad).__name__})") from None
+    initializers = {t.name for t in graph.initializer}
+    inputs = [v for v in graph.input if v.name not in initializers]
+    if len(inputs) != 1 or len(graph.output) != 1:
+        raise RepositoryError(f"{onnx_path}: expected 1 input and 1 output, found "
+                              f"{len(inputs)} and {len(graph.output)}")
+
+    def dims_of(value) -> tuple[int, ...]:
+        tensor = value.type.tensor_type
+        if tensor.elem_type != onnx.TensorProto.FLOAT:
+            raise RepositoryError(f"{onnx_path}: '{value.name}' is not FP32")
+        dims = tensor.shape.dim
+        if not dims or dims[0].HasField("dim_value"):
+            raise RepositoryError(f"{onnx_path}: '{value.name}' needs a dynamic batch dimension "
+                                  "(export with dynamic axes)")
+        if not all(d.HasField("dim_value") and d.dim_value > 0 for d in dims[1:]):
+            raise RepositoryError(f"{onnx_path}: '{value.name}' has non-static sample dims")
+        return tuple(int(d.dim_value) for d in dims[1:])
+
+    return ModelSignature(inputs[0].name, dims_of(inputs[0]), graph.output[0].name, dims_of(graph.output[0]))
+
+
+def _dims(dims: tuple[int, ...]) -> str:
+    return "[ " + ", ".join(str(d) for d in dims) + " ]"
+
+
+def render_config(model_name: str, signature: ModelSignature, options: TritonModelOptions) -> str:
+    """The config.pbtxt text for `options.target` (validated by `parse_config` before any write)."""
+    options.check()
+    if options.target == "cpu":
+        header = 'backend: "python"'
+        kind = "KIND_CPU"
+    elif options.engine_path:
+        header = 'platform: "tensorrt_plan"\ndefault_model_filename: "model.plan"'
+        kind = "KIND_GPU"
+    else:
+        header = 'platform: "onnxruntime_onnx"\ndefault_model_filename: "model.onnx"'
+        kind = "KIND_GPU"
+    preferred = [b for b in options.preferred_batch_sizes if 1 <= b <= options.max_batch_size]
+    parts = [
+        f"# Written by polarprune export/triton_repo.py (target {options.target}); rewritten on export.",
+        f'name: "{model_name}"',
+        header,
+        f"max_batch_size: {options.max_batch_size}",
+        f'input [ {{ name: "{signature.input_name}" data_type: TYPE_FP32 '
+        f"dims: {_dims(signature.input_dims)} }} ]",
+        f'output [ {{ name: "{signature.output_name}" data_type: TYPE_FP32 '
+        f"dims: {_dims(signature.output_dims)} }} ]",
+        "dynamic_batching {"
+        + (f"\n  preferred_batch_size: {_dims(tuple(preferred))}" if preferred else "")
+        + f"\n  max_queue_delay_microseconds: {options.max_queue_delay_us}\n}}",
+        f"instance_group [ {{ kind: {kind} count: {options.instance_count} }} ]",
+    ]
+    if options.target == "cpu":
+        # Read by model.py; the key is the one Triton's onnxruntime backend uses for the same knob.
+        parts.append('parameters [ { key: "intra_op_thread_count" '
+                     f'value: {{ string_value: "{options.intra_op_threads}" }} }} ]')
+    if options.target == "gpu" and options.gpu_tensorrt and not options.engine_path:
+        parts.append(
+            "optimization { execution_accelerators { gpu_execution_accelerator [ {\n"
+            '  name: "tensorrt"\n'
+            f'  parameters {{ key: "precision_mode" value: "{options.gpu_precision}" }}\n'
+            f'  parameters {{ key: "max_workspace_size_bytes" value: "{options.gpu_workspace_bytes}" }}\n'
+            "} ] } }")
+    if options.warmup:
+        # Zeros, not random data: model.py rejects NaN/Inf and a failed warm-up fails the load.
+        samples = sorted({1, options.max_batch_size})
+        entries = ",\n".join(
+            f'  {{ name: "zeros_batch{b}" batch_size: {b} inputs {{ key: "{signature.input_name}" '
+            f"value: {{ data_type: TYPE_FP32 dims: {_dims(signature.input_dims)} zero_data: true }} }} }}"
+            for b in samples)
+        parts.append(f"model_warmup [\n{entries}\n]")
+    return "\n".join(parts) + "\n"
+
+
+def parse_config(text: str, model_name: str | None = None) -> model_config_pb2.ModelConfig:
+    """Parse config.pbtxt text into Triton's ModelConfig; RepositoryError if it does not parse."""
+    config = model_config_pb2.ModelConfig()
+    try:
+        text_format.Parse(text, config)
+    except text_format.ParseError as bad:
+        raise RepositoryError(f"config.pbtxt does not parse as Triton ModelConfig: {bad}") from None
+    if model_name is not None and config.name != model_name:
+        raise RepositoryError(f"config name {config.name!r} != model folder {model_name!r}")
+    if not (config.backend or config.platform) or not config.input or not config.output:
+        raise RepositoryError("config.pbtxt needs a backend/platform, an input and an output")
+    return config
+
+
+def model_versions(model_dir: str | os.PathLike) -> list[int]:
+    """Numeric version folders present in `model_dir`, ascending."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        return []
+    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def _read_manifest(model_dir: Path) -> dict:
+    """The manifest of a model folder we own (empty for a new folder); refuses foreign folders."""
+    if model_dir.exists() and not model_dir.is_dir():
+        raise RepositoryError(f"{model_dir} exists and is not a folder")
+    entries = sorted(p.name for p in model_dir.iterdir()) if model_dir.exists() else []
+    if not entries:
+        return {"model_name": model_dir.name, "files": [], "versions": {}}
+    manifest_path = model_dir / MANIFEST_NAME
+    if not manifest_path.is_file():
+        raise RepositoryError(f"refusing to write into {model_dir}: it holds files polarprune did not "
+                              f"write (no {MANIFEST_NAME}): {entries[:5]}")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        owned = set(manifest["files"])
+        dict(manifest["versions"])
+    except (ValueError, KeyError, TypeError) as bad:
+        raise RepositoryError(f"{manifest_path} is unreadable ({bad}); fix or remove the folder") from None
+    # Also ours: staging folders and common.atomicio temporaries a crashed export may have left.
+    leftovers = (_TEMP_PREFIX, ".config.pbtxt.", f".{MANIFEST_NAME}.")
+    foreign = [name for name in entries
+               if name not in owned and name != MANIFEST_NAME and not name.startswith(leftovers)]
+    if foreign:
+        raise RepositoryError(f"refusing to write into {model_dir}: files not written by polarprune: "
+                              f"{foreign[:5]} (move them away or use another model name)")
+    return manifest
+
+
+def _write_readable(path: Path, text: str) -> None:
+    """Atomic write, world-readable: a Triton container often runs as another user than the exporter
+    (the temporary files behind atomic writes are created 0600)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+        os.chmod(tmp, 0o644)
+
+
+def _copy_synced(source: Path, dest: Path) -> None:
+    shutil.copyfile(source, dest)
+    with open(dest, "rb") as copied:
+        os.fsync(copied.fileno())
+
+
+def write_model_version(repository: str | os.PathLike, model_name: str, onnx_path: str | os.PathLike,
+                        options: TritonModelOptions = TritonModelOptions()) -> Path:
+    """Add version n+1 of `model_name` (from `onnx_path`, or `options.engine_path`) and its config.
+
+    Returns the new version folder. Raises RepositoryError, with nothing written, when the model name,
+    the ONNX signature, the config or the folder's ownership is wrong.
+    """
+    if not _MODEL_NAME.match(model_name):
+        raise RepositoryError(f"invalid model name {model_name!r} (letters, digits, _ . -)")
+    options.check()
+    onnx_path = Path(onnx_path)
+    signature = read_onnx_signature(onnx_path)
+    config_text = render_config(model_name, signature, options)
+    parse_config(config_text, model_name)
+    if options.engine_path:
+        payload = {"model.plan": Path(options.engine_path)}
+    elif options.target == "cpu":
+        payload = {"model.onnx": onnx_path, "model.py": PYTHON_MODEL_SOURCE}
+    else:
+        payload = {"model.onnx": onnx_path}
+    missing = [str(p) for p in payload.values() if not p.is_file()]
+    if missing:
+        raise RepositoryError(f"missing input file(s): {missing}")
+
+    model_dir = Path(repository) / model_name
+    manifest = _read_manifest(model_dir)
+    version = max(model_versions(model_dir) + [int(v) for v in manifest["versions"]] + [0]) + 1
+    model_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f"{_TEMP_PREFIX}{version}-", dir=model_dir))
+    try:
+        for name, source in payload.items():
+            _copy_synced(source, staging / name)
+        # Manifest first: a crash after this leaves files the manifest already claims, never foreign ones.
+        manifest["files"] = sorted(set(manifest["files"]) | {"config.pbtxt", str(version)})
+        manifest["versions"][str(version)] = {
+            "target": options.target, "files": sorted(payload), "source": str(onnx_path.resolve()),
+            "options": asdict(options)}
+        _write_readable(model_dir / MANIFEST_NAME, json.dumps(manifest, indent=2) + "\n")
+        _write_readable(model_dir / "config.pbtxt", config_text)
+        final = model_dir / str(version)
+        if final.exists():  # a concurrent export took this number; do not merge into it
+            raise RepositoryError(f"{final} appeared while writing; re-run the export")
+        os.chmod(staging, 0o755)  # mkdtemp makes it 0700
+        os.rename(staging, final)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    return final

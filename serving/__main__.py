@@ -1,0 +1,78 @@
+"""CLI: start (or attach to) Triton, probe the dense/pruned pair of a run, write reports/<name>/.
+
+    python -m serving --repository model_repository --run runs/<name> --report-dir reports/<name>
+                      [--url host:port [--grpc-url host:port]] [--protocol http|grpc|both] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from serving.client import InputSpecError, ServingError
+from serving.probes import ProbeSettings, run_probes
+from serving.report import write_report
+from serving.run_artifacts import RunArtifactsMissing, load_run
+from serving.server import LocalTriton, LocalTritonConfig, RemoteTriton, ServerError
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m serving", description=__doc__.split("\n")[0])
+    parser.add_argument("--repository", type=Path, default=Path("model_repository"),
+                        help="Triton model repository written by the export stage")
+    parser.add_argument("--run", type=Path, required=True,
+                        help="run folder holding export_report.json and test_samples.npz")
+    parser.add_argument("--report-dir", type=Path, default=None, help="default: reports/<run name>")
+    parser.add_argument("--url", default=None,
+                        help="HTTP host:port of an already running Triton (e.g. NVIDIA's container); "
+                             "default: start the bundled server on free loopback ports")
+    parser.add_argument("--grpc-url", default=None, help="gRPC host:port with --url (default: HTTP port + 1)")
+    parser.add_argument("--protocol", choices=("http", "grpc", "both"), default="both",
+                        help="protocols to probe; the first is the headline and throughput protocol")
+    parser.add_argument("--quick", action="store_true", help="seconds-long probes (smoke tests)")
+    parser.add_argument("--http-port", type=int, default=0, help="local server HTTP port (0 = free port)")
+    parser.add_argument("--grpc-port", type=int, default=0, help="local server gRPC port (0 = free port)")
+    parser.add_argument("--startup-timeout", type=float, default=90.0, help="seconds to wait for readiness")
+    parser.add_argument("--perf-analyzer", default=None, help="path to the perf_analyzer binary")
+    parser.add_argument("--no-perf-analyzer", action="store_true", help="skip the perf_analyzer probe")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    protocols = ("http", "grpc") if args.protocol == "both" else (args.protocol,)
+    try:
+        run = load_run(args.run)
+    except (RunArtifactsMissing, ValueError) as problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    report_dir = args.report_dir or Path("reports") / run.name
+    factory = ProbeSettings.quick if args.quick else ProbeSettings
+    settings = factory(protocols=protocols, perf_analyzer=not args.no_perf_analyzer,
+                       perf_analyzer_path=args.perf_analyzer)
+    models = (run.model_names["dense"], run.model_names["pruned"])
+    if args.url:
+        server = RemoteTriton(args.url, args.grpc_url, models, timeout_s=args.startup_timeout)
+    else:
+        server = LocalTriton(LocalTritonConfig(args.repository, models, args.http_port, args.grpc_port,
+                                               startup_timeout_s=args.startup_timeout))
+    try:
+        with server as endpoints:
+            print(f"Triton ready: http {endpoints.http_url}, grpc {endpoints.grpc_url}; "
+                  f"models {list(models)}")
+            results = run_probes(endpoints, args.repository, run, settings)
+    except (ServerError, ServingError, InputSpecError) as problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 1
+    summary, markdown = write_report(results, run, report_dir, "quick" if args.quick else "full")
+    print(f"\nwrote {report_dir}/serving.json, serving.md, serving_raw.json, latency.png, throughput.png\n")
+    print(markdown)
+    failed = [role for role, entry in summary["correctness"].items() if entry.get("ok") is False]
+    if failed:
+        print(f"error: served outputs differ from onnxruntime for {failed}", file=sys.stderr)
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

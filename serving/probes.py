@@ -1,0 +1,264 @@
+"""Probes of a served dense/pruned pair: correctness, accuracy, latency, throughput, perf_analyzer.
+
+Every loop is bounded in request count and in time. Dense and pruned are always measured in the same
+process and interleaved (A B B A ... for latency, alternating order per throughput point), because
+absolute times on a shared small machine drift 15-25% between runs: ratios are what we trust.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from serving.client import ServingError, TritonClassifier
+from serving.perf_analyzer import find_perf_analyzer
+from serving.run_artifacts import RunArtifacts
+from serving.server import Endpoints
+
+ROLES = ("dense", "pruned")
+
+
+@dataclass(frozen=True)
+class ProbeSettings:
+    protocols: tuple[str, ...] = ("http", "grpc")  # the first one is the headline / sweep protocol
+    correctness_samples: int = 64
+    atol: float = 1e-4                 # |served - onnxruntime| <= atol + rtol * max|onnxruntime|
+    rtol: float = 1e-4
+    accuracy_samples: int = 0          # 0 = every test sample
+    latency_warmup: int = 50           # per model and protocol
+    latency_requests: int = 500        # per model and protocol
+    latency_budget_s: float = 60.0     # per protocol
+    concurrencies: tuple[int, ...] = (1, 2, 4, 8, 16)
+    batch_sizes: tuple[int, ...] = (1, 16)
+    point_seconds: float = 2.0         # per (model, batch, concurrency) point
+    perf_analyzer: bool = True
+    perf_analyzer_path: str | None = None
+    perf_analyzer_ms: int = 1000
+
+    @classmethod
+    def quick(cls, **overrides) -> "ProbeSettings":
+        """Seconds, not minutes: for tests and smoke runs."""
+        return replace(cls(correctness_samples=16, accuracy_samples=512, latency_warmup=10,
+                           latency_requests=60, latency_budget_s=15.0, concurrencies=(1, 4),
+                           batch_sizes=(1, 8), point_seconds=0.5, perf_analyzer_ms=500), **overrides)
+
+
+def percentiles_ms(samples_ms) -> dict[str, float]:
+    values = np.asarray(samples_ms, dtype=np.float64)
+    if values.size == 0:
+        return {"n": 0}
+    p50, p90, p95, p99 = np.percentile(values, [50, 90, 95, 99])
+    return {"n": int(values.size), "mean_ms": float(values.mean()), "min_ms": float(values.min()),
+            "p50_ms": float(p50), "p90_ms": float(p90), "p95_ms": float(p95), "p99_ms": float(p99),
+            "max_ms": float(values.max())}
+
+
+def served_version(client: TritonClassifier) -> str:
+    """The highest version the server reports loaded (Triton's default policy serves the latest)."""
+    versions = [v for v in client.spec.versions if str(v).isdigit()]
+    return max(versions, key=int) if versions else ""
+
+
+# ---- correctness and accuracy ------------------------------------------------------------------
+def probe_correctness(endpoints: Endpoints, models: dict[str, str], repository: Path,
+                      images: np.ndarray, settings: ProbeSettings) -> dict:
+    """Served logits vs onnxruntime run here on the same ONNX file from the repository."""
+    batch = images[:settings.correctness_samples]
+    report = {}
+    for role, name in models.items():
+        with TritonClassifier(endpoints.url(settings.protocols[0]), name, settings.protocols[0]) as probe:
+            version = served_version(probe)
+        onnx_path = Path(repository) / name / version / "model.onnx"
+        if not onnx_path.is_file():
+            report[role] = {"skipped": f"{onnx_path} not found here (served version {version or '?'})"}
+            continue
+        session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+        expected = session.run(None, {session.get_inputs()[0].name: batch})[0]
+        tolerance = settings.atol + settings.rtol * float(np.abs(expected).max())
+        entry = {"model": name, "version": version, "samples": int(len(batch)), "tolerance": tolerance}
+        for protocol in settings.protocols:
+            with TritonClassifier(endpoints.url(protocol), name, protocol) as client:
+                as_batch = client.logits(batch)
+                one_by_one = np.concatenate([client.logits(x) for x in batch[:8]])
+            diff = max(float(np.abs(as_batch - expected).max()),
+                       float(np.abs(one_by_one - expected[:len(one_by_one)]).max()))
+            entry[protocol] = {"max_abs_diff": diff,
+                               "top1_match": float((as_batch.argmax(1) == expected.argmax(1)).mean()),
+                               "ok": diff <= tolerance}
+        entry["ok"] = all(entry[p]["ok"] for p in settings.protocols)
+        report[role] = entry
+    return report
+
+
+def probe_accuracy(endpoints: Endpoints, models: dict[str, str], images: np.ndarray,
+                   labels: np.ndarray, protocol: str) -> dict:
+    """Top-1 accuracy of each served model on the labelled test samples, and their agreement."""
+    predictions = {}
+    for role, name in models.items():
+        with TritonClassifier(endpoints.url(protocol), name, protocol) as client:
+            predictions[role] = client.classify(images)
+    result = {role: float((pred == labels).mean()) for role, pred in predictions.items()}
+    result["top1_agreement"] = float((predictions["dense"] == predictions["pruned"]).mean())
+    result["samples"] = int(len(labels))
+    return result
+
+
+# ---- latency -----------------------------------------------------------------------------------
+def probe_latency(endpoints: Endpoints, models: dict[str, str], images: np.ndarray, protocol: str,
+                  settings: ProbeSettings) -> dict:
+    """Batch-1 round trips, dense and pruned interleaved (A B B A ...); raw samples plus percentiles."""
+    samples = [np.ascontiguousarray(images[i:i + 1]) for i in range(min(len(images), 256))]
+    clients = {}
+    try:
+        for role in ROLES:
+            clients[role] = TritonClassifier(endpoints.url(protocol), models[role], protocol)
+        for i in range(settings.latency_warmup):
+            for client in clients.values():
+                client.infer_once(samples[i % len(samples)])
+        times = {role: [] for role in clients}
+        deadline = time.monotonic() + settings.latency_budget_s
+        for i in range(settings.latency_requests):
+            if time.monotonic() > deadline:
+                break
+            # A B, then B A: interleaved, and neither model always gets the "second in line" slot
+            for role in (ROLES if i % 2 == 0 else ROLES[::-1]):
+                client = clients[role]
+                start = time.perf_counter_ns()
+                client.infer_once(samples[i % len(samples)])
+                times[role].append((time.perf_counter_ns() - start) / 1e6)
+    finally:
+        for client in clients.values():
+            client.close()
+    rounds = min(len(t) for t in times.values())
+    paired = np.asarray(times["dense"][:rounds]) / np.asarray(times["pruned"][:rounds])
+    return {"samples_ms": times,
+            "summary": {role: percentiles_ms(t) for role, t in times.items()},
+            "paired_speedup_median": float(np.median(paired)) if rounds else None}
+
+
+# ---- throughput --------------------------------------------------------------------------------
+def _drive(url: str, protocol: str, model: str, batch: np.ndarray, concurrency: int,
+           seconds: float, max_requests_per_client: int = 100_000) -> dict:
+    """`concurrency` closed-loop clients (own thread, own connection) for `seconds`."""
+    counts, latencies, errors = [0] * concurrency, [[] for _ in range(concurrency)], []
+    window = {}
+    # The barrier action runs before anyone is released: every client sees the same window.
+    ready = threading.Barrier(concurrency + 1, timeout=60, action=lambda: window.update(
+        start=time.perf_counter(), stop=time.perf_counter() + seconds))
+
+    def client_loop(slot: int) -> None:
+        client = None
+        try:  # HTTP clients are bound to the thread (gevent hub) that creates them
+            client = TritonClassifier(url, model, protocol)
+        except Exception as failed:  # still meet the barrier so the others are not stuck
+            errors.append(repr(failed))
+        ready.wait()
+        try:
+            while client is not None and counts[slot] < max_requests_per_client:
+                if time.perf_counter() >= window["stop"]:
+                    break
+                start = time.perf_counter_ns()
+                client.infer_once(batch)
+                latencies[slot].append((time.perf_counter_ns() - start) / 1e6)
+                counts[slot] += 1
+        except (ServingError, OSError) as failed:
+            errors.append(str(failed))
+        finally:
+            if client is not None:
+                client.close()
+
+    threads = [threading.Thread(target=client_loop, args=(s,), daemon=True) for s in range(concurrency)]
+    for thread in threads:
+        thread.start()
+    ready.wait()
+    for thread in threads:
+        thread.join(timeout=seconds + 60)
+    elapsed = time.perf_counter() - window["start"]
+    requests = sum(counts)
+    return {"requests": requests, "infer_per_s": requests * len(batch) / elapsed,
+            "latency": percentiles_ms([ms for per_client in latencies for ms in per_client]),
+            "errors": errors[:3], "error_count": len(errors)}
+
+
+def _server_delta(before: dict, after: dict) -> dict:
+    delta = {k: after[k] - before[k] for k in before}
+    requests = max(delta["success_count"], 1)
+    return {"server_queue_us": delta["queue_ns"] / requests / 1e3,
+            "server_compute_us": (delta["compute_input_ns"] + delta["compute_infer_ns"]
+                                  + delta["compute_output_ns"]) / requests / 1e3,
+            "server_compute_infer_us": delta["compute_infer_ns"] / requests / 1e3,
+            "avg_execution_batch": delta["inference_count"] / max(delta["execution_count"], 1)}
+
+
+def probe_throughput(endpoints: Endpoints, models: dict[str, str], images: np.ndarray, protocol: str,
+                     settings: ProbeSettings) -> list[dict]:
+    """Inferences/s over client concurrency x batch size, with server queue/compute per request."""
+    url = endpoints.url(protocol)
+    stats, records = {}, []
+    try:
+        for role in ROLES:  # one client per model, only for the statistics endpoint
+            stats[role] = TritonClassifier(url, models[role], protocol)
+        point = 0
+        for batch_size in settings.batch_sizes:
+            batch = np.ascontiguousarray(np.resize(images, (batch_size, *images.shape[1:])))
+            for concurrency in settings.concurrencies:
+                order = ROLES if point % 2 == 0 else ROLES[::-1]  # neither model always goes first
+                point += 1
+                for role in order:
+                    before = stats[role].statistics()
+                    measured = _drive(url, protocol, models[role], batch, concurrency, settings.point_seconds)
+                    measured.update(_server_delta(before, stats[role].statistics()))
+                    records.append({"role": role, "protocol": protocol, "batch_size": batch_size,
+                                    "concurrency": concurrency, **measured})
+    finally:
+        for client in stats.values():
+            client.close()
+    return records
+
+
+def probe_perf_analyzer(endpoints: Endpoints, models: dict[str, str], protocol: str,
+                        settings: ProbeSettings) -> dict:
+    """perf_analyzer at batch 1 over the concurrency list, when its binary is available."""
+    if not settings.perf_analyzer:
+        return {"skipped": "disabled (--no-perf-analyzer)"}
+    analyzer, note = find_perf_analyzer(settings.perf_analyzer_path)
+    if analyzer is None:
+        return {"skipped": note}
+    try:
+        rows = []
+        for concurrency in settings.concurrencies:
+            for role in ROLES:
+                row = analyzer.measure(models[role], endpoints.url(protocol), protocol, concurrency,
+                                       measurement_ms=settings.perf_analyzer_ms)
+                rows.append({"role": role, "protocol": protocol, "concurrency": concurrency, **row})
+    finally:
+        analyzer.close()
+    return {"version": note, "binary": str(analyzer.binary), "rows": rows}
+
+
+# ---- everything --------------------------------------------------------------------------------
+def run_probes(endpoints: Endpoints, repository: Path, run: RunArtifacts, settings: ProbeSettings,
+               log=print) -> dict:
+    """All probes in a fixed order; returns the raw results that report.py summarises."""
+    models = run.model_names
+    headline = settings.protocols[0]
+    results = {"settings": asdict(settings), "endpoints": asdict(endpoints), "models": models}
+    log("correctness: served logits vs local onnxruntime ...")
+    results["correctness"] = probe_correctness(endpoints, models, repository, run.images, settings)
+    count = settings.accuracy_samples or len(run.images)
+    log(f"accuracy on {min(count, len(run.images))} labelled test samples ...")
+    results["accuracy"] = probe_accuracy(endpoints, models, run.images[:count], run.labels[:count], headline)
+    results["latency"] = {}
+    for protocol in settings.protocols:
+        log(f"latency, batch 1, {protocol}, dense/pruned interleaved ...")
+        results["latency"][protocol] = probe_latency(endpoints, models, run.images, protocol, settings)
+    log(f"throughput sweep ({headline}): batch {list(settings.batch_sizes)} x concurrency "
+        f"{list(settings.concurrencies)} ...")
+    results["throughput"] = probe_throughput(endpoints, models, run.images, headline, settings)
+    log("perf_analyzer ...")
+    results["perf_analyzer"] = probe_perf_analyzer(endpoints, models, headline, settings)
+    return results

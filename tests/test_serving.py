@@ -1,0 +1,201 @@
+"""serving/: the real bundled Triton server on free loopback ports with a tiny dense/pruned ONNX pair.
+
+Skips only when the nvidia-pytriton wheel (and so the tritonserver binary) is absent.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from onnx import TensorProto, helper, numpy_helper
+from tritonclient.utils import InferenceServerException
+
+from export.triton_repo import write_model_version
+from serving.__main__ import main as serving_main
+from serving.client import InputSpecError, ServingError, TritonClassifier
+from serving.perf_analyzer import find_perf_analyzer
+from serving.server import (LocalTriton, LocalTritonConfig, ServerError, TritonNotFound,
+                            find_triton_install, leftover_shm_regions)
+
+MODELS = {"dense": "tiny_dense", "pruned": "tiny_pruned"}
+
+
+def tiny_classifier(path: Path, hidden: int, seed: int) -> Path:
+    """(N, 1, 8, 8) -> Flatten -> MatMul -> Relu -> MatMul -> (N, 10); `hidden` plays the pruned width."""
+    rng = np.random.default_rng(seed)
+    weights = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
+               for n, s in (("w1", (64, hidden)), ("w2", (hidden, 10)))]
+    nodes = [helper.make_node("Flatten", ["input"], ["flat"]),
+             helper.make_node("MatMul", ["flat", "w1"], ["h"]),
+             helper.make_node("Relu", ["h"], ["a"]),
+             helper.make_node("MatMul", ["a", "w2"], ["logits"])]
+    graph = helper.make_graph(
+        nodes, "tiny", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])], weights)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A model repository written by export/triton_repo.py plus the run folder the export stage leaves."""
+    root = tmp_path_factory.mktemp("serving")
+    onnx_files = {role: tiny_classifier(root / f"{role}.onnx", hidden, seed)
+                  for (role, hidden, seed) in (("dense", 32, 0), ("pruned", 8, 0))}
+    for role, name in MODELS.items():
+        write_model_version(root / "repo", name, onnx_files[role])
+    images = np.random.default_rng(1).standard_normal((300, 1, 8, 8)).astype(np.float32)
+    labels = ort.InferenceSession(str(onnx_files["dense"])).run(None, {"input": images})[0].argmax(1)
+    run = root / "runs" / "tiny"
+    run.mkdir(parents=True)
+    np.savez(run / "test_samples.npz", images=images, labels=labels.astype(np.int64))
+    (run / "export_report.json").write_text(json.dumps({
+        "model_names": MODELS, "flops_ratio": 8 / 32, "dataset": "synthetic", "input_shape": [1, 8, 8],
+        "num_classes": 10}))
+    return {"root": root, "repo": root / "repo", "run": run, "onnx": onnx_files, "images": images}
+
+
+def _require_triton():
+    try:
+        find_triton_install()
+    except TritonNotFound as missing:
+        pytest.skip(f"bundled tritonserver unavailable: {missing}")
+
+
+@pytest.fixture(scope="module")
+def server(workspace):
+    _require_triton()
+    triton = LocalTriton(LocalTritonConfig(workspace["repo"], tuple(MODELS.values()), startup_timeout_s=60))
+    triton.start()
+    yield triton
+    triton.stop()
+
+
+def test_http_and_grpc_answers_match_onnxruntime(server, workspace):
+    images = workspace["images"][:20]
+    for role, name in MODELS.items():
+        session = ort.InferenceSession(str(workspace["onnx"][role]))
+        expected = session.run(None, {"input": images})[0]
+        for protocol in ("http", "grpc"):
+            with TritonClassifier(server.endpoints.url(protocol), name, protocol) as client:
+                assert client.spec.input_dims == (1, 8, 8) and client.spec.max_batch_size == 64
+                np.testing.assert_allclose(client.logits(images), expected, rtol=1e-5, atol=1e-5)
+                np.testing.assert_allclose(client.logits(images[0]), expected[:1], rtol=1e-5, atol=1e-5)
+                many = np.repeat(images, 4, axis=0)  # 80 > max_batch_size: split into two requests
+                assert (client.classify(many) == np.repeat(expected.argmax(1), 4)).all()
+
+
+def test_bad_requests_get_clear_errors_and_server_stays_healthy(server, workspace):
+    good = workspace["images"][:2]
+    wrong_shape = np.zeros((2, 1, 8, 9), np.float32)
+    wrong_dtype = good.astype(np.float64)
+    for protocol in ("http", "grpc"):
+        with TritonClassifier(server.endpoints.url(protocol), MODELS["pruned"], protocol) as client:
+            # Caught before sending.
+            with pytest.raises(InputSpecError, match=r"shape must be \[N, 1, 8, 8\]"):
+                client.logits(wrong_shape)
+            with pytest.raises(InputSpecError, match="must be FP32"):
+                client.logits(wrong_dtype)
+            with pytest.raises(InputSpecError, match="NaN"):
+                client.logits(np.full((1, 1, 8, 8), np.nan, np.float32))
+            # Sent anyway (bypassing the checks): Triton's own message is relayed.
+            with pytest.raises(ServingError, match="unexpected shape"):
+                client.infer_once(wrong_shape)
+            with pytest.raises(ServingError, match="FP64"):
+                client.infer_once(wrong_dtype)
+            with pytest.raises(ServingError, match="NaN or Inf"):  # model.py's TritonError
+                client.infer_once(np.full((1, 1, 8, 8), np.nan, np.float32))
+            assert client.logits(good).shape == (2, 10)
+
+    # A raw tritonclient request with a wrong dtype, as a user without our client would send it.
+    raw = grpcclient.InferenceServerClient(server.endpoints.grpc_url)
+    tensor = grpcclient.InferInput("input", [2, 1, 8, 8], "FP64")
+    tensor.set_data_from_numpy(wrong_dtype)
+    with pytest.raises(InferenceServerException, match="expects 'FP32'"):
+        raw.infer(MODELS["dense"], [tensor])
+    raw.close()
+    health = httpclient.InferenceServerClient(server.endpoints.http_url)
+    assert health.is_server_ready() and all(health.is_model_ready(m) for m in MODELS.values())
+    health.close()
+
+
+def test_quick_probes_write_serving_report(server, workspace, tmp_path, capsys):
+    report_dir = tmp_path / "reports"
+    code = serving_main(["--repository", str(workspace["repo"]), "--run", str(workspace["run"]),
+                         "--report-dir", str(report_dir), "--url", server.endpoints.http_url,
+                         "--grpc-url", server.endpoints.grpc_url, "--quick", "--no-perf-analyzer"])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    summary = json.loads((report_dir / "serving.json").read_text())
+    for role in ("dense", "pruned"):
+        entry = summary[role]
+        assert entry["p50_ms"] > 0 and entry["p50_ms"] <= entry["p95_ms"] <= entry["p99_ms"]
+        assert set(entry["throughput"]) == {"1", "4"} and all(v > 0 for v in entry["throughput"].values())
+        assert entry["latency"]["http"]["n"] > 0 and entry["latency"]["grpc"]["n"] > 0
+    assert summary["dense"]["accuracy"] == 1.0  # labels are the dense model's own predictions
+    assert 0 <= summary["pruned"]["accuracy"] <= 1 and 0 <= summary["top1_agreement"] <= 1
+    assert summary["speedup_p50"] > 0 and summary["speedup_throughput"] > 0
+    assert summary["flops_ratio"] == 0.25
+    assert all(summary["correctness"][role]["ok"] for role in ("dense", "pruned"))
+    assert all(r["avg_execution_batch"] >= 1 for r in summary["throughput_sweep"])
+    assert "skipped" in summary["perf_analyzer"]
+    for name in ("serving.md", "serving_raw.json", "latency.png", "throughput.png"):
+        assert (report_dir / name).stat().st_size > 0
+    assert "| p50 latency, http, batch 1 (ms) |" in printed
+
+
+def test_missing_export_outputs_say_run_make_export(tmp_path, capsys):
+    assert serving_main(["--run", str(tmp_path / "runs" / "nothing"), "--quick"]) == 2
+    assert "run make export first" in capsys.readouterr().err
+
+
+def test_requested_port_in_use_fails_clearly(workspace):
+    _require_triton()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = LocalTritonConfig(workspace["repo"], tuple(MODELS.values()), http_port=port)
+        with pytest.raises(ServerError, match=f"port {port} .* already in use"):
+            LocalTriton(config).start()
+
+
+def test_model_that_fails_to_load_is_reported_with_tritons_reason(workspace, tmp_path):
+    _require_triton()
+    repo = tmp_path / "repo"
+    version = write_model_version(repo, "broken", workspace["onnx"]["dense"])
+    (version / "model.onnx").write_bytes(b"this is not an onnx file")
+    triton = LocalTriton(LocalTritonConfig(repo, ("broken",), startup_timeout_s=60))
+    with pytest.raises(ServerError, match="broken.*UNAVAILABLE"):
+        triton.start()
+    assert triton.process is None and leftover_shm_regions(triton.shm_prefix) == []
+
+
+def test_perf_analyzer_is_detected_or_skipped_with_a_note():
+    analyzer, note = find_perf_analyzer()
+    if analyzer is None:
+        assert "perf_analyzer" in note and "\n" not in note
+    else:
+        assert "Perf Analyzer" in note
+        analyzer.close()
+
+
+def test_shutdown_leaves_no_process_and_no_shared_memory(server):
+    pid, prefix = server.process.pid, server.shm_prefix
+    assert leftover_shm_regions(prefix), "the python backend should hold shm regions while serving"
+    server.stop()
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    with pytest.raises(ProcessLookupError):
+        os.killpg(pid, 0)  # the stubs lived in the server's process group
+    assert leftover_shm_regions(prefix) == []

@@ -1,0 +1,191 @@
+"""export/triton_repo.py: config validity for both targets, version numbering, ownership, model.py."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from google.protobuf import json_format
+from onnx import TensorProto, helper, numpy_helper
+
+from export.triton_repo import (MANIFEST_NAME, RepositoryError, TritonModelOptions, model_versions,
+                                parse_config, read_onnx_signature, render_config, write_model_version)
+
+
+def tiny_classifier(path: Path, hidden: int = 16, batch_dim="N", seed: int = 0) -> Path:
+    """(N, 1, 8, 8) -> Flatten -> MatMul -> Relu -> MatMul -> (N, 10) logits."""
+    rng = np.random.default_rng(seed)
+    weights = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
+               for n, s in (("w1", (64, hidden)), ("w2", (hidden, 10)))]
+    nodes = [helper.make_node("Flatten", ["input"], ["flat"]),
+             helper.make_node("MatMul", ["flat", "w1"], ["h"]),
+             helper.make_node("Relu", ["h"], ["a"]),
+             helper.make_node("MatMul", ["a", "w2"], ["logits"])]
+    graph = helper.make_graph(
+        nodes, "tiny", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [batch_dim, 1, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch_dim, 10])], weights)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.fixture
+def onnx_file(tmp_path) -> Path:
+    return tiny_classifier(tmp_path / "tiny.onnx")
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_cpu_entry_layout_and_config(tmp_path, onnx_file):
+    version_dir = write_model_version(tmp_path / "repo", "tiny_dense", onnx_file)
+    model_dir = tmp_path / "repo" / "tiny_dense"
+    assert version_dir == model_dir / "1"
+    assert sorted(p.name for p in version_dir.iterdir()) == ["model.onnx", "model.py"]
+    assert (model_dir / MANIFEST_NAME).is_file()
+    assert [p.name for p in model_dir.iterdir() if p.name.startswith(".polarprune-tmp")] == []
+    # Readable by a server running as another user (e.g. inside NVIDIA's container).
+    assert version_dir.stat().st_mode & 0o777 == 0o755
+    assert (model_dir / "config.pbtxt").stat().st_mode & 0o444 == 0o444
+
+    config = parse_config((model_dir / "config.pbtxt").read_text(), "tiny_dense")
+    assert config.backend == "python" and config.max_batch_size == 64
+    assert list(config.input[0].dims) == [1, 8, 8] and config.input[0].name == "input"
+    assert list(config.output[0].dims) == [10] and config.output[0].name == "logits"
+    assert config.dynamic_batching.max_queue_delay_microseconds == 0
+    assert list(config.dynamic_batching.preferred_batch_size) == [8, 16, 32, 64]
+    assert config.instance_group[0].kind == config.instance_group[0].KIND_CPU
+    assert config.instance_group[0].count == 1
+    assert config.parameters["intra_op_thread_count"].string_value == "0"
+    assert [w.batch_size for w in config.model_warmup] == [1, 64]
+
+
+def test_gpu_configs_parse(tmp_path, onnx_file):
+    signature = read_onnx_signature(onnx_file)
+    trt_ep = parse_config(render_config("m", signature, TritonModelOptions(target="gpu", gpu_tensorrt=True)))
+    assert trt_ep.platform == "onnxruntime_onnx"
+    assert trt_ep.instance_group[0].kind == trt_ep.instance_group[0].KIND_GPU
+    accelerator = trt_ep.optimization.execution_accelerators.gpu_execution_accelerator[0]
+    assert accelerator.name == "tensorrt" and accelerator.parameters["precision_mode"] == "FP16"
+
+    engine = tmp_path / "model.plan"
+    engine.write_bytes(b"not a real engine; Triton only loads it on a GPU machine")
+    version_dir = write_model_version(tmp_path / "repo", "m_plan", onnx_file,
+                                      TritonModelOptions(target="gpu", engine_path=str(engine)))
+    plan = parse_config((version_dir.parent / "config.pbtxt").read_text(), "m_plan")
+    assert plan.platform == "tensorrt_plan" and plan.default_model_filename == "model.plan"
+    assert sorted(p.name for p in version_dir.iterdir()) == ["model.plan"]
+
+    onnx_gpu = write_model_version(tmp_path / "repo", "m_onnx", onnx_file, TritonModelOptions(target="gpu"))
+    assert sorted(p.name for p in onnx_gpu.iterdir()) == ["model.onnx"]
+
+
+def test_versions_increment_and_old_versions_stay_untouched(tmp_path, onnx_file):
+    repo = tmp_path / "repo"
+    write_model_version(repo, "tiny", onnx_file)
+    before = snapshot(repo / "tiny" / "1")
+    other = tiny_classifier(tmp_path / "other.onnx", hidden=4, seed=3)
+    assert write_model_version(repo, "tiny", other).name == "2"
+    assert write_model_version(repo, "tiny", onnx_file).name == "3"
+    assert model_versions(repo / "tiny") == [1, 2, 3]
+    assert snapshot(repo / "tiny" / "1") == before
+    assert (repo / "tiny" / "2" / "model.onnx").read_bytes() == other.read_bytes()
+
+
+def test_foreign_files_are_refused_and_nothing_is_written(tmp_path, onnx_file):
+    repo = tmp_path / "repo"
+    (repo / "handmade" / "1").mkdir(parents=True)
+    (repo / "handmade" / "config.pbtxt").write_text('name: "handmade"\n')
+    before = snapshot(repo)
+    with pytest.raises(RepositoryError, match="did not write"):
+        write_model_version(repo, "handmade", onnx_file)
+    assert snapshot(repo) == before
+
+    write_model_version(repo, "ours", onnx_file)
+    (repo / "ours" / "notes.txt").write_text("someone else's file")
+    before = snapshot(repo)
+    with pytest.raises(RepositoryError, match="notes.txt"):
+        write_model_version(repo, "ours", onnx_file)
+    assert snapshot(repo) == before
+
+
+def test_invalid_inputs_fail_before_any_write(tmp_path, onnx_file, monkeypatch):
+    repo = tmp_path / "repo"
+    with pytest.raises(RepositoryError, match="dynamic batch"):
+        write_model_version(repo, "static", tiny_classifier(tmp_path / "static.onnx", batch_dim=1))
+    with pytest.raises(RepositoryError, match="invalid model name"):
+        write_model_version(repo, "bad name", onnx_file)
+    with pytest.raises(RepositoryError, match="unknown target"):
+        write_model_version(repo, "t", onnx_file, TritonModelOptions(target="tpu"))
+    monkeypatch.setattr("export.triton_repo.render_config", lambda *a: 'name: "t"\nmax_batch_size: "many"\n')
+    with pytest.raises(RepositoryError, match="does not parse"):
+        write_model_version(repo, "t", onnx_file)
+    assert not repo.exists()
+
+
+def _fake_backend_utils() -> types.ModuleType:
+    """Just enough of triton_python_backend_utils to drive model.py without a server."""
+    utils = types.ModuleType("triton_python_backend_utils")
+
+    class Tensor:
+        def __init__(self, name, array):
+            self.name, self.array = name, array
+
+        def as_numpy(self):
+            return self.array
+
+    class TritonError:
+        def __init__(self, message):
+            self.message = message
+
+    class InferenceResponse:
+        def __init__(self, output_tensors=None, error=None):
+            self.output_tensors, self.error = output_tensors or [], error
+
+    utils.Tensor, utils.TritonError, utils.InferenceResponse = Tensor, TritonError, InferenceResponse
+    utils.get_input_tensor_by_name = lambda request, name: request.get(name)
+    return utils
+
+
+def test_python_model_batches_requests_and_rejects_bad_ones(tmp_path, onnx_file, monkeypatch):
+    version_dir = write_model_version(tmp_path / "repo", "tiny", onnx_file)
+    utils = _fake_backend_utils()
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", utils)
+    spec = importlib.util.spec_from_file_location("polarprune_model_under_test", version_dir / "model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    config = parse_config((version_dir.parent / "config.pbtxt").read_text())
+    model = module.TritonPythonModel()
+    model.initialize({  # what Triton passes: the config as JSON with proto field names
+        "model_config": json_format.MessageToJson(config, preserving_proto_field_name=True),
+        "model_repository": str(version_dir.parent), "model_version": "1"})
+    calls = []
+    original_run = model.session.run
+    model.session.run = lambda *a, **k: calls.append(1) or original_run(*a, **k)
+
+    rng = np.random.default_rng(0)
+    good_a = rng.standard_normal((3, 1, 8, 8)).astype(np.float32)
+    good_b = rng.standard_normal((2, 1, 8, 8)).astype(np.float32)
+    nan = np.full((1, 1, 8, 8), np.nan, np.float32)
+    wrong_dtype = good_b.astype(np.float64)
+    wrong_shape = np.zeros((1, 1, 8, 9), np.float32)
+    requests = [{"input": utils.Tensor("input", a)} for a in (good_a, nan, good_b, wrong_dtype, wrong_shape)]
+    requests.append({})  # no input at all
+    responses = model.execute(requests)
+
+    assert len(calls) == 1, "all valid requests of one execute() must share ONE session.run"
+    expected = ort.InferenceSession(str(onnx_file)).run(None, {"input": np.concatenate([good_a, good_b])})[0]
+    np.testing.assert_allclose(responses[0].output_tensors[0].as_numpy(), expected[:3], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(responses[2].output_tensors[0].as_numpy(), expected[3:], rtol=1e-5, atol=1e-5)
+    assert "NaN" in responses[1].error.message
+    assert "FP32" in responses[3].error.message
+    assert "shape" in responses[4].error.message
+    assert "missing input" in responses[5].error.message
