@@ -14,6 +14,7 @@ TRAIN_ARGS  ?=
 EXPORT_ARGS ?=
 SERVE_ARGS  ?=
 BENCH_ARGS  ?=
+COMPARE_ARGS ?=
 FMNIST   := data/fashion-mnist/train-images-idx3-ubyte.gz
 STAMP    := $(VENV)/.installed$(if $(GPU),-gpu)
 
@@ -46,6 +47,10 @@ serve: venv
 bench: venv
 	$(PY) bench/speedup.py --run $(RUN_DIR) --out $(REPORTS)/speedup.json $(BENCH_ARGS)
 	$(PY) bench/train_overhead.py --config $(CONFIG) --out $(REPORTS)/train_overhead.json $(BENCH_ARGS)
+
+# dense, polarized, activation density and FlipOut on one budget: reports/compare/compare.{json,md,png}
+compare: venv data
+	OMP_WAIT_POLICY=PASSIVE $(PY) bench/compare.py $(COMPARE_ARGS)
 
 test: venv data
 	$(PY) -m pytest -q tests

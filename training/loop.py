@@ -180,6 +180,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
             if gate_sgd is not None:
                 gate_sgd.zero_grad(set_to_none=True)
             total.backward()
+            method.before_step(model)
             sgd.step()
             if gate_sgd is not None:
                 gate_sgd.step()

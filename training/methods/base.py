@@ -45,6 +45,9 @@ class Method:
         """Added to the task loss after each forward; `progress` is the share of all steps done."""
         return None, {}
 
+    def before_step(self, model: SpecNet) -> None:
+        """Called after backward, before the optimiser step (gradients are in place)."""
+
     def after_step(self, model: SpecNet) -> None:
         """Called after each optimiser step."""
 

@@ -1,0 +1,210 @@
+"""Side by side on one budget: dense, polarized (ours), activation density and FlipOut.
+
+    python bench/compare.py [--quick] [--config configs/fmnist_resnet20.yaml] [--set key=value ...]
+                            [--runs runs/compare] [--out reports/compare] [--threads 2] [--reuse]
+    make compare [COMPARE_ARGS="--quick"]
+
+Every method trains with `training.loop.train` on the same config (only `method` and the run name differ)
+into <runs>/<method>/, is exported by export's own entry point (`run_export`, Triton models going to
+<runs>/model_repository), and the four exported pruned ONNX models are timed with onnxruntime CPU in this
+one process, interleaved (`bench.timing`), at batch 1 and 64. Out: <out>/compare.json, compare.md and
+compare.png (accuracy against kept FLOPs and against measured latency).
+
+Training times come from runs made one after another in this process: on a shared machine they drift
+with its load, so read them as rough; the latencies are interleaved and comparable.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+from bench.timing import cpu_name, interleaved, ort_runner, ort_session, session_settings, summarize
+from common.atomicio import write_bytes, write_json, write_text
+from export.__main__ import parse_args as export_args
+from export.__main__ import run_export
+from training.config import TrainConfig, load_config, make_config
+from training.loop import train
+
+METHODS = ("dense", "polarized", "activation_density", "flipout")
+LABELS = {"dense": "dense", "polarized": "polarized (ours)", "activation_density": "activation density",
+          "flipout": "FlipOut"}
+BATCHES = (1, 64)
+FULL_TIMING = {"rounds": 300, "warmup": 5, "budget_s": 20.0}  # per batch size, all four models together
+QUICK_TIMING = {"rounds": 10, "warmup": 1, "budget_s": 1.0}
+# --quick: a smoke run (minutes on a test machine), not a result. FlipOut's 0.75 needs a third epoch.
+QUICK_CONFIG = {"epochs": 2, "batch_size": 64, "train_subset": 256, "val_size": 64, "test_subset": 200,
+                "final_sparsity": 0.5, "progress": False}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="bench/compare.py", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", type=Path, default=Path("configs/fmnist_resnet20.yaml"),
+                        help="the shared budget (its method key is replaced per run)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key for every method")
+    parser.add_argument("--quick", action="store_true", help="tiny budget and few timing rounds (smoke runs)")
+    parser.add_argument("--runs", type=Path, default=Path("runs/compare"), help="run folders go here")
+    parser.add_argument("--out", type=Path, default=Path("reports/compare"), help="report folder")
+    parser.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads for the timing")
+    parser.add_argument("--samples", type=int, default=512, help="test images for export's checks")
+    parser.add_argument("--reuse", action="store_true",
+                        help="keep a finished, exported run whose config is the requested one")
+    return parser.parse_args(argv)
+
+
+def method_configs(args: argparse.Namespace) -> dict[str, TrainConfig]:
+    base = load_config(args.config, args.overrides).to_dict()
+    if args.quick:
+        base.update(QUICK_CONFIG)
+    return {method: make_config({**base, "method": method, "name": method, "out_dir": str(args.runs)})
+            for method in METHODS}
+
+
+def finished_with(run_dir: Path, cfg: TrainConfig) -> bool:
+    """A complete, exported run made with exactly this config."""
+    if not (run_dir / "metrics.json").is_file() or not (run_dir / "export_report.json").is_file():
+        return False
+    state = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)
+    return state.get("config") == cfg.to_dict()
+
+
+def train_and_export(cfg: TrainConfig, args: argparse.Namespace) -> dict:
+    """metrics.json of the run (trained and exported here unless --reuse found it done)."""
+    run_dir = Path(cfg.out_dir) / cfg.name
+    if not (args.reuse and finished_with(run_dir, cfg)):
+        shutil.rmtree(run_dir, ignore_errors=True)  # this folder belongs to the comparison
+        print(f"== {cfg.method}: training", flush=True)
+        train(cfg)
+        print(f"== {cfg.method}: export", flush=True)
+        run_export(export_args(["--run", str(run_dir), "--repository", str(args.runs / "model_repository"),
+                                "--samples", str(args.samples)]))
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def time_models(paths: dict[str, Path], threads: int, settings: dict) -> tuple[dict, dict]:
+    """Per method and batch size: median/p95 ms of its pruned ONNX, all methods interleaved."""
+    sessions = {method: ort_session(path, threads) for method, path in paths.items()}
+    results: dict[str, dict] = {method: {} for method in paths}
+    for batch in BATCHES:
+        times = interleaved({m: ort_runner(s, batch) for m, s in sessions.items()}, **settings)
+        for method, seconds in times.items():
+            results[method][str(batch)] = summarize(seconds)
+    return results, session_settings(next(iter(sessions.values())))
+
+
+def row_for(method: str, metrics: dict, latency: dict, dense_latency: dict) -> dict:
+    """One line of the comparison. Keys a method does not report take the dense-shaped meaning: every
+    weight is a parameter, training runs the full network."""
+    return {
+        "method": method, "label": LABELS[method], "test_accuracy": metrics["test_accuracy"],
+        "flops_ratio": metrics["flops_ratio"], "pruned_flops": metrics["pruned_flops"],
+        "kept_params": metrics.get("nonzero_params", metrics["pruned_params"]),
+        "params_ratio": metrics.get("nonzero_params", metrics["pruned_params"]) / metrics["dense_params"],
+        "weight_sparsity": metrics.get("weight_sparsity"),
+        "train_seconds": metrics["train_seconds"], "train_flops_ratio": metrics.get("train_flops_ratio", 1.0),
+        "latency_ms": {batch: stats["median_ms"] for batch, stats in latency.items()},
+        "latency": latency,
+        "speedup": {batch: dense_latency[batch]["median_ms"] / stats["median_ms"] for batch, stats in latency.items()},
+    }
+
+
+def markdown(report: dict) -> str:
+    budget = report["budget"]
+    lines = [
+        "# Pruning methods side by side",
+        "",
+        f"{budget['dataset']}, {budget['model']}, {budget['epochs']} epochs, train_subset {budget['train_subset']}, "
+        f"seed {budget['seed']}{' (--quick: a smoke run, not a result)' if report['quick'] else ''}. "
+        f"Latency: onnxruntime CPU ({report['timing']['threads']} threads, {report['cpu']}), exported pruned "
+        "ONNX, median over interleaved rounds; speed-up against dense in brackets.",
+        "",
+        "| method | test acc | kept FLOPs | kept params | train s | train FLOPs | batch 1 ms | batch 64 ms |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in report["rows"]:
+        lat, gain = row["latency_ms"], row["speedup"]
+        params = f"{row['kept_params'] / 1e3:.1f}k ({row['params_ratio']:.2f})"
+        lines.append(f"| {row['label']} | {row['test_accuracy']:.4f} | {row['flops_ratio']:.3f} | {params} | "
+                     f"{row['train_seconds']:.0f} | {row['train_flops_ratio']:.3f} | "
+                     f"{lat['1']:.3f} ({gain['1']:.2f}x) | {lat['64']:.2f} ({gain['64']:.2f}x) |")
+    lines += [
+        "",
+        "- kept FLOPs: conv + linear MACs of the exported network / dense. kept params: parameters of the exported "
+        "network; for FlipOut the non-zero ones (its network keeps the dense shape, so its FLOPs stay 1).",
+        "- train FLOPs: forward MACs x examples x 3 summed over training, relative to dense. Only activation density "
+        "trains a smaller network as it goes; the others train a dense-shaped one (gates and masks multiply zeros).",
+        "- train s: the loop's training time. The runs ran one after another in one process, so machine load "
+        "moves them; latencies are interleaved and comparable.",
+    ]
+    sparse = [r for r in report["rows"] if r["weight_sparsity"] is not None]
+    for row in sparse:
+        lines.append(f"- {row['label']}: {row['weight_sparsity']:.1%} of conv/linear weights are zero, in dense "
+                     "kernels: onnxruntime does every MAC, so no speed-up is expected or claimed.")
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (by_flops, by_latency) = plt.subplots(1, 2, figsize=(11, 4))
+    for row in report["rows"]:
+        for axis, x in ((by_flops, row["flops_ratio"]), (by_latency, row["latency_ms"]["1"])):
+            axis.scatter(x, row["test_accuracy"], s=50)
+            axis.annotate(row["label"], (x, row["test_accuracy"]), textcoords="offset points", xytext=(6, 4),
+                          fontsize=8)
+    by_flops.set(xlabel="kept FLOPs (exported / dense)", ylabel="test accuracy", title="accuracy vs FLOPs")
+    by_latency.set(xlabel="onnxruntime CPU latency, batch 1 (ms, median)", ylabel="test accuracy",
+                   title="accuracy vs measured latency")
+    for axis in (by_flops, by_latency):
+        axis.grid(alpha=0.3)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    write_bytes(path, buffer.getvalue())
+
+
+def run(args: argparse.Namespace) -> dict:
+    configs = method_configs(args)
+    started = time.perf_counter()
+    metrics = {method: train_and_export(cfg, args) for method, cfg in configs.items()}
+    settings = dict(QUICK_TIMING if args.quick else FULL_TIMING)
+    print("== timing the exported models, interleaved", flush=True)
+    latency, session = time_models({m: args.runs / m / "pruned.onnx" for m in METHODS}, args.threads, settings)
+    budget = {k: configs["dense"].to_dict()[k] for k in ("dataset", "model", "epochs", "batch_size",
+                                                         "train_subset", "test_subset", "seed", "round_to",
+                                                         "target_flops_ratio", "final_sparsity")}
+    report = {
+        "quick": args.quick, "budget": budget, "cpu": cpu_name(),
+        "timing": {**settings, "threads": args.threads, "batches": list(BATCHES), "onnxruntime_session": session},
+        "rows": [row_for(m, metrics[m], latency[m], latency["dense"]) for m in METHODS],
+        "runs": {m: str(args.runs / m) for m in METHODS},
+        "wall_seconds": time.perf_counter() - started,
+    }
+    write_json(args.out / "compare.json", report)
+    write_text(args.out / "compare.md", markdown(report))
+    plot(report, args.out / "compare.png")
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    report = run(args)
+    print(markdown(report))
+    print(f"wrote {args.out / 'compare.json'}, compare.md, compare.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

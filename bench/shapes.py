@@ -1,0 +1,121 @@
+"""Which pruning shapes turn a MAC cut into a speed-up: synthetic ResNets at about half their MACs.
+
+    python bench/shapes.py [--quick] [--threads 2] [--rounds N] [--models resnet20,resnet56]
+                           [--inputs 1x28x28,3x32x32] [--out reports/shapes.json]
+
+For each model and input size, onnxruntime CPU times the dense network and five cuts of it, all six
+interleaved in one process, at batch 1 and batch 64:
+  blocks   whole residual blocks removed          round8   uneven inner widths rounded to 8
+  halved   every block's inner width halved       round16  uneven inner widths rounded to 16
+  free     uneven inner widths at free counts
+Efficiency = speed-up / (dense MACs / pruned MACs). Not part of the pipeline: pure measurement.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.networks import (MacCounter, close_blocks, dense_spec, halve_inner_widths, uneven_inner_widths,
+                            write_onnx)
+from bench.timing import compare, cpu_name, interleaved, ort_runner, ort_session, session_settings
+from common.atomicio import write_json
+from training.arch import CIFAR_RESNET_DEPTHS
+
+TARGET = 0.5
+BATCHES = (1, 64)
+VARIANTS = {
+    "blocks": lambda spec: close_blocks(spec, TARGET),
+    "halved": halve_inner_widths,
+    "free": lambda spec: uneven_inner_widths(spec, TARGET, step=1),
+    "round8": lambda spec: uneven_inner_widths(spec, TARGET, step=8),
+    "round16": lambda spec: uneven_inner_widths(spec, TARGET, step=16),
+}
+FULL = {"rounds": 200, "warmup": 5, "budget_s": 30.0}   # per network set and batch size
+QUICK = {"rounds": 10, "warmup": 1, "budget_s": 2.0}
+
+
+def parse_shape(text: str) -> tuple[int, int, int]:
+    try:
+        channels, height, width = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"input size must look like 3x32x32, got {text!r}") from None
+    return channels, height, width
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="bench/shapes.py", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a few rounds only (smoke runs)")
+    parser.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads")
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds per batch size")
+    parser.add_argument("--models", default="resnet20,resnet56", help="comma-separated CIFAR ResNets")
+    parser.add_argument("--inputs", default="1x28x28,3x32x32", help="comma-separated CxHxW input sizes")
+    parser.add_argument("--out", type=Path, default=Path("reports/shapes.json"), help="JSON report")
+    args = parser.parse_args(argv)
+    args.inputs = [parse_shape(text) for text in args.inputs.split(",")]
+    args.models = args.models.split(",")
+    unknown = [m for m in args.models if m not in CIFAR_RESNET_DEPTHS]
+    if unknown:
+        parser.error(f"--models: {', '.join(unknown)} not among {', '.join(CIFAR_RESNET_DEPTHS)}")
+    return args
+
+
+def inner_widths(spec: dict) -> list[int]:
+    """Inner width per block, 0 for a removed block."""
+    return [0 if b["closed"] else b["mid"] for b in spec["blocks"]]
+
+
+def measure_shapes(model: str, input_shape: tuple[int, int, int], threads: int, settings: dict,
+                   directory: Path) -> dict:
+    dense = dense_spec(model, input_shape)
+    specs = {"dense": dense, **{name: cut(dense) for name, cut in VARIANTS.items()}}
+    macs = MacCounter(dense)
+    tag = f"{model}_{'x'.join(map(str, input_shape))}"
+    sessions = {name: ort_session(write_onnx(spec, directory / f"{tag}_{name}.onnx"), threads)
+                for name, spec in specs.items()}
+    variants = {name: {"macs": macs(specs[name]), "flops_ratio": macs(specs[name]) / macs(dense),
+                       "inner_widths": inner_widths(specs[name]), "by_batch": {}} for name in VARIANTS}
+    for batch in BATCHES:
+        times = interleaved({name: ort_runner(session, batch) for name, session in sessions.items()}, **settings)
+        for name, entry in variants.items():
+            entry["by_batch"][str(batch)] = compare({"dense": times["dense"], "pruned": times[name]}, batch,
+                                                    macs(dense), entry["macs"])
+    return {"model": model, "input_shape": list(input_shape), "dense_macs": macs(dense),
+            "session": session_settings(sessions["dense"]), "variants": variants}
+
+
+def format_table(result: dict) -> str:
+    shape = "x".join(map(str, result["input_shape"]))
+    header = f"{'cut':<8} {'MAC ratio':>9}" + "".join(f" {'speed-up b' + str(b):>12} {'eff b' + str(b):>8}"
+                                                      for b in BATCHES)
+    lines = [f"{result['model']} at {shape} (dense {result['dense_macs'] / 1e6:.1f}M MACs)", header]
+    for name, entry in result["variants"].items():
+        measured = [entry["by_batch"][str(b)] for b in BATCHES]
+        cells = "".join(f" {m['speedup']:>11.2f}x {m['efficiency']:>8.2f}" for m in measured)
+        lines.append(f"{name:<8} {entry['flops_ratio']:>9.3f}{cells}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    settings = dict(QUICK if args.quick else FULL)
+    if args.rounds is not None:
+        settings["rounds"] = args.rounds
+    results = []
+    with tempfile.TemporaryDirectory() as directory:
+        for model in args.models:
+            for input_shape in args.inputs:
+                results.append(measure_shapes(model, input_shape, args.threads, settings, Path(directory)))
+                print(format_table(results[-1]) + "\n", flush=True)
+    write_json(args.out, {"mode": "quick" if args.quick else "full", "threads": args.threads, "cpu": cpu_name(),
+                          "target_flops_ratio": TARGET, **settings, "results": results})
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

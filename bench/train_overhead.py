@@ -1,0 +1,119 @@
+"""Training cost of the gates: time per step of the gated model (polarized method) vs the dense model.
+
+    python bench/train_overhead.py [--config configs/<run>.yaml] [--quick] [--threads 2] [--rounds N]
+                                   [--batch 128] [--out PATH]
+
+One step = forward, task loss (+ the method's gate losses), backward, optimiser steps, as in
+training/loop.py, on the same random batch for both models, interleaved. Without --config: the default
+config (ResNet-20, Fashion-MNIST's 1x28x28, batch 128). The goal: at most 10% more per step than dense.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+import torch.nn.functional as F
+
+from bench.timing import interleaved, summarize
+from common.atomicio import write_json
+from training.arch import make_spec
+from training.config import ConfigError, load_config
+from training.data import dataset_info
+from training.loop import make_optimizers
+from training.methods import RunContext, make_method
+from training.models import build_model
+
+GOAL_PERCENT = 10.0
+FULL = {"rounds": 30, "warmup": 3, "budget_s": 120.0}
+QUICK = {"rounds": 3, "warmup": 1, "budget_s": 10.0}
+PROGRESS = 0.5  # past the warm-up and before the freeze: every gate loss is active
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="bench/train_overhead.py", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", type=Path, default=None, help="training config (model, dataset, batch, "
+                        "gate settings); its method is replaced by 'polarized'")
+    parser.add_argument("--quick", action="store_true", help="a few steps only (smoke runs)")
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved steps per model")
+    parser.add_argument("--batch", type=int, default=None, help="batch size (default: the config's)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="JSON report (default reports/<config name>/train_overhead.json)")
+    return parser.parse_args(argv)
+
+
+def step_runner(model, images, labels, cfg, method=None):
+    """One training step in the order training/loop.py runs it; `method` adds its gate losses and hooks."""
+    weight_opt, gate_opt, scheduler = make_optimizers(model, cfg, total_steps=10**9)
+    optimizers = [opt for opt in (weight_opt, gate_opt) if opt is not None]
+    model.train()
+
+    def step():
+        loss = F.cross_entropy(model(images), labels)
+        if method is not None:
+            extra, _ = method.extra_loss(model, PROGRESS)
+            if extra is not None:
+                loss = loss + extra
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if method is not None:
+            method.before_step(model)
+        for opt in optimizers:
+            opt.step()
+        scheduler.step()
+        if method is not None:
+            method.after_step(model)
+    return step
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, ["method=polarized"])
+    except ConfigError as problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    settings = dict(QUICK if args.quick else FULL)
+    if args.rounds is not None:
+        settings["rounds"] = args.rounds
+    batch = args.batch or cfg.batch_size
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    info = dataset_info(cfg.dataset)
+    spec = make_spec(cfg.model, info.in_channels, info.num_classes, info.input_size)
+    images = torch.randn(batch, info.in_channels, *info.input_size)
+    labels = torch.randint(0, info.num_classes, (batch,))
+
+    method = make_method(cfg, spec)
+    gated = method.build_model()
+    method.prepare(gated, RunContext(torch.device("cpu"), lambda: [], total_epochs=1, steps_per_epoch=1))
+    runners = {"dense": step_runner(build_model(spec), images, labels, cfg),
+               "gated": step_runner(gated, images, labels, cfg, method)}
+    times = interleaved(runners, **settings)
+    dense, gated_time = summarize(times["dense"]), summarize(times["gated"])
+    overhead = (gated_time["median_ms"] / dense["median_ms"] - 1) * 100
+    name = args.config.stem if args.config else "default"
+    report = {"config": name, "model": cfg.model, "dataset": cfg.dataset, "batch": batch,
+              "input_shape": [info.in_channels, *info.input_size], "threads": args.threads,
+              "mode": "quick" if args.quick else "full", **settings,
+              "dense": dense, "gated": gated_time, "overhead_percent": overhead,
+              "goal_percent": GOAL_PERCENT, "within_goal": overhead <= GOAL_PERCENT}
+    print(f"{cfg.model} on {cfg.dataset} input, batch {batch}, {args.threads} threads, "
+          f"{dense['n']} interleaved steps each")
+    print(f"dense  step: median {dense['median_ms']:.1f} ms (p95 {dense['p95_ms']:.1f})")
+    print(f"gated  step: median {gated_time['median_ms']:.1f} ms (p95 {gated_time['p95_ms']:.1f})")
+    print(f"overhead {overhead:+.1f}% per step (goal: at most {GOAL_PERCENT:.0f}%)")
+    out = args.out or Path("reports") / name / "train_overhead.json"
+    write_json(out, report)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

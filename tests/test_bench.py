@@ -1,0 +1,157 @@
+"""The benchmark helpers on known numbers, and quick smoke runs of the benchmark scripts on tiny models."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench.fixture import FixturePair, required_speedup
+from bench.networks import MacCounter, close_blocks, dense_spec, uneven_inner_widths, write_onnx
+from bench.speedup import main as speedup_main
+from bench.timing import compare, efficiency, interleaved, percentile, speedup, summarize
+from bench.train_overhead import main as train_overhead_main
+from export.surgery import save_pruned
+from training.arch import prunable_layers
+from training.flops import layer_costs
+from training.mask import Mask, mask_document, save_mask
+from training.models import GateOptions, build_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny models gain nothing from a thread pool, and on a busy machine a pool of two stalls."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ---- timing helpers ------------------------------------------------------------------------------
+def test_percentile_interpolates_between_ranks():
+    assert percentile([4, 1, 3, 2], 50) == 2.5
+    assert percentile(range(1, 101), 95) == pytest.approx(95.05)
+    assert percentile([7.0], 95) == 7.0
+    with pytest.raises(ValueError):
+        percentile([], 50)
+
+
+def test_summarize_reports_milliseconds():
+    summary = summarize([0.001, 0.002, 0.003, 0.010])
+    assert summary["n"] == 4
+    assert summary["median_ms"] == pytest.approx(2.5)
+    assert summary["min_ms"] == pytest.approx(1.0)
+    assert summary["mean_ms"] == pytest.approx(4.0)
+    assert summary["p95_ms"] == pytest.approx(8.95)
+
+
+def test_interleaving_reverses_the_order_every_round():
+    calls = []
+    runners = {name: (lambda name=name: calls.append(name)) for name in ("dense", "pruned")}
+    times = interleaved(runners, rounds=4, warmup=1)
+    assert calls == ["dense", "pruned"] + ["dense", "pruned", "pruned", "dense"] * 2
+    assert {name: len(t) for name, t in times.items()} == {"dense": 4, "pruned": 4}
+
+
+def test_interleaving_times_each_call_and_stops_on_its_budget():
+    ticks = iter(range(1000))
+    clock = lambda: float(next(ticks))  # every clock read advances one second
+    times = interleaved({"a": lambda: None, "b": lambda: None}, rounds=100, warmup=0, budget_s=0.0,
+                        min_rounds=3, clock=clock)
+    assert times == {"a": [1.0] * 3, "b": [1.0] * 3}
+
+
+def test_speedup_and_efficiency_on_known_numbers():
+    assert speedup(10.0, 5.0) == 2.0
+    assert efficiency(2.0, dense_flops=100, pruned_flops=50) == 1.0
+    assert efficiency(1.5, dense_flops=100, pruned_flops=50) == 0.75
+    result = compare({"dense": [0.010] * 3, "pruned": [0.005] * 3}, batch=64, dense_flops=100, pruned_flops=40)
+    assert result["speedup"] == pytest.approx(2.0)
+    assert result["efficiency"] == pytest.approx(0.8)
+    assert result["images_per_s"] == pytest.approx({"dense": 6400.0, "pruned": 12800.0})
+
+
+def test_required_speedup_is_a_share_of_the_ideal_one():
+    pair = FixturePair(Path("d"), Path("p"), dense_flops=100.0, pruned_flops=50.0, closed_blocks=())
+    assert required_speedup(pair, 0.5) == 1.5
+    assert required_speedup(pair, 1.0) == 2.0
+
+
+# ---- synthetic networks --------------------------------------------------------------------------
+def test_pruning_shapes_land_near_half_the_macs():
+    dense = dense_spec("resnet20", (1, 16, 16))
+    macs = MacCounter(dense)
+    blocks = close_blocks(dense, 0.5)
+    assert 0.45 <= macs(blocks) / macs(dense) <= 0.55
+    assert not any(b["closed"] for b in blocks["blocks"] if b["shortcut"] != "identity")
+    free = uneven_inner_widths(dense, 0.5, step=1)
+    assert abs(macs(free) / macs(dense) - 0.5) <= 0.03
+    assert sum(b["mid"] % 8 != 0 for b in free["blocks"]) > len(free["blocks"]) / 2  # off the 8-blocks
+    rounded = uneven_inner_widths(dense, 0.5, step=16)
+    assert all(b["mid"] % 16 == 0 for b in rounded["blocks"])
+
+
+# ---- script smoke runs ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A run folder as the export stage leaves it, for ResNet-20 at 1x8x8: mask.json, pruned_model.pt and
+    both ONNX files."""
+    run_dir = tmp_path_factory.mktemp("runs") / "tiny"
+    spec = dense_spec("resnet20", (1, 8, 8))
+    closed = ["layer1.1", "layer3.2"]
+    kept = {name: list(range(max(1, width // 2))) for name, width in prunable_layers(spec).items()
+            if name not in closed}
+    document = mask_document("resnet20", spec, Mask(kept, closed), layer_costs(build_model(spec, GateOptions())), 1)
+    save_mask(run_dir / "mask.json", document)
+    write_onnx(spec, run_dir / "dense.onnx")
+    write_onnx(document["pruned_spec"], run_dir / "pruned.onnx")
+    save_pruned(run_dir / "pruned_model.pt", build_model(document["pruned_spec"]))
+    return run_dir
+
+
+def run_script(script: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, f"bench/{script}", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_speedup_quick_writes_a_complete_report(tiny_run, tmp_path):
+    out = tmp_path / "speedup.json"
+    done = run_script("speedup.py", "--run", str(tiny_run), "--quick", "--threads", "1", "--rounds", "5",
+                      "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    assert "efficiency" in done.stdout
+    report = json.loads(out.read_text())
+    assert 0 < report["flops"]["ratio"] < 1
+    assert {(r["engine"], r["batch"]) for r in report["results"]} == {
+        (engine, batch) for engine in ("onnxruntime", "torch") for batch in (1, 64)}
+    for result in report["results"]:
+        assert result["dense"]["n"] >= 5 and result["pruned"]["median_ms"] > 0
+        assert result["speedup"] > 0 and result["efficiency"] > 0 and math.isfinite(result["efficiency"])
+    assert report["settings"]["onnxruntime_session"]["graph_optimization_level"] == "ORT_ENABLE_ALL"
+    assert report["settings"]["onnxruntime_session"]["intra_op_num_threads"] == 1
+    assert "skipped" in report["served"]
+
+
+def test_speedup_names_the_missing_export(tmp_path, tiny_run, capsys):
+    run_dir = tmp_path / "unexported"
+    run_dir.mkdir()
+    (run_dir / "mask.json").write_text((tiny_run / "mask.json").read_text())
+    assert speedup_main(["--run", str(run_dir), "--quick"]) == 2
+    assert "make export" in capsys.readouterr().err
+
+
+def test_train_overhead_quick_writes_a_complete_report(tmp_path):
+    out = tmp_path / "train_overhead.json"
+    # In this process: a second torch start-up would double the test's time.
+    assert train_overhead_main(["--quick", "--threads", "1", "--batch", "8", "--rounds", "2", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["model"] == "resnet20" and report["input_shape"] == [1, 28, 28] and report["batch"] == 8
+    assert report["dense"]["n"] == 2 and report["gated"]["n"] == 2
+    assert report["dense"]["median_ms"] > 0 and report["gated"]["median_ms"] > 0
+    assert math.isfinite(report["overhead_percent"]) and report["goal_percent"] == 10.0
