@@ -35,11 +35,17 @@ $(FMNIST):
 
 data: $(FMNIST)
 
+# The run, then its dense reference (same data, model and budget, no gates) when configs/<run>_dense.yaml
+# exists. A run folder that already holds a checkpoint is resumed (a finished run is only re-summarised).
+DENSE_CONFIG ?= $(wildcard configs/$(RUN)_dense.yaml)
+resume_flag = $(if $(wildcard runs/$(1)/checkpoint.pt),--resume)
 train: venv data
-	$(PY) -m training --config $(CONFIG) $(TRAIN_ARGS)
+	$(PY) -m training --config $(CONFIG) $(call resume_flag,$(RUN)) $(TRAIN_ARGS)
+	$(if $(DENSE_CONFIG),$(PY) -m training --config $(DENSE_CONFIG) $(call resume_flag,$(RUN)_dense) $(TRAIN_ARGS))
 
 export: venv
-	$(PY) -m export --run $(RUN_DIR) --target $(TARGET) --repository $(REPO) $(EXPORT_ARGS)
+	$(PY) -m export --run $(RUN_DIR) --target $(TARGET) --repository $(REPO) \
+	  $(if $(wildcard $(RUN_DIR)_dense/metrics.json),--dense-run $(RUN_DIR)_dense) $(EXPORT_ARGS)
 
 serve: venv
 	$(PY) -m serving --repository $(REPO) --run $(RUN_DIR) --report-dir $(REPORTS) $(SERVE_ARGS)

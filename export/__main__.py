@@ -42,6 +42,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m export", description=__doc__.splitlines()[0])
     parser.add_argument("--run", required=True, type=Path, help="run folder (checkpoint.pt, mask.json)")
     parser.add_argument("--target", choices=("cpu", "gpu"), default="cpu", help="Triton deployment target")
+    parser.add_argument("--dense-run", type=Path,
+                        help="a run of method dense on the same data and model (e.g. runs/<name>_dense): served "
+                             "as the dense model, so dense accuracy is that of a trained dense network")
     parser.add_argument("--engine", action="store_true",
                         help="also build TensorRT engines (GPU machines; elsewhere says why not and goes on)")
     parser.add_argument("--repository", type=Path, default=Path("model_repository"),
@@ -123,6 +126,18 @@ def load_run(run_dir: Path) -> tuple[dict, dict, Mask]:
     return state, document, mask
 
 
+def load_dense_reference(dense_run: Path, state: dict):
+    """The trained network of a dense-method run made for the same network and data as `state`."""
+    dense_checkpoint = dense_run / "checkpoint.pt"
+    dense_state = load_checkpoint(dense_checkpoint)
+    if dense_state["config"].get("method") != "dense" or dense_state.get("gates") is not None:
+        raise ExportError(f"{dense_checkpoint}: --dense-run must be a run of method dense "
+                          f"(this one is {dense_state['config'].get('method')!r})")
+    if dense_state["spec"] != state["spec"] or dense_state["config"].get("dataset") != state["config"].get("dataset"):
+        raise ExportError(f"{dense_checkpoint}: --dense-run trained another network or dataset than the run")
+    return model_from_checkpoint(dense_state, dense_checkpoint).eval()
+
+
 def stage_artifacts(args, staging: Path, networks: Networks, samples: Samples, document: dict,
                     input_shape: tuple[int, ...], timing_cache: Path) -> dict:
     """Write and check every artifact in `staging`; the facts the report needs."""
@@ -167,6 +182,10 @@ def run_export(args: argparse.Namespace) -> dict:
     checkpoint_path, mask_path = run_dir / "checkpoint.pt", run_dir / "mask.json"
     model = model_from_checkpoint(state, checkpoint_path)
     networks = prune(model, document, mask, str(checkpoint_path), str(mask_path))
+    dense_source = "trained" if state.get("gates") is None else "gates_removed"
+    if args.dense_run is not None:
+        networks.dense = load_dense_reference(args.dense_run, state)
+        dense_source = "dense_run"
     samples = load_test_samples(state["config"], state["spec"], args.samples, checkpoint_path)
     surgery_diff = check_equivalence(networks.reference, networks.pruned, networks.graph, mask, samples.images)
     for kind in KINDS:
@@ -190,7 +209,7 @@ def run_export(args: argparse.Namespace) -> dict:
                           "once the repository is: fix it and re-run)") from None
     report = build_report(
         run_name=run_dir.name, config=state["config"],
-        dense_source="trained" if state.get("gates") is None else "gates_removed",
+        dense_source=dense_source,
         dense=facts["summaries"]["dense"], pruned=facts["summaries"]["pruned"], graph=networks.graph,
         mask=mask, mask_document=document, input_shape=input_shape, num_classes=state["spec"]["num_classes"],
         max_abs_diff_surgery=surgery_diff, max_abs_diff_onnx=facts["onnx_diffs"],

@@ -14,6 +14,7 @@ from .onnx_export import OPSET
 
 DENSE_SOURCE = {
     "trained": "the trained network itself (an ungated method: nothing was pruned)",
+    "dense_run": "the dense reference run (--dense-run): same data, model and budget, trained without gates",
     "gates_removed": (
         "the dense architecture, build_model(dense_spec), holding the trained weights with every gate "
         "removed: channels and blocks the gates had closed are back, so its accuracy means nothing; it is "
