@@ -17,14 +17,13 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
-import torch.nn.functional as F
 
 from bench.timing import interleaved, summarize
 from common.atomicio import write_json
 from training.arch import make_spec
 from training.config import ConfigError, load_config
 from training.data import dataset_info
-from training.loop import make_optimizers
+from training.loop import make_optimizers, train_step
 from training.methods import RunContext, make_method
 from training.models import build_model
 
@@ -47,29 +46,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def step_runner(model, images, labels, cfg, method=None):
-    """One training step in the order training/loop.py runs it; `method` adds its gate losses and hooks."""
-    weight_opt, gate_opt, scheduler = make_optimizers(model, cfg, total_steps=10**9)
-    optimizers = [opt for opt in (weight_opt, gate_opt) if opt is not None]
+def step_runner(model, images, labels, cfg, method):
+    """One training step exactly as training/loop.py runs it (its own train_step)."""
+    sgd, gate_sgd, scheduler = make_optimizers(model, cfg, total_steps=10**9)
     model.train()
-
-    def step():
-        loss = F.cross_entropy(model(images), labels)
-        if method is not None:
-            extra, _ = method.extra_loss(model, PROGRESS)
-            if extra is not None:
-                loss = loss + extra
-        for opt in optimizers:
-            opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if method is not None:
-            method.before_step(model)
-        for opt in optimizers:
-            opt.step()
-        scheduler.step()
-        if method is not None:
-            method.after_step(model)
-    return step
+    return lambda: train_step(model, method, sgd, gate_sgd, scheduler, images, labels, PROGRESS)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     method = make_method(cfg, spec)
     gated = method.build_model()
     method.prepare(gated, RunContext(torch.device("cpu"), lambda: [], total_epochs=1, steps_per_epoch=1))
-    runners = {"dense": step_runner(build_model(spec), images, labels, cfg),
+    dense_method = make_method(load_config(args.config, ["method=dense"]), spec)
+    runners = {"dense": step_runner(build_model(spec), images, labels, cfg, dense_method),
                "gated": step_runner(gated, images, labels, cfg, method)}
     times = interleaved(runners, **settings)
     dense, gated_time = summarize(times["dense"]), summarize(times["gated"])

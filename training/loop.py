@@ -79,10 +79,31 @@ def make_optimizers(model, cfg: TrainConfig, total_steps: int, done_steps: int =
     sgd = torch.optim.SGD(weight_groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
     gate_sgd = torch.optim.SGD(scores, lr=cfg.gate_lr, momentum=0.9) if scores else None
     cosine = lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(sgd, cosine, last_epoch=-1)
-    for _ in range(done_steps):  # a model replaced mid-run resumes its schedule where it was
-        scheduler.step()
+    scheduler = torch.optim.lr_scheduler.LambdaLR(sgd, cosine)
+    # A resumed run (or a model replaced mid-run) continues its schedule where it was.
+    scheduler.last_epoch = done_steps
+    for group, base_lr in zip(sgd.param_groups, scheduler.base_lrs):
+        group["lr"] = base_lr * cosine(done_steps)
     return sgd, gate_sgd, scheduler
+
+
+def train_step(model, method, sgd, gate_sgd, scheduler, images, labels, progress: float):
+    """One optimisation step, in the order methods rely on. Returns (task loss, logits, method logs)."""
+    logits = model(images)
+    loss = F.cross_entropy(logits, labels)
+    extra, logs = method.extra_loss(model, progress)
+    total = loss if extra is None else loss + extra
+    sgd.zero_grad(set_to_none=True)
+    if gate_sgd is not None:
+        gate_sgd.zero_grad(set_to_none=True)
+    total.backward()
+    method.before_step(model)
+    sgd.step()
+    if gate_sgd is not None:
+        gate_sgd.step()
+    scheduler.step()
+    method.after_step(model)
+    return loss.detach(), logits.detach(), logs
 
 
 @torch.no_grad()
@@ -172,21 +193,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
                    disable=not cfg.progress, leave=False)
         for step, (images, labels) in enumerate(bar):
             progress = (epoch * steps_per_epoch + step) / total_steps
-            logits = model(images)
-            loss = F.cross_entropy(logits, labels)
-            extra, logs = method.extra_loss(model, progress)
-            total = loss if extra is None else loss + extra
-            sgd.zero_grad(set_to_none=True)
-            if gate_sgd is not None:
-                gate_sgd.zero_grad(set_to_none=True)
-            total.backward()
-            method.before_step(model)
-            sgd.step()
-            if gate_sgd is not None:
-                gate_sgd.step()
-            scheduler.step()
-            method.after_step(model)
-            loss_sum += float(loss.detach()) * labels.numel()
+            loss, logits, logs = train_step(model, method, sgd, gate_sgd, scheduler, images, labels, progress)
+            loss_sum += float(loss) * labels.numel()
             correct += int((logits.argmax(1) == labels).sum())
             seen += labels.numel()
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}",
