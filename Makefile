@@ -58,8 +58,9 @@ bench: venv
 compare: venv data
 	OMP_WAIT_POLICY=PASSIVE $(PY) bench/compare.py $(COMPARE_ARGS)
 
+# PASSIVE: OpenMP threads that spin while waiting made torch 10x slower whenever anything else ran.
 test: venv data
-	$(PY) -m pytest -q tests
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q tests
 
 clean:
 	rm -rf runs reports $(REPO)/*/

@@ -10,15 +10,14 @@ import socket
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
-from onnx import TensorProto, helper, numpy_helper
 from tritonclient.utils import InferenceServerException
 
 from export.triton_repo import write_model_version
+from tiny_onnx import tiny_classifier
 from serving.__main__ import main as serving_main
 from serving.client import InputSpecError, ServingError, TritonClassifier
 from serving.perf_analyzer import find_perf_analyzer
@@ -28,29 +27,13 @@ from serving.server import (LocalTriton, LocalTritonConfig, ServerError, TritonN
 MODELS = {"dense": "tiny_dense", "pruned": "tiny_pruned"}
 
 
-def tiny_classifier(path: Path, hidden: int, seed: int) -> Path:
-    """(N, 1, 8, 8) -> Flatten -> MatMul -> Relu -> MatMul -> (N, 10); `hidden` plays the pruned width."""
-    rng = np.random.default_rng(seed)
-    weights = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
-               for n, s in (("w1", (64, hidden)), ("w2", (hidden, 10)))]
-    nodes = [helper.make_node("Flatten", ["input"], ["flat"]),
-             helper.make_node("MatMul", ["flat", "w1"], ["h"]),
-             helper.make_node("Relu", ["h"], ["a"]),
-             helper.make_node("MatMul", ["a", "w2"], ["logits"])]
-    graph = helper.make_graph(
-        nodes, "tiny", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 8, 8])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])], weights)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.save(model, str(path))
-    return path
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     """A model repository written by export/triton_repo.py plus the run folder the export stage leaves."""
     root = tmp_path_factory.mktemp("serving")
-    onnx_files = {role: tiny_classifier(root / f"{role}.onnx", hidden, seed)
+    onnx_files = {role: tiny_classifier(root / f"{role}.onnx", hidden=hidden, seed=seed)
                   for (role, hidden, seed) in (("dense", 32, 0), ("pruned", 8, 0))}
     for role, name in MODELS.items():
         write_model_version(root / "repo", name, onnx_files[role])

@@ -31,6 +31,18 @@ class SpecError(ValueError):
     """A spec or mask that does not describe a buildable network."""
 
 
+def check_header(document: Any, path: Any, kind: str, fmt: str, version: int, keys: tuple[str, ...],
+                 error: type[Exception]) -> None:
+    """The envelope every artifact file carries: a dict with our format tag, a known version, its keys."""
+    if not isinstance(document, dict) or document.get("format") != fmt:
+        raise error(f"{path}: not a polarprune {kind} (format field is not {fmt!r})")
+    if document.get("version") != version:
+        raise error(f"{path}: {kind} version {document.get('version')} not supported (expected {version})")
+    for key in keys:
+        if key not in document:
+            raise error(f"{path}: {kind} is missing {key!r}")
+
+
 def _resnet_spec(stage_widths, blocks_per_stage, downsample_shortcut, in_channels, num_classes, input_size):
     blocks, width_in = [], stage_widths[0]
     for stage, (width, count) in enumerate(zip(stage_widths, blocks_per_stage)):

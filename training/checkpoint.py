@@ -14,7 +14,7 @@ import torch
 
 from common.atomicio import write_bytes
 
-from .arch import SpecError, validate_spec
+from .arch import SpecError, check_header, validate_spec
 from .models import GateOptions, SpecNet, build_model
 
 CHECKPOINT_FORMAT = "polarprune-checkpoint"
@@ -40,13 +40,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:  # torch raises many types for a damaged zip/pickle
         raise CheckpointError(f"{path}: unreadable or corrupt checkpoint ({type(error).__name__}: {error})") from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path}: not a polarprune checkpoint")
-    if state.get("version") != CHECKPOINT_VERSION:
-        raise CheckpointError(f"{path}: checkpoint version {state.get('version')} not supported")
-    for key in ("config", "spec", "model", "epoch"):
-        if key not in state:
-            raise CheckpointError(f"{path}: checkpoint is missing {key!r}")
+    check_header(state, path, "checkpoint", CHECKPOINT_FORMAT, CHECKPOINT_VERSION,
+                 ("config", "spec", "model", "epoch"), CheckpointError)
     try:
         validate_spec(state["spec"])
     except (SpecError, KeyError, TypeError) as error:

@@ -14,7 +14,7 @@ import torch
 
 from common.atomicio import write_json
 
-from .arch import Spec, SpecError, prune_spec, prunable_layers, residual_blocks, validate_spec
+from .arch import Spec, SpecError, check_header, prune_spec, prunable_layers, residual_blocks, validate_spec
 from .flops import LayerCost, gated_macs
 
 MASK_FORMAT = "polarprune-mask"
@@ -144,16 +144,14 @@ def load_mask(path: str | Path) -> tuple[dict, Mask]:
         raise SpecError(f"{path}: no mask.json (train first: make train)") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise SpecError(f"{path}: not valid JSON ({error})") from None
-    if not isinstance(document, dict) or document.get("format") != MASK_FORMAT:
-        raise SpecError(f"{path}: not a polarprune mask (format field is not {MASK_FORMAT!r})")
-    if document.get("version") != MASK_VERSION:
-        raise SpecError(f"{path}: mask version {document.get('version')} not supported (expected {MASK_VERSION})")
-    for key in ("kept_channels", "closed_blocks", "dense_spec", "pruned_spec"):
-        if key not in document:
-            raise SpecError(f"{path}: mask is missing {key!r}")
+    check_header(document, path, "mask", MASK_FORMAT, MASK_VERSION,
+                 ("kept_channels", "closed_blocks", "dense_spec", "pruned_spec"), SpecError)
     mask = Mask({k: list(v) for k, v in document["kept_channels"].items()}, list(document["closed_blocks"]))
-    dense_spec = validate_spec(document["dense_spec"])
-    expected = prune_spec(dense_spec, mask.kept_channels, mask.closed_blocks)
+    try:
+        dense_spec = validate_spec(document["dense_spec"])
+        expected = prune_spec(dense_spec, mask.kept_channels, mask.closed_blocks)
+    except (SpecError, KeyError, TypeError) as error:
+        raise SpecError(f"{path}: {error}") from None
     if expected != document["pruned_spec"]:
         raise SpecError(f"{path}: pruned_spec does not match the kept channels and closed blocks")
     return document, mask
