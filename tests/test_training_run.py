@@ -136,3 +136,30 @@ def test_dynamic_gates_vote_a_consensus_mask(tmp_path):
     state = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
     model = model_from_checkpoint(state)
     assert all(gate.is_frozen for gate in model.gates().values())
+
+
+def test_sigkilled_run_resumes_to_the_mask_of_an_uninterrupted_run(tmp_path, polarized_run):
+    import os
+    import signal
+    import time
+    _, full = polarized_run
+    overrides = {**QUICK, "target_flops_ratio": 0.5, "out_dir": str(tmp_path), "name": "run"}
+    command = [sys.executable, "-m", "training"] + [f"--set={k}={v}" for k, v in overrides.items()]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
+    checkpoint = tmp_path / "run" / "checkpoint.pt"
+    deadline = time.monotonic() + 300
+    try:
+        while not checkpoint.exists():  # the first epoch's checkpoint: kill right after it lands
+            assert process.poll() is None, process.stderr.read().decode()
+            assert time.monotonic() < deadline, "no checkpoint within 5 minutes"
+            time.sleep(0.05)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    assert load_checkpoint(checkpoint)["epoch"] < QUICK["epochs"]
+    assert not (tmp_path / "run" / "metrics.json").exists()
+    resumed = train(make_config(overrides), resume=True)
+    assert (resumed["kept_channels"], resumed["removed_blocks"]) == (full["kept_channels"], full["removed_blocks"])
+    for name in ("checkpoint.pt", "mask.json", "metrics.json", "log.jsonl", "progress.png"):
+        assert (tmp_path / "run" / name).is_file(), name
