@@ -3,7 +3,7 @@
 Three questions, answered in three places:
   which layers shrink together  -> `export.graph` (dependency groups traced from the network)
   which channels and blocks stay -> mask.json (`training.mask.Mask`)
-  how one layer is cut           -> the `cut_*` functions here, one per layer type and side
+  how one layer is cut           -> `training.cuts`, one function per layer type and side
 The cut network is loaded into `build_model(pruned_spec)` only after its state-dict keys and shapes match
 that model exactly, so the pruned network always loads from its own spec, without the gated class.
 """
@@ -20,6 +20,7 @@ from torch import nn
 
 from common.atomicio import write_bytes
 from training.arch import Spec, SpecError, validate_spec
+from training.cuts import cut_batchnorm, cut_conv_in, cut_conv_out, cut_linear_in
 from training.flops import input_shape
 from training.gates import Gate
 from training.mask import Mask
@@ -40,40 +41,7 @@ class SurgeryError(ExportError):
     """The cut network does not match its spec or does not compute what the gated network computes."""
 
 
-# -- one cut per layer type ---------------------------------------------------------------------------
-
-def _conv_with(conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Conv2d:
-    cut = nn.Conv2d(weight.shape[1], weight.shape[0], conv.kernel_size, conv.stride, conv.padding,
-                    conv.dilation, conv.groups, bias is not None, conv.padding_mode)
-    cut.weight.data.copy_(weight)
-    if bias is not None:
-        cut.bias.data.copy_(bias)
-    return cut
-
-
-def cut_conv_out(conv: nn.Conv2d, kept: torch.Tensor) -> nn.Conv2d:
-    return _conv_with(conv, conv.weight.data[kept], None if conv.bias is None else conv.bias.data[kept])
-
-
-def cut_conv_in(conv: nn.Conv2d, kept: torch.Tensor) -> nn.Conv2d:
-    return _conv_with(conv, conv.weight.data[:, kept], None if conv.bias is None else conv.bias.data)
-
-
-def cut_batchnorm(bn: nn.BatchNorm2d, kept: torch.Tensor) -> nn.BatchNorm2d:
-    cut = nn.BatchNorm2d(len(kept), bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
-    for name, tensor in list(bn.named_parameters()) + list(bn.named_buffers()):
-        # num_batches_tracked is a scalar counter, not per channel
-        getattr(cut, name).data.copy_(tensor.data if tensor.dim() == 0 else tensor.data[kept])
-    return cut.train(bn.training)
-
-
-def cut_linear_in(linear: nn.Linear, kept: torch.Tensor) -> nn.Linear:
-    cut = nn.Linear(len(kept), linear.out_features, linear.bias is not None)
-    cut.weight.data.copy_(linear.weight.data[:, kept])
-    if linear.bias is not None:
-        cut.bias.data.copy_(linear.bias.data)
-    return cut
-
+# -- one cut per layer type (the cuts themselves live in training.cuts) -------------------------------
 
 Cut = Callable[[nn.Module, torch.Tensor], nn.Module]
 OUTPUT_CUTS: dict[type, Cut] = {nn.Conv2d: cut_conv_out}

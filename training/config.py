@@ -57,6 +57,15 @@ class TrainConfig:
     ramp_fraction: float = 0.5           # of all steps, when the kept-FLOPs target reaches its final value;
                                          # it falls linearly from 1 after warm-up, so gates close gradually
     freeze_fraction: float = 0.75        # of all epochs, when the mask is fixed; the rest fine-tunes it
+    # --- baseline methods (issue 6) ------------------------------------------------------------------
+    # activation density (Foldy-Porto et al.): the network physically shrinks while it trains
+    density_every: int = 1               # epochs between resizes to (activation density x width)
+    density_stop: float = 0.75           # of all epochs, after which widths stay fixed (the rest fine-tunes)
+    # FlipOut (Apostol et al.): unstructured; halves the remaining conv/linear weights every prune_freq epochs
+    final_sparsity: float = 0.75         # share of conv/linear weights zeroed at the end
+    prune_freq: int | None = None        # epochs between halvings (None: as far apart as the epochs allow)
+    flipout_noise: float = 1.0           # lambda: gradient noise std in units of the layer's RMS gradient
+    # --- end of baseline methods ---------------------------------------------------------------------
     # run
     seed: int = 0
     device: str = "auto"
@@ -95,10 +104,37 @@ class TrainConfig:
                     "consensus_weight"):
             need(getattr(self, key) >= 0, key, "must be >= 0")
         need(self.threads is None or self.threads >= 1, "threads", "must be at least 1")
+        # --- baseline methods (issue 6) --------------------------------------------------------------
+        need(self.density_every >= 1, "density_every", "must be at least 1")
+        need(0 < self.density_stop <= 1, "density_stop", "must be in (0, 1]")
+        need(self.method != "activation_density" or self.density_every < self.density_stop * self.epochs,
+             "density_every", f"no resize fits: resizes happen at multiples of density_every below "
+             f"density_stop x epochs = {self.density_stop * self.epochs:g}")
+        need(0 < self.final_sparsity < 1, "final_sparsity", "must be in (0, 1)")
+        need(self.prune_freq is None or self.prune_freq >= 1, "prune_freq", "must be at least 1")
+        need(self.flipout_noise >= 0 and math.isfinite(self.flipout_noise), "flipout_noise", "must be >= 0")
+        if self.method == "flipout":
+            try:
+                flipout_prune_epochs(self.final_sparsity, self.epochs, self.prune_freq)
+            except ValueError as error:
+                raise ConfigError(f"config key 'final_sparsity': {error}") from None
+        # --- end of baseline methods -----------------------------------------------------------------
         return self
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def flipout_prune_epochs(final_sparsity: float, epochs: int, prune_freq: int | None) -> list[int]:
+    """The epochs (0-based; pruning happens as each starts) at which FlipOut halves the remaining weights:
+    enough halvings to reach `final_sparsity` (the last one stops there), each followed by training."""
+    halvings = math.ceil(math.log(1 - final_sparsity, 0.5) - 1e-9)
+    every = prune_freq or (epochs - 1) // halvings
+    if every < 1 or halvings * every > epochs - 1:
+        raise ValueError(f"{final_sparsity:g} sparsity takes {halvings} halvings of the remaining weights, one "
+                         f"every prune_freq={max(every, 1)} epochs, each followed by training: that needs "
+                         f"epochs >= {halvings * max(every, 1) + 1} (got {epochs})")
+    return [every * i for i in range(1, halvings + 1)]
 
 
 def _coerce(key: str, value: Any, annotation: Any) -> Any:

@@ -3,13 +3,17 @@ from __future__ import annotations
 
 from ..arch import Spec
 from ..config import TrainConfig
+from .activation_density import ActivationDensityMethod
 from .base import Method, RunContext
 from .dense import DenseMethod
+from .flipout import FlipOutMethod
 from .polarized import PolarizedMethod
 
 REGISTRY: dict[str, type[Method]] = {
     "dense": DenseMethod,
     "polarized": PolarizedMethod,
+    "activation_density": ActivationDensityMethod,
+    "flipout": FlipOutMethod,
 }
 
 

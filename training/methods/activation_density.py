@@ -1,0 +1,202 @@
+"""Activation density (Foldy-Porto, Venkatesha, Panda, arXiv 2002.02949): the network shrinks as it trains.
+
+A unit's activation density is the share of its post-ReLU activations that are non-zero over the training
+batches of an epoch. Every `density_every` epochs (until `density_stop` of the run) each prunable unit is
+cut to about density x its current width, rounded to `round_to` and never below one group, keeping the
+channels that fire most often; training goes on with the physically smaller network, so later epochs
+cost less. The kept channels are tracked as indices into the dense widths, so the result is an ordinary
+mask.json; at the end the small network is put back into the dense shape with frozen gates, which is
+what export cuts.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..arch import prunable_layers
+from ..flops import count_macs
+from ..mask import Mask
+from ..models import GateOptions, SpecNet, build_model
+from ..resize import channel_axes, embed, shrink
+from .base import Method, RunContext
+
+
+class DensityMeter:
+    """Per-channel counts of positive values at each unit's pre-ReLU batch-norm output (relu(x) != 0
+    exactly when x > 0), over forward passes in training mode. No hook point in the model is needed."""
+
+    def __init__(self) -> None:
+        self.positive: dict[str, torch.Tensor] = {}
+        self.seen: dict[str, int] = {}  # values per channel (batch x height x width), summed
+        self._hooks: list[Any] = []
+
+    def attach(self, norms: dict[str, nn.Module]) -> None:
+        """Start counting at each unit's batch norm (unit -> module)."""
+        self.detach()
+        for unit, norm in norms.items():
+            self._hooks.append(norm.register_forward_hook(
+                lambda module, _inputs, out, unit=unit: self.record(unit, out) if module.training else None))
+
+    def detach(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+
+    def reset(self) -> None:
+        self.positive, self.seen = {}, {}
+
+    @torch.no_grad()
+    def record(self, unit: str, pre_relu: torch.Tensor) -> None:
+        fired = (pre_relu > 0).sum(dim=(0, 2, 3)).to("cpu", torch.float64)
+        self.positive[unit] = self.positive.get(unit, 0) + fired
+        self.seen[unit] = self.seen.get(unit, 0) + pre_relu.numel() // pre_relu.shape[1]
+
+    def channel_density(self, unit: str) -> torch.Tensor:
+        """Share of non-zero post-ReLU values per channel."""
+        return self.positive[unit] / self.seen[unit]
+
+    def density(self, unit: str) -> float:
+        """Share of non-zero post-ReLU values over the whole unit."""
+        return float(self.channel_density(unit).mean())
+
+
+def resized_width(width: int, density: float, step: int) -> int:
+    """density x width rounded to a multiple of `step`, at least one step, never wider than now."""
+    return min(width, max(step, step * round(density * width / step)))
+
+
+def most_active(channel_density: torch.Tensor, count: int) -> list[int]:
+    """Indices of the `count` most active channels, in channel order (ties: the lower index)."""
+    order = torch.sort(channel_density, descending=True, stable=True).indices
+    return sorted(order[:count].tolist())
+
+
+class ActivationDensityMethod(Method):
+    def __init__(self, cfg, spec):
+        super().__init__(cfg, spec)
+        self.dense_widths = prunable_layers(spec)
+        self.kept = {unit: list(range(width)) for unit, width in self.dense_widths.items()}  # dense indices
+        self.resizes: list[dict[str, Any]] = []
+        self.train_macs = 0          # forward MACs x examples x 3 (forward + backward), as trained
+        self.dense_train_macs = 0    # the same examples through the dense network
+        self.epoch_seconds: dict[int, float] = {}  # epoch -> seconds of its training steps (and resize)
+        self.meter = DensityMeter()
+        self.macs = self.dense_macs = count_macs(build_model(spec))
+        self._hooks: list[Any] = []
+        self._epoch, self._epoch_started, self._steps, self._steps_per_epoch = 0, 0.0, 0, 0
+
+    def build_model(self) -> SpecNet:
+        return build_model(self.dense_spec)
+
+    def gate_options(self) -> GateOptions:
+        """The gates of the deployable, dense-shaped network that `finish` returns (always frozen)."""
+        return GateOptions(init_score=self.cfg.gate_init)
+
+    def resize_epochs(self, total_epochs: int) -> list[int]:
+        every, stop = self.cfg.density_every, self.cfg.density_stop * total_epochs
+        return [epoch for epoch in range(every, total_epochs, every) if epoch < stop]
+
+    # --- hooks: density and examples --------------------------------------------------------------
+    def _detach(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        self.meter.detach()
+
+    def prepare(self, model: SpecNet, ctx: RunContext) -> None:
+        self._detach()
+        self._steps_per_epoch = ctx.steps_per_epoch
+        if model.gated:  # a finished run resumed: nothing left to train
+            return
+        self.macs = count_macs(model)
+        norms = {}
+        for path, (out_unit, _) in channel_axes(model).items():
+            module = model.get_submodule(path)
+            if out_unit is not None and isinstance(module, nn.BatchNorm2d):
+                norms[out_unit] = module
+        self.meter.attach(norms)
+        self._hooks = [model.register_forward_pre_hook(self._count_examples)]
+
+    def _count_examples(self, model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+        if model.training:
+            examples = inputs[0].shape[0]
+            self.train_macs += 3 * self.macs * examples
+            self.dense_train_macs += 3 * self.dense_macs * examples
+
+    # --- the schedule -------------------------------------------------------------------------------
+    def start_epoch(self, model: SpecNet, epoch: int, ctx: RunContext) -> SpecNet:
+        self._epoch, self._epoch_started, self._steps = epoch, time.perf_counter(), 0
+        if epoch in self.resize_epochs(ctx.total_epochs) and self.meter.positive:
+            model = self.resize(model, epoch)
+        self.meter.reset()  # each resize reads the density of the epoch before it
+        return model
+
+    def resize(self, model: SpecNet, epoch: int) -> SpecNet:
+        """Cut every unit to density x width, keeping its most active channels; the same model if no
+        width changes."""
+        local: dict[str, list[int]] = {}
+        record: dict[str, Any] = {"epoch": epoch, "density": {}, "width": {}}
+        for unit, width in prunable_layers(model.spec).items():
+            density = self.meter.density(unit)
+            keep = resized_width(width, density, min(self.cfg.round_to, self.dense_widths[unit]))
+            if keep < width:
+                local[unit] = most_active(self.meter.channel_density(unit), keep)
+            record["density"][unit], record["width"][unit] = density, keep
+        record["changed"] = bool(local)
+        self.resizes.append(record)
+        if not local:
+            return model
+        for unit, channels in local.items():  # compose: indices into the current width -> dense indices
+            self.kept[unit] = [self.kept[unit][i] for i in channels]
+        return shrink(model, local)
+
+    def extra_loss(self, model: SpecNet, progress: float):
+        return None, {"kept_flops": self.macs / self.dense_macs}
+
+    def after_step(self, model: SpecNet) -> None:
+        self._steps += 1
+        if self._steps == self._steps_per_epoch:  # before the loop's checkpoint, so a resume keeps it
+            self.epoch_seconds[self._epoch] = time.perf_counter() - self._epoch_started
+
+    def finish(self, model: SpecNet, ctx: RunContext) -> SpecNet:
+        self._detach()
+        if model.gated:
+            return model
+        return embed(model, self.dense_spec, self.kept, self.gate_options())
+
+    def final_mask(self, model: SpecNet) -> Mask:
+        return Mask({unit: list(channels) for unit, channels in self.kept.items()}, [])
+
+    # --- reporting and resume -----------------------------------------------------------------------
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "train_flops": self.train_macs, "dense_train_flops": self.dense_train_macs,
+            "train_flops_ratio": self.train_macs / self.dense_train_macs if self.dense_train_macs else None,
+            "resizes": self.resizes,
+            "epoch_train_seconds": [self.epoch_seconds[e] for e in sorted(self.epoch_seconds)],
+        }
+        # Epochs before the first resize trained the dense network: the dense pace, measured in this run.
+        first_resize = min((r["epoch"] for r in self.resizes if r["changed"]), default=None)
+        dense_epochs = [s for e, s in self.epoch_seconds.items() if first_resize is None or e < first_resize]
+        if dense_epochs and len(dense_epochs) < len(self.epoch_seconds):
+            pace = sum(dense_epochs) / len(dense_epochs)
+            out["train_seconds_ratio_vs_dense_pace"] = sum(self.epoch_seconds.values()) / (
+                pace * len(self.epoch_seconds))
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kept": self.kept, "resizes": self.resizes, "train_macs": self.train_macs,
+                "dense_train_macs": self.dense_train_macs, "epoch_seconds": self.epoch_seconds,
+                "meter": {"positive": self.meter.positive, "seen": self.meter.seen}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.kept = {unit: list(channels) for unit, channels in state.get("kept", self.kept).items()}
+        self.resizes = list(state.get("resizes", []))
+        self.train_macs = state.get("train_macs", 0)
+        self.dense_train_macs = state.get("dense_train_macs", 0)
+        self.epoch_seconds = dict(state.get("epoch_seconds", {}))
+        meter = state.get("meter", {})
+        self.meter.positive, self.meter.seen = dict(meter.get("positive", {})), dict(meter.get("seen", {}))
