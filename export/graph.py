@@ -3,9 +3,12 @@
 The gated network is traced with torch.fx (gates stay opaque calls) and shapes are propagated once. Each
 tensor's channel axis is a "channel space"; channel-wise ops (BatchNorm, ReLU, pooling, spatial slicing or
 padding, multiplication by a gate, flatten of a 1x1 map) keep the space, convs and linears start a new
-one, and a residual add joins the spaces of its operands. A `ChannelGroup` is one joined space with all
-that must change when it shrinks: the convs producing it (output channels), the BatchNorms on it, the
-convs/linears reading it (input channels) and the channel gate that decides what stays.
+one, and a residual add joins the spaces of its operands. A gate enters the forward pass as a product
+with `gate_multiplier(values)`, as the gate argument of `gated_relu(x, values)`, or as that of a norm
+called as norm(x, values) (`training.models.GatedBatchNorm2d`); each multiplies the output channels. A
+`ChannelGroup` is one joined space with all that must change when it shrinks: the convs producing it
+(output channels), the BatchNorms on it, the convs/linears reading it (input channels) and the channel
+gate that decides what stays.
 
 Spaces that may not shrink here are pinned, with the reason: the network input and output, residual
 streams (an add ties every producer feeding it), and anything an op maps in a way no cut handles. A gate
@@ -23,7 +26,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from training.gates import Gate, gate_multiplier
+from training.gates import Gate, gate_multiplier, gated_relu
 
 from . import ExportError
 
@@ -82,14 +85,15 @@ class DependencyGraph:
 
 
 class _GateLeafTracer(fx.Tracer):
-    """Gates stay single calls (their internals are training machinery); `gate_multiplier` inspects the
-    value's rank, so it is kept as one call too."""
+    """Gates stay single calls (their internals are training machinery); so do norms, whose subclasses
+    may take gate values. `gate_multiplier` and `gated_relu` inspect the values' rank, so they are kept as
+    one call too."""
 
     def __init__(self) -> None:
-        super().__init__(autowrap_functions=(gate_multiplier,))
+        super().__init__(autowrap_functions=(gate_multiplier, gated_relu))
 
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
-        return isinstance(module, Gate) or super().is_leaf_module(module, qualified_name)
+        return isinstance(module, (Gate, nn.BatchNorm2d)) or super().is_leaf_module(module, qualified_name)
 
 
 class _Spaces:
@@ -220,6 +224,8 @@ class _Analysis:
         elif isinstance(module, nn.BatchNorm2d):
             self.keep(node)
             self.spaces.attach(self.space_of[node], "norm", path)
+            if self.gates_among(node):  # norm(x, gate values): the gate multiplies the norm's output
+                self.visit_gated(node)
         elif isinstance(module, CHANNELWISE_MODULES):
             self.keep(node)
         else:
@@ -229,6 +235,8 @@ class _Analysis:
         target = node.target
         if target is gate_multiplier:
             self.gate_of[node] = self.gate_of[node.args[0]]
+        elif target is gated_relu:  # relu, then the gate multiplies the channels
+            self.visit_gated(node)
         elif target in CHANNELWISE_FUNCTIONS:
             self.keep(node)
         elif target in (operator.add, torch.add):
@@ -266,15 +274,24 @@ class _Analysis:
             self.spaces.attach(space, "pinned", reason)
         self.space_of[node] = space
 
+    def gates_among(self, node: fx.Node) -> list[fx.Node]:
+        return [a for a in node.all_input_nodes if a in self.gate_of]
+
     def visit_mul(self, node: fx.Node) -> None:
-        gates = [a for a in node.all_input_nodes if a in self.gate_of]
-        sources = self.tensor_args(node)
-        if not gates:
+        if self.gates_among(node):
+            self.visit_gated(node)
+        else:
             self.visit_join(node, "elementwise product")
-            return
+
+    def visit_gated(self, node: fx.Node) -> None:
+        """`node` outputs one activation's channels multiplied by a gate's values: a channel gate on that
+        space when the widths match, a block gate on the branch ending here when the gate has width 1."""
+        gates, sources = self.gates_among(node), self.tensor_args(node)
         if len(sources) != 1:
             self.unsupported(node, "gate applied to a non-activation")
             return
+        if len(gates) != 1:
+            raise GraphError(f"{node.name}: {len(gates)} gates multiply one activation")
         path = self.gate_of[gates[0]]
         gate_width, channels = self.modules[path].width, _channels(node)
         self.space_of[node] = self.space_of[sources[0]]

@@ -1,9 +1,11 @@
 """Gates: hard forward values, straight-through gradients, polarization, gradients reach every parameter."""
+import pytest
 import torch
+import torch.nn.functional as F
 
 from training.arch import make_spec
-from training.gates import Gate, polarization, straight_through
-from training.models import GateOptions, build_model
+from training.gates import Gate, gate_multiplier, gated_relu, polarization, straight_through
+from training.models import GateOptions, GatedBatchNorm2d, build_model
 
 
 def test_straight_through_forward_is_hard_and_backward_is_sigmoid():
@@ -96,3 +98,65 @@ def test_every_parameter_of_a_dynamic_gated_resnet_receives_a_gradient():
 
 def test_every_parameter_of_a_gated_vgg_receives_a_gradient():
     _all_parameters_get_gradients(build_model(make_spec("vgg16", 3, 10, (16, 16)), GateOptions()), (3, 16, 16))
+
+
+def _grads(*tensors):
+    return [t.grad.clone() for t in tensors]
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_gated_relu_equals_relu_times_gate_closed_channels_included(dynamic):
+    torch.manual_seed(0)
+    x = torch.randn(4, 6, 5, 5, requires_grad=True)
+    scores = torch.randn(4, 6) if dynamic else torch.tensor([1.0, -1.0, 2.0, -0.5, 0.3, -2.0])
+    scores.requires_grad_(True)
+    upstream = torch.randn(4, 6, 5, 5)
+    results = []
+    for fused in (True, False):
+        values, _ = straight_through(scores)
+        out = gated_relu(x, values) if fused else F.relu(x) * gate_multiplier(values, 4)
+        x.grad = scores.grad = None
+        out.backward(upstream)
+        results.append((out.detach(), *_grads(x, scores)))
+    (out_a, gx_a, gs_a), (out_b, gx_b, gs_b) = results
+    assert torch.equal(out_a, out_b)
+    assert torch.equal(gx_a, gx_b)
+    assert torch.allclose(gs_a, gs_b, rtol=1e-5, atol=1e-6)
+    closed = (scores.detach() <= 0)
+    assert closed.any() and (gs_a[closed] != 0).all()  # the task loss still reaches closed gates
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("width", [6, 1])
+def test_gated_batchnorm_equals_batchnorm_times_gate(momentum, width):
+    torch.manual_seed(0)
+    plain, gated = torch.nn.BatchNorm2d(6, momentum=momentum), GatedBatchNorm2d(6, momentum=momentum)
+    with torch.no_grad():
+        plain.weight.normal_()
+        plain.bias.normal_()
+    gated.load_state_dict(plain.state_dict())
+    scores = (torch.tensor([1.0, -1.0, 2.0, -0.5, 0.3, -2.0]) if width == 6 else torch.tensor([-1.0]))
+    for step in range(3):
+        x = torch.randn(4, 6, 5, 5, requires_grad=True)
+        upstream = torch.randn(4, 6, 5, 5)
+        results = []
+        for module, fused in ((gated, True), (plain, False)):
+            s = scores.clone().requires_grad_(True)
+            values, _ = straight_through(s)
+            out = module(x, values) if fused else module(x) * gate_multiplier(values, 4)
+            x.grad = None
+            module.zero_grad()
+            out.backward(upstream)
+            grads = (x.grad, module.weight.grad, module.bias.grad, s.grad)
+            results.append((out.detach(), *(g.clone() for g in grads)))
+        for fused_value, plain_value in zip(*results):
+            assert torch.allclose(fused_value, plain_value, rtol=1e-5, atol=1e-6)
+        assert torch.equal(results[0][0], results[1][0])  # forward values exactly
+        for key, value in plain.state_dict().items():  # running stats and num_batches_tracked
+            assert torch.equal(gated.state_dict()[key], value), key
+    assert results[0][4].abs().sum() > 0  # a closed block gate still gets the task gradient
+    plain.eval(), gated.eval()
+    x = torch.randn(2, 6, 5, 5)
+    values = (scores > 0).float()
+    assert torch.equal(gated(x, values), plain(x) * gate_multiplier(values, 4))
+    assert torch.equal(gated(x), plain(x))

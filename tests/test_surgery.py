@@ -15,7 +15,7 @@ from training.flops import count_macs
 from training.gates import Gate, gate_multiplier
 from training.mask import Mask
 from training.arch import make_spec
-from training.models import GateOptions, build_model
+from training.models import GateOptions, GatedBatchNorm2d, build_model
 
 CASES = {
     # many closed blocks in a row, including the stride-2 option-A block; one 1-channel layer
@@ -121,7 +121,7 @@ def test_groups_follow_the_network():
     assert stream.gate is None and "residual add" in stream.pinned
     assert {"layer2.0.conv2", "layer2.1.conv2", "layer2.0.shortcut.conv"} <= set(stream.producers)
     assert graph.blocks()["layer2.0"].branch_modules == [
-        "layer2.0.conv1", "layer2.0.bn1", "layer2.0.gate", "layer2.0.conv2", "layer2.0.bn2", "layer2.0.block_gate"]
+        "layer2.0.conv1", "layer2.0.bn1", "layer2.0.gate", "layer2.0.conv2", "layer2.0.block_gate", "layer2.0.bn2"]
 
     vgg = build_model(make_spec("vgg16", 1, 10, (16, 16)), GateOptions())
     last = trace_dependencies(vgg, (1, 16, 16)).prunable()["features.12"]
@@ -146,6 +146,26 @@ class GateOnResidual(nn.Module):
 def test_gate_on_pinned_channels_is_refused():
     with pytest.raises(GraphError, match="gate gate sits on channels that cannot shrink.*residual add"):
         trace_dependencies(GateOnResidual(), (1, 8, 8))
+
+
+class GateThroughNorm(nn.Module):
+    """A channel gate that enters as a norm's gate argument instead of a product."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv_a, self.bn_a = nn.Conv2d(1, 4, 3, padding=1), GatedBatchNorm2d(4)
+        self.gate = Gate(4)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        out = F.relu(self.bn_a(self.conv_a(x), self.gate(x)))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(out, 1), 1))
+
+
+def test_gate_given_to_a_norm_gates_its_output_channels():
+    group = trace_dependencies(GateThroughNorm(), (1, 8, 8)).prunable()[""]
+    assert group.gate == "gate"
+    assert (group.producers, group.norms, group.consumers) == (["conv_a"], ["bn_a"], ["fc"])
 
 
 @pytest.mark.parametrize("kept", [[0, 5], [3]])

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .arch import Spec, validate_spec
-from .gates import Gate, gate_multiplier
+from .gates import Gate, gate_multiplier, gated_relu
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,39 @@ class GateOptions:
 def conv_bn(in_ch: int, out_ch: int, stride: int = 1, kernel: int = 3) -> tuple[nn.Conv2d, nn.BatchNorm2d]:
     conv = nn.Conv2d(in_ch, out_ch, kernel, stride=stride, padding=kernel // 2, bias=False)
     return conv, nn.BatchNorm2d(out_ch)
+
+
+class GatedBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d whose output a gate multiplies: forward(x, gate) == BatchNorm2d.forward(x) * gate.
+
+    A static gate (values (C,) or (1,)) is folded into the affine parameters, bn with (weight * g,
+    bias * g): the product costs C numbers instead of a pass over the activation, and its gradient comes
+    from the weight and bias gradients the norm computes anyway. A dynamic gate (N, C) or (N, 1)
+    multiplies the output. Running statistics are updated exactly as nn.BatchNorm2d updates them. The
+    state dict is nn.BatchNorm2d's. Used for the residual branch's last norm, which export never cuts
+    (export.surgery cuts by exact module type); export.graph reads the gate argument as a gate on the
+    norm's output channels."""
+
+    def __init__(self, num_features: int, **kwargs):
+        super().__init__(num_features, **kwargs)
+        if not self.affine:
+            raise ValueError("GatedBatchNorm2d folds the gate into the affine parameters: affine=True")
+
+    def forward(self, x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
+        if gate is None:
+            return super().forward(x)
+        if gate.dim() > 1:
+            return super().forward(x) * gate_multiplier(gate, x.dim())
+        self._check_input_dim(x)
+        # nn.BatchNorm2d.forward's bookkeeping, unchanged
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        buffers = not self.training or self.track_running_stats
+        return F.batch_norm(x, self.running_mean if buffers else None, self.running_var if buffers else None,
+                            self.weight * gate, self.bias * gate, batch_stats, factor, self.eps)
 
 
 class PadShortcut(nn.Module):
@@ -74,17 +107,16 @@ class BasicBlock(nn.Module):
             # All inner channels closed is a legal state here: it equals closing the block.
             self.gate = Gate(block["mid"], gates.init_score, dynamic_in, min_open=0)
             self.block_gate = Gate(1, gates.init_score, dynamic_in, min_open=0)
+            self.bn2 = GatedBatchNorm2d(block["out"])  # takes the block gate; same parameters and buffers
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = self.shortcut(x)
         if self.closed:
             return F.relu(identity) if self.shortcut_needs_relu else identity
-        out = F.relu(self.bn1(self.conv1(x)))
-        if hasattr(self, "gate"):
-            out = out * gate_multiplier(self.gate(x), out.dim())
-        out = self.bn2(self.conv2(out))
-        if hasattr(self, "block_gate"):
-            out = out * gate_multiplier(self.block_gate(x), out.dim())
+        out = self.bn1(self.conv1(x))
+        out = gated_relu(out, self.gate(x)) if hasattr(self, "gate") else F.relu(out)
+        out = self.conv2(out)
+        out = self.bn2(out, self.block_gate(x)) if hasattr(self, "block_gate") else self.bn2(out)
         return F.relu(identity + out)
 
 
@@ -101,9 +133,8 @@ class ConvLayer(nn.Module):
             self.gate = Gate(layer["out"], gates.init_score, layer["in"] if gates.dynamic else None, min_open=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn(self.conv(x)))
-        if hasattr(self, "gate"):
-            out = out * gate_multiplier(self.gate(x), out.dim())
+        out = self.bn(self.conv(x))
+        out = gated_relu(out, self.gate(x)) if hasattr(self, "gate") else F.relu(out)
         return self.pool(out)
 
 
