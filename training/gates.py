@@ -67,12 +67,6 @@ class Gate(nn.Module):
         if self.head is not None:
             self.head.requires_grad_(False)
 
-    def unfreeze(self) -> None:
-        self.frozen.fill_(0.0)
-        self.score.requires_grad_(True)
-        if self.head is not None:
-            self.head.requires_grad_(True)
-
 
 def gate_multiplier(values: torch.Tensor, ndim: int) -> torch.Tensor:
     """Shape gate values (width,) or (batch, width) to broadcast over an (N, C, H, W) activation."""

@@ -118,12 +118,11 @@ class PolarizedMethod(Method):
             if path.endswith(".block_gate"):
                 continue
             unit = _unit(path)
-            decision = GateDecision(open_share[path] > 0.5, confidence[path].cpu())
+            decision = GateDecision((open_share[path] > 0.5).cpu(), confidence[path].cpu())
             block_path = f"{unit}.block_gate"
             if block_path in gates:
                 decision.block_open = bool(open_share[block_path][0] > 0.5)
                 decision.block_conf = float(confidence[block_path][0])
-            decision.channel_open = decision.channel_open.cpu()
             result[unit] = decision
         return result
 
