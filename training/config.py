@@ -5,6 +5,9 @@ Unknown keys, wrong types and impossible values are refused with a message that 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
+import io
 import math
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -12,7 +15,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 import yaml
 
-from .arch import MODEL_NAMES
+from .arch import MODEL_NAMES, make_spec, prunable_layers, residual_blocks
 
 DATASETS = ("fashion_mnist", "cifar10", "cifar100", "tiny_imagenet")
 METHODS = ("polarized", "dense", "activation_density", "flipout")
@@ -20,7 +23,12 @@ DEVICES = ("auto", "cpu", "cuda")
 
 
 class ConfigError(ValueError):
-    """A configuration key that is unknown, of the wrong type, or out of range."""
+    """A configuration key that is unknown, of the wrong type, or out of range. `key` names it (None when
+    the problem is the file itself), so `load_config` can say where the value came from."""
+
+    def __init__(self, message: str, key: str | None = None):
+        super().__init__(message)
+        self.key = key
 
 
 @dataclass
@@ -77,7 +85,12 @@ class TrainConfig:
     def validate(self) -> "TrainConfig":
         def need(ok: bool, key: str, why: str) -> None:
             if not ok:
-                raise ConfigError(f"config key {key!r}: {why} (got {getattr(self, key)!r})")
+                raise ConfigError(f"config key {key!r}: {why} (got {getattr(self, key)!r})", key)
+        hints = get_type_hints(TrainConfig)
+        for f in fields(self):  # NaN slips through every comparison below; inf is never meant
+            value = getattr(self, f.name)
+            if float in get_args(hints[f.name]) + (hints[f.name],) and value is not None:
+                need(math.isfinite(value), f.name, "must be a finite number")
         need(self.dataset in DATASETS, "dataset", f"must be one of {', '.join(DATASETS)}")
         need(self.model in MODEL_NAMES, "model", f"must be one of {', '.join(MODEL_NAMES)}")
         need(self.method in METHODS, "method", f"must be one of {', '.join(METHODS)}")
@@ -117,8 +130,13 @@ class TrainConfig:
             try:
                 flipout_prune_epochs(self.final_sparsity, self.epochs, self.prune_freq)
             except ValueError as error:
-                raise ConfigError(f"config key 'final_sparsity': {error}") from None
+                raise ConfigError(f"config key 'final_sparsity': {error}", "final_sparsity") from None
         # --- end of baseline methods -----------------------------------------------------------------
+        if self.method == "polarized":
+            floor, how = flops_floor(self.model, self.dataset, self.round_to)
+            need(self.target_flops_ratio + self.flops_tolerance >= floor, "target_flops_ratio",
+                 f"{self.model} on {self.dataset} cannot go below {floor:.4f} of its FLOPs ({how}), "
+                 f"even with flops_tolerance {self.flops_tolerance:g}")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -137,13 +155,34 @@ def flipout_prune_epochs(final_sparsity: float, epochs: int, prune_freq: int | N
     return [every * i for i in range(1, halvings + 1)]
 
 
+@functools.lru_cache(maxsize=None)
+def flops_floor(model: str, dataset: str, round_to: int) -> tuple[float, str]:
+    """The smallest kept-FLOPs ratio a mask can reach, and how: a residual block can close completely,
+    a plain layer keeps one group of `round_to` channels (as `mask.finalize_mask` does). Builds the
+    dense network once per (model, dataset, round_to): a few hundred ms at most."""
+    from .data import dataset_info  # torch-heavy: imported only once a config is otherwise valid
+    from .flops import layer_costs
+    from .mask import Mask, mask_macs
+    from .models import build_model
+
+    info = dataset_info(dataset)
+    spec = make_spec(model, info.in_channels, info.num_classes, tuple(info.input_size))
+    costs = layer_costs(build_model(spec))
+    widths, blocks = prunable_layers(spec), residual_blocks(spec)
+    dense = Mask({name: list(range(width)) for name, width in widths.items()})
+    smallest = Mask({name: list(range(min(round_to, width))) for name, width in widths.items()
+                     if name not in blocks}, list(blocks))
+    how = "every residual block closed" if blocks else f"every layer at one group of {round_to} channels"
+    return mask_macs(costs, spec, smallest) / mask_macs(costs, spec, dense), how
+
+
 def _coerce(key: str, value: Any, annotation: Any) -> Any:
     """Check/convert one value against its field type; YAML and --set strings both pass through here."""
     allowed = get_args(annotation) if get_origin(annotation) is not None else (annotation,)
     if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
         if type(None) in allowed:
             return None
-        raise ConfigError(f"config key {key!r}: may not be empty")
+        raise ConfigError(f"config key {key!r}: may not be empty", key)
     for kind in (t for t in allowed if t is not type(None)):
         if kind is bool:
             if isinstance(value, bool):
@@ -170,15 +209,19 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
             if isinstance(value, str):
                 return value
     names = " or ".join(getattr(t, "__name__", str(t)) for t in allowed)
-    raise ConfigError(f"config key {key!r}: expected {names}, got {value!r}")
+    raise ConfigError(f"config key {key!r}: expected {names}, got {value!r}", key)
 
 
 def make_config(values: dict[str, Any]) -> TrainConfig:
     hints = get_type_hints(TrainConfig)
-    known = {f.name for f in fields(TrainConfig)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ConfigError(f"unknown config key(s): {', '.join(unknown)}; known keys: {', '.join(sorted(known))}")
+    known = [f.name for f in fields(TrainConfig)]
+    for key in values:
+        if not isinstance(key, str):
+            raise ConfigError(f"config key {key!r}: keys must be names, not {type(key).__name__}", str(key))
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(sorted(known))}"
+            raise ConfigError(f"unknown config key {key!r}; {hint}", key)
     return TrainConfig(**{k: _coerce(k, v, hints[k]) for k, v in values.items()}).validate()
 
 
@@ -186,25 +229,66 @@ def parse_overrides(pairs: list[str]) -> dict[str, str]:
     overrides = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
-        if not sep or not key:
+        if not sep or not key.strip():
             raise ConfigError(f"--set expects key=value, got {pair!r}")
         overrides[key.strip()] = value
     return overrides
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load, except that a key given twice is an error instead of the last one silently winning."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The mapping a YAML config file holds; ConfigError naming the file for anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise ConfigError(f"config file {path} cannot be read ({error.strerror or error})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not UTF-8 text") from None
+    stream = io.StringIO(text)
+    stream.name = str(path)  # YAML error marks then say which file, not "<unicode string>"
+    try:
+        loaded = yaml.load(stream, Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
+    if loaded is None:
+        raise ConfigError(f"config file {path} is empty; write `{{}}` in it to take every default")
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of keys to values, "
+                          f"not a {type(loaded).__name__}")
+    return loaded
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
+    """The config of a YAML file (optional) with `--set key=value` overrides on top; errors say which of
+    the two the offending key came from."""
     values: dict[str, Any] = {}
+    origin: dict[str, str] = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} not found")
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as error:
-            raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of keys to values")
-        values.update(loaded)
-        values.setdefault("name", path.stem)
-    values.update(parse_overrides(list(overrides)))
-    return make_config(values)
+        values.update(read_config_file(path))
+        origin = dict.fromkeys(map(str, values), f"config file {path}")
+        values.setdefault("name", Path(path).stem)
+    for key, value in parse_overrides(list(overrides)).items():
+        values[key], origin[key] = value, f"--set {key}={value}"
+    try:
+        return make_config(values)
+    except ConfigError as error:
+        source = origin.get(error.key) if error.key else None
+        if source is None:
+            raise
+        raise ConfigError(f"{source}: {error}", error.key) from None
