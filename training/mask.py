@@ -7,6 +7,7 @@ one block at a time until the kept MACs sit within the tolerance of the target.
 from __future__ import annotations
 
 import json
+import reprlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -145,13 +146,42 @@ def load_mask(path: str | Path) -> tuple[dict, Mask]:
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise SpecError(f"{path}: not valid JSON ({error})") from None
     check_header(document, path, "mask", MASK_FORMAT, MASK_VERSION,
-                 ("kept_channels", "closed_blocks", "dense_spec", "pruned_spec"), SpecError)
-    mask = Mask({k: list(v) for k, v in document["kept_channels"].items()}, list(document["closed_blocks"]))
+                 ("kept_channels", "closed_blocks", "dense_spec", "pruned_spec", "dense_flops", "pruned_flops"),
+                 SpecError)
+    mask = _mask_of(document, path)
     try:
         dense_spec = validate_spec(document["dense_spec"])
         expected = prune_spec(dense_spec, mask.kept_channels, mask.closed_blocks)
     except (SpecError, KeyError, TypeError) as error:
-        raise SpecError(f"{path}: {error}") from None
+        why = f"dense_spec is missing key {error}" if isinstance(error, KeyError) else str(error)
+        raise SpecError(f"{path}: {why}") from None
     if expected != document["pruned_spec"]:
         raise SpecError(f"{path}: pruned_spec does not match the kept channels and closed blocks")
     return document, mask
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _mask_of(document: dict, path: Path) -> Mask:
+    """The Mask a mask.json document holds, its JSON types checked (range checks follow in prune_spec):
+    a float index 0.5 would otherwise slice as channel 0 and a string block name closes its letters."""
+    kept, closed = document["kept_channels"], document["closed_blocks"]
+    if not isinstance(kept, dict):
+        raise SpecError(f"{path}: kept_channels must map layer names to lists of channel indices")
+    for name, indices in kept.items():
+        if not isinstance(indices, list) or not all(_is_count(i) for i in indices):
+            raise SpecError(f"{path}: kept_channels[{name!r}] must be a list of channel indices (integers "
+                            f">= 0), got {reprlib.repr(indices)}")
+    if not isinstance(closed, list) or not all(isinstance(name, str) for name in closed):
+        raise SpecError(f"{path}: closed_blocks must be a list of block names, got {reprlib.repr(closed)}")
+    if len(set(closed)) != len(closed):
+        raise SpecError(f"{path}: closed_blocks names a block twice: {closed}")
+    both = sorted(set(closed) & set(kept))
+    if both:
+        raise SpecError(f"{path}: block(s) {both} are closed but also keep channels")
+    for key in ("dense_flops", "pruned_flops"):
+        if not _is_count(document[key]):
+            raise SpecError(f"{path}: {key} must be a MAC count (integer >= 0), got {document[key]!r}")
+    return Mask({name: list(indices) for name, indices in kept.items()}, list(closed))
