@@ -10,6 +10,11 @@ REPO     ?= model_repository
 REPORTS  ?= reports/$(RUN)
 TARGET   ?= cpu
 GPU      ?=
+NPROC    ?= 1
+TORCHRUN_ARGS ?= --standalone
+# NPROC > 1: data-parallel training under torchrun (gloo on CPU, NCCL on GPU); one process otherwise.
+# Several machines: TORCHRUN_ARGS="--nnodes=2 --rdzv_backend=c10d --rdzv_endpoint=HOST:29400 --rdzv_id=JOB".
+TRAINER  = $(if $(filter-out 1,$(NPROC)),$(PY) -m torch.distributed.run $(TORCHRUN_ARGS) --nproc_per_node=$(NPROC),$(PY))
 TRAIN_ARGS  ?=
 EXPORT_ARGS ?=
 SERVE_ARGS  ?=
@@ -40,8 +45,8 @@ data: $(FMNIST)
 DENSE_CONFIG ?= $(wildcard configs/$(RUN)_dense.yaml)
 resume_flag = $(if $(wildcard runs/$(1)/checkpoint.pt),--resume)
 train: venv data
-	$(PY) -m training --config $(CONFIG) $(call resume_flag,$(RUN)) $(TRAIN_ARGS)
-	$(if $(DENSE_CONFIG),$(PY) -m training --config $(DENSE_CONFIG) $(call resume_flag,$(RUN)_dense) $(TRAIN_ARGS))
+	$(TRAINER) -m training --config $(CONFIG) $(call resume_flag,$(RUN)) $(TRAIN_ARGS)
+	$(if $(DENSE_CONFIG),$(TRAINER) -m training --config $(DENSE_CONFIG) $(call resume_flag,$(RUN)_dense) $(TRAIN_ARGS))
 
 export: venv
 	$(PY) -m export --run $(RUN_DIR) --target $(TARGET) --repository $(REPO) \

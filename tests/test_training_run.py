@@ -15,6 +15,8 @@ from training.loop import RunError, train
 from training.mask import load_mask
 from training.models import build_model
 
+from run_helpers import kill_after_first_checkpoint, training_command
+
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = dict(dataset="fashion_mnist", model="resnet20", epochs=3, batch_size=64, train_subset=1536,
              val_size=256, test_subset=1000, eval_batch_size=500, progress=False, seed=0, threads=2)
@@ -139,27 +141,15 @@ def test_dynamic_gates_vote_a_consensus_mask(tmp_path):
 
 
 def test_sigkilled_run_resumes_to_the_mask_of_an_uninterrupted_run(tmp_path, polarized_run):
-    import os
-    import signal
-    import time
     _, full = polarized_run
     overrides = {**QUICK, "target_flops_ratio": 0.5, "out_dir": str(tmp_path), "name": "run"}
-    command = [sys.executable, "-m", "training"] + [f"--set={k}={v}" for k, v in overrides.items()]
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
     checkpoint = tmp_path / "run" / "checkpoint.pt"
-    deadline = time.monotonic() + 300
-    try:
-        while not checkpoint.exists():  # the first epoch's checkpoint: kill right after it lands
-            assert process.poll() is None, process.stderr.read().decode()
-            assert time.monotonic() < deadline, "no checkpoint within 5 minutes"
-            time.sleep(0.05)
-    finally:
-        process.send_signal(signal.SIGKILL)
-        process.wait()
+    kill_after_first_checkpoint(training_command(overrides), checkpoint)
     assert load_checkpoint(checkpoint)["epoch"] < QUICK["epochs"]
     assert not (tmp_path / "run" / "metrics.json").exists()
     resumed = train(make_config(overrides), resume=True)
     assert (resumed["kept_channels"], resumed["removed_blocks"]) == (full["kept_channels"], full["removed_blocks"])
     for name in ("checkpoint.pt", "mask.json", "metrics.json", "log.jsonl", "progress.png"):
         assert (tmp_path / "run" / name).is_file(), name
+    _, mask = load_mask(tmp_path / "run" / "mask.json")  # valid, and the one metrics.json reports
+    assert {unit: len(kept) for unit, kept in mask.kept_channels.items()} == resumed["kept_channels"]

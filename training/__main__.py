@@ -1,4 +1,6 @@
-"""python -m training --config configs/NAME.yaml [--set key=value ...] [--resume]"""
+"""python -m training --config configs/NAME.yaml [--set key=value ...] [--resume]
+
+Data-parallel: torchrun --nproc_per_node=N -m training --config ... (see training/distributed.py)."""
 from __future__ import annotations
 
 import argparse
@@ -8,6 +10,7 @@ from .arch import SpecError
 from .checkpoint import CheckpointError
 from .config import ConfigError, load_config
 from .data import DataError
+from .distributed import DistributedError
 from .loop import RunError, train
 
 
@@ -21,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         metrics = train(cfg, resume=args.resume)
-    except (ConfigError, DataError, RunError, CheckpointError, SpecError) as error:
+    except (ConfigError, DataError, RunError, CheckpointError, SpecError, DistributedError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     summary = {k: metrics[k] for k in ("test_accuracy", "flops_ratio", "params_ratio", "train_seconds")}

@@ -444,6 +444,10 @@ class BatchIterator:
     train=True: a fresh shuffle, random crops and flips per epoch, all drawn from a generator seeded by
     (seed, epoch) alone, so a run resumed at an epoch boundary sees exactly the same batches; the last
     partial batch is dropped. train=False: file order, no augmentation, every example once.
+
+    shard=(rank, world_size) for data-parallel runs: in training each rank takes every world_size-th
+    example of each global batch (batch_size stays the global batch), in evaluation a contiguous 1/world
+    slice of the set; the shards of all ranks together are exactly the one-process batches.
     """
 
     def __init__(
@@ -454,13 +458,24 @@ class BatchIterator:
         train: bool,
         seed: int,
         device: str | torch.device = "cpu",
+        shard: tuple[int, int] = (0, 1),
     ):
+        rank, world_size = shard
+        if not 0 <= rank < world_size:
+            raise ValueError(f"shard {shard}: rank must lie in [0, world_size)")
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         if train and len(data) < batch_size:
             raise ValueError(
                 f"train batches drop the last partial batch: {len(data)} examples < batch_size {batch_size}"
             )
+        if train and batch_size % world_size:
+            raise ValueError(f"batch_size {batch_size} (the global batch) must be a multiple of the "
+                             f"{world_size} processes")
+        if not train and world_size > 1:
+            n = len(data)
+            data = data.subset(torch.arange(rank * n // world_size, (rank + 1) * n // world_size))
+        self.rank, self.world_size = rank, world_size
         self.device = torch.device(device)
         # uint8 on the device: 4x less memory than float, augmentation runs where the model runs.
         self.images = data.images.to(self.device)
@@ -492,7 +507,8 @@ class BatchIterator:
             flips.zero_()
         order, offsets, flips = order.to(self.device), offsets.to(self.device), flips.to(self.device)
         for batch in range(len(self)):
-            at = slice(batch * self.batch_size, (batch + 1) * self.batch_size)
-            indices = order[at]
-            images = _crop_and_flip(self.images[indices], padding, offsets[at], flips[at])
+            # This rank's examples of the global batch (all of them in one process).
+            mine = slice(batch * self.batch_size + self.rank, (batch + 1) * self.batch_size, self.world_size)
+            indices = order[mine]
+            images = _crop_and_flip(self.images[indices], padding, offsets[mine], flips[mine])
             yield normalize(images, self.info), self.labels[indices]

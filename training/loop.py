@@ -2,7 +2,8 @@
 
 A run directory `<out_dir>/<name>/` holds checkpoint.pt (resume state), log.jsonl (one row per epoch),
 mask.json (the architecture spec of the static sub-network), metrics.json and plots. Every write is
-atomic; a run is resumable from its last completed epoch.
+atomic; a run is resumable from its last completed epoch. Under torchrun the same loop runs on every
+rank (training/distributed.py); rank 0 alone writes.
 """
 from __future__ import annotations
 
@@ -19,11 +20,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common.atomicio import write_json, write_text
+from common.energy import EnergyMeter, EnergyReading
 
 from .arch import make_spec
 from .checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import BatchIterator, load_splits
+from .distributed import Cluster, DistributedError, check_consensus, fingerprint, start_cluster, structure_key
 from .flops import count_macs, count_params, layer_costs
 from .mask import mask_document, save_mask
 from .methods import RunContext, make_method
@@ -87,9 +90,10 @@ def make_optimizers(model, cfg: TrainConfig, total_steps: int, done_steps: int =
     return sgd, gate_sgd, scheduler
 
 
-def train_step(model, method, sgd, gate_sgd, scheduler, images, labels, progress: float):
-    """One optimisation step, in the order methods rely on. Returns (task loss, logits, method logs)."""
-    logits = model(images)
+def train_step(model, method, sgd, gate_sgd, scheduler, images, labels, progress: float, forward=None):
+    """One optimisation step, in the order methods rely on. Returns (task loss, logits, method logs).
+    `forward` is what runs the batch when it is not `model` itself (the DDP wrapper of a parallel run)."""
+    logits = (forward or model)(images)
     loss = F.cross_entropy(logits, labels)
     extra, logs = method.extra_loss(model, progress)
     total = loss if extra is None else loss + extra
@@ -107,7 +111,8 @@ def train_step(model, method, sgd, gate_sgd, scheduler, images, labels, progress
 
 
 @torch.no_grad()
-def evaluate(model, batches, device) -> tuple[float, float]:
+def evaluate(model, batches, device, cluster: Cluster = Cluster()) -> tuple[float, float]:
+    """(accuracy, mean loss) over the batches of every rank."""
     was_training = model.training
     model.eval()
     correct, total, loss_sum = 0, 0, 0.0
@@ -118,18 +123,32 @@ def evaluate(model, batches, device) -> tuple[float, float]:
         correct += int((logits.argmax(1) == labels).sum())
         total += labels.numel()
     model.train(was_training)
+    correct, total, loss_sum = cluster.sum([correct, total, loss_sum])
     return correct / max(total, 1), loss_sum / max(total, 1)
 
 
 def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
-    """Run (or resume) one training run; returns the metrics written to metrics.json."""
+    """Run (or resume) one training run; returns the metrics written to metrics.json (on every rank)."""
+    cluster, device = start_cluster(pick_device(cfg.device))
+    try:
+        return _train(cfg, resume, cluster, device)
+    finally:
+        cluster.close()
+
+
+def _train(cfg: TrainConfig, resume: bool, cluster: Cluster, device: torch.device) -> dict[str, Any]:
     run_dir = Path(cfg.out_dir) / (cfg.name or f"{cfg.dataset}_{cfg.model}_{cfg.method}")
     checkpoint_path = run_dir / "checkpoint.pt"
-    if checkpoint_path.exists() and not resume:
-        raise RunError(f"{run_dir} already holds a run: pass --resume to continue it, or choose another name")
-    if resume and not checkpoint_path.exists():
-        raise RunError(f"--resume: {checkpoint_path} does not exist")
-    device = pick_device(cfg.device)
+
+    def resume_state() -> dict[str, Any] | None:
+        if checkpoint_path.exists() and not resume:
+            raise RunError(f"{run_dir} already holds a run: pass --resume to continue it, or choose another name")
+        if resume and not checkpoint_path.exists():
+            raise RunError(f"--resume: {checkpoint_path} does not exist")
+        return load_checkpoint(checkpoint_path) if resume else None
+
+    # Rank 0 reads the run folder and hands it to the others: nodes need not share a file system.
+    state = cluster.from_main(resume_state)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     random.seed(cfg.seed)
@@ -140,20 +159,20 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
                                                      cfg.val_size, cfg.seed)
     if cfg.test_subset:
         test_set = test_set.subset(torch.arange(min(cfg.test_subset, len(test_set))))
-    train_batches = BatchIterator(train_set, info, cfg.batch_size, train=True, seed=cfg.seed, device=device)
+    train_batches = BatchIterator(train_set, info, cfg.batch_size, train=True, seed=cfg.seed, device=device,
+                                  shard=cluster.shard)
     val_batches = BatchIterator(val_set, info, cfg.eval_batch_size, train=False, seed=cfg.seed, device=device)
-    test_batches = BatchIterator(test_set, info, cfg.eval_batch_size, train=False, seed=cfg.seed, device=device)
+    test_batches = BatchIterator(test_set, info, cfg.eval_batch_size, train=False, seed=cfg.seed, device=device,
+                                 shard=cluster.shard)
     spec = make_spec(cfg.model, info.in_channels, info.num_classes, info.input_size)
     method = make_method(cfg, spec)
     model = method.build_model()
     steps_per_epoch = len(train_batches)
     total_steps = cfg.epochs * steps_per_epoch
-    ctx = RunContext(device, lambda: val_batches.epoch(0), cfg.epochs, steps_per_epoch)
+    ctx = RunContext(device, lambda: val_batches.epoch(0), cfg.epochs, steps_per_epoch, cluster)
 
-    start_epoch, history, train_seconds = 0, [], 0.0
-    state = None
-    if resume:
-        state = load_checkpoint(checkpoint_path)
+    start_epoch, history, train_seconds, energy = 0, [], 0.0, None
+    if state is not None:
         changed = {k for k in cfg.to_dict() if k not in RESUME_FREE_KEYS
                    and state["config"].get(k) != getattr(cfg, k)}
         if changed:
@@ -162,6 +181,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
         method.load_state_dict(state.get("method_state", {}))
         start_epoch, history = state["epoch"], state.get("history", [])
         train_seconds = state.get("train_seconds", 0.0)
+        energy = EnergyReading.from_dict(state["energy"]) if state.get("energy") else None
     model.to(device)
     method.prepare(model, ctx)
     sgd, gate_sgd, scheduler = make_optimizers(model, cfg, total_steps, start_epoch * steps_per_epoch)
@@ -177,53 +197,88 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
                 "model": model.state_dict(), "optimizer": sgd.state_dict(),
                 "gate_optimizer": gate_sgd.state_dict() if gate_sgd is not None else None,
                 "epoch": epochs_done, "method_state": method.state_dict(), "rng": rng_state(),
-                "history": history, "train_seconds": train_seconds}
+                "history": history, "train_seconds": train_seconds,
+                "energy": energy.to_dict() if energy is not None else None}
 
+    show = cfg.progress and cluster.is_main
+    forward, forward_key = model, None
     for epoch in range(start_epoch, cfg.epochs):
         started = time.perf_counter()
+        meter = EnergyMeter(scope="the training processes").start()
         new_model = method.start_epoch(model, epoch, ctx)
         if new_model is not model:  # the method resized the network: fresh optimisers for the new shapes
             model = new_model.to(device)
             method.prepare(model, ctx)
             sgd, gate_sgd, scheduler = make_optimizers(model, cfg, total_steps, epoch * steps_per_epoch)
+        if structure_key(model) != forward_key:  # a new network or newly frozen gates: DDP must re-wrap
+            forward, forward_key = cluster.wrap(model, device), structure_key(model)
         model.train()
         loss_sum, correct, seen = 0.0, 0, 0
         logs: dict[str, float] = {}
         bar = tqdm(train_batches.epoch(epoch), total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                   disable=not cfg.progress, leave=False)
+                   disable=not show, leave=False)
         for step, (images, labels) in enumerate(bar):
             progress = (epoch * steps_per_epoch + step) / total_steps
-            loss, logits, logs = train_step(model, method, sgd, gate_sgd, scheduler, images, labels, progress)
+            loss, logits, logs = train_step(model, method, sgd, gate_sgd, scheduler, images, labels, progress,
+                                            forward=forward)
             loss_sum += float(loss) * labels.numel()
             correct += int((logits.argmax(1) == labels).sum())
             seen += labels.numel()
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}",
                             kept_flops=f"{logs.get('kept_flops', 1.0):.3f}")
+        method.end_epoch(model, epoch, ctx)
+        cluster.sync_buffers(model)
         train_seconds += time.perf_counter() - started
+        energy = add_energy(energy, meter.stop(), cluster)
+        loss_sum, correct, seen = cluster.sum([loss_sum, correct, seen])
         test_accuracy, test_loss = evaluate(model, tqdm(test_batches.epoch(0), total=len(test_batches),
-                                                        desc="eval", disable=not cfg.progress, leave=False),
-                                            device)
+                                                        desc="eval", disable=not show, leave=False),
+                                            device, cluster)
         row = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1),
                "test_loss": test_loss, "test_accuracy": test_accuracy, "kept_flops": logs.get("kept_flops", 1.0),
                "lr": scheduler.get_last_lr()[0], "seconds": time.perf_counter() - started}
         history.append(row)
-        print(json.dumps(row), flush=True)
-        write_text(run_dir / "log.jsonl", "".join(json.dumps(r) + "\n" for r in history))
-        save_checkpoint(checkpoint_path, checkpoint_state(epoch + 1))
+        if cluster.is_main:
+            print(json.dumps(row), flush=True)
+            write_text(run_dir / "log.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+            save_checkpoint(checkpoint_path, checkpoint_state(epoch + 1))
 
     # The static sub-network is fixed before the last save, so checkpoint.pt holds what export will cut.
     model = method.finish(model, ctx)
-    save_checkpoint(checkpoint_path, checkpoint_state(cfg.epochs))
-    return finish_run(cfg, run_dir, method, model, test_batches, device, history, train_seconds, spec)
+    ranks = cluster.gather(fingerprint(model))
+    check_consensus(ranks)
+    if cluster.is_main:
+        save_checkpoint(checkpoint_path, checkpoint_state(cfg.epochs))
+    parallel = {"world_size": cluster.world_size, "backend": cluster.backend, "rank_fingerprints": ranks}
+    metrics = finish_run(cfg, run_dir, method, model, test_batches, device, history, train_seconds, spec,
+                         cluster, energy, parallel if cluster.distributed else None)
+    cluster.barrier()  # every rank returns once rank 0's artifacts exist
+    return metrics
 
 
-def finish_run(cfg, run_dir, method, model, test_batches, device, history, train_seconds, dense_spec):
-    """Evaluate exactly the static sub-network, and write mask.json, metrics.json and plots."""
-    test_accuracy, _ = evaluate(model, test_batches.epoch(0), device)
+def add_energy(total: EnergyReading | None, epoch: EnergyReading, cluster: Cluster) -> EnergyReading:
+    """`total` plus one epoch's energy over all ranks. CPU-time estimates add up over ranks; a hardware
+    counter (RAPL, NVML) already covers its whole machine, so only local rank 0's reading counts."""
+    parts = sorted(epoch.component_joules)
+    counted = [epoch.component_joules[k] if epoch.sources[k] == "estimate" or cluster.local_rank == 0 else 0.0
+               for k in parts]
+    *joules, cpu_seconds = cluster.sum(counted + [epoch.cpu_seconds])
+    if cluster.distributed:
+        epoch = EnergyReading(sum(joules), epoch.seconds, cpu_seconds, epoch.sources, dict(zip(parts, joules)),
+                              epoch.estimated, f"training steps of {cluster.world_size} processes",
+                              epoch.assumptions)
+    else:
+        epoch.scope = "training steps"
+    return epoch if total is None else total + epoch
+
+
+def finish_run(cfg, run_dir, method, model, test_batches, device, history, train_seconds, dense_spec,
+               cluster: Cluster = Cluster(), energy: EnergyReading | None = None, parallel=None):
+    """Evaluate exactly the static sub-network, and write mask.json, metrics.json and plots (rank 0)."""
+    test_accuracy, _ = evaluate(model, test_batches.epoch(0), device, cluster)
     mask = method.final_mask(model)
     costs = layer_costs(build_model(dense_spec))
     document = mask_document(cfg.model, dense_spec, mask, costs, cfg.round_to)
-    save_mask(run_dir / "mask.json", document)
     dense_net = build_model(dense_spec)
     pruned_net = build_model(document["pruned_spec"])
     dense_flops, pruned_flops = count_macs(dense_net), count_macs(pruned_net)
@@ -236,8 +291,11 @@ def finish_run(cfg, run_dir, method, model, test_batches, device, history, train
         "target_flops_ratio": cfg.target_flops_ratio if method.uses_gates else None,
         "kept_channels": {name: len(kept) for name, kept in mask.kept_channels.items()},
         "removed_blocks": mask.closed_blocks, "train_seconds": train_seconds,
-        "device": str(device), **method.summary(),
+        "train_energy": energy.to_dict() if energy is not None else None,
+        "device": str(device), "distributed": parallel, **method.summary(),
     }
-    write_plots(run_dir, model, history)
-    write_json(run_dir / "metrics.json", metrics)  # last: its presence marks a finished run
+    if cluster.is_main:
+        save_mask(run_dir / "mask.json", document)
+        write_plots(run_dir, model, history)
+        write_json(run_dir / "metrics.json", metrics)  # last: its presence marks a finished run
     return metrics

@@ -54,6 +54,12 @@ class DensityMeter:
         self.positive[unit] = self.positive.get(unit, 0) + fired
         self.seen[unit] = self.seen.get(unit, 0) + pre_relu.numel() // pre_relu.shape[1]
 
+    def sum_over(self, cluster) -> None:
+        """Add up the counts of all ranks (a no-op in one process)."""
+        for unit in sorted(self.positive):
+            cluster.sum_tensor_(self.positive[unit])
+            self.seen[unit] = int(cluster.sum([self.seen[unit]])[0])
+
     def channel_density(self, unit: str) -> torch.Tensor:
         """Share of non-zero post-ReLU values per channel."""
         return self.positive[unit] / self.seen[unit]
@@ -86,7 +92,7 @@ class ActivationDensityMethod(Method):
         self.meter = DensityMeter()
         self.macs = self.dense_macs = count_macs(build_model(spec))
         self._hooks: list[Any] = []
-        self._epoch, self._epoch_started, self._steps, self._steps_per_epoch = 0, 0.0, 0, 0
+        self._epoch_started, self._world_size = 0.0, 1
 
     def build_model(self) -> SpecNet:
         return build_model(self.dense_spec)
@@ -108,7 +114,7 @@ class ActivationDensityMethod(Method):
 
     def prepare(self, model: SpecNet, ctx: RunContext) -> None:
         self._detach()
-        self._steps_per_epoch = ctx.steps_per_epoch
+        self._world_size = ctx.cluster.world_size
         if model.gated:  # a finished run resumed: nothing left to train
             return
         self.macs = count_macs(model)
@@ -122,13 +128,13 @@ class ActivationDensityMethod(Method):
 
     def _count_examples(self, model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
         if model.training:
-            examples = inputs[0].shape[0]
+            examples = inputs[0].shape[0] * self._world_size  # every rank runs an equal shard
             self.train_macs += 3 * self.macs * examples
             self.dense_train_macs += 3 * self.dense_macs * examples
 
     # --- the schedule -------------------------------------------------------------------------------
     def start_epoch(self, model: SpecNet, epoch: int, ctx: RunContext) -> SpecNet:
-        self._epoch, self._epoch_started, self._steps = epoch, time.perf_counter(), 0
+        self._epoch_started = time.perf_counter()
         if epoch in self.resize_epochs(ctx.total_epochs) and self.meter.positive:
             model = self.resize(model, epoch)
         self.meter.reset()  # each resize reads the density of the epoch before it
@@ -156,10 +162,9 @@ class ActivationDensityMethod(Method):
     def extra_loss(self, model: SpecNet, progress: float):
         return None, {"kept_flops": self.macs / self.dense_macs}
 
-    def after_step(self, model: SpecNet) -> None:
-        self._steps += 1
-        if self._steps == self._steps_per_epoch:  # before the loop's checkpoint, so a resume keeps it
-            self.epoch_seconds[self._epoch] = time.perf_counter() - self._epoch_started
+    def end_epoch(self, model: SpecNet, epoch: int, ctx: RunContext) -> None:
+        self.meter.sum_over(ctx.cluster)  # every rank counted its own shard: resize on the global counts
+        self.epoch_seconds[epoch] = time.perf_counter() - self._epoch_started
 
     def finish(self, model: SpecNet, ctx: RunContext) -> SpecNet:
         self._detach()

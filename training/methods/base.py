@@ -11,6 +11,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
+from ..distributed import Cluster
 from ..arch import Spec, prunable_layers
 from ..config import TrainConfig
 from ..mask import Mask
@@ -19,11 +20,13 @@ from ..models import SpecNet
 
 @dataclass
 class RunContext:
-    """What the loop lends a method: the device and a way to walk the validation set."""
+    """What the loop lends a method: the device, a way to walk the (whole, unsharded) validation set,
+    and the cluster of a data-parallel run."""
     device: torch.device
     val_batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]
     total_epochs: int
     steps_per_epoch: int
+    cluster: Cluster = Cluster()
 
 
 class Method:
@@ -50,6 +53,10 @@ class Method:
 
     def after_step(self, model: SpecNet) -> None:
         """Called after each optimiser step."""
+
+    def end_epoch(self, model: SpecNet, epoch: int, ctx: RunContext) -> None:
+        """After an epoch's last step, before its checkpoint. Statistics gathered from this rank's shard
+        of the batches must be summed over `ctx.cluster` here, so every rank decides alike."""
 
     def finish(self, model: SpecNet, ctx: RunContext) -> SpecNet:
         """End of training: make the model the static network that will be deployed."""
