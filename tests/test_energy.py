@@ -80,3 +80,18 @@ def test_process_tree_counts_the_cpu_time_and_memory_of_children():
         child.kill()
         child.wait()
     assert child.pid not in process_tree(os.getpid())
+
+
+def test_nvml_counter_is_used_where_a_gpu_exposes_one():
+    pynvml = pytest.importorskip("pynvml", reason="nvidia-ml-py not installed (GPU extras: make venv GPU=1)")
+    try:
+        pynvml.nvmlInit()
+        count = pynvml.nvmlDeviceGetCount()
+    except pynvml.NVMLError as error:
+        pytest.skip(f"no NVIDIA driver here: {error}")
+    if count == 0:
+        pytest.skip("NVML sees no GPU")
+    meter = EnergyMeter(use_nvml=True).start()
+    busy(0.1)
+    reading = meter.stop()
+    assert reading.sources.get("gpu") == "nvml" and reading.component_joules["gpu"] >= 0
