@@ -162,7 +162,8 @@ class EnergyReading:
                  for k in {*self.component_joules, *other.component_joules}}
         return EnergyReading(self.joules + other.joules, self.seconds + other.seconds,
                              self.cpu_seconds + other.cpu_seconds, {**other.sources, **self.sources}, parts,
-                             self.estimated or other.estimated, self.scope,
+                             self.estimated or other.estimated,
+                             self.scope if other.scope == self.scope else f"{self.scope}, then {other.scope}",
                              sorted(set(self.assumptions) | set(other.assumptions)))
 
     @classmethod

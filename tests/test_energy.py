@@ -57,11 +57,11 @@ def test_a_bad_watts_override_is_refused_by_name(monkeypatch, value):
 
 def test_readings_add_up_and_round_trip_through_json_dicts():
     a = EnergyReading(2.0, 1.0, 0.5, {"cpu": "estimate"}, {"cpu": 2.0}, True, "x", ["note"])
-    b = EnergyReading(3.0, 2.0, 0.7, {"cpu": "estimate", "gpu": "nvml"}, {"cpu": 1.0, "gpu": 2.0}, True, "x", ["other"])
+    b = EnergyReading(3.0, 2.0, 0.7, {"cpu": "estimate", "gpu": "nvml"}, {"cpu": 1.0, "gpu": 2.0}, True, "y", ["other"])
     total = a + b
     assert total.joules == 5.0 and total.component_joules == {"cpu": 3.0, "gpu": 2.0}
     assert total.seconds == 3.0 and total.cpu_seconds == pytest.approx(1.2)
-    assert total.assumptions == ["note", "other"]
+    assert total.assumptions == ["note", "other"] and total.scope == "x, then y"
     assert EnergyReading.from_dict(total.to_dict()) == total
 
 
