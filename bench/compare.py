@@ -116,6 +116,7 @@ def row_for(method: str, metrics: dict, latency: dict, dense_latency: dict) -> d
         "weight_sparsity": metrics.get("weight_sparsity"),
         "train_seconds": metrics["train_seconds"], "train_flops_ratio": metrics.get("train_flops_ratio", 1.0),
         "train_seconds_ratio_vs_dense_pace": metrics.get("train_seconds_ratio_vs_dense_pace"),
+        "train_energy": metrics.get("train_energy"),
         "latency_ms": {batch: stats["median_ms"] for batch, stats in latency.items()},
         "latency": latency,
         "speedup": {batch: dense_latency[batch]["median_ms"] / stats["median_ms"] for batch, stats in latency.items()},
@@ -132,14 +133,15 @@ def markdown(report: dict) -> str:
         f"Latency: onnxruntime CPU ({report['timing']['threads']} threads, {report['cpu']}), exported pruned "
         "ONNX, median over interleaved rounds; speed-up against dense in brackets.",
         "",
-        "| method | test acc | kept FLOPs | kept params | train s | train FLOPs | batch 1 ms | batch 64 ms |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| method | test acc | kept FLOPs | kept params | train s | train J | train FLOPs | batch 1 ms | batch 64 ms |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in report["rows"]:
         lat, gain = row["latency_ms"], row["speedup"]
         params = f"{row['kept_params'] / 1e3:.1f}k ({row['params_ratio']:.2f})"
+        joules = f"{row['train_energy']['joules']:.0f}" if row["train_energy"] else "n/a"
         lines.append(f"| {row['label']} | {row['test_accuracy']:.4f} | {row['flops_ratio']:.3f} | {params} | "
-                     f"{row['train_seconds']:.0f} | {row['train_flops_ratio']:.3f} | "
+                     f"{row['train_seconds']:.0f} | {joules} | {row['train_flops_ratio']:.3f} | "
                      f"{lat['1']:.3f} ({gain['1']:.2f}x) | {lat['64']:.2f} ({gain['64']:.2f}x) |")
     lines += [
         "",
@@ -147,6 +149,8 @@ def markdown(report: dict) -> str:
         "network; for FlipOut the non-zero ones (its network keeps the dense shape, so its FLOPs stay 1).",
         "- train FLOPs: forward MACs x examples x 3 summed over training, relative to dense. Only activation density "
         "trains a smaller network as it goes; the others train a dense-shaped one (gates and masks multiply zeros).",
+        "- train J: energy of the training steps (metrics.json `train_energy`: RAPL/NVML where readable, "
+        "else an estimate from CPU time; its assumptions are in compare.json).",
         "- train s: the loop's training time. The runs ran one after another in one process, so machine load "
         "moves them; latencies are interleaved and comparable.",
     ]
