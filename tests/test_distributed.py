@@ -118,3 +118,16 @@ def test_one_process_cluster_is_a_no_op():
     assert not cluster.distributed and cluster.is_main and cluster.shard == (0, 1)
     assert cluster.sum([1.0, 2.0]) == [1.0, 2.0] and cluster.gather("x") == ["x"]
     assert cluster.from_main(lambda: 7) == 7
+
+
+def test_activation_density_resizes_alike_on_every_rank(tmp_path):
+    """Each rank counts activations on its own shard; the resize must use the counts of all ranks, or
+    the ranks cut different channels (checked: without the sum the run fails its consensus check)."""
+    settings = {**TINY, "method": "activation_density", "density_every": 1, "epochs": 2, "out_dir": tmp_path,
+                "name": "run"}
+    result = run_parallel(settings)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    ranks = metrics["distributed"]["rank_fingerprints"]
+    assert ranks[0] == ranks[1]
+    assert metrics["resizes"][0]["changed"] and metrics["flops_ratio"] < 1
