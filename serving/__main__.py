@@ -2,6 +2,8 @@
 
     python -m serving --repository model_repository --run runs/<name> --report-dir reports/<name>
                       [--url host:port [--grpc-url host:port]] [--protocol http|grpc|both] [--quick]
+    python -m serving reload --url host:port --model NAME [--version N]
+        (a running server in explicit model-control mode picks up a newly exported version)
 """
 from __future__ import annotations
 
@@ -10,14 +12,17 @@ import sys
 from pathlib import Path
 
 from serving.client import InputSpecError, ServingError
+from serving.loadtest import run_load_probes
 from serving.probes import ProbeSettings, run_probes
 from serving.report import write_report
 from serving.run_artifacts import RunArtifactsMissing, load_run
-from serving.server import LocalTriton, LocalTritonConfig, RemoteTriton, ServerError
+from serving.server import LocalTriton, LocalTritonConfig, RemoteTriton, ServerError, reload_model
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m serving", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m serving", description=__doc__.split("\n")[0],
+                                     epilog="Also: python -m serving reload --url host:port --model NAME "
+                                            "(see reload --help).")
     parser.add_argument("--repository", type=Path, default=Path("model_repository"),
                         help="Triton model repository written by the export stage")
     parser.add_argument("--run", type=Path, required=True,
@@ -38,7 +43,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def reload_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m serving reload",
+                                     description="Load a newly exported model version into a running Triton "
+                                                 "(explicit model control) and wait until it serves.")
+    parser.add_argument("--url", required=True, help="HTTP host:port of the running server")
+    parser.add_argument("--model", required=True, help="model name in the server's repository")
+    parser.add_argument("--version", default=None, help="version to wait for (default: the newest loaded)")
+    parser.add_argument("--timeout", type=float, default=120.0, help="seconds for the load and the switch")
+    args = parser.parse_args(argv)
+    try:
+        url = args.url.split("://", 1)[-1].rstrip("/")
+        result = reload_model(url, args.model, args.version, args.timeout)
+    except ServerError as problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 1
+    print(f"{result.model}: serving version {result.served_version} after {result.seconds:.1f} s "
+          f"(ready before {list(result.versions_before)}, now {list(result.versions_after)})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["reload"]:
+        return reload_main(argv[1:])
     args = parse_args(argv)
     protocols = ("http", "grpc") if args.protocol == "both" else (args.protocol,)
     try:
@@ -61,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"Triton ready: http {endpoints.http_url}, grpc {endpoints.grpc_url}; "
                   f"models {list(models)}")
             results = run_probes(endpoints, args.repository, run, settings)
+            server_pid = server.pid if isinstance(server, LocalTriton) else None  # remote: not visible
+            results.update(run_load_probes(endpoints, run.model_names, run.images, settings, server_pid))
     except (ServerError, ServingError, InputSpecError) as problem:
         print(f"error: {problem}", file=sys.stderr)
         return 1
@@ -71,6 +101,11 @@ def main(argv: list[str] | None = None) -> int:
     if failed:
         print(f"error: served outputs differ from onnxruntime for {failed}", file=sys.stderr)
         return 3
+    load = summary["load_test"]
+    if load["failures"]:
+        print(f"error: {load['failures']} of {load['requests'] + load['failures']} load-test requests "
+              f"failed, e.g. {load['first_errors'][0]}", file=sys.stderr)
+        return 4
     return 0
 
 

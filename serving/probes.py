@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from tritonclient.utils import np_to_triton_dtype
 
-from serving.client import ServingError, TritonClassifier
+from serving.client import ModelSpec, TritonClassifier
 from serving.perf_analyzer import find_perf_analyzer
 from serving.run_artifacts import RunArtifacts
 from serving.server import Endpoints
@@ -38,13 +42,22 @@ class ProbeSettings:
     perf_analyzer: bool = True
     perf_analyzer_path: str | None = None
     perf_analyzer_ms: int = 1000
+    # load test (serving/loadtest.py): batch 1, every level run for each model in turn
+    load_concurrencies: tuple[int, ...] = (1, 8, 32, 64)
+    load_seconds: float = 6.0          # per model and level
+    request_timeout_s: float = 10.0    # deadline of every load-test / energy request
+    # energy per inference: fixed-load windows, dense and pruned interleaved, medians over repeats
+    energy_concurrency: int = 4
+    energy_seconds: float = 3.0
+    energy_repeats: int = 5
 
     @classmethod
     def quick(cls, **overrides) -> "ProbeSettings":
         """Seconds, not minutes: for tests and smoke runs."""
         return replace(cls(correctness_samples=16, accuracy_samples=512, latency_warmup=10,
                            latency_requests=60, latency_budget_s=15.0, concurrencies=(1, 4),
-                           batch_sizes=(1, 8), point_seconds=0.5, perf_analyzer_ms=500), **overrides)
+                           batch_sizes=(1, 8), point_seconds=0.5, perf_analyzer_ms=500,
+                           load_seconds=0.4, energy_seconds=0.4, energy_repeats=3), **overrides)
 
 
 def percentiles_ms(samples_ms) -> dict[str, float]:
@@ -140,50 +153,107 @@ def probe_latency(endpoints: Endpoints, models: dict[str, str], images: np.ndarr
             "paired_speedup_median": float(np.median(paired)) if rounds else None}
 
 
-# ---- throughput --------------------------------------------------------------------------------
-def _drive(url: str, protocol: str, model: str, batch: np.ndarray, concurrency: int,
-           seconds: float, max_requests_per_client: int = 100_000) -> dict:
-    """`concurrency` closed-loop clients (own thread, own connection) for `seconds`."""
-    counts, latencies, errors = [0] * concurrency, [[] for _ in range(concurrency)], []
+# ---- closed-loop load (throughput sweep here; load test and energy in loadtest.py) --------------
+class _Requester:
+    """One load client's own connection: a request with a deadline, returning (output, version that
+    answered). TritonClassifier.infer_once does not expose the answering version, which reloads need."""
+
+    def __init__(self, url: str, protocol: str, spec: ModelSpec, timeout_s: float):
+        self.protocol, self.spec, self.timeout_s = protocol, spec, timeout_s
+        if protocol == "http":  # bound to the thread (gevent hub) that creates it
+            self._client = httpclient.InferenceServerClient(url, connection_timeout=timeout_s,
+                                                            network_timeout=timeout_s)
+        else:
+            self._client = grpcclient.InferenceServerClient(url)
+
+    def infer(self, batch: np.ndarray) -> tuple[np.ndarray, str]:
+        module = httpclient if self.protocol == "http" else grpcclient
+        tensor = module.InferInput(self.spec.input_name, list(batch.shape), np_to_triton_dtype(batch.dtype))
+        if self.protocol == "http":
+            tensor.set_data_from_numpy(batch, binary_data=True)
+            result = self._client.infer(self.spec.name, [tensor], outputs=[
+                httpclient.InferRequestedOutput(self.spec.output_name, binary_data=True)])
+            version = result.get_response().get("model_version", "")
+        else:
+            tensor.set_data_from_numpy(batch)
+            result = self._client.infer(self.spec.name, [tensor], client_timeout=self.timeout_s,
+                                        outputs=[grpcclient.InferRequestedOutput(self.spec.output_name)])
+            version = result.get_response().model_version
+        return result.as_numpy(self.spec.output_name), str(version)
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def _drive(url: str, protocol: str, model: str, batch: np.ndarray, concurrency: int, seconds: float, *,
+           timeout_s: float = 60.0, stop: threading.Event | None = None,
+           max_requests_per_client: int = 100_000, max_errors_kept: int = 5) -> dict:
+    """`concurrency` closed-loop clients (own thread, own connection) for `seconds`, or until `stop` is
+    set (`seconds` is then the hard cap). Every request has a `timeout_s` deadline; an exception or an
+    output of the wrong shape counts as a failure (the first few messages are kept) and the client
+    carries on. Only successes count towards latency and throughput."""
+    with TritonClassifier(url, model, protocol, timeout_s=timeout_s) as probe:
+        spec = probe.spec
+    expected_shape = (len(batch), *spec.output_dims)
+    stop = stop or threading.Event()
+    counts, failures = [0] * concurrency, [0] * concurrency
+    latencies = [[] for _ in range(concurrency)]
+    versions = [Counter() for _ in range(concurrency)]
+    errors: list[str] = []
     window = {}
     # The barrier action runs before anyone is released: every client sees the same window.
     ready = threading.Barrier(concurrency + 1, timeout=60, action=lambda: window.update(
         start=time.perf_counter(), stop=time.perf_counter() + seconds))
 
+    def failed(slot: int, problem: Exception) -> None:
+        failures[slot] += 1
+        if len(errors) < max_errors_kept:
+            errors.append(f"{type(problem).__name__}: {problem}")
+
     def client_loop(slot: int) -> None:
-        client = None
-        try:  # HTTP clients are bound to the thread (gevent hub) that creates them
-            client = TritonClassifier(url, model, protocol)
-        except Exception as failed:  # still meet the barrier so the others are not stuck
-            errors.append(repr(failed))
+        requester = None
+        try:
+            requester = _Requester(url, protocol, spec, timeout_s)
+        except Exception as problem:  # still meet the barrier so the others are not stuck
+            failed(slot, problem)
         ready.wait()
         try:
-            while client is not None and counts[slot] < max_requests_per_client:
-                if time.perf_counter() >= window["stop"]:
-                    break
+            while (requester is not None and not stop.is_set() and time.perf_counter() < window["stop"]
+                   and counts[slot] + failures[slot] < max_requests_per_client):
                 start = time.perf_counter_ns()
-                client.infer_once(batch)
+                try:
+                    output, version = requester.infer(batch)
+                    if output is None or output.shape != expected_shape:
+                        raise ValueError(f"output shape {None if output is None else list(output.shape)}, "
+                                         f"expected {list(expected_shape)}")
+                except Exception as problem:
+                    failed(slot, problem)
+                    time.sleep(0.01)  # a dead server must not turn the client into a busy loop
+                    continue
                 latencies[slot].append((time.perf_counter_ns() - start) / 1e6)
                 counts[slot] += 1
-        except (ServingError, OSError) as failed:
-            errors.append(str(failed))
+                versions[slot][version] += 1
         finally:
-            if client is not None:
-                client.close()
+            if requester is not None:
+                requester.close()
 
     threads = [threading.Thread(target=client_loop, args=(s,), daemon=True) for s in range(concurrency)]
     for thread in threads:
         thread.start()
     ready.wait()
+    hard_stop = window["stop"] + timeout_s + 5.0  # the last requests may take up to their timeout
     for thread in threads:
-        thread.join(timeout=seconds + 60)
+        thread.join(timeout=max(hard_stop - time.perf_counter(), 0.0))
     elapsed = time.perf_counter() - window["start"]
     requests = sum(counts)
-    return {"requests": requests, "infer_per_s": requests * len(batch) / elapsed,
+    return {"requests": requests, "failures": sum(failures), "seconds": elapsed,
+            "requests_per_s": requests / elapsed, "infer_per_s": requests * len(batch) / elapsed,
             "latency": percentiles_ms([ms for per_client in latencies for ms in per_client]),
-            "errors": errors[:3], "error_count": len(errors)}
+            "versions": dict(sum(versions, Counter())), "errors": errors,
+            "stuck_clients": sum(thread.is_alive() for thread in threads)}
 
 
+# ---- throughput --------------------------------------------------------------------------------
 def _server_delta(before: dict, after: dict) -> dict:
     delta = {k: after[k] - before[k] for k in before}
     requests = max(delta["success_count"], 1)

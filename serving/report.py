@@ -2,7 +2,8 @@
 
 Speed-ups are written so that > 1 means the pruned model is faster: dense/pruned for latency,
 pruned/dense for throughput. `speedup_efficiency_p50` = speedup_p50 * flops_ratio (1.0 = the latency
-gain matches the FLOPs cut).
+gain matches the FLOPs cut). The load test and energy sections come from serving/loadtest.py; energy
+is labelled ESTIMATE whenever it was estimated from CPU time rather than read from RAPL/NVML counters.
 """
 from __future__ import annotations
 
@@ -60,7 +61,31 @@ def summarize(results: dict, run: RunArtifacts, mode: str) -> dict:
     summary["correctness"] = results["correctness"]
     summary["throughput_sweep"] = sweep
     summary["perf_analyzer"] = results["perf_analyzer"]
+    summary["load_test"] = summarize_load_test(results["load_test"])
+    summary["energy"] = summarize_energy(results["energy"])
     return summary
+
+
+def summarize_load_test(load: dict) -> dict:
+    """Per model and level: counts, p50/p99, req/s, RSS; plus steady memory and the first errors."""
+    levels = [{key: level[key] for key in ("role", "model", "concurrency", "requests", "failures",
+                                           "requests_per_s", "stuck_clients", "rss_start_mb", "rss_end_mb",
+                                           "rss_growth_mb", "rss_peak_mb")}
+              | {"p50_ms": level["latency"].get("p50_ms"), "p99_ms": level["latency"].get("p99_ms")}
+              for level in load["levels"]]
+    first_errors = [f"{level['role']} at concurrency {level['concurrency']}: {error}"
+                    for level in load["levels"] for error in level["errors"]][:5]
+    return {key: load[key] for key in ("protocol", "batch_size", "seconds_per_level", "request_timeout_s",
+                                       "concurrencies", "requests", "failures", "memory")} | {
+        "levels": levels, "first_errors": first_errors}
+
+
+def summarize_energy(energy: dict) -> dict:
+    """The energy probe without its per-window detail (that stays in serving_raw.json)."""
+    if "unavailable" in energy:
+        return energy
+    return {key: value for key, value in energy.items() if key not in ROLES} | {
+        role: {k: v for k, v in energy[role].items() if k != "windows"} for role in ROLES}
 
 
 def _fmt(value, digits: int = 3) -> str:
@@ -110,10 +135,10 @@ def render_markdown(summary: dict) -> str:
         lines.append(f"| {r['role']} | {r['batch_size']} | {r['concurrency']} | {r['infer_per_s']:.0f} "
                      f"| {_fmt(r['latency'].get('p50_ms'))} | {r['server_queue_us']:.0f} "
                      f"| {r['server_compute_us']:.0f} | {r['avg_execution_batch']:.1f} |")
-    failed = [r for r in summary["throughput_sweep"] if r["error_count"]]
+    failed = [r for r in summary["throughput_sweep"] if r["failures"]]
     for r in failed:
         lines.append(f"\n{r['role']} batch {r['batch_size']} concurrency {r['concurrency']}: "
-                     f"{r['error_count']} client error(s), e.g. {r['errors'][0]}")
+                     f"{r['failures']} failed request(s), e.g. {r['errors'][0]}")
     lines.append("")
 
     analyzer = summary["perf_analyzer"]
@@ -131,9 +156,63 @@ def render_markdown(summary: dict) -> str:
                              f"| {_fmt(r['server_queue_us'], 0)} | {_fmt(r['server_compute_infer_us'], 0)} |")
     else:
         lines.append(f"perf_analyzer: {analyzer.get('skipped', 'skipped')}")
-    lines += ["", "Dense and pruned were measured in one process, interleaved; on a shared machine "
+    lines += ["", *render_load_test(summary["load_test"]), "", *render_energy(summary["energy"]), "",
+              "Dense and pruned were measured in one process, interleaved; on a shared machine "
               "absolute times drift 15-25% between runs, so compare the ratios."]
     return "\n".join(lines) + "\n"
+
+
+def render_load_test(load: dict) -> list[str]:
+    lines = ["## Load test", "",
+             f"{load['protocol']}, batch {load['batch_size']}, closed-loop clients, "
+             f"{load['seconds_per_level']:g} s per model and level, every request with a "
+             f"{load['request_timeout_s']:g} s deadline: {load['requests']} requests, "
+             f"**{load['failures']} failed**. RSS is the whole server process tree, sampled before and after "
+             "each model's window. With many clients on a small machine the Python client itself limits "
+             "req/s.", "",
+             "| model | clients | requests | failures | p50 ms | p99 ms | req/s | RSS start MB | RSS end MB "
+             "| RSS growth MB |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in load["levels"]:
+        lines.append(f"| {r['role']} | {r['concurrency']} | {r['requests']} | {r['failures']} "
+                     f"| {_fmt(r['p50_ms'], 2)} | {_fmt(r['p99_ms'], 2)} | {_fmt(r['requests_per_s'], 0)} "
+                     f"| {_fmt(r['rss_start_mb'], 1)} | {_fmt(r['rss_end_mb'], 1)} "
+                     f"| {_fmt(r['rss_growth_mb'], 1)} |")
+    memory = load["memory"]
+    lines.append("")
+    if "unavailable" in memory:
+        lines.append(f"Steady memory: unavailable ({memory['unavailable']}).")
+    else:
+        parts = ", ".join(f"{name} {mb:.0f}" for name, mb in memory["by_process_end_mb"].items())
+        lines.append(
+            f"Steady memory, {memory['scope']}: {memory['start_mb']:.1f} MB at the start, "
+            f"{memory['after_first_level_mb']:.1f} MB after the first level, {memory['end_mb']:.1f} MB at "
+            f"the end (peak {memory['peak_mb']:.1f} MB over {memory['samples']} samples): growth after the "
+            f"first level {memory['growth_mb']:+.1f} MB ({memory['growth_pct']:+.1f}%), within the last "
+            f"level {memory['last_level_growth_mb']:+.1f} MB (a step when the load first rises is allocator "
+            f"arenas and connection buffers; a leak keeps growing at a fixed load). "
+            f"At the end, MB by process: {parts}.")
+    for error in load["first_errors"]:
+        lines.append(f"- {error}")
+    return lines
+
+
+def render_energy(energy: dict) -> list[str]:
+    if "unavailable" in energy:
+        return ["## Energy per 1,000 inferences", "", f"Unavailable: {energy['unavailable']}."]
+    label = "ESTIMATE" if energy["estimated"] else f"measured ({energy['source']})"
+    lines = [f"## Energy per 1,000 inferences ({label})", "",
+             f"{energy['scope']}, {energy['protocol']} batch {energy['batch_size']}, {energy['concurrency']} "
+             f"client(s), {energy['repeats']} windows of {energy['seconds_per_window']:g} s per model, dense "
+             f"and pruned interleaved; medians. Source: {energy['source']}.", "",
+             "| model | J / 1,000 inferences | server CPU ms / inference | inferences | failures |",
+             "|---|---:|---:|---:|---:|"]
+    for role in ROLES:
+        e = energy[role]
+        lines.append(f"| {role} | {_fmt(e['joules_per_1000_inferences'], 3)} "
+                     f"| {_fmt(e['server_cpu_ms_per_inference'], 3)} | {e['inferences']} | {e['failures']} |")
+    lines += ["", f"Pruned / dense energy per inference: {_fmt(energy['pruned_over_dense'], 3)}.",
+              *[f"- {note}" for note in energy["assumptions"]]]
+    return lines
 
 
 def _save(fig, path: Path) -> None:

@@ -6,6 +6,10 @@ SIGTERM (SIGKILL after a timeout), leaving no process and no /dev/shm region beh
 to load is reported with Triton's own reason. `RemoteTriton` checks an existing server (e.g. NVIDIA's
 container on a GPU machine) instead. Both expose the same `Endpoints`.
 
+`reload_model` (and `LocalTriton.reload`) picks up a version exported while the server runs: Triton loads
+the new version next to the old one, switches unversioned requests to it once it is ready, and unloads
+the old one after its in-flight requests finish; a version that fails to load leaves the old one serving.
+
 pytriton is located with importlib's finder only: importing it would pull in far more than we need.
 """
 from __future__ import annotations
@@ -104,16 +108,81 @@ def free_port(taken: set[int] = frozenset()) -> int:
 
 
 def _http_json(url: str, method: str = "GET", timeout: float = 2.0):
-    """(status, parsed body or None); status 0 when nothing answers."""
+    """(status, parsed body or None); status 0 when nothing answers. Error bodies are parsed too
+    (Triton puts its reason in {"error": ...})."""
     request = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             body = response.read()
             return response.status, (json.loads(body) if body else None)
     except urllib.error.HTTPError as failed:
-        return failed.code, None
+        try:
+            return failed.code, json.loads(failed.read() or b"null")
+        except ValueError:
+            return failed.code, None
     except (urllib.error.URLError, ConnectionError, TimeoutError, socket.timeout):
         return 0, None
+
+
+def _index_entries(http_url: str) -> list[dict]:
+    status, index = _http_json(f"http://{http_url}/v2/repository/index", method="POST")
+    if status != 200:
+        detail = "nothing answers" if status == 0 else f"HTTP {status}"
+        raise ServerError(f"repository index unavailable at {http_url} ({detail})")
+    return index or []
+
+
+def ready_versions(http_url: str, model: str) -> list[str]:
+    """Versions of `model` the server has READY, ascending."""
+    return sorted((e["version"] for e in _index_entries(http_url)
+                   if e["name"] == model and e.get("state") == "READY" and str(e.get("version")).isdigit()),
+                  key=int)
+
+
+@dataclass(frozen=True)
+class ReloadResult:
+    model: str
+    versions_before: tuple[str, ...]    # READY before the load call
+    versions_after: tuple[str, ...]     # READY once the new version serves and the old ones are gone
+    served_version: str                 # what an unversioned request now gets (the highest READY)
+    seconds: float
+
+
+def reload_model(http_url: str, model: str, version: str | None = None,
+                 timeout_s: float = 120.0) -> ReloadResult:
+    """Ask the server (explicit model control) to re-read `model` from its repository and wait until the
+    new version serves: `version` when given, else the highest one the server has READY afterwards.
+
+    Triton's load call returns once the new version is ready; the old one is unloaded after its
+    in-flight requests finish, so we also wait for it to leave the READY list (bounded by `timeout_s`).
+    The default version policy (latest 1) is what makes the old version go; other policies keep it and
+    we then only wait for the new one. ServerError carries Triton's reason when the load fails (the
+    previously loaded version then keeps serving).
+    """
+    start = time.monotonic()
+    before = tuple(ready_versions(http_url, model))
+    status, body = _http_json(f"http://{http_url}/v2/repository/models/{model}/load", method="POST",
+                              timeout=timeout_s)
+    if status != 200:
+        reason = body.get("error") if isinstance(body, dict) else None
+        reason = reason or (f"no answer within {timeout_s:.0f} s" if status == 0 else "no reason given")
+        still = f"; still serving version(s) {list(before)}" if before else ""
+        raise ServerError(f"reload of {model!r} failed (HTTP {status}): {reason.strip()}{still}")
+    _, config = _http_json(f"http://{http_url}/v2/models/{model}/config")
+    policy = (config or {}).get("version_policy") or {"latest": {"num_versions": 1}}  # Triton's default
+    keep = int(policy["latest"].get("num_versions", 1)) if "latest" in policy else None
+    deadline = start + timeout_s
+    while True:
+        after = ready_versions(http_url, model)
+        target = str(version) if version is not None else (after[-1] if after else None)
+        served = bool(after) and after[-1] == target
+        if (served and (keep is None or len(after) <= keep)) or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    if not served:
+        raise ServerError(f"{model!r} version {target} not serving {timeout_s:.0f} s after the reload "
+                          f"(READY: {after})")
+    return ReloadResult(model, before, tuple(after), after[-1], time.monotonic() - start)
 
 
 def _model_problems(http_url: str, models: tuple[str, ...]) -> dict[str, str]:
@@ -237,6 +306,17 @@ class LocalTriton:
             if source.is_file():
                 (python_dir / source.name).symlink_to(source)
         return python_dir.parent
+
+    @property
+    def pid(self) -> int | None:
+        """The tritonserver process (its python-backend stubs are its children)."""
+        return self.process.pid if self.process is not None else None
+
+    def reload(self, model: str, version: str | None = None, timeout_s: float = 120.0) -> ReloadResult:
+        """Pick up a version written into the repository while serving; see `reload_model`."""
+        if self.endpoints is None or self.process is None:
+            raise ServerError("the server is not running")
+        return reload_model(self.endpoints.http_url, model, version, timeout_s)
 
     @property
     def log_path(self) -> Path:
