@@ -31,7 +31,7 @@ from . import tensorrt_build as trt_build
 from .onnx_export import ORT_LEVELS, count_onnx_macs, export_onnx, save_ort_optimized, validate_with_onnxruntime
 from .report import build_report, network_summary
 from .surgery import MaskMismatchError, Networks, SurgeryError, check_equivalence, prune, save_pruned
-from .triton_repo import RepositoryError, TritonModelOptions, write_model_version
+from .triton_repo import RepositoryError, TritonModelOptions, write_model_versions
 
 KINDS = ("dense", "pruned")
 REPORT_NAME = "export_report.json"
@@ -204,9 +204,10 @@ def run_export(args: argparse.Namespace) -> dict:
 
     try:
         triton = write_triton_models(args, run_dir, facts["engine"])
-    except RepositoryError as error:
-        raise ExportError(f"{error} (the run folder's artifacts are complete; export_report.json is written "
-                          "once the repository is: fix it and re-run)") from None
+    except (RepositoryError, OSError) as error:
+        raise ExportError(f"{error} (the model repository is as it was; the run folder's artifacts are "
+                          "complete, and export_report.json is written once the repository is: fix it and "
+                          "re-run)") from None
     report = build_report(
         run_name=run_dir.name, config=state["config"],
         dense_source=dense_source,
@@ -221,17 +222,18 @@ def run_export(args: argparse.Namespace) -> dict:
 
 
 def write_triton_models(args, run_dir: Path, engine: dict) -> dict:
-    """Add a version of <run>_dense and <run>_pruned; TensorRT plans are served only on target gpu."""
+    """Add a version of <run>_dense and <run>_pruned, both or neither; TensorRT plans are served only on
+    target gpu."""
     names = {kind: f"{run_dir.name}_{kind}" for kind in KINDS}
-    versions = {}
+    entries = []
     for kind in KINDS:
         plan = run_dir / f"{kind}.plan" if engine["built"] and args.target == "gpu" else None
         options = TritonModelOptions(target=args.target, max_batch_size=args.max_batch_size,
                                      engine_path=str(plan) if plan else None)
-        version_dir = write_model_version(args.repository, names[kind], run_dir / f"{kind}.onnx", options)
-        versions[kind] = str(version_dir)
+        entries.append((names[kind], run_dir / f"{kind}.onnx", options))
+    version_dirs = write_model_versions(args.repository, entries)
     return {"repository": str(args.repository), "target": args.target, "max_batch_size": args.max_batch_size,
-            "model_names": names, "versions": versions}
+            "model_names": names, "versions": {kind: str(path) for kind, path in zip(KINDS, version_dirs)}}
 
 
 def _print_summary(report: dict) -> None:

@@ -9,7 +9,10 @@ Targets
 Safety rules: a version a server may be serving is never touched (each export adds version n+1); a model
 folder holding anything this module did not write (tracked in `.polarprune.json`) is refused before any
 write; a version folder is built under a temporary name and renamed into place; every config.pbtxt is
-parsed into Triton's ModelConfig protobuf before it is written.
+parsed into Triton's ModelConfig protobuf before it is written. A write that fails (or is interrupted)
+puts config.pbtxt and the manifest back as they were; `write_model_versions` does that for several models
+at once, so an export adds both of its models or neither. Staging folders a killed process left behind
+are swept by the next write to that model.
 """
 from __future__ import annotations
 
@@ -18,7 +21,8 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import onnx
@@ -31,6 +35,8 @@ MANIFEST_NAME = ".polarprune.json"
 TARGETS = ("cpu", "gpu")
 PYTHON_MODEL_SOURCE = Path(__file__).with_name("triton_python_model.py")
 _TEMP_PREFIX = ".polarprune-tmp-"
+_ATOMIC_TEMPS = (".config.pbtxt.", f".{MANIFEST_NAME}.")   # common.atomicio's temporaries of our two files
+_STALE_TEMP_S = 600.0   # an atomic temporary lives for milliseconds; ten minutes old means its writer died
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
 
@@ -199,7 +205,7 @@ def _read_manifest(model_dir: Path) -> dict:
     except (ValueError, KeyError, TypeError) as bad:
         raise RepositoryError(f"{manifest_path} is unreadable ({bad}); fix or remove the folder") from None
     # Also ours: staging folders and common.atomicio temporaries a crashed export may have left.
-    leftovers = (_TEMP_PREFIX, ".config.pbtxt.", f".{MANIFEST_NAME}.")
+    leftovers = (_TEMP_PREFIX, *_ATOMIC_TEMPS)
     foreign = [name for name in entries
                if name not in owned and name != MANIFEST_NAME and not name.startswith(leftovers)]
     if foreign:
@@ -222,13 +228,73 @@ def _copy_synced(source: Path, dest: Path) -> None:
         os.fsync(copied.fileno())
 
 
-def write_model_version(repository: str | os.PathLike, model_name: str, onnx_path: str | os.PathLike,
-                        options: TritonModelOptions = TritonModelOptions()) -> Path:
-    """Add version n+1 of `model_name` (from `onnx_path`, or `options.engine_path`) and its config.
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
-    Returns the new version folder. Raises RepositoryError, with nothing written, when the model name,
-    the ONNX signature, the config or the folder's ownership is wrong.
-    """
+
+def _sweep_leftovers(model_dir: Path) -> None:
+    """Remove staging folders of processes that no longer run (named <prefix><version>-<pid>-...) and
+    atomic-write temporaries old enough that their writer cannot still be at work."""
+    if not model_dir.is_dir():
+        return
+    for entry in model_dir.iterdir():
+        if entry.name.startswith(_TEMP_PREFIX) and entry.is_dir():
+            parts = entry.name[len(_TEMP_PREFIX):].split("-")
+            owner = int(parts[1]) if len(parts) > 2 and parts[1].isdigit() else None
+            if owner is None or not _process_alive(owner):
+                shutil.rmtree(entry, ignore_errors=True)
+        elif entry.name.startswith(_ATOMIC_TEMPS) and entry.name.endswith(".tmp"):
+            try:
+                if time.time() - entry.stat().st_mtime > _STALE_TEMP_S:
+                    entry.unlink()
+            except FileNotFoundError:
+                pass
+
+
+@dataclass
+class _FolderState:
+    """What a model folder held before a write: enough to put it back exactly."""
+
+    model_dir: Path
+    existed: bool
+    files: dict[str, bytes | None] = field(default_factory=dict)   # config.pbtxt, manifest
+    added_version: Path | None = None
+
+    @classmethod
+    def capture(cls, model_dir: Path) -> "_FolderState":
+        files = {}
+        for name in ("config.pbtxt", MANIFEST_NAME):
+            path = model_dir / name
+            files[name] = path.read_bytes() if path.is_file() else None
+        return cls(model_dir, model_dir.exists(), files)
+
+    def restore(self) -> None:
+        """Undo the write: the new version folder goes (renamed away first, so a polling server never
+        sees half a folder), config.pbtxt and the manifest get their old bytes, a new model folder goes."""
+        if self.added_version is not None and self.added_version.exists():
+            doomed = self.model_dir / f"{_TEMP_PREFIX}rollback-{os.getpid()}-{self.added_version.name}"
+            os.rename(self.added_version, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
+        for name, data in self.files.items():
+            path = self.model_dir / name
+            if data is None:
+                path.unlink(missing_ok=True)
+            elif not path.is_file() or path.read_bytes() != data:
+                with atomic_path(path) as tmp:
+                    tmp.write_bytes(data)
+        if not self.existed and self.model_dir.is_dir() and not any(self.model_dir.iterdir()):
+            self.model_dir.rmdir()
+
+
+def _write_version(repository: str | os.PathLike, model_name: str, onnx_path: str | os.PathLike,
+                   options: TritonModelOptions) -> _FolderState:
+    """write_model_version's work; returns the folder's earlier state with the new version noted."""
     if not _MODEL_NAME.match(model_name):
         raise RepositoryError(f"invalid model name {model_name!r} (letters, digits, _ . -)")
     options.check()
@@ -248,10 +314,13 @@ def write_model_version(repository: str | os.PathLike, model_name: str, onnx_pat
 
     model_dir = Path(repository) / model_name
     manifest = _read_manifest(model_dir)
-    version = max(model_versions(model_dir) + [int(v) for v in manifest["versions"]] + [0]) + 1
-    model_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f"{_TEMP_PREFIX}{version}-", dir=model_dir))
+    state = _FolderState.capture(model_dir)
+    staging = None
     try:
+        _sweep_leftovers(model_dir)
+        version = max(model_versions(model_dir) + [int(v) for v in manifest["versions"]] + [0]) + 1
+        model_dir.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f"{_TEMP_PREFIX}{version}-{os.getpid()}-", dir=model_dir))
         for name, source in payload.items():
             _copy_synced(source, staging / name)
         # Manifest first: a crash after this leaves files the manifest already claims, never foreign ones.
@@ -266,7 +335,36 @@ def write_model_version(repository: str | os.PathLike, model_name: str, onnx_pat
             raise RepositoryError(f"{final} appeared while writing; re-run the export")
         os.chmod(staging, 0o755)  # mkdtemp makes it 0700
         os.rename(staging, final)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
-    return final
+        state.added_version = final
+    except BaseException:  # KeyboardInterrupt too: the folder goes back to what it was
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        state.restore()
+        raise
+    return state
+
+
+def write_model_version(repository: str | os.PathLike, model_name: str, onnx_path: str | os.PathLike,
+                        options: TritonModelOptions = TritonModelOptions()) -> Path:
+    """Add version n+1 of `model_name` (from `onnx_path`, or `options.engine_path`) and its config.
+
+    Returns the new version folder. Raises RepositoryError, with nothing written, when the model name,
+    the ONNX signature, the config or the folder's ownership is wrong; any other failure while writing
+    puts the folder back as it was and re-raises.
+    """
+    return _write_version(repository, model_name, onnx_path, options).added_version
+
+
+def write_model_versions(repository: str | os.PathLike,
+                         entries: list[tuple[str, str | os.PathLike, TritonModelOptions]]) -> list[Path]:
+    """Add a version of each (model_name, onnx_path, options), all or none: when one fails, the ones
+    already written are taken back and the repository is left as it was."""
+    written: list[_FolderState] = []
+    try:
+        for model_name, onnx_path, options in entries:
+            written.append(_write_version(repository, model_name, onnx_path, options))
+    except BaseException:
+        for state in reversed(written):
+            state.restore()
+        raise
+    return [state.added_version for state in written]
