@@ -4,8 +4,11 @@ export/triton_repo.py copies this file as `model.py` into every CPU version fold
 build has no onnxruntime backend, so this is how ONNX is served on CPU.
 
 `execute` receives every request of one dynamic batch: valid ones are concatenated into ONE
-`session.run` and the logits are split back; a bad request gets its own error response and never
-fails its neighbours or the model. Tunables come from the config's `parameters`:
+`session.run` and the logits are split back; a bad request (wrong dtype or shape, no images, NaN/Inf,
+which a classifier would turn into a silent argmax) gets its own INVALID_ARG error response and never
+fails its neighbours or the model. `initialize` refuses a config.pbtxt whose input or output disagrees
+with model.onnx, so the load fails with the reason instead of every request failing later.
+Tunables come from the config's `parameters`:
   intra_op_thread_count  onnxruntime intra-op threads (0 = onnxruntime decides)
   allow_spinning         "0" (default) stops idle ORT threads spinning, which on a small CPU steals
                          cycles from the other loaded model and from the client
@@ -25,6 +28,25 @@ def _parameter(config: dict, key: str, default: str) -> str:
     return entry["string_value"] if entry else default
 
 
+def _request_error(message: str):
+    """A client error (HTTP 400 / gRPC INVALID_ARGUMENT), not an internal one, where the stub has codes."""
+    code = getattr(pb_utils.TritonError, "INVALID_ARG", None)
+    return pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code)
+
+
+def _check_against_onnx(config: dict, session, onnx_path: str) -> None:
+    """config.pbtxt's input/output name and sample dims must be those of the ONNX graph."""
+    for kind, declared, actual in (("input", config["input"][0], session.get_inputs()[0]),
+                                   ("output", config["output"][0], session.get_outputs()[0])):
+        dims = [int(d) for d in declared["dims"]]
+        onnx_dims = [d if isinstance(d, int) else -1 for d in actual.shape[1:]]  # symbolic dims: any
+        fits = len(dims) == len(onnx_dims) and all(o in (-1, d) for d, o in zip(dims, onnx_dims))
+        if declared["name"] != actual.name or not fits:
+            raise ValueError(f"config.pbtxt declares {kind} '{declared['name']}' with dims {dims}, but "
+                             f"{onnx_path} has {kind} '{actual.name}' with dims {onnx_dims} (batch excluded); "
+                             f"re-export the model or fix config.pbtxt")
+
+
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         config = json.loads(args["model_config"])
@@ -40,7 +62,10 @@ class TritonPythonModel:
         options.add_session_config_entry(
             "session.intra_op.allow_spinning", _parameter(config, "allow_spinning", "0"))
         onnx_path = os.path.join(args["model_repository"], args["model_version"], "model.onnx")
+        if not os.path.isfile(onnx_path):
+            raise FileNotFoundError(f"{onnx_path} is missing: a version folder needs model.onnx beside model.py")
         self.session = ort.InferenceSession(onnx_path, options, providers=["CPUExecutionProvider"])
+        _check_against_onnx(config, self.session, onnx_path)
         self.session_input = self.session.get_inputs()[0].name
 
     def _checked_batch(self, request) -> np.ndarray:
@@ -54,8 +79,13 @@ class TritonPythonModel:
         if batch.ndim != len(self.sample_dims) + 1 or tuple(batch.shape[1:]) != self.sample_dims:
             raise ValueError(f"input '{self.input_name}' must have shape [N, "
                              f"{', '.join(map(str, self.sample_dims))}], got {list(batch.shape)}")
-        if not np.isfinite(batch).all():
-            raise ValueError(f"input '{self.input_name}' contains NaN or Inf")
+        if len(batch) == 0:
+            raise ValueError(f"input '{self.input_name}' holds no images (batch of 0)")
+        finite = np.isfinite(batch)
+        if not finite.all():  # one pass over the batch; the per-image detail only on failure
+            bad = np.flatnonzero(~finite.reshape(len(batch), -1).all(axis=1))
+            raise ValueError(f"input '{self.input_name}' contains NaN or Inf (image(s) "
+                             f"{', '.join(map(str, bad[:5]))}{' ...' if len(bad) > 5 else ''} of {len(batch)})")
         return batch
 
     def execute(self, requests):
@@ -66,7 +96,7 @@ class TritonPythonModel:
                 batches.append(self._checked_batch(request))
                 owners.append(i)
             except ValueError as bad:
-                responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(bad)))
+                responses[i] = pb_utils.InferenceResponse(error=_request_error(str(bad)))
         if batches:
             try:
                 logits = self.session.run(None, {self.session_input: np.concatenate(batches)})[0]
