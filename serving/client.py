@@ -124,12 +124,16 @@ class TritonClassifier:
             raise InputSpecError(f"{spec.name}: input shape must be {expected} with N >= 1, "
                                  f"got {list(images.shape)}")
         if images.dtype.kind == "f" and not np.isfinite(images).all():
-            raise InputSpecError(f"{spec.name}: input contains NaN or Inf")
+            bad = np.flatnonzero(~np.isfinite(images.reshape(len(images), -1)).all(axis=1))
+            raise InputSpecError(f"{spec.name}: input contains NaN or Inf (image(s) "
+                                 f"{', '.join(map(str, bad[:5]))}{' ...' if len(bad) > 5 else ''} of {len(images)})")
         return np.ascontiguousarray(images)
 
     # ---- inference -----------------------------------------------------------------------------
     def infer_once(self, batch: np.ndarray) -> np.ndarray:
-        """ONE request with an already checked batch (at most max_batch_size): the raw output."""
+        """ONE request with an already checked batch (at most max_batch_size): the raw output. Nothing is
+        checked here, so whatever is wrong (an oversize batch too) comes back as the server's ServingError;
+        `logits` checks first and splits large batches."""
         spec = self.spec
         # The array's own datatype is declared: if it is wrong, the server says so, not a local guess.
         tensor = self._module.InferInput(spec.input_name, list(batch.shape), np_to_triton_dtype(batch.dtype))
