@@ -201,7 +201,27 @@ def _model_problems(http_url: str, models: tuple[str, ...]) -> dict[str, str]:
             problems[model] = "not in the server's model repository"
         elif entry.get("state") != "READY":
             problems[model] = f"{entry.get('state', 'UNKNOWN')}: {entry.get('reason', '').strip()}"
+        else:
+            continue
+        if entry is None or not entry.get("reason", "").strip():
+            # The index keeps no reason for a config that does not parse or a model without versions;
+            # one explicit load attempt returns it (a server in another control mode refuses: keep ours).
+            status, body = _http_json(f"http://{http_url}/v2/repository/models/{model}/load", method="POST",
+                                      timeout=30.0)
+            if status not in (0, 200) and isinstance(body, dict) and body.get("error"):
+                problems[model] = f"{problems[model].rstrip(': ')}: {body['error'].strip()}"
     return problems
+
+
+def config_problem(config_path: Path) -> str | None:
+    """Why Triton could not parse this config.pbtxt (protobuf's line:column message), or None."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+    try:
+        text_format.Parse(config_path.read_text(errors="replace"), model_config_pb2.ModelConfig())
+    except text_format.ParseError as error:
+        return f"{config_path}: not a valid model config ({error})"
+    return None
 
 
 def _set_parent_death_signal() -> None:
@@ -256,6 +276,10 @@ class LocalTriton:
         missing = [m for m in cfg.models if not (repository / m / "config.pbtxt").is_file()]
         if missing:
             raise ServerError(f"model(s) {missing} not found in {repository} (run make export first)")
+        unreadable = {m: why for m in cfg.models if (why := config_problem(repository / m / "config.pbtxt"))}
+        if unreadable:  # Triton itself would only say "failed to poll from model repository"
+            detail = "\n".join(f"  {m}: {why}" for m, why in unreadable.items())
+            raise ServerError(f"model config(s) that Triton cannot parse:\n{detail}")
         install = find_triton_install()
         for port in (cfg.http_port, cfg.grpc_port):
             if port and not port_is_free(port):

@@ -460,10 +460,9 @@ def _require_triton():
 def test_server_names_every_model_that_fails_to_load(tmp_path, tiny_onnx):
     _require_triton()
     repo = tmp_path / "repo"
-    broken = ["garbage_config", "no_version", "no_model_file", "dims_disagree"]
+    broken = ["no_version", "no_model_file", "dims_disagree"]
     for name in [*broken, "fine"]:
         write_model_version(repo, name, tiny_onnx, TritonModelOptions(warmup=False))
-    (repo / "garbage_config" / "config.pbtxt").write_text("this is { not a model config")
     shutil.rmtree(repo / "no_version" / "1")
     (repo / "no_model_file" / "1" / "model.onnx").unlink()
     config = repo / "dims_disagree" / "config.pbtxt"
@@ -477,10 +476,22 @@ def test_server_names_every_model_that_fails_to_load(tmp_path, tiny_onnx):
     assert "failed to load" in message
     reported = {line.split(":")[0].strip() for line in message.splitlines() if line.startswith("  ")}
     assert set(broken) <= reported and "fine" not in reported, message
-    # Where Triton passes a reason on, it is ours from model.py, naming the file and the mismatch.
+    # Triton's reason where its index has none (asked for with one load attempt) ...
+    assert "at least one version must be available" in message
+    # ... and ours from model.py, naming the file and the mismatch.
     assert "no_model_file/1/model.onnx is missing" in message
     assert "declares input 'input' with dims [1, 8, 9]" in message and "dims [1, 8, 8]" in message
     assert triton.process is None  # stopped, not left running
+
+
+def test_config_that_triton_cannot_parse_is_named_before_starting(tmp_path, tiny_onnx):
+    repo = tmp_path / "repo"
+    write_model_version(repo, "garbage_config", tiny_onnx, TritonModelOptions(warmup=False))
+    (repo / "garbage_config" / "config.pbtxt").write_text("this is { not a model config")
+    triton = LocalTriton(LocalTritonConfig(repo, ("garbage_config",)))
+    with pytest.raises(ServerError, match=r"garbage_config/config.pbtxt: not a valid model config \(1:1"):
+        triton.start()
+    assert triton.process is None
 
 
 def test_repository_without_the_model_fails_before_starting(tmp_path):

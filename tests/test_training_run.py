@@ -153,3 +153,15 @@ def test_sigkilled_run_resumes_to_the_mask_of_an_uninterrupted_run(tmp_path, pol
         assert (tmp_path / "run" / name).is_file(), name
     _, mask = load_mask(tmp_path / "run" / "mask.json")  # valid, and the one metrics.json reports
     assert {unit: len(kept) for unit, kept in mask.kept_channels.items()} == resumed["kept_channels"]
+
+
+def test_resume_from_a_checkpoint_without_optimizer_state_is_refused(tmp_path, polarized_run):
+    from training.checkpoint import save_checkpoint
+    run_dir, _ = polarized_run
+    state = load_checkpoint(run_dir / "checkpoint.pt")
+    del state["optimizer"], state["rng"]
+    state.pop("format"), state.pop("version")
+    save_checkpoint(tmp_path / "run" / "checkpoint.pt", state)
+    with pytest.raises(RunError, match="holds no optimizer or rng state; it can be exported but not resumed"):
+        train(quick_config(tmp_path, target_flops_ratio=0.5), resume=True)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoint.pt"]

@@ -34,7 +34,7 @@ from .models import build_model
 from .plots import write_plots
 
 # Keys that may differ between the interrupted run and its resume (they do not change the result).
-RESUME_FREE_KEYS = {"progress", "device", "threads", "epochs"}
+RESUME_FREE_KEYS = {"progress", "device", "threads", "epochs", "out_dir", "name"}  # a moved run folder resumes
 
 
 class RunError(RuntimeError):
@@ -177,6 +177,10 @@ def _train(cfg: TrainConfig, resume: bool, cluster: Cluster, device: torch.devic
                    and state["config"].get(k) != getattr(cfg, k)}
         if changed:
             raise RunError(f"--resume with a different config: {', '.join(sorted(changed))} changed")
+        lacking = [key for key in ("optimizer", "rng") if key not in state]
+        if lacking:
+            raise RunError(f"--resume: {checkpoint_path} holds no {' or '.join(lacking)} state; it can be "
+                           "exported but not resumed")
         model = model_from_checkpoint(state, checkpoint_path)
         method.load_state_dict(state.get("method_state", {}))
         start_epoch, history = state["epoch"], state.get("history", [])
