@@ -131,3 +131,14 @@ def test_activation_density_resizes_alike_on_every_rank(tmp_path):
     ranks = metrics["distributed"]["rank_fingerprints"]
     assert ranks[0] == ranks[1]
     assert metrics["resizes"][0]["changed"] and metrics["flops_ratio"] < 1
+
+
+def test_two_gpu_processes_train_with_nccl(tmp_path):
+    if torch.cuda.device_count() < 2:
+        pytest.skip(f"needs 2 CUDA devices for NCCL, torch sees {torch.cuda.device_count()}")
+    result = run_parallel({**TINY, "epochs": 2, "device": "cuda", "out_dir": tmp_path, "name": "run"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["distributed"]["backend"] == "nccl" and metrics["device"] == "cuda:0"
+    ranks = metrics["distributed"]["rank_fingerprints"]
+    assert ranks[0] == ranks[1]
