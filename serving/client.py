@@ -134,6 +134,10 @@ class TritonClassifier:
         """ONE request with an already checked batch (at most max_batch_size): the raw output. Nothing is
         checked here, so whatever is wrong (an oversize batch too) comes back as the server's ServingError;
         `logits` checks first and splits large batches."""
+        return self.infer_versioned(batch)[0]
+
+    def infer_versioned(self, batch: np.ndarray) -> tuple[np.ndarray, str]:
+        """`infer_once`, plus the model version that answered (it changes when a new version is loaded)."""
         spec = self.spec
         # The array's own datatype is declared: if it is wrong, the server says so, not a local guess.
         tensor = self._module.InferInput(spec.input_name, list(batch.shape), np_to_triton_dtype(batch.dtype))
@@ -152,7 +156,9 @@ class TritonClassifier:
             raise _relay(self.model_name, failed) from None
         except OSError as failed:  # HTTP connection refused/reset
             raise ServingError(self.model_name, "connection", str(failed)) from None
-        return result.as_numpy(spec.output_name)
+        response = result.get_response()
+        version = response.get("model_version", "") if self.protocol == "http" else response.model_version
+        return result.as_numpy(spec.output_name), str(version)
 
     def logits(self, images) -> np.ndarray:
         """Raw outputs for any number of images (split into requests of at most max_batch_size)."""

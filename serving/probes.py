@@ -14,11 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-import tritonclient.grpc as grpcclient
-import tritonclient.http as httpclient
-from tritonclient.utils import np_to_triton_dtype
 
-from serving.client import ModelSpec, TritonClassifier
+from serving.client import TritonClassifier
 from serving.perf_analyzer import find_perf_analyzer
 from serving.run_artifacts import RunArtifacts
 from serving.server import Endpoints
@@ -154,37 +151,6 @@ def probe_latency(endpoints: Endpoints, models: dict[str, str], images: np.ndarr
 
 
 # ---- closed-loop load (throughput sweep here; load test and energy in loadtest.py) --------------
-class _Requester:
-    """One load client's own connection: a request with a deadline, returning (output, version that
-    answered). TritonClassifier.infer_once does not expose the answering version, which reloads need."""
-
-    def __init__(self, url: str, protocol: str, spec: ModelSpec, timeout_s: float):
-        self.protocol, self.spec, self.timeout_s = protocol, spec, timeout_s
-        if protocol == "http":  # bound to the thread (gevent hub) that creates it
-            self._client = httpclient.InferenceServerClient(url, connection_timeout=timeout_s,
-                                                            network_timeout=timeout_s)
-        else:
-            self._client = grpcclient.InferenceServerClient(url)
-
-    def infer(self, batch: np.ndarray) -> tuple[np.ndarray, str]:
-        module = httpclient if self.protocol == "http" else grpcclient
-        tensor = module.InferInput(self.spec.input_name, list(batch.shape), np_to_triton_dtype(batch.dtype))
-        if self.protocol == "http":
-            tensor.set_data_from_numpy(batch, binary_data=True)
-            result = self._client.infer(self.spec.name, [tensor], outputs=[
-                httpclient.InferRequestedOutput(self.spec.output_name, binary_data=True)])
-            version = result.get_response().get("model_version", "")
-        else:
-            tensor.set_data_from_numpy(batch)
-            result = self._client.infer(self.spec.name, [tensor], client_timeout=self.timeout_s,
-                                        outputs=[grpcclient.InferRequestedOutput(self.spec.output_name)])
-            version = result.get_response().model_version
-        return result.as_numpy(self.spec.output_name), str(version)
-
-    def close(self) -> None:
-        self._client.close()
-
-
 def _drive(url: str, protocol: str, model: str, batch: np.ndarray, concurrency: int, seconds: float, *,
            timeout_s: float = 60.0, stop: threading.Event | None = None,
            max_requests_per_client: int = 100_000, max_errors_kept: int = 5) -> dict:
@@ -213,7 +179,7 @@ def _drive(url: str, protocol: str, model: str, batch: np.ndarray, concurrency: 
     def client_loop(slot: int) -> None:
         requester = None
         try:
-            requester = _Requester(url, protocol, spec, timeout_s)
+            requester = TritonClassifier(url, model, protocol, timeout_s=timeout_s)
         except Exception as problem:  # still meet the barrier so the others are not stuck
             failed(slot, problem)
         ready.wait()
@@ -222,7 +188,7 @@ def _drive(url: str, protocol: str, model: str, batch: np.ndarray, concurrency: 
                    and counts[slot] + failures[slot] < max_requests_per_client):
                 start = time.perf_counter_ns()
                 try:
-                    output, version = requester.infer(batch)
+                    output, version = requester.infer_versioned(batch)
                     if output is None or output.shape != expected_shape:
                         raise ValueError(f"output shape {None if output is None else list(output.shape)}, "
                                          f"expected {list(expected_shape)}")

@@ -26,7 +26,7 @@ from .arch import make_spec
 from .checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import BatchIterator, load_splits
-from .distributed import Cluster, DistributedError, check_consensus, fingerprint, start_cluster, structure_key
+from .distributed import Cluster, check_consensus, fingerprint, start_cluster, structure_key
 from .flops import count_macs, count_params, layer_costs
 from .mask import mask_document, save_mask
 from .methods import RunContext, make_method
