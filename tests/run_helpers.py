@@ -1,12 +1,15 @@
 """Launching training as a real subprocess, and killing it the way a crash would."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from common.energy import process_tree
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
@@ -21,11 +24,18 @@ def training_command(settings: dict, nproc: int = 1) -> list[str]:
     return launcher + [f"--set={key}={value}" for key, value in settings.items()]
 
 
+def _gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"  # zombie: dead
+    except (OSError, IndexError):
+        return True
+
+
 def kill_after_first_checkpoint(command: list[str], checkpoint: Path, timeout_s: float = 300) -> None:
-    """Start `command`, SIGKILL its whole process group (launcher and workers) the moment the first
-    checkpoint lands: nothing gets to clean up, as after a crash or an OOM kill."""
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV,
-                               start_new_session=True)
+    """Start `command`, SIGKILL it and every process under it (torchrun's workers run in sessions of
+    their own, so a process-group kill would miss them) the moment the first checkpoint lands: nothing
+    gets to clean up or write on, as after a crash or an OOM kill."""
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV)
     deadline = time.monotonic() + timeout_s
     try:
         while not checkpoint.exists():
@@ -33,5 +43,12 @@ def kill_after_first_checkpoint(command: list[str], checkpoint: Path, timeout_s:
             assert time.monotonic() < deadline, f"no checkpoint within {timeout_s:.0f} s"
             time.sleep(0.05)
     finally:
-        os.killpg(process.pid, signal.SIGKILL)
+        doomed = process_tree(process.pid)  # listed before the kill: orphans no longer hang below it
+        for pid in doomed:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         process.wait()
+        deadline = time.monotonic() + 30
+        while not all(_gone(pid) for pid in doomed):
+            assert time.monotonic() < deadline, "killed processes still running after 30 s"
+            time.sleep(0.05)

@@ -32,6 +32,18 @@ def test_frozen_gate_is_constant_and_passes_no_gradient():
     assert not values.requires_grad
 
 
+def test_a_gate_loaded_frozen_stops_training_like_one_frozen_in_place():
+    frozen = Gate(4, dynamic_in=3)
+    frozen.freeze(torch.tensor([1.0, 0.0, 1.0, 0.0]))
+    loaded = Gate(4, dynamic_in=3)
+    loaded.load_state_dict(frozen.state_dict())
+    assert loaded.is_frozen and torch.equal(loaded(), frozen())
+    assert not any(p.requires_grad for p in loaded.parameters())  # a resumed run must not wait for them
+    open_gate = Gate(4)
+    open_gate.load_state_dict(Gate(4).state_dict())
+    assert open_gate.score.requires_grad
+
+
 def test_polarization_drives_gates_to_zero_or_one():
     torch.manual_seed(0)
     scores = torch.nn.Parameter(torch.randn(64) * 0.1)

@@ -63,9 +63,19 @@ class Gate(nn.Module):
         """Fix the gate to a 0/1 mask; the score stops receiving gradients through the forward pass."""
         self.frozen_mask.copy_(mask.to(self.frozen_mask))
         self.frozen.fill_(1.0)
+        self._stop_training()
+
+    def _stop_training(self) -> None:
         self.score.requires_grad_(False)
         if self.head is not None:
             self.head.requires_grad_(False)
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        # requires_grad is not part of a state dict: a gate loaded frozen must stop training here, or a
+        # resumed run holds scores that want gradients and never get any (DDP refuses to go on).
+        if self.is_frozen:
+            self._stop_training()
 
 
 def gate_multiplier(values: torch.Tensor, ndim: int) -> torch.Tensor:
