@@ -20,7 +20,7 @@ import resource
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable
 
 RAPL_ROOT = Path("/sys/class/powercap")
 DEFAULT_WATTS_PER_CORE = 4.4
@@ -213,17 +213,3 @@ class EnergyMeter:
             joules["gpu"], sources["gpu"] = (gpu1 - gpu0) / 1e3, "nvml"
         return EnergyReading(sum(joules.values()), t1 - t0, cpu, sources, joules,
                              any(s == "estimate" for s in sources.values()), self.scope, notes)
-
-
-def measure(work: Callable[[], object], **meter_options) -> tuple[object, EnergyReading]:
-    """Run `work()` under a meter; (its result, the reading)."""
-    meter = EnergyMeter(**meter_options).start()
-    result = work()
-    return result, meter.stop()
-
-
-def sum_readings(readings: Iterable[EnergyReading]) -> EnergyReading | None:
-    total = None
-    for reading in readings:
-        total = reading if total is None else total + reading
-    return total

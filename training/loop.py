@@ -7,6 +7,7 @@ rank (training/distributed.py); rank 0 alone writes.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -206,9 +207,11 @@ def _train(cfg: TrainConfig, resume: bool, cluster: Cluster, device: torch.devic
 
     show = cfg.progress and cluster.is_main
     forward, forward_key = model, None
+    meter = EnergyMeter(scope=f"training steps of {cluster.world_size} processes" if cluster.distributed
+                        else "training steps")
     for epoch in range(start_epoch, cfg.epochs):
         started = time.perf_counter()
-        meter = EnergyMeter(scope="the training processes").start()
+        meter.start()
         new_model = method.start_epoch(model, epoch, ctx)
         if new_model is not model:  # the method resized the network: fresh optimisers for the new shapes
             model = new_model.to(device)
@@ -267,12 +270,8 @@ def add_energy(total: EnergyReading | None, epoch: EnergyReading, cluster: Clust
     counted = [epoch.component_joules[k] if epoch.sources[k] == "estimate" or cluster.local_rank == 0 else 0.0
                for k in parts]
     *joules, cpu_seconds = cluster.sum(counted + [epoch.cpu_seconds])
-    if cluster.distributed:
-        epoch = EnergyReading(sum(joules), epoch.seconds, cpu_seconds, epoch.sources, dict(zip(parts, joules)),
-                              epoch.estimated, f"training steps of {cluster.world_size} processes",
-                              epoch.assumptions)
-    else:
-        epoch.scope = "training steps"
+    epoch = dataclasses.replace(epoch, joules=sum(joules), cpu_seconds=cpu_seconds,
+                                component_joules=dict(zip(parts, joules)))
     return epoch if total is None else total + epoch
 
 
