@@ -1,7 +1,8 @@
 """How one layer is cut: a smaller copy of a conv, batch norm or linear that keeps chosen channels.
 
 Both stages use these: training shrinks a network while it trains (activation density), export cuts the
-trained network down to its mask (`export.surgery`). `kept` is a LongTensor of channel indices.
+trained network down to its mask. `kept` is a LongTensor of channel indices. `CUTS` maps (module type,
+layer kind from `training.graph`) to one cut taking the kept input and output indices (None: all).
 """
 from __future__ import annotations
 
@@ -27,11 +28,7 @@ def cut_conv_in(conv: nn.Conv2d, kept: torch.Tensor) -> nn.Conv2d:
 
 
 def cut_batchnorm(bn: nn.BatchNorm2d, kept: torch.Tensor) -> nn.BatchNorm2d:
-    cut = nn.BatchNorm2d(len(kept), bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
-    for name, tensor in list(bn.named_parameters()) + list(bn.named_buffers()):
-        # num_batches_tracked is a scalar counter, not per channel
-        getattr(cut, name).data.copy_(tensor.data if tensor.dim() == 0 else tensor.data[kept])
-    return cut.train(bn.training)
+    return cut_norm(bn, kept)
 
 
 def cut_linear_in(linear: nn.Linear, kept: torch.Tensor) -> nn.Linear:
@@ -40,3 +37,47 @@ def cut_linear_in(linear: nn.Linear, kept: torch.Tensor) -> nn.Linear:
     if linear.bias is not None:
         cut.bias.data.copy_(linear.bias.data)
     return cut
+
+
+def cut_depthwise(conv: nn.Conv2d, kept: torch.Tensor) -> nn.Conv2d:
+    """A depthwise conv keeps the same channels on both sides, one filter each."""
+    cut = nn.Conv2d(len(kept), len(kept), conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                    len(kept), conv.bias is not None, conv.padding_mode)
+    cut.weight.data.copy_(conv.weight.data[kept])
+    if conv.bias is not None:
+        cut.bias.data.copy_(conv.bias.data[kept])
+    return cut
+
+
+def cut_linear_out(linear: nn.Linear, kept: torch.Tensor) -> nn.Linear:
+    cut = nn.Linear(linear.in_features, len(kept), linear.bias is not None)
+    cut.weight.data.copy_(linear.weight.data[kept])
+    if linear.bias is not None:
+        cut.bias.data.copy_(linear.bias.data[kept])
+    return cut
+
+
+def cut_norm(norm: nn.modules.batchnorm._BatchNorm, kept: torch.Tensor):
+    # num_batches_tracked is a scalar counter, not per channel
+    kind = nn.BatchNorm1d if isinstance(norm, nn.BatchNorm1d) else nn.BatchNorm2d  # gated subclasses: plain
+    cut = kind(len(kept), norm.eps, norm.momentum, norm.affine, norm.track_running_stats)
+    for name, tensor in list(norm.named_parameters()) + list(norm.named_buffers()):
+        getattr(cut, name).data.copy_(tensor.data if tensor.dim() == 0 else tensor.data[kept])
+    return cut.train(norm.training)
+
+
+def _both_sides(cut_out, cut_in):
+    def cut(module, keep_in, keep_out):
+        if keep_out is not None:
+            module = cut_out(module, keep_out)
+        return cut_in(module, keep_in) if keep_in is not None else module
+    return cut
+
+
+CUTS = {
+    (nn.Conv2d, "conv"): _both_sides(cut_conv_out, cut_conv_in),
+    (nn.Conv2d, "depthwise"): lambda conv, keep_in, _keep_out: cut_depthwise(conv, keep_in),
+    (nn.Linear, "linear"): _both_sides(cut_linear_out, cut_linear_in),
+    (nn.BatchNorm1d, "norm"): lambda norm, _keep_in, keep_out: cut_norm(norm, keep_out),
+    (nn.BatchNorm2d, "norm"): lambda norm, _keep_in, keep_out: cut_norm(norm, keep_out),
+}

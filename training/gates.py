@@ -136,3 +136,26 @@ def consensus_disagreement(probs: torch.Tensor) -> torch.Tensor:
     if probs.dim() < 2:
         return probs.new_zeros(())
     return (probs - probs.mean(dim=0, keepdim=True)).abs().mean()
+
+
+def polarizer(channel_probs: list[torch.Tensor], block_probs: list[torch.Tensor], t: float,
+              center: str = "threshold") -> torch.Tensor:
+    """The polarizing term of a whole network: the mean over channel groups of each group's polarizer,
+    plus one over all block gates together (a single block gate cannot polarize on its own)."""
+    per_input = [p.mean(dim=0) if p.dim() > 1 else p for p in channel_probs]
+    total = torch.stack([polarization(p, t, center) for p in per_input]).mean() if per_input else None
+    if block_probs:
+        blocks = polarization(torch.cat([p.mean(dim=0) if p.dim() > 1 else p for p in block_probs]), t, center)
+        total = blocks if total is None else total + blocks
+    if total is None:
+        raise ValueError("the network has no gates to polarize")
+    return total
+
+
+def kept_target(progress: float, final: float, warmup_fraction: float, ramp_fraction: float) -> float:
+    """The kept-FLOPs target at `progress` (share of all steps): 1 until warm-up ends, then linearly down
+    to `final` at `ramp_fraction`. Closing everything at once overshoots, and the polarizer then locks
+    gates shut."""
+    span = max(ramp_fraction - warmup_fraction, 1e-9)
+    done = min(1.0, max(0.0, (progress - warmup_fraction) / span))
+    return 1.0 - (1.0 - final) * done

@@ -10,6 +10,7 @@ import json
 import reprlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -49,8 +50,26 @@ def mask_macs(costs: list[LayerCost], spec: Spec, mask: Mask) -> float:
 
 def finalize_mask(spec: Spec, decisions: dict[str, GateDecision], costs: list[LayerCost], round_to: int,
                   target_ratio: float | None, tolerance: float) -> Mask:
-    """Deployable mask from gate decisions; see the module docstring."""
-    layers, blocks = prunable_layers(spec), set(residual_blocks(spec))
+    """Deployable mask of a spec network (a residual block's gate closes its unit); see `choose_mask`."""
+    problem = MaskProblem(prunable_layers(spec), {name: [name] for name in residual_blocks(spec)},
+                          lambda mask: mask_macs(costs, spec, mask))
+    blocks = {name: (decisions[name].block_open, decisions[name].block_conf) for name in residual_blocks(spec)}
+    return choose_mask(problem, decisions, blocks, round_to, target_ratio, tolerance)
+
+
+@dataclass
+class MaskProblem:
+    """What a mask chooses among: prunable channel groups and their widths, residual blocks with the groups
+    that go when they close, and the kept MACs of a mask."""
+    widths: dict[str, int]
+    block_groups: dict[str, list[str]]
+    macs: Callable[[Mask], float]
+
+
+def choose_mask(problem: MaskProblem, decisions: dict[str, GateDecision], blocks: dict[str, tuple[bool, float]],
+                round_to: int, target_ratio: float | None, tolerance: float) -> Mask:
+    """Deployable mask from gate decisions (`blocks`: block -> (open, confidence)); see the module docstring."""
+    layers, inside = problem.widths, problem.block_groups
     # Channels in the order they are kept: open ones first, then by confidence.
     order = {name: torch.argsort(d.channel_conf + d.channel_open.float(), descending=True).tolist()
              for name, d in decisions.items()}
@@ -58,67 +77,71 @@ def finalize_mask(spec: Spec, decisions: dict[str, GateDecision], costs: list[La
     def step(name: str) -> int:
         return min(round_to, layers[name])
 
-    def to_mask(widths: dict[str, int]) -> Mask:
-        return Mask({n: sorted(order[n][:k]) for n, k in widths.items() if k > 0},
-                    sorted(n for n, k in widths.items() if k == 0))
+    def to_mask(widths: dict[str, int], closed: frozenset[str]) -> Mask:
+        gone = {group for block in closed for group in inside[block]}
+        return Mask({n: sorted(order[n][:k]) for n, k in widths.items() if n not in gone}, sorted(closed))
 
     def confidence(name: str, lo: int, hi: int) -> float:
-        """What the gates said about channels lo..hi of the keep order (a block's own gate when all go)."""
-        conf = float(decisions[name].channel_conf[order[name][lo:hi]].sum())
-        return conf * decisions[name].block_conf if lo == 0 and name in blocks else conf
+        return float(decisions[name].channel_conf[order[name][lo:hi]].sum())
 
-    dense = mask_macs(costs, spec, to_mask(dict(layers)))
+    def block_confidence(block: str, widths: dict[str, int]) -> float:
+        """What closing a block throws away: its gate's confidence times its groups' kept channels."""
+        kept = sum(confidence(group, 0, widths[group]) for group in inside[block])
+        return blocks[block][1] * (kept if inside[block] else 1.0)
 
-    def ratio(widths: dict[str, int]) -> float:
-        return mask_macs(costs, spec, to_mask(widths)) / dense
+    dense = problem.macs(to_mask(dict(layers), frozenset()))
 
-    # Kept width per unit; 0 closes a residual block. Plain layers never go below one group.
+    def ratio(widths: dict[str, int], closed: frozenset[str]) -> float:
+        return problem.macs(to_mask(widths, closed)) / dense
+
     kept: dict[str, int] = {}
     for name, width in layers.items():
-        decision = decisions[name]
-        n_open = int(decision.channel_open.sum())
-        if name in blocks and (not decision.block_open or n_open == 0):
-            kept[name] = 0
-        else:
-            kept[name] = min(width, max(step(name), step(name) * round(n_open / step(name))))
+        n_open = int(decisions[name].channel_open.sum())
+        kept[name] = min(width, max(step(name), step(name) * round(n_open / step(name))))
+    # A block closes when its gate says so or every channel of a group inside it closed.
+    closed = frozenset(b for b, (is_open, _) in blocks.items()
+                       if not is_open or any(int(decisions[g].channel_open.sum()) == 0 for g in inside[b]))
     if target_ratio is None:
-        return to_mask(kept)
+        return to_mask(kept, closed)
 
     def shrink_moves():
+        gone = {group for block in closed for group in inside[block]}
         for name, k in kept.items():
-            if k - step(name) >= step(name):
-                yield name, k - step(name), confidence(name, k - step(name), k)
-            if name in blocks and k > 0:
-                yield name, 0, confidence(name, 0, k)
+            if name not in gone and k - step(name) >= step(name):
+                yield {**kept, name: k - step(name)}, closed, confidence(name, k - step(name), k)
+        for block in blocks:
+            if block not in closed:
+                yield kept, closed | {block}, block_confidence(block, kept)
 
     def grow_moves():
+        gone = {group for block in closed for group in inside[block]}
         for name, k in kept.items():
-            new_k = step(name) if k == 0 else k + step(name)
-            if new_k <= layers[name]:
-                yield name, new_k, confidence(name, k, new_k)
+            if name not in gone and k + step(name) <= layers[name]:
+                yield {**kept, name: k + step(name)}, closed, confidence(name, k, k + step(name))
+        for block in closed:
+            yield kept, closed - {block}, block_confidence(block, kept)
 
     # Shrink: least confidence lost per MAC saved, preferring moves that stay inside the band.
-    while (current := ratio(kept)) > target_ratio + tolerance:
+    while (current := ratio(kept, closed)) > target_ratio + tolerance:
         candidates = []
-        for name, new_k, conf in shrink_moves():
-            after = ratio({**kept, name: new_k})
-            candidates.append((after < target_ratio - tolerance, conf / max(current - after, 1e-12), name, new_k))
+        for widths, blocks_closed, conf in shrink_moves():
+            after = ratio(widths, blocks_closed)
+            candidates.append((after < target_ratio - tolerance, conf / max(current - after, 1e-12),
+                               len(candidates), widths, blocks_closed))
         if not candidates:
             break
-        _, _, name, new_k = min(candidates)
-        kept[name] = new_k
+        *_, kept, closed = min(candidates, key=lambda c: c[:3])
     # Grow back where gates or rounding overshot: most confidence gained per MAC, never past the band.
-    while (current := ratio(kept)) < target_ratio - tolerance:
+    while (current := ratio(kept, closed)) < target_ratio - tolerance:
         candidates = []
-        for name, new_k, conf in grow_moves():
-            after = ratio({**kept, name: new_k})
+        for widths, blocks_closed, conf in grow_moves():
+            after = ratio(widths, blocks_closed)
             if after <= target_ratio + tolerance:
-                candidates.append((conf / max(after - current, 1e-12), name, new_k))
+                candidates.append((conf / max(after - current, 1e-12), -len(candidates), widths, blocks_closed))
         if not candidates:
             break
-        _, name, new_k = max(candidates)
-        kept[name] = new_k
-    return to_mask(kept)
+        *_, kept, closed = max(candidates, key=lambda c: c[:2])
+    return to_mask(kept, closed)
 
 
 def mask_document(model_name: str, dense_spec: Spec, mask: Mask, costs: list[LayerCost], round_to: int) -> dict:

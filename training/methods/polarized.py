@@ -14,7 +14,8 @@ import torch
 
 from ..arch import residual_blocks
 from ..flops import gated_macs, layer_costs
-from ..gates import Gate, consensus_disagreement, polarization
+from ..gates import Gate, consensus_disagreement, kept_target
+from ..gates import polarizer as gates_polarizer
 from ..mask import GateDecision, Mask, finalize_mask, mask_macs
 from ..models import GateOptions, SpecNet, build_model
 from .base import Method, RunContext
@@ -65,32 +66,22 @@ class PolarizedMethod(Method):
         if progress < self.cfg.warmup_fraction:
             return None, {"kept_flops": self.last_ratio}
         cfg = self.cfg
-        channel_terms, block_probs, disagreement = [], [], []
+        channel_probs, block_probs = [], []
         for path, gate in gates.items():
-            probs = gate.last_probs
-            disagreement.append(consensus_disagreement(probs))
-            mean_probs = probs.mean(dim=0) if probs.dim() > 1 else probs
-            if path.endswith(".block_gate"):
-                block_probs.append(mean_probs)
-            else:
-                channel_terms.append(polarization(mean_probs, cfg.polarization_t, cfg.polarization_center))
-        polarizer = torch.stack(channel_terms).mean()
-        if block_probs:  # one block gate alone cannot polarize: blocks form one group
-            polarizer = polarizer + polarization(torch.cat(block_probs), cfg.polarization_t, cfg.polarization_center)
+            (block_probs if path.endswith(".block_gate") else channel_probs).append(gate.last_probs)
+        polarizer = gates_polarizer(channel_probs, block_probs, cfg.polarization_t, cfg.polarization_center)
         # Squared: the push fades as the ratio tracks the ramped target, so near it the task loss decides
         # which gates close (with abs, the constant push closed gates regardless of their use).
         loss = cfg.flops_weight * (ratio - self.target_at(progress)) ** 2 + cfg.polarization_weight * polarizer
         if cfg.dynamic_gates:
+            disagreement = [consensus_disagreement(gate.last_probs) for gate in gates.values()]
             loss = loss + cfg.consensus_weight * torch.stack(disagreement).mean()
         return loss, {"kept_flops": self.last_ratio}
 
     def target_at(self, progress: float) -> float:
-        """The kept-FLOPs target of this step: 1 until warm-up ends, then linearly down to the final target
-        at ramp_fraction. Closing everything at once overshoots, and the polarizer then locks gates shut."""
+        """The kept-FLOPs target of this step (`training.gates.kept_target`)."""
         cfg = self.cfg
-        span = max(cfg.ramp_fraction - cfg.warmup_fraction, 1e-9)
-        done = min(1.0, max(0.0, (progress - cfg.warmup_fraction) / span))
-        return 1.0 - (1.0 - cfg.target_flops_ratio) * done
+        return kept_target(progress, cfg.target_flops_ratio, cfg.warmup_fraction, cfg.ramp_fraction)
 
     def start_epoch(self, model: SpecNet, epoch: int, ctx: RunContext) -> SpecNet:
         freeze_epoch = min(ctx.total_epochs, max(1, round(self.cfg.freeze_fraction * ctx.total_epochs)))

@@ -1,0 +1,165 @@
+"""Users' own networks through the Python API: gates from one trace, a short training, prune, ONNX.
+
+For each architecture: every parameter (gate scores included) gets a gradient, the pruned network equals
+the gated one with the same hard mask to 1e-4, onnxruntime runs its ONNX, and the ONNX graph's MACs equal
+the cost model's prediction. Patterns no cut handles are pinned with the layer and the reason, or refused.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from export.onnx_export import count_onnx_macs, export_onnx, run_onnxruntime
+from training.api import load_pruned, polarize, save_pruned
+from training.gating import MaskError, mask_macs
+from training.graph import GraphError
+from training.mask import Mask
+
+from user_networks import (BranchingNet, ConcatNet, GroupNormNet, MobileNetV2, SENet, ShuffleNet, VGG,
+                           resnet18, resnet50)
+
+ARCHITECTURES = {
+    "resnet18": resnet18, "resnet50": resnet50, "mobilenet_v2": MobileNetV2, "vgg_bn": VGG,
+    "concat": ConcatNet, "squeeze_excite": SENet,
+}
+# What each architecture must offer the gates: (channel groups at least, residual blocks exactly).
+EXPECTED = {"resnet18": (12, 8), "resnet50": (37, 16), "mobilenet_v2": (16, 5), "vgg_bn": (6, 0),
+            "concat": (5, 0), "squeeze_excite": (5, 2)}
+
+
+def _train(gated, steps: int = 3) -> None:
+    """A few SGD steps on random data with the task loss plus the gate penalty past warm-up."""
+    optimizer = torch.optim.SGD(gated.parameters(), lr=0.01, momentum=0.9)
+    gated.train()
+    for step in range(steps):
+        images, labels = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+        loss = torch.nn.functional.cross_entropy(gated(images), labels) + gated.penalty(0.3 + 0.1 * step)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_gate_train_prune_export(name, tmp_path):
+    torch.manual_seed(0)
+    network = ARCHITECTURES[name]()
+    example = torch.randn(2, 3, 32, 32)
+    gated = polarize(network, example, target_flops=0.5, round_to=4)
+    groups, blocks = EXPECTED[name]
+    assert len(gated.graph.prunable()) >= groups and len(gated.graph.blocks) == blocks
+
+    # every parameter, gate scores included, receives a gradient
+    images, labels = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    loss = torch.nn.functional.cross_entropy(gated(images), labels) + gated.penalty(0.5)
+    loss.backward()
+    lacking = [n for n, p in gated.named_parameters() if p.requires_grad and p.grad is None]
+    assert not lacking, f"no gradient for {lacking}"
+    assert any("channel_gates" in n for n, _ in gated.named_parameters())
+
+    _train(gated)
+    # close a random share of every gate so the cut has work to do
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for gate in list(gated.channel_gates.values()) + list(gated.block_gates.values()):
+            gate.score.copy_(torch.randn(gate.score.shape, generator=generator) + 0.3)
+    mask = gated.mask(round_to=1)
+    assert mask_macs(gated.graph, mask) < gated.dense_macs
+    pruned = gated.prune(mask)
+    assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in network.parameters())
+
+    gated.eval()
+    check = torch.randn(6, 3, 32, 32)
+    with torch.no_grad():
+        expected, got = gated(check), pruned(check)
+    assert (expected - got).abs().max() <= 1e-4 * max(1.0, float(expected.abs().max()))
+
+    onnx_path = tmp_path / f"{name}.onnx"
+    export_onnx(pruned, onnx_path, (3, 32, 32))
+    from_ort = torch.from_numpy(run_onnxruntime(onnx_path, check.numpy()))
+    assert (from_ort - got).abs().max() <= 1e-4 * max(1.0, float(got.abs().max()))
+    assert count_onnx_macs(onnx_path) == round(mask_macs(gated.graph, mask))
+
+
+def test_dense_macs_match_onnx(tmp_path):
+    """The cost model of the dense network counts what the ONNX graph counts (the reference for ratios)."""
+    network = MobileNetV2().eval()
+    gated = polarize(network, torch.randn(2, 3, 32, 32))
+    export_onnx(network, tmp_path / "dense.onnx", (3, 32, 32))
+    assert count_onnx_macs(tmp_path / "dense.onnx") == round(gated.dense_macs)
+
+
+def test_gates_start_open_exactly():
+    """Pretrained weights: before the first step the gated network computes exactly the network's logits."""
+    torch.manual_seed(0)
+    network = resnet50().eval()
+    gated = polarize(network, torch.randn(2, 3, 32, 32)).eval()
+    images = torch.randn(5, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(gated(images), network(images))
+
+
+def test_user_model_left_alone():
+    network = VGG()
+    before = {k: v.clone() for k, v in network.state_dict().items()}
+    gated = polarize(network, torch.randn(2, 3, 32, 32), round_to=4)
+    _train(gated, steps=1)
+    gated.prune()
+    assert all(torch.equal(before[k], v) for k, v in network.state_dict().items())
+
+
+def test_pruned_saves_and_loads_with_its_architecture(tmp_path):
+    torch.manual_seed(0)
+    gated = polarize(MobileNetV2(), torch.randn(2, 3, 32, 32), round_to=4, target_flops=0.6)
+    _train(gated)
+    pruned = gated.prune().eval()
+    save_pruned(tmp_path / "pruned.pt2", pruned, torch.randn(1, 3, 32, 32))
+    assert [p.name for p in tmp_path.iterdir()] == ["pruned.pt2"]  # atomic: no temporary left behind
+    loaded = load_pruned(tmp_path / "pruned.pt2")
+    images = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(loaded(images), pruned(images), atol=1e-6)
+
+
+def test_group_norm_pins_its_channels_with_the_reason():
+    graph = polarize(GroupNormNet(), torch.randn(2, 3, 32, 32)).graph
+    group = graph.groups["conv1"]
+    assert not group.prunable
+    assert any("GroupNorm norm" in why for why in group.pinned)
+    assert graph.groups["conv2"].prunable  # the rest of the network still shrinks
+
+
+def test_channel_shuffle_pins_its_channels_with_the_reason():
+    graph = polarize(ShuffleNet(), torch.randn(2, 3, 32, 32)).graph
+    assert not graph.groups["conv1"].prunable
+    assert any("view" in why for why in graph.groups["conv1"].pinned)
+
+
+def test_squeeze_excite_sigmoid_does_not_reach_a_consumer():
+    """The SE scale passes a sigmoid (0 -> 0.5) but only multiplies gated channels: the group stays
+    prunable; its producers include the SE expansion conv."""
+    graph = polarize(SENet(), torch.randn(2, 3, 32, 32)).graph
+    stream = graph.groups["stem.0"]
+    assert stream.prunable and "blocks.0.se.fc2" in stream.producers
+
+
+def test_untraceable_network_is_refused():
+    with pytest.raises(GraphError, match="BranchingNet cannot be traced"):
+        polarize(BranchingNet(), torch.randn(2, 3, 32, 32))
+
+
+def test_mask_that_does_not_fit_is_refused():
+    gated = polarize(VGG(), torch.randn(2, 3, 32, 32))
+    with pytest.raises(MaskError, match="does not have"):
+        gated.prune(Mask({"no.such.layer": [0]}, []))
+    group = next(iter(gated.graph.prunable()))
+    mask = gated.mask()
+    mask.kept_channels[group] = [0, 0]
+    with pytest.raises(MaskError, match=group):
+        gated.prune(mask)
+
+
+def test_impossible_settings_are_refused():
+    with pytest.raises(ValueError, match="target_flops"):
+        polarize(VGG(), torch.randn(2, 3, 32, 32), target_flops=0.0)
+    with pytest.raises(TypeError):
+        polarize(VGG(), torch.randn(2, 3, 32, 32), target_flop=0.5)
