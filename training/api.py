@@ -86,7 +86,7 @@ class PolarizedNetwork(GatedNetwork):
         Checked against the gated network on `check_input` (default: random inputs of the example shape)."""
         mask = mask or self.final_mask()
         self.freeze(mask)
-        pruned = cut(self.graph, mask).eval()
+        pruned = cut(self.graph, mask, self.plain()).eval()
         was_training = self.training
         self.eval()
         try:

@@ -17,30 +17,93 @@ import copy
 from typing import Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
 from .cuts import CUTS
 from .gates import Gate
 from .graph import Layer, Layout, NetworkGraph
-from .mask import GateDecision, Mask, MaskProblem, choose_mask
+from .mask import GateDecision, Mask, MaskError, MaskProblem, choose_mask
+from .mask import check_mask as check_fits
 
 Number = torch.Tensor | float
 
 
-def gate_channels(x: torch.Tensor, *parts: torch.Tensor | int) -> torch.Tensor:
-    """x times per-channel values: gate value tensors and, for channels no gate covers, their count."""
-    if len(parts) == 1 and isinstance(parts[0], torch.Tensor):
-        values = parts[0]
-    else:
-        values = torch.cat([p if isinstance(p, torch.Tensor) else x.new_ones(p) for p in parts])
-    return x * values.view(1, -1, *([1] * (x.dim() - 2)))
+def gate_values(*parts: torch.Tensor | int, block: torch.Tensor | None = None) -> torch.Tensor:
+    """One multiplier for a tensor's channels: gate values (C,) or, for dynamic gates, (N, C) per part,
+    an int for channels no gate covers (ones), all times the block gate of a branch output."""
+    tensors = [p for p in parts if isinstance(p, torch.Tensor)]
+    if not tensors:
+        return block
+    batch = next((t.shape[0] for t in tensors if t.dim() == 2), None)
+    pieces = []
+    for part in parts:
+        if not isinstance(part, torch.Tensor):
+            part = tensors[0].new_ones(part)
+        if batch is not None and part.dim() == 1:
+            part = part.expand(batch, -1)
+        pieces.append(part)
+    values = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-1)
+    return values if block is None else values * block
 
 
+def gate_channels(x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """x (N, C, ...) times per-channel values (C,), (N, C) or (1,)/(N, 1) for a block gate alone."""
+    if values.dim() == 1:
+        return x * values.view(1, -1, *([1] * (x.dim() - 2)))
+    return x * values.view(values.shape[0], values.shape[1], *([1] * (x.dim() - 2)))
+
+
+torch.fx.wrap("gate_values")
 torch.fx.wrap("gate_channels")
+
+
+class GatedBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d whose output a static gate multiplies, folded into the affine parameters: bn with
+    (weight * g, bias * g) costs C numbers instead of a pass over the activation, and its gradient comes
+    from the weight and bias gradients the norm computes anyway. Running statistics are updated exactly
+    as nn.BatchNorm2d updates them; the state dict is nn.BatchNorm2d's."""
+
+    def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(x)
+        # nn.BatchNorm2d.forward's bookkeeping, unchanged
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        buffers = not self.training or self.track_running_stats
+        return F.batch_norm(x, self.running_mean if buffers else None, self.running_var if buffers else None,
+                            self.weight * gate, self.bias * gate, batch_stats, factor, self.eps)
+
+
+def _retype_norm(norm: nn.BatchNorm2d, kind: type) -> nn.BatchNorm2d:
+    """The same norm (same parameter and buffer tensors) as another BatchNorm2d class."""
+    twin = kind.__new__(kind)
+    twin.__dict__.update(norm.__dict__)
+    return twin
 
 
 def _key(name: str) -> str:
     return name.replace(".", "__")
+
+
+def _node_of(graph: NetworkGraph, path: str) -> str:
+    return graph.layers[path].node
+
+
+def _channels(node: fx.Node | None) -> int | None:
+    return int(node.meta["tensor_meta"].shape[1]) if node is not None else None
+
+
+def _replace_module(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, leaf = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, leaf, module)
+
+
+def _per_input(values: torch.Tensor) -> torch.Tensor:
+    """A dynamic gate's (N, width) values averaged over inputs: the expected width."""
+    return values.mean(dim=0) if values.dim() > 1 else values
 
 
 def kept_macs(graph: NetworkGraph, widths: Mapping[str, Number], blocks_open: Mapping[str, Number]) -> Number:
@@ -68,55 +131,88 @@ def mask_macs(graph: NetworkGraph, mask: Mask) -> float:
     return float(kept_macs(graph, widths, {block: 0.0 for block in mask.closed_blocks}))
 
 
+def mask_problem(graph: NetworkGraph) -> MaskProblem:
+    """What a mask of this network chooses among, and its MACs."""
+    return MaskProblem({n: g.width for n, g in graph.prunable().items()},
+                       {name: graph.groups_inside(name) for name in graph.blocks},
+                       lambda mask: mask_macs(graph, mask))
+
+
 def full_mask(graph: NetworkGraph) -> Mask:
     return Mask({name: list(range(group.width)) for name, group in graph.prunable().items()}, [])
 
 
 class GatedNetwork(nn.Module):
-    """A user's network with polarized gates; see the module docstring."""
+    """A user's network with polarized gates; see the module docstring. `dynamic=True` gives every gate
+    an input-dependent head on its group's (or branch's) input; the static mask is a vote over inputs."""
 
-    def __init__(self, graph: NetworkGraph, init_score: float = 2.0):
+    def __init__(self, graph: NetworkGraph, init_score: float = 2.0, dynamic: bool = False):
         super().__init__()
-        self.graph = graph
-        network = fx.GraphModule(graph.module, copy.deepcopy(graph.module.graph), class_name="GatedNetwork")
-        self.channel_gates = nn.ModuleDict({_key(name): Gate(group.width, init_score)
-                                            for name, group in graph.prunable().items()})
-        self.block_gates = nn.ModuleDict({_key(name): Gate(1, init_score) for name in graph.blocks})
+        self.graph, self.dynamic = graph, dynamic
+        template = copy.deepcopy(graph.module)  # the trace stays as it was: a template, not the weights
+        network = fx.GraphModule(template, template.graph, class_name="GatedNetwork")
+        nodes = {node.name: node for node in network.graph.nodes}
+        self._gate_inputs: dict[str, fx.Node | None] = {}
+        channel, block = {}, {}
+        for name, group in graph.prunable().items():
+            source = self._dynamic_input(nodes[_node_of(graph, group.producers[0])])
+            channel[_key(name)] = Gate(group.width, init_score, _channels(source))
+            self._gate_inputs[f"channel_gates.{_key(name)}"] = source
+        for name, block_gate in graph.blocks.items():
+            first = next(n for n in block_gate.branch_nodes if nodes[n].op == "call_module")
+            source = self._dynamic_input(nodes[first])
+            block[_key(name)] = Gate(1, init_score, _channels(source))
+            self._gate_inputs[f"block_gates.{_key(name)}"] = source
+        self.channel_gates, self.block_gates = nn.ModuleDict(channel), nn.ModuleDict(block)
         network.add_submodule("channel_gates", self.channel_gates)
         network.add_submodule("block_gates", self.block_gates)
-        self._insert_gates(network)
+        self._insert_gates(network, nodes)
         self.network = network
 
-    def _insert_gates(self, network: fx.GraphModule) -> None:
-        nodes = {node.name: node for node in network.graph.nodes}
+    def _dynamic_input(self, consumer: fx.Node) -> fx.Node | None:
+        """The tensor a dynamic gate's head reads: the input of its group's first producer (or of its
+        branch's first layer), when that is a (N, C, H, W) map."""
+        if not self.dynamic:
+            return None
+        source = consumer.all_input_nodes[0]
+        shape = getattr(source.meta.get("tensor_meta"), "shape", ())
+        return source if len(shape) == 4 else None
+
+    def _insert_gates(self, network: fx.GraphModule, nodes: dict[str, fx.Node]) -> None:
         prunable = self.graph.prunable()
-        for node_name, layout in self.graph.gate_points.items():
-            node = cursor = nodes[node_name]
-            parts: list[fx.Node | int] = []
-            for segment in layout:
-                group = self.graph.group_of_space[segment.space]
-                if group not in prunable:
-                    parts.append(segment.width)
-                    continue
-                with network.graph.inserting_after(cursor):
-                    cursor = network.graph.call_module(f"channel_gates.{_key(group)}")
-                parts.append(cursor)
-            with network.graph.inserting_after(cursor):
-                gated = network.graph.call_function(gate_channels, (node, *parts))
-            node.replace_all_uses_with(gated, delete_user_cb=lambda user: user is not gated)
-        for name, block in self.graph.blocks.items():
-            node = nodes[block.branch_output]
-            # the branch output may already carry its channel gate: gate what the add reads
-            add = nodes[block.add_node]
-            operand = next(a for a in add.all_input_nodes if a is node or (a.op == "call_function"
-                                                                         and a.target is gate_channels
-                                                                         and a.args[0] is node))
-            with network.graph.inserting_before(add):
-                value = network.graph.call_module(f"block_gates.{_key(name)}")
-                gated = network.graph.call_function(torch.mul, (operand, value))
-            add.replace_input_with(operand, gated)
+        block_at = {b.branch_output: name for name, b in self.graph.blocks.items()}
+        points = dict(self.graph.gate_points)
+        for output in block_at:  # a branch output whose channels cannot go still carries its block gate
+            if output not in points:
+                points[output] = ()
+        for node_name, layout in points.items():
+            node = nodes[node_name]
+            module = network.get_submodule(node.target) if node.op == "call_module" else None
+            # a gate on a norm's output folds into its affine parameters: no pass over the activation
+            fold = type(module) is nn.BatchNorm2d and module.affine and not self.dynamic
+            with network.graph.inserting_before(node if fold else node.next):  # keeps creation order
+                parts: list[fx.Node | int] = []
+                for segment in layout:
+                    group = self.graph.group_of_space[segment.space]
+                    parts.append(self._call_gate(network, f"channel_gates.{_key(group)}") if group in prunable
+                                 else segment.width)
+                block_value = None
+                if node_name in block_at:
+                    block_value = self._call_gate(network, f"block_gates.{_key(block_at[node_name])}")
+                values = network.graph.call_function(gate_values, tuple(parts), {"block": block_value})
+                if not fold:
+                    gated = network.graph.call_function(gate_channels, (node, values))
+            if fold:
+                _replace_module(network, node.target, _retype_norm(module, GatedBatchNorm2d))
+                node.args = (*node.args, values)
+            else:
+                node.replace_all_uses_with(gated, delete_user_cb=lambda user: user is not gated)
         network.graph.lint()
         network.recompile()
+
+    def _call_gate(self, network: fx.GraphModule, target: str) -> fx.Node:
+        source = self._gate_inputs[target]
+        return network.graph.call_module(target, (source,) if source is not None else ())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.network(x)
@@ -130,8 +226,8 @@ class GatedNetwork(nn.Module):
 
     def kept_ratio(self) -> torch.Tensor:
         """Kept MACs / dense MACs from the gate values of the last forward pass (carries STE gradients)."""
-        widths = {name: self.channel_gate(name).last_values.sum() for name in self.graph.prunable()}
-        blocks = {name: self.block_gate(name).last_values.sum() for name in self.graph.blocks}
+        widths = {name: _per_input(self.channel_gate(name).last_values).sum() for name in self.graph.prunable()}
+        blocks = {name: _per_input(self.block_gate(name).last_values).sum() for name in self.graph.blocks}
         return kept_macs(self.graph, widths, blocks) / self.dense_macs
 
     @property
@@ -155,9 +251,7 @@ class GatedNetwork(nn.Module):
         return channels, blocks
 
     def mask_problem(self) -> MaskProblem:
-        block_groups = {name: self.graph.groups_inside(name) for name in self.graph.blocks}
-        return MaskProblem({n: g.width for n, g in self.graph.prunable().items()}, block_groups,
-                           lambda mask: mask_macs(self.graph, mask))
+        return mask_problem(self.graph)
 
     def mask(self, round_to: int = 1, target_ratio: float | None = None, tolerance: float = 0.02) -> Mask:
         """The static sub-network the gates chose: widths rounded to `round_to`, moved into the target band
@@ -179,30 +273,71 @@ class GatedNetwork(nn.Module):
             self.block_gate(name).freeze(torch.tensor([0.0 if name in mask.closed_blocks else 1.0]))
 
     def plain(self) -> fx.GraphModule:
-        """The network without gates (a copy): the traced user network holding the trained weights."""
-        return copy.deepcopy(self.graph.module)
+        """The network without gates (a copy holding the trained weights), node for node the traced one."""
+        step_values = {name: (g.last_values, g.last_probs) for name, g in self.gates().items()}
+        for gate in self.gates().values():  # values of the last step carry autograd history: not copyable
+            gate.last_values = gate.last_probs = None
+        try:
+            plain = copy.deepcopy(self.network)
+        finally:
+            for name, gate in self.gates().items():
+                gate.last_values, gate.last_probs = step_values[name]
+        graph = plain.graph
+        for node in list(graph.nodes):
+            if node.op == "call_function" and node.target is gate_channels:
+                node.replace_all_uses_with(node.args[0])
+            elif node.op == "call_module" and isinstance(plain.get_submodule(node.target), GatedBatchNorm2d):
+                _replace_module(plain, node.target, _retype_norm(plain.get_submodule(node.target), nn.BatchNorm2d))
+                node.args = node.args[:1]
+        for node in reversed(list(graph.nodes)):
+            if not node.users and (node.target in (gate_channels, gate_values) or node.op == "call_module"
+                                   and node.target.split(".")[0] in ("channel_gates", "block_gates")):
+                graph.erase_node(node)
+        plain.delete_all_unused_submodules()
+        graph.lint()
+        plain.recompile()
+        return plain
+
+    def gates(self) -> dict[str, Gate]:
+        """Gate path -> gate: "channel_gates.<group>" and "block_gates.<block>" (group and block names
+        with "." written "__")."""
+        return {f"channel_gates.{k}": g for k, g in self.channel_gates.items()} | \
+               {f"block_gates.{k}": g for k, g in self.block_gates.items()}
+
+
+@torch.no_grad()
+def embed(graph: NetworkGraph, small: nn.Module, mask: Mask, init_score: float = 2.0) -> GatedNetwork:
+    """The dense-shaped gated network equal to `small` (`cut(graph, mask)` in shape): its weights at the
+    kept channel positions, every other channel zeroed (batch-norm shift included), gates frozen to
+    `mask`. What a method that trains a shrinking network hands to export."""
+    gated = GatedNetwork(graph, init_score)
+    targets = gated.network.state_dict()
+    for key, value in small.state_dict().items():
+        path, _, leaf = key.rpartition(".")
+        target = torch.ones_like(targets[key]) if leaf == "running_var" else torch.zeros_like(targets[key])
+        layer = graph.layers.get(path)
+        if layer is None or value.dim() == 0:
+            target = value.clone()
+        else:
+            keep_out = _kept_index(graph, layer.out_layout, mask)
+            keep_in = _kept_index(graph, layer.in_layout, mask) if layer.kind in ("conv", "linear") else None
+            if keep_in is not None and value.dim() > 1:
+                spread = torch.zeros(value.shape[0], *target.shape[1:], dtype=value.dtype)
+                value = spread.index_copy_(1, keep_in, value.cpu())
+            if keep_out is not None:
+                target.index_copy_(0, keep_out, value.cpu())
+            else:
+                target.copy_(value)
+        targets[key] = target
+    gated.network.load_state_dict(targets, strict=True)
+    gated.freeze(mask)
+    return gated
 
 
 def check_mask(graph: NetworkGraph, mask: Mask, source: str = "mask") -> None:
-    """Every group the mask names exists and keeps distinct in-range indices; every open group is named."""
-    prunable = graph.prunable()
-    unknown = sorted(set(mask.kept_channels) - set(prunable)) + sorted(set(mask.closed_blocks) - set(graph.blocks))
-    if unknown:
-        raise MaskError(f"{source}: names groups or blocks the network does not have: {unknown}")
-    gone = {g for b in mask.closed_blocks for g in graph.groups_inside(b)}
-    for name, group in prunable.items():
-        kept = mask.kept_channels.get(name)
-        if name in gone:
-            continue
-        if kept is None:
-            raise MaskError(f"{source}: no kept channels for group {name}")
-        if not kept or len(set(kept)) != len(kept) or min(kept) < 0 or max(kept) >= group.width:
-            raise MaskError(f"{source}: group {name} keeps {len(kept)} channel indices that are not distinct, "
-                            f"non-empty and within [0, {group.width})")
-
-
-class MaskError(ValueError):
-    """A mask that does not fit the network it is applied to."""
+    """`training.mask.check_mask` against the traced network's groups and blocks."""
+    widths = {name: group.width for name, group in graph.prunable().items()}
+    check_fits(mask, widths, {name: graph.groups_inside(name) for name in graph.blocks}, source)
 
 
 # -- the cut ----------------------------------------------------------------------------------------
@@ -221,11 +356,11 @@ def _kept_index(graph: NetworkGraph, layout: Layout, mask: Mask) -> torch.Tensor
     return torch.cat(parts) if cut else None
 
 
-def cut(graph: NetworkGraph, mask: Mask, network: fx.GraphModule | None = None) -> fx.GraphModule:
-    """The physically smaller network: `network` (default: the traced plain network; not modified) with
-    the mask's channels and blocks removed. A plain GraphModule: saves and reloads with `save_pruned`."""
+def cut(graph: NetworkGraph, mask: Mask, network: fx.GraphModule) -> fx.GraphModule:
+    """The physically smaller network: `network` (plain, node for node `graph.module`, e.g.
+    `GatedNetwork.plain()`; not modified) with the mask's channels and blocks removed."""
     check_mask(graph, mask)
-    pruned = copy.deepcopy(network if network is not None else graph.module)
+    pruned = copy.deepcopy(network)
     nodes = {node.name: node for node in pruned.graph.nodes}
     for name in mask.closed_blocks:
         block = graph.blocks[name]

@@ -71,6 +71,7 @@ class Layer:
     out_layout: Layout
     unit_macs: int = 0
     blocks: tuple[str, ...] = ()  # block gates whose branch holds this layer
+    node: str = ""                # its call in the traced graph
 
 
 @dataclass
@@ -295,6 +296,7 @@ class _Analysis:
             self.unsupported(node, why)
 
     def add_layer(self, node: fx.Node, layer: Layer) -> None:
+        layer.node = node.name
         self.layers[layer.path] = layer
         self.layer_node[layer.path] = node
 

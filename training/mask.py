@@ -1,6 +1,10 @@
 """The static sub-network: which channels stay and which residual blocks go, and `mask.json` on disk.
 
-`finalize_mask` turns gate decisions into a deployable mask: widths rounded to `round_to` (onnxruntime's
+A mask names channel groups and residual blocks as the trace names them (`training.graph`): a group by
+its first producer's module path, a block by its branch's common module path. `check_mask` is what a mask
+must satisfy; `training.gating` applies one to a network.
+
+`choose_mask` turns gate decisions into a deployable mask: widths rounded to `round_to` (onnxruntime's
 fast conv path wants multiples of 16 on AVX-512), never narrower than one group, then moved one group or
 one block at a time until the kept MACs sit within the tolerance of the target.
 """
@@ -16,20 +20,42 @@ import torch
 
 from common.atomicio import write_json
 
-from .arch import Spec, SpecError, check_header, prune_spec, prunable_layers, residual_blocks, validate_spec
-from .flops import LayerCost, gated_macs
+from .arch import SpecError, check_header
 
 MASK_FORMAT = "polarprune-mask"
-MASK_VERSION = 1
+MASK_VERSION = 2  # 1: units of the built-in specs, before masks named traced groups
+
+
+class MaskError(SpecError):
+    """A mask that is malformed or does not fit the network it is applied to."""
 
 
 @dataclass
 class Mask:
-    kept_channels: dict[str, list[int]]   # prunable unit -> sorted kept channel indices (closed blocks absent)
+    kept_channels: dict[str, list[int]]   # channel group -> sorted kept indices (groups of closed blocks absent)
     closed_blocks: list[str] = field(default_factory=list)
 
-    def widths(self, spec: Spec) -> dict[str, int]:
-        return {name: len(self.kept_channels.get(name, [])) for name in prunable_layers(spec)}
+
+def check_mask(mask: Mask, widths: dict[str, int], block_groups: dict[str, list[str]], source: str) -> None:
+    """Every group and block the mask names exists, every group that stays keeps distinct, in-range,
+    non-empty indices, and the groups of a closed block keep none."""
+    unknown = sorted(set(mask.kept_channels) - set(widths)) + sorted(set(mask.closed_blocks) - set(block_groups))
+    if unknown:
+        raise MaskError(f"{source}: names groups or blocks the network does not have: {unknown}")
+    if len(set(mask.closed_blocks)) != len(mask.closed_blocks):
+        raise MaskError(f"{source}: closed_blocks names a block twice: {mask.closed_blocks}")
+    gone = {group for block in mask.closed_blocks for group in block_groups[block]}
+    for name, width in widths.items():
+        kept = mask.kept_channels.get(name)
+        if name in gone:
+            if kept is not None:
+                raise MaskError(f"{source}: group {name} belongs to a closed block but also keeps channels")
+            continue
+        if kept is None:
+            raise MaskError(f"{source}: no kept channels for group {name}")
+        if not kept or len(set(kept)) != len(kept) or min(kept) < 0 or max(kept) >= width:
+            raise MaskError(f"{source}: group {name} keeps {len(kept)} channel indices that are not distinct, "
+                            f"non-empty and within [0, {width})")
 
 
 @dataclass
@@ -40,21 +66,6 @@ class GateDecision:
     channel_conf: torch.Tensor      # float (width,) in [0, 1]
     block_open: bool = True
     block_conf: float = 1.0
-
-
-def mask_macs(costs: list[LayerCost], spec: Spec, mask: Mask) -> float:
-    widths = {name: float(w) for name, w in mask.widths(spec).items()}
-    blocks = {name: float(name not in mask.closed_blocks) for name in residual_blocks(spec)}
-    return float(gated_macs(costs, widths, blocks))
-
-
-def finalize_mask(spec: Spec, decisions: dict[str, GateDecision], costs: list[LayerCost], round_to: int,
-                  target_ratio: float | None, tolerance: float) -> Mask:
-    """Deployable mask of a spec network (a residual block's gate closes its unit); see `choose_mask`."""
-    problem = MaskProblem(prunable_layers(spec), {name: [name] for name in residual_blocks(spec)},
-                          lambda mask: mask_macs(costs, spec, mask))
-    blocks = {name: (decisions[name].block_open, decisions[name].block_conf) for name in residual_blocks(spec)}
-    return choose_mask(problem, decisions, blocks, round_to, target_ratio, tolerance)
 
 
 @dataclass
@@ -144,14 +155,16 @@ def choose_mask(problem: MaskProblem, decisions: dict[str, GateDecision], blocks
     return to_mask(kept, closed)
 
 
-def mask_document(model_name: str, dense_spec: Spec, mask: Mask, costs: list[LayerCost], round_to: int) -> dict:
-    dense = mask_macs(costs, dense_spec, Mask({n: list(range(w)) for n, w in prunable_layers(dense_spec).items()}))
-    pruned = mask_macs(costs, dense_spec, mask)
+def mask_document(mask: Mask, problem: MaskProblem, network: dict, round_to: int) -> dict:
+    """mask.json: the mask, what it chose among (group widths, each block's groups), the network it was made
+    for (`network`: model, model_args, input shape) and its MACs."""
+    dense = problem.macs(Mask({n: list(range(w)) for n, w in problem.widths.items()}, []))
+    pruned = problem.macs(mask)
     return {
-        "format": MASK_FORMAT, "version": MASK_VERSION, "model": model_name, "round_to": round_to,
+        "format": MASK_FORMAT, "version": MASK_VERSION, "network": network, "round_to": round_to,
+        "group_widths": problem.widths, "block_groups": problem.block_groups,
         "kept_channels": mask.kept_channels, "closed_blocks": mask.closed_blocks,
-        "dense_flops": int(dense), "pruned_flops": int(pruned), "flops_ratio": pruned / dense,
-        "dense_spec": dense_spec, "pruned_spec": prune_spec(dense_spec, mask.kept_channels, mask.closed_blocks),
+        "dense_flops": int(round(dense)), "pruned_flops": int(round(pruned)), "flops_ratio": pruned / dense,
     }
 
 
@@ -160,26 +173,28 @@ def save_mask(path: str | Path, document: dict) -> None:
 
 
 def load_mask(path: str | Path) -> tuple[dict, Mask]:
-    """Read and check mask.json: the pruned spec must follow from the dense spec and the kept channels."""
+    """Read and check mask.json: types, and the mask against the groups and blocks it records."""
     path = Path(path)
     try:
         document = json.loads(path.read_text())
     except FileNotFoundError:
-        raise SpecError(f"{path}: no mask.json (train first: make train)") from None
+        raise MaskError(f"{path}: no mask.json (train first: make train)") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise SpecError(f"{path}: not valid JSON ({error})") from None
+        raise MaskError(f"{path}: not valid JSON ({error})") from None
+    if isinstance(document, dict) and document.get("format") == MASK_FORMAT and document.get("version") == 1:
+        raise MaskError(f"{path}: a mask.json of version 1 (polarprune before traced channel groups); retrain "
+                        "the run with this version (make train)")
     check_header(document, path, "mask", MASK_FORMAT, MASK_VERSION,
-                 ("kept_channels", "closed_blocks", "dense_spec", "pruned_spec", "dense_flops", "pruned_flops"),
-                 SpecError)
+                 ("kept_channels", "closed_blocks", "group_widths", "block_groups", "network", "dense_flops",
+                  "pruned_flops"), MaskError)
     mask = _mask_of(document, path)
-    try:
-        dense_spec = validate_spec(document["dense_spec"])
-        expected = prune_spec(dense_spec, mask.kept_channels, mask.closed_blocks)
-    except (SpecError, KeyError, TypeError) as error:
-        why = f"dense_spec is missing key {error}" if isinstance(error, KeyError) else str(error)
-        raise SpecError(f"{path}: {why}") from None
-    if expected != document["pruned_spec"]:
-        raise SpecError(f"{path}: pruned_spec does not match the kept channels and closed blocks")
+    widths, block_groups = document["group_widths"], document["block_groups"]
+    if not isinstance(widths, dict) or not all(isinstance(k, str) and _is_count(v) for k, v in widths.items()):
+        raise MaskError(f"{path}: group_widths must map group names to channel counts")
+    if not isinstance(block_groups, dict) or not all(
+            isinstance(v, list) and all(g in widths for g in v) for v in block_groups.values()):
+        raise MaskError(f"{path}: block_groups must map block names to lists of known groups")
+    check_mask(mask, widths, block_groups, str(path))
     return document, mask
 
 
@@ -188,23 +203,18 @@ def _is_count(value) -> bool:
 
 
 def _mask_of(document: dict, path: Path) -> Mask:
-    """The Mask a mask.json document holds, its JSON types checked (range checks follow in prune_spec):
+    """The Mask a mask.json document holds, its JSON types checked (range checks follow in check_mask):
     a float index 0.5 would otherwise slice as channel 0 and a string block name closes its letters."""
     kept, closed = document["kept_channels"], document["closed_blocks"]
     if not isinstance(kept, dict):
-        raise SpecError(f"{path}: kept_channels must map layer names to lists of channel indices")
+        raise MaskError(f"{path}: kept_channels must map layer names to lists of channel indices")
     for name, indices in kept.items():
         if not isinstance(indices, list) or not all(_is_count(i) for i in indices):
-            raise SpecError(f"{path}: kept_channels[{name!r}] must be a list of channel indices (integers "
+            raise MaskError(f"{path}: kept_channels[{name!r}] must be a list of channel indices (integers "
                             f">= 0), got {reprlib.repr(indices)}")
     if not isinstance(closed, list) or not all(isinstance(name, str) for name in closed):
-        raise SpecError(f"{path}: closed_blocks must be a list of block names, got {reprlib.repr(closed)}")
-    if len(set(closed)) != len(closed):
-        raise SpecError(f"{path}: closed_blocks names a block twice: {closed}")
-    both = sorted(set(closed) & set(kept))
-    if both:
-        raise SpecError(f"{path}: block(s) {both} are closed but also keep channels")
+        raise MaskError(f"{path}: closed_blocks must be a list of block names, got {reprlib.repr(closed)}")
     for key in ("dense_flops", "pruned_flops"):
         if not _is_count(document[key]):
-            raise SpecError(f"{path}: {key} must be a MAC count (integer >= 0), got {document[key]!r}")
+            raise MaskError(f"{path}: {key} must be a MAC count (integer >= 0), got {document[key]!r}")
     return Mask({name: list(indices) for name, indices in kept.items()}, list(closed))
