@@ -1,6 +1,6 @@
 """python -m export --run runs/<name>: surgery, ONNX (and TensorRT on GPU machines), Triton repository.
 
-Into the run folder: pruned_model.pt, dense.onnx, pruned.onnx, test_samples.npz, export_report.json
+Into the run folder: pruned_model.pt2, dense.onnx, pruned.onnx, test_samples.npz, export_report.json
 (plus dense.plan/pruned.plan with --engine on a GPU machine, *.ort-<level>.onnx with --ort-optimized).
 All of it is built in a staging folder and moved in only after every check passed, so a failure leaves
 the run folder as it was; export_report.json comes last, once the Triton repository holds
@@ -24,13 +24,14 @@ from training.arch import SpecError
 from training.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from training.data import DataError, load_splits, normalize
 from training.flops import count_macs
+from training.gating import GatedNetwork
 from training.mask import Mask, load_mask
 
 from . import ExportError
 from . import tensorrt_build as trt_build
 from .onnx_export import ORT_LEVELS, count_onnx_macs, export_onnx, save_ort_optimized, validate_with_onnxruntime
 from .report import build_report, network_summary
-from .surgery import MaskMismatchError, Networks, SurgeryError, check_equivalence, prune, save_pruned
+from .surgery import PRUNED_FILE, MaskMismatchError, Networks, SurgeryError, check_equivalence, prune, save_pruned
 from .triton_repo import RepositoryError, TritonModelOptions, write_model_versions
 
 KINDS = ("dense", "pruned")
@@ -72,12 +73,12 @@ class Samples:
     labels: torch.Tensor  # int64 (N,)
 
 
-def load_test_samples(config: dict, spec: dict, count: int, source: Path) -> Samples:
+def load_test_samples(config: dict, network: dict, count: int, source: Path) -> Samples:
     """The first `count` images of the run's official test split, normalised as in training."""
     if "dataset" not in config:
         raise ExportError(f"{source}: checkpoint config names no dataset")
     info, _, _, test = load_splits(config["dataset"], config.get("data_dir"), None, 0, int(config.get("seed", 0)))
-    expected = (spec["in_channels"], tuple(spec["input_size"]), spec["num_classes"])
+    expected = (network["in_channels"], tuple(network["input_size"]), network["num_classes"])
     if (info.in_channels, tuple(info.input_size), info.num_classes) != expected:
         raise ExportError(f"{source}: the network takes {expected[0]}x{expected[1]} inputs and {expected[2]} "
                           f"classes, but {info.name} gives {info.in_channels}x{info.input_size}, "
@@ -120,9 +121,9 @@ def load_run(run_dir: Path) -> tuple[dict, dict, Mask]:
         document, mask = load_mask(mask_path)
     except SpecError as error:  # some of load_mask's messages do not name the file
         raise MaskMismatchError(error if str(mask_path) in str(error) else f"{mask_path}: {error}") from None
-    if document["dense_spec"] != state["spec"]:
+    if document["network"] != state["network"]:
         raise MaskMismatchError(f"{mask_path}: made for a different network than {checkpoint_path} "
-                                f"(its dense_spec differs from the checkpoint's spec)")
+                                f"(its network description differs from the checkpoint's)")
     return state, document, mask
 
 
@@ -130,12 +131,13 @@ def load_dense_reference(dense_run: Path, state: dict):
     """The trained network of a dense-method run made for the same network and data as `state`."""
     dense_checkpoint = dense_run / "checkpoint.pt"
     dense_state = load_checkpoint(dense_checkpoint)
-    if dense_state["config"].get("method") != "dense" or dense_state.get("gates") is not None:
+    if dense_state["config"].get("method") != "dense":
         raise ExportError(f"{dense_checkpoint}: --dense-run must be a run of method dense "
                           f"(this one is {dense_state['config'].get('method')!r})")
-    if dense_state["spec"] != state["spec"] or dense_state["config"].get("dataset") != state["config"].get("dataset"):
+    if dense_state["network"] != state["network"] or dense_state["config"].get("dataset") != state["config"].get("dataset"):
         raise ExportError(f"{dense_checkpoint}: --dense-run trained another network or dataset than the run")
-    return model_from_checkpoint(dense_state, dense_checkpoint).eval()
+    model, _, _ = model_from_checkpoint(dense_state, dense_checkpoint)
+    return model.eval()
 
 
 def stage_artifacts(args, staging: Path, networks: Networks, samples: Samples, document: dict,
@@ -150,14 +152,14 @@ def stage_artifacts(args, staging: Path, networks: Networks, samples: Samples, d
         onnx_macs, expected = count_onnx_macs(proto), document[f"{kind}_flops"]
         if onnx_macs != expected:
             raise SurgeryError(f"{onnx_path.name}: the ONNX graph has {onnx_macs} MACs, mask.json says {expected}")
-        facts["summaries"][kind] = network_summary(network, onnx_path, onnx_macs)
+        facts["summaries"][kind] = network_summary(network, onnx_path, onnx_macs, input_shape)
         if args.ort_optimized:
             optimized = staging / f"{kind}.ort-{args.ort_optimized}.onnx"
             save_ort_optimized(onnx_path, optimized, args.ort_optimized)
             validate_with_onnxruntime(optimized, network, samples.images)
             facts["ort_files"][kind] = optimized.name
-    save_pruned(staging / "pruned_model.pt", networks.pruned)
-    facts["summaries"]["pruned"]["pruned_model_file"] = "pruned_model.pt"
+    save_pruned(staging / PRUNED_FILE, networks.pruned, input_shape)
+    facts["summaries"]["pruned"]["pruned_model_file"] = PRUNED_FILE
     _stage_samples(staging / "test_samples.npz", samples)
     facts["engine"] = _engines(args, staging, samples, timing_cache)
     return facts
@@ -180,20 +182,20 @@ def run_export(args: argparse.Namespace) -> dict:
     run_dir: Path = args.run
     state, document, mask = load_run(run_dir)
     checkpoint_path, mask_path = run_dir / "checkpoint.pt", run_dir / "mask.json"
-    model = model_from_checkpoint(state, checkpoint_path)
-    networks = prune(model, document, mask, str(checkpoint_path), str(mask_path))
-    dense_source = "trained" if state.get("gates") is None else "gates_removed"
+    model, graph, _ = model_from_checkpoint(state, checkpoint_path)
+    networks = prune(model, graph, mask, str(checkpoint_path), str(mask_path))
+    dense_source = "gates_removed" if isinstance(model, GatedNetwork) else "trained"
     if args.dense_run is not None:
         networks.dense = load_dense_reference(args.dense_run, state)
         dense_source = "dense_run"
-    samples = load_test_samples(state["config"], state["spec"], args.samples, checkpoint_path)
+    samples = load_test_samples(state["config"], state["network"], args.samples, checkpoint_path)
+    input_shape = (state["network"]["in_channels"], *state["network"]["input_size"])
     surgery_diff = check_equivalence(networks.reference, networks.pruned, networks.graph, mask, samples.images)
     for kind in KINDS:
-        measured, expected = count_macs(getattr(networks, kind)), document[f"{kind}_flops"]
+        measured, expected = count_macs(getattr(networks, kind), input_shape), document[f"{kind}_flops"]
         if measured != expected:
             raise SurgeryError(f"{mask_path}: {kind}_flops is {expected} but the {kind} network has {measured} MACs")
 
-    input_shape = (state["spec"]["in_channels"], *state["spec"]["input_size"])
     staging = Path(tempfile.mkdtemp(prefix=".export-staging-", dir=run_dir))
     try:
         facts = stage_artifacts(args, staging, networks, samples, document, input_shape,
@@ -212,7 +214,7 @@ def run_export(args: argparse.Namespace) -> dict:
         run_name=run_dir.name, config=state["config"],
         dense_source=dense_source,
         dense=facts["summaries"]["dense"], pruned=facts["summaries"]["pruned"], graph=networks.graph,
-        mask=mask, mask_document=document, input_shape=input_shape, num_classes=state["spec"]["num_classes"],
+        mask=mask, mask_document=document, input_shape=input_shape, num_classes=state["network"]["num_classes"],
         max_abs_diff_surgery=surgery_diff, max_abs_diff_onnx=facts["onnx_diffs"],
         max_abs_logit=facts["logit_scale"],
         test_samples={"file": "test_samples.npz", "count": len(samples.labels)},

@@ -9,32 +9,32 @@ from pathlib import Path
 from training.flops import count_macs, count_params
 from training.mask import Mask
 
-from .graph import DependencyGraph
+from training.graph import NetworkGraph
 from .onnx_export import OPSET
 
 DENSE_SOURCE = {
     "trained": "the trained network itself (an ungated method: nothing was pruned)",
     "dense_run": "the dense reference run (--dense-run): same data, model and budget, trained without gates",
     "gates_removed": (
-        "the dense architecture, build_model(dense_spec), holding the trained weights with every gate "
+        "the dense architecture (the traced network) holding the trained weights with every gate "
         "removed: channels and blocks the gates had closed are back, so its accuracy means nothing; it is "
         "the latency and FLOPs baseline"),
 }
 
 
-def network_summary(model, onnx_path: Path, onnx_macs: int) -> dict:
-    return {"flops": count_macs(model), "onnx_macs": onnx_macs, "params": count_params(model),
+def network_summary(model, onnx_path: Path, onnx_macs: int, input_shape: tuple[int, ...]) -> dict:
+    return {"flops": count_macs(model, input_shape), "onnx_macs": onnx_macs, "params": count_params(model),
             "onnx_file": onnx_path.name, "onnx_bytes": onnx_path.stat().st_size}
 
 
-def kept_channels_table(graph: DependencyGraph, mask: Mask) -> dict[str, dict]:
-    """Per prunable unit: dense width and kept channels (0 for a removed block)."""
-    return {unit: {"width": group.width, "kept": len(mask.kept_channels.get(unit, []))}
-            for unit, group in graph.prunable().items()}
+def kept_channels_table(graph: NetworkGraph, mask: Mask) -> dict[str, dict]:
+    """Per prunable channel group: dense width and kept channels (0 for a group of a removed block)."""
+    return {name: {"width": group.width, "kept": len(mask.kept_channels.get(name, []))}
+            for name, group in graph.prunable().items()}
 
 
 def build_report(*, run_name: str, config: dict, dense_source: str, dense: dict, pruned: dict,
-                 graph: DependencyGraph, mask: Mask, mask_document: dict, input_shape: tuple[int, ...],
+                 graph: NetworkGraph, mask: Mask, mask_document: dict, input_shape: tuple[int, ...],
                  num_classes: int, max_abs_diff_surgery: float, max_abs_diff_onnx: dict[str, float],
                  max_abs_logit: dict[str, float], test_samples: dict, engine: dict, triton: dict,
                  ort_optimized: dict | None) -> dict:

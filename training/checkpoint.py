@@ -1,13 +1,13 @@
 """checkpoint.pt: everything needed to resume a run or export it, validated on load.
 
-Keys: format, version, config (dict), spec (dense spec), gates (GateOptions as dict, or None for an
-ungated method), model (state dict), optimizers, scheduler, epoch (epochs completed), method_state,
-rng, history (per-epoch log rows).
+Keys: format, version, config (dict), network (`training.networks.NetworkInfo.describe()`), model (state
+dict of the model the method trains), optimizers, scheduler, epoch (epochs completed), method_state, rng,
+history (per-epoch log rows). The model is rebuilt from the network description, its trace and the
+method's state (`model_from_checkpoint`), so its weights always fit it.
 """
 from __future__ import annotations
 
 import io
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +15,14 @@ import torch
 
 from common.atomicio import write_bytes
 
-from .arch import SpecError, check_header, validate_spec
-from .models import GateOptions, SpecNet, build_model
+from .arch import check_header
+from .config import ConfigError, make_config
+from .graph import GraphError, trace_network
+from .methods import make_method
+from .networks import NetworkError, NetworkInfo, build_network
 
 CHECKPOINT_FORMAT = "polarprune-checkpoint"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 1: built-in specs with gates inside their blocks, before traced gates
 
 
 class CheckpointError(ValueError):
@@ -41,8 +44,11 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:  # torch raises many types for a damaged zip/pickle
         raise CheckpointError(f"{path}: unreadable or corrupt checkpoint ({type(error).__name__}: {error})") from None
+    if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT and state.get("version") == 1:
+        raise CheckpointError(f"{path}: a checkpoint of version 1 (polarprune before traced gates); it cannot "
+                              "be resumed or exported by this version: retrain the run (make train)")
     check_header(state, path, "checkpoint", CHECKPOINT_FORMAT, CHECKPOINT_VERSION,
-                 ("config", "spec", "model", "epoch"), CheckpointError)
+                 ("config", "network", "model", "epoch"), CheckpointError)
     # A damaged or hand-made file must fail here, naming itself, not deep inside torch or the loop.
     if not isinstance(state["config"], dict):
         raise CheckpointError(f"{path}: checkpoint config must be a dict, not {type(state['config']).__name__}")
@@ -52,31 +58,29 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: checkpoint 'model' must be a state dict of named tensors")
     if not isinstance(state["epoch"], int) or isinstance(state["epoch"], bool) or state["epoch"] < 0:
         raise CheckpointError(f"{path}: checkpoint epoch must be a count >= 0, not {state['epoch']!r}")
-    gates, known = state.get("gates"), {f.name for f in fields(GateOptions)}
-    if gates is not None and (not isinstance(gates, dict) or not set(gates) <= known):
-        raise CheckpointError(f"{path}: checkpoint 'gates' must be None or a dict with keys from "
-                              f"{sorted(known)}, got {gates!r}")
-    try:
-        validate_spec(state["spec"])
-    except (SpecError, KeyError, TypeError) as error:
-        why = f"missing key {error}" if isinstance(error, KeyError) else str(error)
-        raise CheckpointError(f"{path}: checkpoint spec is invalid ({why})") from None
+    if not isinstance(state["network"], dict):
+        raise CheckpointError(f"{path}: checkpoint 'network' must be a dict describing the network")
     return state
 
 
-def model_from_checkpoint(state: dict[str, Any], path: str | Path = "checkpoint") -> SpecNet:
-    """The trained network as it was trained (gated, if the method uses gates), weights loaded strictly."""
-    gates = GateOptions(**state["gates"]) if state.get("gates") is not None else None
+def model_from_checkpoint(state: dict[str, Any], path: str | Path = "checkpoint"):
+    """(model, graph, method) of a checkpoint: the network its description names, traced, and the model
+    its method trained (gated, if the method uses gates) with the checkpoint's weights loaded strictly."""
     try:
-        model = build_model(state["spec"], gates)
-    except (SpecError, KeyError, TypeError, ValueError, RuntimeError) as error:  # e.g. a width of -3
-        raise CheckpointError(f"{path}: cannot build the network its spec describes ({error})") from None
+        info = NetworkInfo.from_dict(state["network"])
+        cfg = make_config({k: v for k, v in state["config"].items()})
+        graph = trace_network(build_network(info), info.example_input())
+        method = make_method(cfg, graph)
+        method.load_state_dict(state.get("method_state", {}))
+        model = method.restore_model()
+    except (NetworkError, ConfigError, GraphError, KeyError, TypeError, ValueError) as error:
+        raise CheckpointError(f"{path}: cannot rebuild the network it was trained on ({error})") from None
     try:
         model.load_state_dict(state["model"], strict=True)
     except (RuntimeError, TypeError, AttributeError) as error:
-        # torch's message: a "loading state_dict for SpecNet" line, then one line per problem.
+        # torch's message: a "loading state_dict for ..." line, then one line per problem.
         problems = [line.strip() for line in str(error).strip().splitlines()[1:] if line.strip()]
         more = f" (and {len(problems) - 2} more)" if len(problems) > 2 else ""
-        raise CheckpointError(f"{path}: weights do not fit the model spec: "
+        raise CheckpointError(f"{path}: weights do not fit the network it describes: "
                               f"{'; '.join(problems[:2]) or error}{more}") from None
-    return model
+    return model, graph, method

@@ -21,6 +21,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from .gates import Gate
+
 BN_STATISTICS = ("running_mean", "running_var")
 
 
@@ -151,8 +153,9 @@ def start_cluster(device: torch.device, timeout_minutes: float = 30.0) -> tuple[
 def fingerprint(model: nn.Module) -> dict[str, str]:
     """sha256 of every weight and of every gate's state (scores and frozen masks), bit for bit."""
     weights, gates = hashlib.sha256(), hashlib.sha256()
+    gate_paths = tuple(f"{path}." for path, m in model.named_modules() if isinstance(m, Gate))
     for name, tensor in model.state_dict().items():
-        digest = gates if ".gate." in name or ".block_gate." in name else weights
+        digest = gates if name.startswith(gate_paths) else weights
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return {"weights_sha256": weights.hexdigest(), "gates_sha256": gates.hexdigest()}

@@ -319,8 +319,8 @@ def embed(graph: NetworkGraph, small: nn.Module, mask: Mask, init_score: float =
         if layer is None or value.dim() == 0:
             target = value.clone()
         else:
-            keep_out = _kept_index(graph, layer.out_layout, mask)
-            keep_in = _kept_index(graph, layer.in_layout, mask) if layer.kind in ("conv", "linear") else None
+            keep_out = kept_index(graph, layer.out_layout, mask)
+            keep_in = kept_index(graph, layer.in_layout, mask) if layer.kind in ("conv", "linear") else None
             if keep_in is not None and value.dim() > 1:
                 spread = torch.zeros(value.shape[0], *target.shape[1:], dtype=value.dtype)
                 value = spread.index_copy_(1, keep_in, value.cpu())
@@ -342,7 +342,7 @@ def check_mask(graph: NetworkGraph, mask: Mask, source: str = "mask") -> None:
 
 # -- the cut ----------------------------------------------------------------------------------------
 
-def _kept_index(graph: NetworkGraph, layout: Layout, mask: Mask) -> torch.Tensor | None:
+def kept_index(graph: NetworkGraph, layout: Layout, mask: Mask) -> torch.Tensor | None:
     """Channel indices kept along an axis laid out as `layout` (None: all of them)."""
     parts, offset, cut = [], 0, False
     for segment in layout:
@@ -374,7 +374,7 @@ def cut(graph: NetworkGraph, mask: Mask, network: fx.GraphModule) -> fx.GraphMod
     for path, layer in graph.layers.items():
         if path not in live:
             continue
-        keep_in, keep_out = _kept_index(graph, layer.in_layout, mask), _kept_index(graph, layer.out_layout, mask)
+        keep_in, keep_out = kept_index(graph, layer.in_layout, mask), kept_index(graph, layer.out_layout, mask)
         if keep_in is None and keep_out is None:
             continue
         module = pruned.get_submodule(path)

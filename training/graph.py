@@ -107,7 +107,7 @@ class NetworkGraph:
     blocks: dict[str, BlockGate]
     gate_points: dict[str, Layout]   # node name -> layout of the output a channel gate multiplies
     group_of_space: dict[int, str]
-
+    output_shape: tuple[int, ...] = ()  # of one example
     def prunable(self) -> dict[str, ChannelGroup]:
         return {name: g for name, g in self.groups.items() if g.prunable}
 
@@ -138,10 +138,17 @@ def trace_network(model: nn.Module, example_input: torch.Tensor) -> NetworkGraph
     module.eval()  # shape propagation must not touch BatchNorm statistics
     try:
         with torch.no_grad():
-            ShapeProp(module).propagate(example_input)
+            output = ShapeProp(module).propagate(example_input)
+    except Exception as error:  # whatever the network raises on this input
+        raise GraphError(f"{type(model).__name__} does not run on an input of shape {list(example_input.shape)} "
+                         f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})") from None
     finally:
         module.train(was_training)
-    return _Analysis(module).run(tuple(example_input.shape[1:]))
+    if not isinstance(output, torch.Tensor):
+        raise GraphError(f"{type(model).__name__} returns a {type(output).__name__}; one logits tensor is needed")
+    graph = _Analysis(module).run(tuple(example_input.shape[1:]))
+    graph.output_shape = tuple(output.shape[1:])
+    return graph
 
 
 def _shape(node) -> tuple[int, ...] | None:

@@ -1,7 +1,7 @@
 """The shared training loop: data, optimisers, per-epoch checkpoints, resume, metrics and plots.
 
 A run directory `<out_dir>/<name>/` holds checkpoint.pt (resume state), log.jsonl (one row per epoch),
-mask.json (the architecture spec of the static sub-network), metrics.json and plots. Every write is
+mask.json (the static sub-network: kept channels of each traced group, closed blocks), metrics.json and plots. Every write is
 atomic; a run is resumable from its last completed epoch. Under torchrun the same loop runs on every
 rank (training/distributed.py); rank 0 alone writes.
 """
@@ -23,15 +23,17 @@ from tqdm import tqdm
 from common.atomicio import write_json, write_text
 from common.energy import EnergyMeter, EnergyReading
 
-from .arch import make_spec
-from .checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-from .config import TrainConfig
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import ConfigError, TrainConfig
 from .data import BatchIterator, load_splits
 from .distributed import Cluster, check_consensus, fingerprint, start_cluster, structure_key
-from .flops import count_macs, count_params, layer_costs
+from .flops import count_params
+from .gates import Gate
+from .gating import cut, mask_problem
+from .graph import GraphError, NetworkGraph, trace_network
 from .mask import mask_document, save_mask
 from .methods import RunContext, make_method
-from .models import build_model
+from .networks import NetworkError, NetworkInfo, build_network, load_weights, read_weights
 from .plots import write_plots
 
 # Keys that may differ between the interrupted run and its resume (they do not change the result).
@@ -65,17 +67,14 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def is_gate_score(name: str) -> bool:
-    return name.endswith(".gate.score") or name.endswith(".block_gate.score")
-
-
 def make_optimizers(model, cfg: TrainConfig, total_steps: int, done_steps: int = 0):
     """SGD + cosine for the weights; plain SGD with momentum for gate scores. Not Adam for the scores:
     Adam normalises away gradient size, so every gate moved in lockstep under the shared FLOPs push and
     they all closed together (measured; README). With SGD a gate closes when its cost outweighs its use."""
+    score_ids = {id(m.score) for m in model.modules() if isinstance(m, Gate)}
     named = list(model.named_parameters())
-    weights = [(n, p) for n, p in named if not is_gate_score(n)]
-    scores = [p for n, p in named if is_gate_score(n)]
+    weights = [(n, p) for n, p in named if id(p) not in score_ids]
+    scores = [p for n, p in named if id(p) in score_ids]
     weight_groups = [
         {"params": [p for n, p in weights if p.dim() > 1], "weight_decay": cfg.weight_decay},
         {"params": [p for n, p in weights if p.dim() <= 1], "weight_decay": 0.0},  # BN and biases
@@ -165,8 +164,16 @@ def _train(cfg: TrainConfig, resume: bool, cluster: Cluster, device: torch.devic
     val_batches = BatchIterator(val_set, info, cfg.eval_batch_size, train=False, seed=cfg.seed, device=device)
     test_batches = BatchIterator(test_set, info, cfg.eval_batch_size, train=False, seed=cfg.seed, device=device,
                                  shard=cluster.shard)
-    spec = make_spec(cfg.model, info.in_channels, info.num_classes, info.input_size)
-    method = make_method(cfg, spec)
+    network_info = NetworkInfo(cfg.model, info.in_channels, info.num_classes, tuple(info.input_size),
+                               cfg.model_args)
+    try:
+        graph = trace_network(_network(cfg, network_info, state, cluster), network_info.example_input())
+    except GraphError as error:
+        raise ConfigError(f"config key 'model': {error}", "model") from None
+    if graph.output_shape != (info.num_classes,):
+        raise ConfigError(f"config key 'model_args': {cfg.model} outputs {list(graph.output_shape)} per image, "
+                          f"but {info.name} has {info.num_classes} classes", "model_args")
+    method = make_method(cfg, graph)
     model = method.build_model()
     steps_per_epoch = len(train_batches)
     total_steps = cfg.epochs * steps_per_epoch
@@ -182,8 +189,9 @@ def _train(cfg: TrainConfig, resume: bool, cluster: Cluster, device: torch.devic
         if lacking:
             raise RunError(f"--resume: {checkpoint_path} holds no {' or '.join(lacking)} state; it can be "
                            "exported but not resumed")
-        model = model_from_checkpoint(state, checkpoint_path)
         method.load_state_dict(state.get("method_state", {}))
+        model = method.restore_model()
+        model.load_state_dict(state["model"], strict=True)
         start_epoch, history = state["epoch"], state.get("history", [])
         train_seconds = state.get("train_seconds", 0.0)
         energy = EnergyReading.from_dict(state["energy"]) if state.get("energy") else None
@@ -197,9 +205,7 @@ def _train(cfg: TrainConfig, resume: bool, cluster: Cluster, device: torch.devic
         set_rng_state(state["rng"])
 
     def checkpoint_state(epochs_done: int) -> dict[str, Any]:
-        return {"config": cfg.to_dict(), "spec": model.spec,
-                "gates": vars(method.gate_options()) if model.gated else None,
-                "model": model.state_dict(), "optimizer": sgd.state_dict(),
+        return {"config": cfg.to_dict(), "network": network_info.describe(), "model": model.state_dict(), "optimizer": sgd.state_dict(),
                 "gate_optimizer": gate_sgd.state_dict() if gate_sgd is not None else None,
                 "epoch": epochs_done, "method_state": method.state_dict(), "rng": rng_state(),
                 "history": history, "train_seconds": train_seconds,
@@ -257,8 +263,8 @@ def _train(cfg: TrainConfig, resume: bool, cluster: Cluster, device: torch.devic
     if cluster.is_main:
         save_checkpoint(checkpoint_path, checkpoint_state(cfg.epochs))
     parallel = {"world_size": cluster.world_size, "backend": cluster.backend, "rank_fingerprints": ranks}
-    metrics = finish_run(cfg, run_dir, method, model, test_batches, device, history, train_seconds, spec,
-                         cluster, energy, parallel if cluster.distributed else None)
+    metrics = finish_run(cfg, run_dir, method, model, test_batches, device, history, train_seconds, graph,
+                         network_info, cluster, energy, parallel if cluster.distributed else None)
     cluster.barrier()  # every rank returns once rank 0's artifacts exist
     return metrics
 
@@ -275,22 +281,34 @@ def add_energy(total: EnergyReading | None, epoch: EnergyReading, cluster: Clust
     return epoch if total is None else total + epoch
 
 
-def finish_run(cfg, run_dir, method, model, test_batches, device, history, train_seconds, dense_spec,
-               cluster: Cluster = Cluster(), energy: EnergyReading | None = None, parallel=None):
+def _network(cfg: TrainConfig, network_info: NetworkInfo, state: dict | None, cluster: Cluster):
+    """The run's plain network: built, and holding `init_weights` when a fresh run starts from them (rank
+    0 reads the file and hands the weights to the others)."""
+    try:
+        network = build_network(network_info)
+        if cfg.init_weights and state is None:
+            load_weights(network, cluster.from_main(lambda: read_weights(cfg.init_weights)),
+                         f"init_weights {cfg.init_weights}")
+    except NetworkError as error:
+        key = "init_weights" if str(error).startswith("init_weights") else "model"
+        raise ConfigError(f"config key {key!r}: {error}", key) from None
+    return network
+
+
+def finish_run(cfg, run_dir, method, model, test_batches, device, history, train_seconds, graph: NetworkGraph,
+               network_info: NetworkInfo, cluster: Cluster = Cluster(), energy: EnergyReading | None = None,
+               parallel=None):
     """Evaluate exactly the static sub-network, and write mask.json, metrics.json and plots (rank 0)."""
     test_accuracy, _ = evaluate(model, test_batches.epoch(0), device, cluster)
     mask = method.final_mask(model)
-    costs = layer_costs(build_model(dense_spec))
-    document = mask_document(cfg.model, dense_spec, mask, costs, cfg.round_to)
-    dense_net = build_model(dense_spec)
-    pruned_net = build_model(document["pruned_spec"])
-    dense_flops, pruned_flops = count_macs(dense_net), count_macs(pruned_net)
+    document = mask_document(mask, mask_problem(graph), network_info.describe(), cfg.round_to)
+    dense_flops, pruned_flops = document["dense_flops"], document["pruned_flops"]
+    dense_params, pruned_params = count_params(graph.module), count_params(cut(graph, mask, graph.module))
     metrics = {
         "dataset": cfg.dataset, "model": cfg.model, "method": cfg.method, "epochs": cfg.epochs,
         "test_accuracy": test_accuracy, "dense_flops": dense_flops, "pruned_flops": pruned_flops,
         "flops_ratio": pruned_flops / dense_flops,
-        "dense_params": count_params(dense_net), "pruned_params": count_params(pruned_net),
-        "params_ratio": count_params(pruned_net) / count_params(dense_net),
+        "dense_params": dense_params, "pruned_params": pruned_params, "params_ratio": pruned_params / dense_params,
         "target_flops_ratio": cfg.target_flops_ratio if method.uses_gates else None,
         "kept_channels": {name: len(kept) for name, kept in mask.kept_channels.items()},
         "removed_blocks": mask.closed_blocks, "train_seconds": train_seconds,

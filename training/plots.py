@@ -31,10 +31,10 @@ def write_plots(run_dir: Path, model, history: list[dict]) -> None:
         right.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
         right.legend()
         _save(fig, run_dir / "progress.png")
-    gates = model.gates() if hasattr(model, "gates") else {}
-    if gates:
-        channel = torch.cat([g.score.detach().cpu() for p, g in gates.items() if not p.endswith(".block_gate")])
-        block = [g.score.detach().cpu() for p, g in gates.items() if p.endswith(".block_gate")]
+    channel_gates = list(getattr(model, "channel_gates", {}).values())
+    if channel_gates:
+        channel = torch.cat([g.score.detach().cpu() for g in channel_gates])
+        block = [g.score.detach().cpu() for g in getattr(model, "block_gates", {}).values()]
         fig, axes = plt.subplots(1, 2 if block else 1, figsize=(10 if block else 5, 3.5), squeeze=False)
         axes[0][0].hist(channel.numpy(), bins=50)
         axes[0][0].axvline(0, color="k", lw=0.8)

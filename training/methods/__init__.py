@@ -1,7 +1,7 @@
 """Pruning methods behind one small interface (`base.Method`) that the training loop calls."""
 from __future__ import annotations
 
-from ..arch import Spec
+from ..graph import NetworkGraph
 from ..config import TrainConfig
 from .activation_density import ActivationDensityMethod
 from .base import Method, RunContext
@@ -17,10 +17,10 @@ REGISTRY: dict[str, type[Method]] = {
 }
 
 
-def make_method(cfg: TrainConfig, spec: Spec) -> Method:
+def make_method(cfg: TrainConfig, graph: NetworkGraph) -> Method:
     if cfg.method not in REGISTRY:
         raise ValueError(f"method {cfg.method!r} is not available; choose one of {', '.join(REGISTRY)}")
-    return REGISTRY[cfg.method](cfg, spec)
+    return REGISTRY[cfg.method](cfg, graph)
 
 
 __all__ = ["Method", "RunContext", "make_method", "REGISTRY"]

@@ -4,9 +4,11 @@ A unit's activation density is the share of its post-ReLU activations that are n
 batches of an epoch. Every `density_every` epochs (until `density_stop` of the run) each prunable unit is
 cut to about density x its current width, rounded to `round_to` and never below one group, keeping the
 channels that fire most often; training goes on with the physically smaller network, so later epochs
-cost less. The kept channels are tracked as indices into the dense widths, so the result is an ordinary
-mask.json; at the end the small network is put back into the dense shape with frozen gates, which is
-what export cuts.
+cost less. Units are the prunable channel groups of the network's trace (`training.graph`), and a resize
+is the same cut export makes (`training.gating.cut`, on a trace of the current network). The kept
+channels are tracked as indices into the dense widths, so the result is an ordinary mask.json; at the end
+the small network is put back into the dense shape with frozen gates (`gating.embed`), which is what
+export cuts.
 """
 from __future__ import annotations
 
@@ -16,17 +18,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..arch import prunable_layers
-from ..flops import count_macs
+from ..gating import GatedNetwork, cut, embed, full_mask, mask_macs
+from ..graph import trace_network
 from ..mask import Mask
-from ..models import GateOptions, SpecNet, build_model
-from ..resize import channel_axes, embed, shrink
 from .base import Method, RunContext
 
 
 class DensityMeter:
-    """Per-channel counts of positive values at each unit's pre-ReLU batch-norm output (relu(x) != 0
-    exactly when x > 0), over forward passes in training mode. No hook point in the model is needed."""
+    """Per-channel counts of positive values at each unit's first norm (or producer) output, before its
+    activation (relu(x) != 0 exactly when x > 0), over forward passes in training mode."""
 
     def __init__(self) -> None:
         self.positive: dict[str, torch.Tensor] = {}
@@ -34,7 +34,7 @@ class DensityMeter:
         self._hooks: list[Any] = []
 
     def attach(self, norms: dict[str, nn.Module]) -> None:
-        """Start counting at each unit's batch norm (unit -> module)."""
+        """Start counting at each unit's measuring point (unit -> module)."""
         self.detach()
         for unit, norm in norms.items():
             self._hooks.append(norm.register_forward_hook(
@@ -50,7 +50,7 @@ class DensityMeter:
 
     @torch.no_grad()
     def record(self, unit: str, pre_relu: torch.Tensor) -> None:
-        fired = (pre_relu > 0).sum(dim=(0, 2, 3)).to("cpu", torch.float64)
+        fired = (pre_relu > 0).sum(dim=(0, *range(2, pre_relu.dim()))).to("cpu", torch.float64)
         self.positive[unit] = self.positive.get(unit, 0) + fired
         self.seen[unit] = self.seen.get(unit, 0) + pre_relu.numel() // pre_relu.shape[1]
 
@@ -81,25 +81,24 @@ def most_active(channel_density: torch.Tensor, count: int) -> list[int]:
 
 
 class ActivationDensityMethod(Method):
-    def __init__(self, cfg, spec):
-        super().__init__(cfg, spec)
-        self.dense_widths = prunable_layers(spec)
+    def __init__(self, cfg, graph):
+        super().__init__(cfg, graph)
+        self.dense_widths = {name: group.width for name, group in graph.prunable().items()}
         self.kept = {unit: list(range(width)) for unit, width in self.dense_widths.items()}  # dense indices
+        self.finished = False        # the model is the dense-shaped gated network of `finish`
         self.resizes: list[dict[str, Any]] = []
         self.train_macs = 0          # forward MACs x examples x 3 (forward + backward), as trained
         self.dense_train_macs = 0    # the same examples through the dense network
         self.epoch_seconds: dict[int, float] = {}  # epoch -> seconds of its training steps (and resize)
         self.meter = DensityMeter()
-        self.macs = self.dense_macs = count_macs(build_model(spec))
+        self.macs = self.dense_macs = mask_macs(graph, full_mask(graph))
         self._hooks: list[Any] = []
         self._epoch_started, self._world_size = 0.0, 1
 
-    def build_model(self) -> SpecNet:
-        return build_model(self.dense_spec)
-
-    def gate_options(self) -> GateOptions:
-        """The gates of the deployable, dense-shaped network that `finish` returns (always frozen)."""
-        return GateOptions(init_score=self.cfg.gate_init)
+    def restore_model(self) -> nn.Module:
+        if self.finished:
+            return GatedNetwork(self.graph, self.cfg.gate_init)
+        return cut(self.graph, Mask(self.kept), self.graph.module)
 
     def resize_epochs(self, total_epochs: int) -> list[int]:
         every, stop = self.cfg.density_every, self.cfg.density_stop * total_epochs
@@ -112,18 +111,20 @@ class ActivationDensityMethod(Method):
         self._hooks = []
         self.meter.detach()
 
-    def prepare(self, model: SpecNet, ctx: RunContext) -> None:
+    def measuring_points(self) -> dict[str, str]:
+        """Unit -> the module whose output the density is read at: the group's first norm, else its first
+        producer (both come before the activation)."""
+        return {name: (group.members and next((m for m in group.members if self.graph.layers[m].kind == "norm"),
+                                              None)) or group.producers[0]
+                for name, group in self.graph.prunable().items()}
+
+    def prepare(self, model: nn.Module, ctx: RunContext) -> None:
         self._detach()
         self._world_size = ctx.cluster.world_size
-        if model.gated:  # a finished run resumed: nothing left to train
+        if self.finished:  # a finished run resumed: nothing left to train
             return
-        self.macs = count_macs(model)
-        norms = {}
-        for path, (out_unit, _) in channel_axes(model).items():
-            module = model.get_submodule(path)
-            if out_unit is not None and isinstance(module, nn.BatchNorm2d):
-                norms[out_unit] = module
-        self.meter.attach(norms)
+        self.macs = mask_macs(self.graph, Mask(self.kept))
+        self.meter.attach({unit: model.get_submodule(path) for unit, path in self.measuring_points().items()})
         self._hooks = [model.register_forward_pre_hook(self._count_examples)]
 
     def _count_examples(self, model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
@@ -133,46 +134,49 @@ class ActivationDensityMethod(Method):
             self.dense_train_macs += 3 * self.dense_macs * examples
 
     # --- the schedule -------------------------------------------------------------------------------
-    def start_epoch(self, model: SpecNet, epoch: int, ctx: RunContext) -> SpecNet:
+    def start_epoch(self, model: nn.Module, epoch: int, ctx: RunContext) -> nn.Module:
         self._epoch_started = time.perf_counter()
         if epoch in self.resize_epochs(ctx.total_epochs) and self.meter.positive:
             model = self.resize(model, epoch)
         self.meter.reset()  # each resize reads the density of the epoch before it
         return model
 
-    def resize(self, model: SpecNet, epoch: int) -> SpecNet:
+    def resize(self, model: nn.Module, epoch: int) -> nn.Module:
         """Cut every unit to density x width, keeping its most active channels; the same model if no
         width changes."""
         local: dict[str, list[int]] = {}
         record: dict[str, Any] = {"epoch": epoch, "density": {}, "width": {}}
-        for unit, width in prunable_layers(model.spec).items():
-            density = self.meter.density(unit)
+        for unit, kept in self.kept.items():
+            width, density = len(kept), self.meter.density(unit)
             keep = resized_width(width, density, min(self.cfg.round_to, self.dense_widths[unit]))
-            if keep < width:
-                local[unit] = most_active(self.meter.channel_density(unit), keep)
+            local[unit] = most_active(self.meter.channel_density(unit), keep) if keep < width else list(range(width))
             record["density"][unit], record["width"][unit] = density, keep
-        record["changed"] = bool(local)
+        record["changed"] = any(len(local[u]) < len(self.kept[u]) for u in local)
         self.resizes.append(record)
-        if not local:
+        if not record["changed"]:
             return model
         for unit, channels in local.items():  # compose: indices into the current width -> dense indices
             self.kept[unit] = [self.kept[unit][i] for i in channels]
-        return shrink(model, local)
+        device = next(model.parameters()).device
+        current = trace_network(model, torch.zeros(2, *self.graph.input_shape, device=device))
+        return cut(current, Mask(local), current.module).train(model.training)
 
-    def extra_loss(self, model: SpecNet, progress: float):
+    def extra_loss(self, model: nn.Module, progress: float):
         return None, {"kept_flops": self.macs / self.dense_macs}
 
-    def end_epoch(self, model: SpecNet, epoch: int, ctx: RunContext) -> None:
+    def end_epoch(self, model: nn.Module, epoch: int, ctx: RunContext) -> None:
         self.meter.sum_over(ctx.cluster)  # every rank counted its own shard: resize on the global counts
         self.epoch_seconds[epoch] = time.perf_counter() - self._epoch_started
 
-    def finish(self, model: SpecNet, ctx: RunContext) -> SpecNet:
+    def finish(self, model: nn.Module, ctx: RunContext) -> nn.Module:
         self._detach()
-        if model.gated:
+        if self.finished:
             return model
-        return embed(model, self.dense_spec, self.kept, self.gate_options())
+        self.finished = True
+        device = next(model.parameters()).device
+        return embed(self.graph, model, Mask(self.kept), self.cfg.gate_init).to(device).train(model.training)
 
-    def final_mask(self, model: SpecNet) -> Mask:
+    def final_mask(self, model: nn.Module) -> Mask:
         return Mask({unit: list(channels) for unit, channels in self.kept.items()}, [])
 
     # --- reporting and resume -----------------------------------------------------------------------
@@ -193,12 +197,13 @@ class ActivationDensityMethod(Method):
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        return {"kept": self.kept, "resizes": self.resizes, "train_macs": self.train_macs,
+        return {"kept": self.kept, "finished": self.finished, "resizes": self.resizes, "train_macs": self.train_macs,
                 "dense_train_macs": self.dense_train_macs, "epoch_seconds": self.epoch_seconds,
                 "meter": {"positive": self.meter.positive, "seen": self.meter.seen}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.kept = {unit: list(channels) for unit, channels in state.get("kept", self.kept).items()}
+        self.finished = bool(state.get("finished", False))
         self.resizes = list(state.get("resizes", []))
         self.train_macs = state.get("train_macs", 0)
         self.dense_train_macs = state.get("dense_train_macs", 0)

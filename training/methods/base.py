@@ -2,7 +2,8 @@
 
 The loop owns data, optimisers, checkpoints and metrics; a method decides the model it trains, the extra
 loss it adds, what happens between steps and epochs, and the final static mask. A method may hand back a
-new (smaller) model from `start_epoch`; the loop then rebuilds its optimisers.
+new (smaller) model from `start_epoch`; the loop then rebuilds its optimisers. Every method works on the
+trace of the run's network (`training.graph.NetworkGraph`): built-in or the user's own, alike.
 """
 from __future__ import annotations
 
@@ -11,11 +12,15 @@ from typing import Any, Callable, Iterable
 
 import torch
 
+import copy
+
+from torch import nn
+
 from ..distributed import Cluster
-from ..arch import Spec, prunable_layers
 from ..config import TrainConfig
+from ..gating import full_mask
+from ..graph import NetworkGraph
 from ..mask import Mask
-from ..models import SpecNet
 
 
 @dataclass
@@ -32,39 +37,43 @@ class RunContext:
 class Method:
     uses_gates = False
 
-    def __init__(self, cfg: TrainConfig, spec: Spec):
-        self.cfg, self.dense_spec = cfg, spec
+    def __init__(self, cfg: TrainConfig, graph: NetworkGraph):
+        self.cfg, self.graph = cfg, graph
 
-    def build_model(self) -> SpecNet:
-        raise NotImplementedError
+    def build_model(self) -> nn.Module:
+        """The network this method trains, fresh: by default the plain traced network."""
+        return copy.deepcopy(self.graph.module)
 
-    def prepare(self, model: SpecNet, ctx: RunContext) -> None:
+    def restore_model(self) -> nn.Module:
+        """A network shaped like the one the loaded method state describes, for its checkpoint's weights."""
+        return self.build_model()
+
+    def prepare(self, model: nn.Module, ctx: RunContext) -> None:
         """Called once the model sits on its device (fresh or resumed)."""
 
-    def start_epoch(self, model: SpecNet, epoch: int, ctx: RunContext) -> SpecNet:
+    def start_epoch(self, model: nn.Module, epoch: int, ctx: RunContext) -> nn.Module:
         return model
 
-    def extra_loss(self, model: SpecNet, progress: float) -> tuple[torch.Tensor | None, dict[str, float]]:
+    def extra_loss(self, model: nn.Module, progress: float) -> tuple[torch.Tensor | None, dict[str, float]]:
         """Added to the task loss after each forward; `progress` is the share of all steps done."""
         return None, {}
 
-    def before_step(self, model: SpecNet) -> None:
+    def before_step(self, model: nn.Module) -> None:
         """Called after backward, before the optimiser step (gradients are in place)."""
 
-    def after_step(self, model: SpecNet) -> None:
+    def after_step(self, model: nn.Module) -> None:
         """Called after each optimiser step."""
 
-    def end_epoch(self, model: SpecNet, epoch: int, ctx: RunContext) -> None:
+    def end_epoch(self, model: nn.Module, epoch: int, ctx: RunContext) -> None:
         """After an epoch's last step, before its checkpoint. Statistics gathered from this rank's shard
         of the batches must be summed over `ctx.cluster` here, so every rank decides alike."""
 
-    def finish(self, model: SpecNet, ctx: RunContext) -> SpecNet:
+    def finish(self, model: nn.Module, ctx: RunContext) -> nn.Module:
         """End of training: make the model the static network that will be deployed."""
         return model
 
-    def final_mask(self, model: SpecNet) -> Mask:
-        layers = prunable_layers(self.dense_spec)
-        return Mask({name: list(range(width)) for name, width in layers.items()})
+    def final_mask(self, model: nn.Module) -> Mask:
+        return full_mask(self.graph)
 
     def summary(self) -> dict[str, Any]:
         """Extra entries for metrics.json."""

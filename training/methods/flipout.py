@@ -18,7 +18,6 @@ from torch import nn
 
 from ..config import flipout_prune_epochs
 from ..flops import count_params
-from ..models import SpecNet, build_model
 from .base import Method, RunContext
 
 
@@ -61,20 +60,17 @@ def prune_to(saliencies: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]
 
 
 class FlipOutMethod(Method):
-    def __init__(self, cfg, spec):
-        super().__init__(cfg, spec)
+    def __init__(self, cfg, graph):
+        super().__init__(cfg, graph)
         self.masks: dict[str, torch.Tensor] | None = None    # bool, True = weight kept
         self.flips: dict[str, torch.Tensor] | None = None    # int32 sign-change counts since the start
         self.prunes: list[dict[str, Any]] = []
         self._signs: dict[str, torch.Tensor] = {}
 
-    def build_model(self) -> SpecNet:
-        return build_model(self.dense_spec)
-
     def prune_epochs(self, total_epochs: int) -> list[int]:
         return flipout_prune_epochs(self.cfg.final_sparsity, total_epochs, self.cfg.prune_freq)
 
-    def prepare(self, model: SpecNet, ctx: RunContext) -> None:
+    def prepare(self, model: nn.Module, ctx: RunContext) -> None:
         weights = prunable_weights(model)
         if self.masks is None:
             self.masks = {n: torch.ones_like(w, dtype=torch.bool) for n, w in weights.items()}
@@ -85,30 +81,30 @@ class FlipOutMethod(Method):
         self.apply_masks(model)
 
     @torch.no_grad()
-    def apply_masks(self, model: SpecNet) -> None:
+    def apply_masks(self, model: nn.Module) -> None:
         for name, weight in prunable_weights(model).items():
             weight.mul_(self.masks[name])
 
-    def before_step(self, model: SpecNet) -> None:
+    def before_step(self, model: nn.Module) -> None:
         for name, weight in prunable_weights(model).items():
             if weight.grad is not None:
                 add_gradient_noise(weight.grad, self.masks[name], self.cfg.flipout_noise)
             self._signs[name] = torch.sign(weight.detach()).to(torch.int8)
 
     @torch.no_grad()
-    def after_step(self, model: SpecNet) -> None:
+    def after_step(self, model: nn.Module) -> None:
         for name, weight in prunable_weights(model).items():
             weight.mul_(self.masks[name])  # weight decay and momentum must not revive pruned weights
             self.flips[name] += sign_flips(self._signs[name], weight)
 
-    def start_epoch(self, model: SpecNet, epoch: int, ctx: RunContext) -> SpecNet:
+    def start_epoch(self, model: nn.Module, epoch: int, ctx: RunContext) -> nn.Module:
         schedule = self.prune_epochs(ctx.total_epochs)
         if epoch in schedule:
             self.prune(model, target_sparsity=min(self.cfg.final_sparsity, 1 - 0.5 ** (schedule.index(epoch) + 1)),
                        epoch=epoch)
         return model
 
-    def prune(self, model: SpecNet, target_sparsity: float, epoch: int | None = None) -> None:
+    def prune(self, model: nn.Module, target_sparsity: float, epoch: int | None = None) -> None:
         """Keep the most salient (1 - target_sparsity) of all conv/linear weights (never revives any)."""
         weights = prunable_weights(model)
         total = sum(w.numel() for w in weights.values())
@@ -121,12 +117,12 @@ class FlipOutMethod(Method):
     def nonzero(self) -> int:
         return int(sum(int(m.sum()) for m in self.masks.values()))
 
-    def extra_loss(self, model: SpecNet, progress: float):
+    def extra_loss(self, model: nn.Module, progress: float):
         return None, {"kept_flops": 1.0}  # zeros in dense kernels: the runtime does every MAC
 
     def summary(self) -> dict[str, Any]:
         total = sum(m.numel() for m in self.masks.values())
-        dense_params = count_params(build_model(self.dense_spec))
+        dense_params = count_params(self.graph.module)
         return {"weight_sparsity": 1 - self.nonzero() / total, "prunable_weights": total,
                 "nonzero_params": dense_params - (total - self.nonzero()), "prunes": self.prunes,
                 "flipout_noise": self.cfg.flipout_noise,

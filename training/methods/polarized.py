@@ -4,7 +4,8 @@ Loss = task + flops_weight * (kept MACs ratio - target)^2 + polarization_weight 
        (+ consensus_weight * disagreement for dynamic gates).
 Schedule over one run: warm-up (gates open, weights settle) -> gates learn -> at `freeze_fraction` of the
 epochs the decisions become a deployable mask (rounded widths, target met) and the gates are frozen ->
-the remaining epochs fine-tune exactly the network that export will cut out.
+the remaining epochs fine-tune exactly the network that export will cut out. The gates sit wherever the
+trace of the network puts them (`training.gating`), built-in network or the user's own.
 """
 from __future__ import annotations
 
@@ -12,69 +13,65 @@ from typing import Any
 
 import torch
 
-from ..arch import residual_blocks
-from ..flops import gated_macs, layer_costs
-from ..gates import Gate, consensus_disagreement, kept_target
-from ..gates import polarizer as gates_polarizer
-from ..mask import GateDecision, Mask, finalize_mask, mask_macs
-from ..models import GateOptions, SpecNet, build_model
+from ..config import ConfigError
+from ..gates import consensus_disagreement, kept_target, polarizer
+from ..gating import GatedNetwork, mask_macs, mask_problem
+from ..mask import GateDecision, Mask, choose_mask
 from .base import Method, RunContext
 
 
-def _unit(gate_path: str) -> str:
-    return gate_path.rsplit(".", 1)[0]
+def flops_floor(graph, round_to: int) -> tuple[float, str]:
+    """The smallest kept-FLOPs ratio a mask can reach, and how: every residual block closed, every other
+    group at one step of `round_to` channels (as `choose_mask` allows)."""
+    problem = mask_problem(graph)
+    gone = {g for groups in problem.block_groups.values() for g in groups}
+    smallest = Mask({n: list(range(min(round_to, w))) for n, w in problem.widths.items() if n not in gone},
+                    list(problem.block_groups))
+    dense = problem.macs(Mask({n: list(range(w)) for n, w in problem.widths.items()}, []))
+    how = (f"{len(problem.block_groups)} residual blocks closed, every other group at "
+           f"{round_to} channels")
+    return problem.macs(smallest) / dense, how
 
 
 class PolarizedMethod(Method):
     uses_gates = True
 
-    def __init__(self, cfg, spec):
-        super().__init__(cfg, spec)
+    def __init__(self, cfg, graph):
+        super().__init__(cfg, graph)
+        if not graph.prunable() and not graph.blocks:
+            raise ConfigError(f"config key 'model': {cfg.model} has nothing the gates can prune (every channel "
+                              "group is pinned and there is no residual block); see the pin reasons with "
+                              "training.graph.trace_network", "model")
+        floor, how = flops_floor(graph, cfg.round_to)
+        if cfg.target_flops_ratio + cfg.flops_tolerance < floor:
+            raise ConfigError(f"config key 'target_flops_ratio': {cfg.model} cannot go below {floor:.4f} of its "
+                              f"FLOPs ({how}), even with flops_tolerance {cfg.flops_tolerance:g} (got "
+                              f"{cfg.target_flops_ratio!r})", "target_flops_ratio")
+        self.dense_macs = float(mask_macs(graph, Mask({n: list(range(g.width)) for n, g in graph.prunable().items()})))
         self.mask: Mask | None = None
         self.agreement: float | None = None
         self.last_ratio = 1.0
 
-    def gate_options(self) -> GateOptions:
-        return GateOptions(init_score=self.cfg.gate_init, dynamic=self.cfg.dynamic_gates)
-
-    def build_model(self) -> SpecNet:
-        return build_model(self.dense_spec, self.gate_options())
-
-    def prepare(self, model: SpecNet, ctx: RunContext) -> None:
-        self.costs = layer_costs(model)
-        self.dense_macs = float(sum(cost.macs for cost in self.costs))
-        self.blocks = set(residual_blocks(self.dense_spec))
+    def build_model(self) -> GatedNetwork:
+        return GatedNetwork(self.graph, self.cfg.gate_init, self.cfg.dynamic_gates)
 
     # --- during training -------------------------------------------------------------------------
-    def _kept_ratio(self, gates: dict[str, Gate]) -> torch.Tensor:
-        widths, blocks = {}, {}
-        for path, gate in gates.items():
-            values = gate.last_values
-            per_input = values.mean(dim=0) if values.dim() > 1 else values  # dynamic: expected width
-            if path.endswith(".block_gate"):
-                blocks[_unit(path)] = per_input.sum()
-            else:
-                widths[_unit(path)] = per_input.sum()
-        return gated_macs(self.costs, widths, blocks) / self.dense_macs
-
-    def extra_loss(self, model: SpecNet, progress: float):
-        gates = model.gates()
+    def extra_loss(self, model: GatedNetwork, progress: float):
         if self.mask is not None:  # frozen: the sub-network is fixed, only the weights train
             return None, {"kept_flops": self.last_ratio}
-        ratio = self._kept_ratio(gates)
+        ratio = model.kept_ratio()
         self.last_ratio = float(ratio.detach())
         if progress < self.cfg.warmup_fraction:
             return None, {"kept_flops": self.last_ratio}
         cfg = self.cfg
-        channel_probs, block_probs = [], []
-        for path, gate in gates.items():
-            (block_probs if path.endswith(".block_gate") else channel_probs).append(gate.last_probs)
-        polarizer = gates_polarizer(channel_probs, block_probs, cfg.polarization_t, cfg.polarization_center)
+        channel_probs, block_probs = model.gate_probs()
         # Squared: the push fades as the ratio tracks the ramped target, so near it the task loss decides
         # which gates close (with abs, the constant push closed gates regardless of their use).
-        loss = cfg.flops_weight * (ratio - self.target_at(progress)) ** 2 + cfg.polarization_weight * polarizer
+        loss = (cfg.flops_weight * (ratio - self.target_at(progress)) ** 2
+                + cfg.polarization_weight * polarizer(channel_probs, block_probs, cfg.polarization_t,
+                                                      cfg.polarization_center))
         if cfg.dynamic_gates:
-            disagreement = [consensus_disagreement(gate.last_probs) for gate in gates.values()]
+            disagreement = [consensus_disagreement(p) for p in channel_probs + block_probs]
             loss = loss + cfg.consensus_weight * torch.stack(disagreement).mean()
         return loss, {"kept_flops": self.last_ratio}
 
@@ -83,41 +80,33 @@ class PolarizedMethod(Method):
         cfg = self.cfg
         return kept_target(progress, cfg.target_flops_ratio, cfg.warmup_fraction, cfg.ramp_fraction)
 
-    def start_epoch(self, model: SpecNet, epoch: int, ctx: RunContext) -> SpecNet:
+    def start_epoch(self, model: GatedNetwork, epoch: int, ctx: RunContext) -> GatedNetwork:
         freeze_epoch = min(ctx.total_epochs, max(1, round(self.cfg.freeze_fraction * ctx.total_epochs)))
         if self.mask is None and epoch >= freeze_epoch:
             self._freeze(model, ctx)
         return model
 
-    def finish(self, model: SpecNet, ctx: RunContext) -> SpecNet:
+    def finish(self, model: GatedNetwork, ctx: RunContext) -> GatedNetwork:
         if self.mask is None:
             self._freeze(model, ctx)
         return model
 
     # --- the consensus mask -------------------------------------------------------------------------
     @torch.no_grad()
-    def decisions(self, model: SpecNet, ctx: RunContext) -> dict[str, GateDecision]:
+    def decisions(self, model: GatedNetwork, ctx: RunContext) -> tuple[dict[str, GateDecision], dict]:
         """Static gates: open = score > 0. Dynamic gates: majority vote of validation inputs."""
-        gates = model.gates()
         if not self.cfg.dynamic_gates:
-            open_share = {p: (g.score > 0).float() for p, g in gates.items()}
-            confidence = {p: torch.sigmoid(g.score) for p, g in gates.items()}
-        else:
-            open_share, confidence = self._vote(model, gates, ctx)
-        result = {}
-        for path in gates:
-            if path.endswith(".block_gate"):
-                continue
-            unit = _unit(path)
-            decision = GateDecision((open_share[path] > 0.5).cpu(), confidence[path].cpu())
-            block_path = f"{unit}.block_gate"
-            if block_path in gates:
-                decision.block_open = bool(open_share[block_path][0] > 0.5)
-                decision.block_conf = float(confidence[block_path][0])
-            result[unit] = decision
-        return result
+            return model.decisions()
+        share = self._vote(model, ctx)
+        channels = {name: GateDecision(share[f"channel_gates.{key}"] > 0.5, share[f"channel_gates.{key}"])
+                    for name, key in zip(self.graph.prunable(), model.channel_gates)}
+        blocks = {name: (bool(share[f"block_gates.{key}"][0] > 0.5), float(share[f"block_gates.{key}"][0]))
+                  for name, key in zip(self.graph.blocks, model.block_gates)}
+        return channels, blocks
 
-    def _vote(self, model, gates, ctx):
+    def _vote(self, model: GatedNetwork, ctx: RunContext) -> dict[str, torch.Tensor]:
+        """Per gate, the share of validation inputs that opened each unit; sets `agreement`."""
+        gates = model.gates()
         was_training = model.training
         model.eval()
         opened = {p: 0.0 for p in gates}
@@ -133,32 +122,21 @@ class PolarizedMethod(Method):
             count += images.shape[0]
         model.train(was_training)
         if count == 0:
-            raise ValueError("dynamic gates need a validation set for the consensus vote: set val_size > 0")
+            raise ConfigError("config key 'val_size': dynamic gates need a validation set for the consensus "
+                              "vote: set val_size > 0", "val_size")
         share = {p: (opened[p] / count).cpu() for p in gates}
         agree = [(torch.cat(decisions_per_batch[p]) == (share[p] > 0.5).float()).float().mean() for p in gates]
         self.agreement = float(torch.stack(agree).mean())
-        return share, share
+        return share
 
-    def _freeze(self, model: SpecNet, ctx: RunContext) -> None:
-        decisions = self.decisions(model, ctx)
-        self.mask = finalize_mask(self.dense_spec, decisions, self.costs, self.cfg.round_to,
-                                  self.cfg.target_flops_ratio, self.cfg.flops_tolerance)
-        self.apply_mask(model)
-        self.last_ratio = mask_macs(self.costs, self.dense_spec, self.mask) / self.dense_macs
+    def _freeze(self, model: GatedNetwork, ctx: RunContext) -> None:
+        channels, blocks = self.decisions(model, ctx)
+        self.mask = choose_mask(mask_problem(self.graph), channels, blocks, self.cfg.round_to,
+                                self.cfg.target_flops_ratio, self.cfg.flops_tolerance)
+        model.freeze(self.mask)
+        self.last_ratio = mask_macs(self.graph, self.mask) / self.dense_macs
 
-    def apply_mask(self, model: SpecNet) -> None:
-        for path, gate in model.gates().items():
-            unit = _unit(path)
-            closed = unit in self.mask.closed_blocks
-            if path.endswith(".block_gate"):
-                gate.freeze(torch.tensor([0.0 if closed else 1.0]))
-            else:
-                values = torch.zeros(gate.width)
-                if not closed:
-                    values[self.mask.kept_channels[unit]] = 1.0
-                gate.freeze(values)
-
-    def final_mask(self, model: SpecNet) -> Mask:
+    def final_mask(self, model: GatedNetwork) -> Mask:
         return self.mask
 
     def summary(self) -> dict[str, Any]:
