@@ -16,8 +16,8 @@ from typing import Any, get_args, get_origin, get_type_hints
 import yaml
 
 from .arch import MODEL_NAMES, make_spec, prunable_layers, residual_blocks
+from .data import DATASETS, FolderOptions
 
-DATASETS = ("fashion_mnist", "cifar10", "cifar100", "tiny_imagenet")
 METHODS = ("polarized", "dense", "activation_density", "flipout")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -36,6 +36,15 @@ class TrainConfig:
     # what to train
     dataset: str = "fashion_mnist"
     data_dir: str | None = None          # None: the embedded Fashion-MNIST (data/fashion-mnist or Debian's copy)
+    # --- dataset image_folder only (training/data/readers/image_folder.py says what each does) ---------
+    image_size: int = FolderOptions.image_size           # side of the square network input
+    resize: int | None = FolderOptions.resize            # shorter side scaled to this first (None: image_size)
+    crop: str = FolderOptions.crop                       # training window: "center" or "random"
+    horizontal_flip: bool = FolderOptions.horizontal_flip
+    normalize_mean: tuple[float, ...] | None = FolderOptions.normalize_mean  # None: measured on train/
+    normalize_std: tuple[float, ...] | None = FolderOptions.normalize_std
+    skip_bad_images: bool = FolderOptions.skip_bad_images  # leave unreadable images out, counted in metrics.json
+    # --- end of image_folder -----------------------------------------------------------------------------
     model: str = "resnet20"
     method: str = "polarized"
     # budget
@@ -92,6 +101,8 @@ class TrainConfig:
             if float in get_args(hints[f.name]) + (hints[f.name],) and value is not None:
                 need(math.isfinite(value), f.name, "must be a finite number")
         need(self.dataset in DATASETS, "dataset", f"must be one of {', '.join(DATASETS)}")
+        for key, why in FolderOptions.from_config(self.to_dict()).problems(self.dataset):
+            need(False, key, why)
         need(self.model in MODEL_NAMES, "model", f"must be one of {', '.join(MODEL_NAMES)}")
         need(self.method in METHODS, "method", f"must be one of {', '.join(METHODS)}")
         need(self.polarization_center in ("threshold", "mean"), "polarization_center",
@@ -133,7 +144,7 @@ class TrainConfig:
                 raise ConfigError(f"config key 'final_sparsity': {error}", "final_sparsity") from None
         # --- end of baseline methods -----------------------------------------------------------------
         if self.method == "polarized":
-            floor, how = flops_floor(self.model, self.dataset, self.round_to)
+            floor, how = flops_floor(self.model, self.dataset, self.round_to, self.image_size)
             need(self.target_flops_ratio + self.flops_tolerance >= floor, "target_flops_ratio",
                  f"{self.model} on {self.dataset} cannot go below {floor:.4f} of its FLOPs ({how}), "
                  f"even with flops_tolerance {self.flops_tolerance:g}")
@@ -156,16 +167,18 @@ def flipout_prune_epochs(final_sparsity: float, epochs: int, prune_freq: int | N
 
 
 @functools.lru_cache(maxsize=None)
-def flops_floor(model: str, dataset: str, round_to: int) -> tuple[float, str]:
+def flops_floor(model: str, dataset: str, round_to: int,
+                image_size: int = FolderOptions.image_size) -> tuple[float, str]:
     """The smallest kept-FLOPs ratio a mask can reach, and how: a residual block can close completely,
     a plain layer keeps one group of `round_to` channels (as `mask.finalize_mask` does). Builds the
-    dense network once per (model, dataset, round_to): a few hundred ms at most."""
-    from .data import dataset_info  # torch-heavy: imported only once a config is otherwise valid
+    dense network once per (model, dataset, round_to): a few hundred ms at most. image_folder counts its
+    classes only when read: the floor here uses 2, a lower bound (the classifier's MACs are kept)."""
+    from .data import dataset_info
     from .flops import layer_costs
     from .mask import Mask, mask_macs
     from .models import build_model
 
-    info = dataset_info(dataset)
+    info = dataset_info(dataset, FolderOptions(image_size=image_size))
     spec = make_spec(model, info.in_channels, info.num_classes, tuple(info.input_size))
     costs = layer_costs(build_model(spec))
     widths, blocks = prunable_layers(spec), residual_blocks(spec)
@@ -208,6 +221,13 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         elif kind is str:
             if isinstance(value, str):
                 return value
+        elif get_origin(kind) is tuple:  # a YAML list, or "a,b,c" from --set
+            items = value.split(",") if isinstance(value, str) else value
+            if isinstance(items, (list, tuple)):
+                try:
+                    return tuple(_coerce(key, item, get_args(kind)[0]) for item in items)
+                except ConfigError:
+                    pass
     names = " or ".join(getattr(t, "__name__", str(t)) for t in allowed)
     raise ConfigError(f"config key {key!r}: expected {names}, got {value!r}", key)
 
