@@ -16,7 +16,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 import yaml
 
 from .arch import MODEL_NAMES, make_spec, prunable_layers, residual_blocks
-from .data import DATASETS, FolderOptions
+from .data import DATASETS, FolderOptions, dataset_info
 
 METHODS = ("polarized", "dense", "activation_density", "flipout")
 DEVICES = ("auto", "cpu", "cuda")
@@ -36,15 +36,6 @@ class TrainConfig:
     # what to train
     dataset: str = "fashion_mnist"
     data_dir: str | None = None          # None: the embedded Fashion-MNIST (data/fashion-mnist or Debian's copy)
-    # --- dataset image_folder only (training/data/readers/image_folder.py says what each does) ---------
-    image_size: int = FolderOptions.image_size           # side of the square network input
-    resize: int | None = FolderOptions.resize            # shorter side scaled to this first (None: image_size)
-    crop: str = FolderOptions.crop                       # training window: "center" or "random"
-    horizontal_flip: bool = FolderOptions.horizontal_flip
-    normalize_mean: tuple[float, ...] | None = FolderOptions.normalize_mean  # None: measured on train/
-    normalize_std: tuple[float, ...] | None = FolderOptions.normalize_std
-    skip_bad_images: bool = FolderOptions.skip_bad_images  # leave unreadable images out, counted in metrics.json
-    # --- end of image_folder -----------------------------------------------------------------------------
     model: str = "resnet20"
     method: str = "polarized"
     # budget
@@ -83,6 +74,15 @@ class TrainConfig:
     prune_freq: int | None = None        # epochs between halvings (None: as far apart as the epochs allow)
     flipout_noise: float = 1.0           # lambda: gradient noise std in units of the layer's RMS gradient
     # --- end of baseline methods ---------------------------------------------------------------------
+    # --- dataset image_folder only (training/data/readers/image_folder.py says what each does) ---------
+    image_size: int = FolderOptions.image_size           # side of the square network input
+    resize: int | None = FolderOptions.resize            # shorter side scaled to this first (None: image_size)
+    crop: str = FolderOptions.crop                       # training window: "center" or "random"
+    horizontal_flip: bool = FolderOptions.horizontal_flip
+    normalize_mean: tuple[float, ...] | None = FolderOptions.normalize_mean  # None: measured on train/
+    normalize_std: tuple[float, ...] | None = FolderOptions.normalize_std
+    skip_bad_images: bool = FolderOptions.skip_bad_images  # leave unreadable images out, counted in metrics.json
+    # --- end of image_folder -----------------------------------------------------------------------------
     # run
     seed: int = 0
     device: str = "auto"
@@ -101,8 +101,6 @@ class TrainConfig:
             if float in get_args(hints[f.name]) + (hints[f.name],) and value is not None:
                 need(math.isfinite(value), f.name, "must be a finite number")
         need(self.dataset in DATASETS, "dataset", f"must be one of {', '.join(DATASETS)}")
-        for key, why in FolderOptions.from_config(self.to_dict()).problems(self.dataset):
-            need(False, key, why)
         need(self.model in MODEL_NAMES, "model", f"must be one of {', '.join(MODEL_NAMES)}")
         need(self.method in METHODS, "method", f"must be one of {', '.join(METHODS)}")
         need(self.polarization_center in ("threshold", "mean"), "polarization_center",
@@ -128,6 +126,8 @@ class TrainConfig:
                     "consensus_weight"):
             need(getattr(self, key) >= 0, key, "must be >= 0")
         need(self.threads is None or self.threads >= 1, "threads", "must be at least 1")
+        for key, why in FolderOptions.from_config(self.to_dict()).problems(self.dataset):  # image_folder's keys
+            need(False, key, why)
         # --- baseline methods (issue 6) --------------------------------------------------------------
         need(self.density_every >= 1, "density_every", "must be at least 1")
         need(0 < self.density_stop <= 1, "density_stop", "must be in (0, 1]")
@@ -171,9 +171,9 @@ def flops_floor(model: str, dataset: str, round_to: int,
                 image_size: int = FolderOptions.image_size) -> tuple[float, str]:
     """The smallest kept-FLOPs ratio a mask can reach, and how: a residual block can close completely,
     a plain layer keeps one group of `round_to` channels (as `mask.finalize_mask` does). Builds the
-    dense network once per (model, dataset, round_to): a few hundred ms at most. image_folder counts its
-    classes only when read: the floor here uses 2, a lower bound (the classifier's MACs are kept)."""
-    from .data import dataset_info
+    dense network once per (model, dataset, round_to, image_size): a few hundred ms at most.
+    image_folder counts its classes only when read: the floor here uses 2, a lower bound (the classifier's
+    MACs are kept)."""
     from .flops import layer_costs
     from .mask import Mask, mask_macs
     from .models import build_model
