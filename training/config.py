@@ -15,8 +15,8 @@ from typing import Any, get_args, get_origin, get_type_hints
 import yaml
 
 from .arch import MODEL_NAMES
+from .data import DATASETS, FolderOptions
 
-DATASETS = ("fashion_mnist", "cifar10", "cifar100", "tiny_imagenet")
 METHODS = ("polarized", "dense", "activation_density", "flipout")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -75,6 +75,15 @@ class TrainConfig:
     prune_freq: int | None = None        # epochs between halvings (None: as far apart as the epochs allow)
     flipout_noise: float = 1.0           # lambda: gradient noise std in units of the layer's RMS gradient
     # --- end of baseline methods ---------------------------------------------------------------------
+    # --- dataset image_folder only (training/data/readers/image_folder.py says what each does) ---------
+    image_size: int = FolderOptions.image_size           # side of the square network input
+    resize: int | None = FolderOptions.resize            # shorter side scaled to this first (None: image_size)
+    crop: str = FolderOptions.crop                       # training window: "center" or "random"
+    horizontal_flip: bool = FolderOptions.horizontal_flip
+    normalize_mean: tuple[float, ...] | None = FolderOptions.normalize_mean  # None: measured on train/
+    normalize_std: tuple[float, ...] | None = FolderOptions.normalize_std
+    skip_bad_images: bool = FolderOptions.skip_bad_images  # leave unreadable images out, counted in metrics.json
+    # --- end of image_folder -----------------------------------------------------------------------------
     # run
     seed: int = 0
     device: str = "auto"
@@ -121,6 +130,8 @@ class TrainConfig:
                     "consensus_weight"):
             need(getattr(self, key) >= 0, key, "must be >= 0")
         need(self.threads is None or self.threads >= 1, "threads", "must be at least 1")
+        for key, why in FolderOptions.from_config(self.to_dict()).problems(self.dataset):  # image_folder's keys
+            need(False, key, why)
         # --- baseline methods (issue 6) --------------------------------------------------------------
         need(self.density_every >= 1, "density_every", "must be at least 1")
         need(0 < self.density_stop <= 1, "density_stop", "must be in (0, 1]")
@@ -194,6 +205,13 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
                     pass
             if isinstance(value, dict) and all(isinstance(k, str) for k in value):
                 return value
+        elif get_origin(kind) is tuple:  # a YAML list, or "a,b,c" from --set
+            items = value.split(",") if isinstance(value, str) else value
+            if isinstance(items, (list, tuple)):
+                try:
+                    return tuple(_coerce(key, item, get_args(kind)[0]) for item in items)
+                except ConfigError:
+                    pass
     names = " or ".join(getattr(t, "__name__", str(t)) for t in allowed)
     raise ConfigError(f"config key {key!r}: expected {names}, got {value!r}", key)
 
