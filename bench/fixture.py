@@ -13,9 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.atomicio import write_json
+from training.gating import full_mask
 
 from .engines import build_engines, engine_runner, engine_settings, open_engines
-from .networks import MacCounter, close_blocks, dense_spec, write_onnx
+from .networks import close_blocks, dense_network, write_onnx
 from .timing import cpu_name, measure_pair, ort_runner, ort_session, session_settings
 
 BASELINE_PATH = Path(__file__).with_name("baseline.json")
@@ -40,11 +41,11 @@ class FixturePair:
 def build_fixture(directory: str | Path) -> FixturePair:
     """Write the pair's ONNX files into `directory` (about two seconds)."""
     directory = Path(directory)
-    dense = dense_spec(MODEL, INPUT_SHAPE)
-    pruned = close_blocks(dense, TARGET_RATIO)
-    macs = MacCounter(dense)
-    return FixturePair(write_onnx(dense, directory / "dense.onnx"), write_onnx(pruned, directory / "pruned.onnx"),
-                       macs(dense), macs(pruned), tuple(b["name"] for b in pruned["blocks"] if b["closed"]))
+    dense = dense_network(MODEL, INPUT_SHAPE)
+    full, pruned = full_mask(dense.graph), close_blocks(dense, TARGET_RATIO)
+    return FixturePair(write_onnx(dense, full, directory / "dense.onnx"),
+                       write_onnx(dense, pruned, directory / "pruned.onnx"),
+                       dense.macs(full), dense.macs(pruned), tuple(pruned.closed_blocks))
 
 
 def measure_fixture(pair: FixturePair, backend: str = "cpu") -> dict:

@@ -1,21 +1,24 @@
 """Synthetic dense/pruned network pairs: pruning shapes at a MAC target, and their ONNX files.
 
-Pruned specs come from the same `training.arch` specs the pipeline uses, so only the shape of the cut
-differs between variants. Weights are random: latency does not depend on their values.
+A shape is a mask over the traced groups and blocks of a built-in network (`training.graph`), cut by the
+same surgery the pipeline uses, so only the shape of the cut differs between variants. Weights are random:
+latency does not depend on their values.
 """
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from training.arch import Spec, make_spec
-from training.flops import gated_macs, layer_costs
-from training.models import GateOptions, build_model
+from training.gating import cut, full_mask, mask_macs
+from training.graph import NetworkGraph, trace_network
+from training.mask import Mask
+from training.models import build_model
 
 # Keep shares of successive blocks around the target: uneven, as an importance criterion leaves them,
 # and at 16/32/64 channels they land on counts that are not multiples of 8.
@@ -23,72 +26,82 @@ UNEVEN_SHARE_OFFSETS = (0.19, -0.19, 0.06, -0.06)
 TOLERANCE = 0.03
 
 
-def dense_spec(model: str, input_shape: tuple[int, int, int], num_classes: int = 10) -> Spec:
+@dataclass
+class DenseNetwork:
+    """A built-in network with random weights, its spec and its trace."""
+    spec: Spec
+    graph: NetworkGraph
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return self.graph.input_shape
+
+    def macs(self, mask: Mask) -> float:
+        return mask_macs(self.graph, mask)
+
+    def inner_widths(self, mask: Mask) -> list[int]:
+        """Kept inner width per residual block in forward order (0: closed)."""
+        return [len(mask.kept_channels.get(f"{b['name']}.conv1", [])) for b in self.spec["blocks"]]
+
+
+def dense_network(model: str, input_shape: tuple[int, int, int], num_classes: int = 10,
+                  seed: int = 0) -> DenseNetwork:
     channels, height, width = input_shape
-    return make_spec(model, channels, num_classes, (height, width))
+    spec = make_spec(model, channels, num_classes, (height, width))
+    torch.manual_seed(seed)
+    network = build_model(spec).eval()
+    return DenseNetwork(spec, trace_network(network, torch.zeros(2, *input_shape)))
 
 
-class MacCounter:
-    """MACs of any cut of one dense resnet spec, from its cost table (no forward pass per spec)."""
-
-    def __init__(self, dense: Spec):
-        self.costs = layer_costs(build_model(dense, GateOptions()))
-
-    def __call__(self, spec: Spec) -> float:
-        widths = {b["name"]: float(b["mid"]) for b in spec["blocks"]}
-        open_blocks = {b["name"]: float(not b["closed"]) for b in spec["blocks"]}
-        return float(gated_macs(self.costs, widths, open_blocks))
-
-
-def close_blocks(spec: Spec, target: float) -> Spec:
+def close_blocks(dense: DenseNetwork, target: float) -> Mask:
     """Whole residual blocks removed, taken in turn from the end of each stage (blocks that change the
     shape stay), stopping at the count whose MACs come nearest the target."""
-    stages: dict[str, list[dict]] = {}
-    for block in spec["blocks"]:
+    stages: dict[str, list[str]] = {}
+    for block in dense.spec["blocks"]:
         if block["shortcut"] == "identity":
-            stages.setdefault(block["name"].split(".")[0], []).append(block)
+            stages.setdefault(block["name"].split(".")[0], []).append(block["name"])
     by_stage = [list(reversed(blocks)) for blocks in stages.values()]
-    order = [stage[i]["name"] for i in range(max(map(len, by_stage))) for stage in by_stage if i < len(stage)]
-    macs = MacCounter(spec)
-    dense_macs, best = macs(spec), (1.0, spec)
-    pruned = copy.deepcopy(spec)
+    order = [stage[i] for i in range(max(map(len, by_stage))) for stage in by_stage if i < len(stage)]
+    full = full_mask(dense.graph)
+    dense_macs, best = dense.macs(full), (1.0, full)
+    closed: list[str] = []
     for name in order:
-        block = next(b for b in pruned["blocks"] if b["name"] == name)
-        block["closed"], block["mid"] = True, 0
-        ratio = macs(pruned) / dense_macs
+        closed.append(name)
+        gone = {g for b in closed for g in dense.graph.groups_inside(b)}
+        mask = Mask({g: k for g, k in full.kept_channels.items() if g not in gone}, list(closed))
+        ratio = dense.macs(mask) / dense_macs
         if abs(ratio - target) < abs(best[0] - target):
-            best = (ratio, copy.deepcopy(pruned))
+            best = (ratio, mask)
     return best[1]
 
 
-def with_inner_widths(spec: Spec, widths: dict[str, int]) -> Spec:
-    pruned = copy.deepcopy(spec)
-    for block in pruned["blocks"]:
-        block["mid"] = widths.get(block["name"], block["mid"])
-    return pruned
+def with_inner_widths(dense: DenseNetwork, widths: dict[str, int]) -> Mask:
+    """Every block open; block name -> kept inner width (its first channels; the rest keep all)."""
+    full = full_mask(dense.graph)
+    return Mask({g: (list(range(widths[g.rsplit('.', 1)[0]])) if g.rsplit('.', 1)[0] in widths else k)
+                 for g, k in full.kept_channels.items()}, [])
 
 
-def halve_inner_widths(spec: Spec) -> Spec:
-    return with_inner_widths(spec, {b["name"]: max(1, b["mid"] // 2) for b in spec["blocks"]})
+def halve_inner_widths(dense: DenseNetwork) -> Mask:
+    return with_inner_widths(dense, {b["name"]: max(1, b["mid"] // 2) for b in dense.spec["blocks"]})
 
 
-def uneven_inner_widths(spec: Spec, target: float, step: int = 1) -> Spec:
+def uneven_inner_widths(dense: DenseNetwork, target: float, step: int = 1) -> Mask:
     """Inner widths at uneven keep shares around the target, rounded to multiples of `step` (at least one
     step), then moved one step at a time until the MACs sit within TOLERANCE of the target: the block
     keeping the largest share shrinks first, the one keeping the smallest share grows first. Blocks stay
     open, so a target below what one step per block costs is not reached."""
-    full = {b["name"]: b["mid"] for b in spec["blocks"]}
+    full = {b["name"]: b["mid"] for b in dense.spec["blocks"]}
 
     def round_to_step(count: float, width: int) -> int:
         return min(width, max(step, step * math.floor(count / step + 0.5)))
 
     widths = {name: round_to_step(width * (target + UNEVEN_SHARE_OFFSETS[i % len(UNEVEN_SHARE_OFFSETS)]), width)
               for i, (name, width) in enumerate(full.items())}
-    macs = MacCounter(spec)
-    dense_macs = macs(spec)
+    dense_macs = dense.macs(full_mask(dense.graph))
 
     def ratio() -> float:
-        return macs(with_inner_widths(spec, widths)) / dense_macs
+        return dense.macs(with_inner_widths(dense, widths)) / dense_macs
 
     while ratio() > target + TOLERANCE:
         shrinkable = [n for n in widths if widths[n] - step >= step]
@@ -105,16 +118,15 @@ def uneven_inner_widths(spec: Spec, target: float, step: int = 1) -> Spec:
         if ratio() > target + TOLERANCE:
             widths[name] -= step
             break
-    return with_inner_widths(spec, widths)
+    return with_inner_widths(dense, widths)
 
 
-def write_onnx(spec: Spec, path: str | Path, seed: int = 0) -> Path:
-    """ONNX of the spec's network (random weights, eval mode): input `input` NCHW with a dynamic batch,
+def write_onnx(dense: DenseNetwork, mask: Mask, path: str | Path) -> Path:
+    """ONNX of the dense network cut to `mask` (random weights, eval mode): input `input` NCHW with a dynamic batch,
     output `logits`, opset 17. The TorchScript exporter is used: it takes about a second where the
     dynamo exporter of the export stage takes about fifteen, and onnxruntime optimises both graphs alike."""
-    torch.manual_seed(seed)
-    model = build_model(spec).eval()
-    example = torch.zeros(1, spec["in_channels"], *spec["input_size"])
+    model = cut(dense.graph, mask, dense.graph.module).eval()
+    example = torch.zeros(1, *dense.input_shape)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     logger = logging.getLogger("torch.onnx")

@@ -20,20 +20,20 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.networks import (MacCounter, close_blocks, dense_spec, halve_inner_widths, uneven_inner_widths,
-                            write_onnx)
+from bench.networks import close_blocks, dense_network, halve_inner_widths, uneven_inner_widths, write_onnx
 from bench.timing import compare, cpu_name, interleaved, ort_runner, ort_session, session_settings
 from common.atomicio import write_json
 from training.arch import CIFAR_RESNET_DEPTHS
+from training.gating import full_mask
 
 TARGET = 0.5
 BATCHES = (1, 64)
 VARIANTS = {
-    "blocks": lambda spec: close_blocks(spec, TARGET),
+    "blocks": lambda dense: close_blocks(dense, TARGET),
     "halved": halve_inner_widths,
-    "free": lambda spec: uneven_inner_widths(spec, TARGET, step=1),
-    "round8": lambda spec: uneven_inner_widths(spec, TARGET, step=8),
-    "round16": lambda spec: uneven_inner_widths(spec, TARGET, step=16),
+    "free": lambda dense: uneven_inner_widths(dense, TARGET, step=1),
+    "round8": lambda dense: uneven_inner_widths(dense, TARGET, step=8),
+    "round16": lambda dense: uneven_inner_widths(dense, TARGET, step=16),
 }
 FULL = {"rounds": 200, "warmup": 5, "budget_s": 30.0}   # per network set and batch size
 QUICK = {"rounds": 10, "warmup": 1, "budget_s": 2.0}
@@ -64,27 +64,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def inner_widths(spec: dict) -> list[int]:
-    """Inner width per block, 0 for a removed block."""
-    return [0 if b["closed"] else b["mid"] for b in spec["blocks"]]
-
-
 def measure_shapes(model: str, input_shape: tuple[int, int, int], threads: int, settings: dict,
                    directory: Path) -> dict:
-    dense = dense_spec(model, input_shape)
-    specs = {"dense": dense, **{name: cut(dense) for name, cut in VARIANTS.items()}}
-    macs = MacCounter(dense)
+    dense = dense_network(model, input_shape)
+    masks = {"dense": full_mask(dense.graph), **{name: shape(dense) for name, shape in VARIANTS.items()}}
+    dense_macs = dense.macs(masks["dense"])
     tag = f"{model}_{'x'.join(map(str, input_shape))}"
-    sessions = {name: ort_session(write_onnx(spec, directory / f"{tag}_{name}.onnx"), threads)
-                for name, spec in specs.items()}
-    variants = {name: {"macs": macs(specs[name]), "flops_ratio": macs(specs[name]) / macs(dense),
-                       "inner_widths": inner_widths(specs[name]), "by_batch": {}} for name in VARIANTS}
+    sessions = {name: ort_session(write_onnx(dense, mask, directory / f"{tag}_{name}.onnx"), threads)
+                for name, mask in masks.items()}
+    variants = {name: {"macs": dense.macs(masks[name]), "flops_ratio": dense.macs(masks[name]) / dense_macs,
+                       "inner_widths": dense.inner_widths(masks[name]), "by_batch": {}} for name in VARIANTS}
     for batch in BATCHES:
         times = interleaved({name: ort_runner(session, batch) for name, session in sessions.items()}, **settings)
         for name, entry in variants.items():
             entry["by_batch"][str(batch)] = compare({"dense": times["dense"], "pruned": times[name]}, batch,
-                                                    macs(dense), entry["macs"])
-    return {"model": model, "input_shape": list(input_shape), "dense_macs": macs(dense),
+                                                    dense_macs, entry["macs"])
+    return {"model": model, "input_shape": list(input_shape), "dense_macs": dense_macs,
             "session": session_settings(sessions["dense"]), "variants": variants}
 
 

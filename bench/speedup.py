@@ -27,7 +27,7 @@ from bench.timing import (BackendUnavailable, cpu_name, efficiency, measure_pair
 from common.atomicio import write_json
 from training.arch import SpecError
 from training.mask import load_mask
-from training.models import build_model
+from training.networks import NetworkInfo, build_network
 
 BATCHES = (1, 64)
 FULL = {"rounds": 300, "warmup": 5, "budget_s": 20.0}   # per engine and batch size
@@ -62,23 +62,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def load_pair(run_dir: Path) -> dict:
-    """The run's ONNX paths, and its MACs and specs from mask.json."""
+    """The run's ONNX paths, and its MACs and network description from mask.json."""
     document, _ = load_mask(run_dir / "mask.json")
     onnx_paths = {role: run_dir / f"{role}.onnx" for role in ("dense", "pruned")}
     missing = [str(p) for p in onnx_paths.values() if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"missing {', '.join(missing)}: run the export first (make export)")
     return {"onnx": onnx_paths, "flops": (float(document["dense_flops"]), float(document["pruned_flops"])),
-            "dense_spec": document["dense_spec"], "pruned_spec": document["pruned_spec"]}
-
-
-def pruned_torch_model(run_dir: Path, pruned_spec: dict) -> torch.nn.Module:
-    """The exported pruned_model.pt when present (its architecture is what ships), else built from the spec."""
-    path = run_dir / "pruned_model.pt"
-    if path.is_file():
-        from export.surgery import load_pruned
-        return load_pruned(path)
-    return build_model(pruned_spec)
+            "network": NetworkInfo.from_dict(document["network"])}
 
 
 def measure_run(run_dir: Path, pair: dict, threads: int, settings: dict, with_torch: bool) -> tuple[list, dict]:
@@ -89,9 +80,11 @@ def measure_run(run_dir: Path, pair: dict, threads: int, settings: dict, with_to
                             **settings)]
     if with_torch:
         torch.set_num_threads(threads)
-        shape = (pair["dense_spec"]["in_channels"], *pair["dense_spec"]["input_size"])
-        dense_model = build_model(pair["dense_spec"])
-        pruned_model = pruned_torch_model(run_dir, pair["pruned_spec"])
+        from export.surgery import PRUNED_FILE, load_pruned  # what ships: the exported architecture
+
+        shape = pair["network"].input_shape
+        dense_model = build_network(pair["network"]).eval()
+        pruned_model = load_pruned(run_dir / PRUNED_FILE)
         results += [{"engine": "torch", **r} for r in
                     measure_pair(lambda model, batch: torch_runner(model, shape, batch), dense_model, pruned_model,
                                  BATCHES, dense_flops, pruned_flops, **settings)]

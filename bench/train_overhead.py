@@ -20,12 +20,12 @@ import torch
 
 from bench.timing import interleaved, summarize
 from common.atomicio import write_json
-from training.arch import make_spec
 from training.config import ConfigError, load_config
 from training.data import FolderOptions, dataset_info
 from training.loop import make_optimizers, train_step
 from training.methods import RunContext, make_method
-from training.models import build_model
+from training.graph import trace_network
+from training.networks import NetworkInfo, build_network
 
 GOAL_PERCENT = 10.0
 FULL = {"rounds": 30, "warmup": 3, "budget_s": 120.0}
@@ -67,15 +67,16 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     info = dataset_info(cfg.dataset, FolderOptions.from_config(cfg.to_dict()))  # image_folder: its image_size
-    spec = make_spec(cfg.model, info.in_channels, info.num_classes, info.input_size)
+    network_info = NetworkInfo(cfg.model, info.in_channels, info.num_classes, tuple(info.input_size), cfg.model_args)
+    graph = trace_network(build_network(network_info), network_info.example_input())
     images = torch.randn(batch, info.in_channels, *info.input_size)
     labels = torch.randint(0, info.num_classes, (batch,))
 
-    method = make_method(cfg, spec)
+    method = make_method(cfg, graph)
     gated = method.build_model()
     method.prepare(gated, RunContext(torch.device("cpu"), lambda: [], total_epochs=1, steps_per_epoch=1))
-    dense_method = make_method(load_config(args.config, ["method=dense"]), spec)
-    runners = {"dense": step_runner(build_model(spec), images, labels, cfg, dense_method),
+    dense_method = make_method(load_config(args.config, ["method=dense"]), graph)
+    runners = {"dense": step_runner(dense_method.build_model(), images, labels, cfg, dense_method),
                "gated": step_runner(gated, images, labels, cfg, method)}
     times = interleaved(runners, **settings)
     dense, gated_time = summarize(times["dense"]), summarize(times["gated"])

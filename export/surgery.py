@@ -61,9 +61,15 @@ def masked_reference(model: nn.Module, graph: NetworkGraph, mask: Mask, source: 
     for path, gate in reference.gates().items():
         if path in frozen_as and not torch.equal(frozen_as[path], gate.frozen_mask):
             raise MaskMismatchError(
-                f"{source}: gate {path} is frozen to {_describe(frozen_as[path])} but the mask wants "
+                f"{source}: the {_gate_name(path)} is frozen to {_describe(frozen_as[path])} but the mask wants "
                 f"{_describe(gate.frozen_mask)}; the mask was not made for this checkpoint")
     return reference.eval()
+
+
+def _gate_name(path: str) -> str:
+    """"channel_gates.layer1__0__conv1" -> "channel gate of group layer1.0.conv1"."""
+    kind, _, key = path.partition(".")
+    return f"{'channel gate of group' if kind == 'channel_gates' else 'block gate of'} {key.replace('__', '.')}"
 
 
 def _describe(values: torch.Tensor) -> str:

@@ -13,11 +13,11 @@ import pytest
 import torch
 from torch import nn
 
-from training.arch import make_spec, prunable_layers, residual_blocks
 from training.checkpoint import save_checkpoint
-from training.flops import layer_costs
+from training.gating import GatedNetwork, full_mask, mask_problem
+from training.graph import NetworkGraph, trace_network
 from training.mask import Mask, mask_document, save_mask
-from training.models import GateOptions, SpecNet, build_model
+from training.networks import NetworkInfo, build_network
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -30,26 +30,34 @@ def single_torch_thread():
     torch.set_num_threads(threads)
 
 
-def random_mask(spec: dict, generator: torch.Generator, round_to: int = 4, closed_blocks=(),
+def _of_unit(group: str, units) -> bool:
+    """A group belongs to a unit named in a test: the group itself, or a module under that path
+    ("layer3.0" holds the group "layer3.0.conv1", "features.5" the group "features.5.conv")."""
+    return any(group == unit or group.startswith(f"{unit}.") for unit in units)
+
+
+def random_mask(graph: NetworkGraph, generator: torch.Generator, round_to: int = 4, closed_blocks=(),
                 one_channel=(), round_to_width=()) -> Mask:
-    """Random kept channels: `one_channel` units keep 1, `round_to_width` units keep exactly round_to,
-    others a random multiple of round_to (some keep everything)."""
+    """Random kept channels: groups of `one_channel` units keep 1, of `round_to_width` units exactly
+    round_to, others a random multiple of round_to (some keep everything); `closed_blocks` close."""
+    gone = {g for block in closed_blocks for g in graph.groups_inside(block)}
     kept: dict[str, list[int]] = {}
-    for unit, width in prunable_layers(spec).items():
-        if unit in closed_blocks:
+    for name, group in graph.prunable().items():
+        if name in gone:
             continue
-        if unit in one_channel:
+        width = group.width
+        if _of_unit(name, one_channel):
             count = 1
-        elif unit in round_to_width:
+        elif _of_unit(name, round_to_width):
             count = min(round_to, width)
         else:
             steps = max(1, width // round_to)
             count = min(width, round_to * int(torch.randint(1, steps + 1, (1,), generator=generator)))
-        kept[unit] = sorted(torch.randperm(width, generator=generator)[:count].tolist())
+        kept[name] = sorted(torch.randperm(width, generator=generator)[:count].tolist())
     return Mask(kept, sorted(closed_blocks))
 
 
-def randomize_batchnorm(model: SpecNet, generator: torch.Generator) -> None:
+def randomize_batchnorm(model: nn.Module, generator: torch.Generator, input_shape: tuple[int, ...]) -> None:
     """Random BN affine terms, then running statistics measured on random inputs (so activations neither
     die nor explode), then jittered: every BN entry differs from its default and matters."""
     batchnorms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
@@ -59,7 +67,7 @@ def randomize_batchnorm(model: SpecNet, generator: torch.Generator) -> None:
             bn.bias.copy_(torch.randn(bn.num_features, generator=generator) * 0.2 + 0.1)
             bn.momentum = None  # cumulative average over the calibration batches
         model.train()
-        model(torch.randn(16, model.spec["in_channels"], *model.spec["input_size"], generator=generator))
+        model(torch.randn(16, *input_shape, generator=generator))
         model.eval()
         for bn in batchnorms:
             bn.momentum = 0.1
@@ -67,36 +75,29 @@ def randomize_batchnorm(model: SpecNet, generator: torch.Generator) -> None:
             bn.running_var.mul_(torch.rand(bn.num_features, generator=generator) * 0.2 + 0.9)
 
 
-def freeze_gates(model: SpecNet, mask: Mask) -> None:
-    """Gates as a finished run leaves them: channel gates 1 on kept channels, block gates 0 when closed."""
-    gates = model.gates()
-    for unit in prunable_layers(model.spec):
-        if unit in mask.kept_channels:
-            values = torch.zeros(gates[f"{unit}.gate"].width)
-            values[mask.kept_channels[unit]] = 1.0
-            gates[f"{unit}.gate"].freeze(values)
-    for unit in residual_blocks(model.spec):
-        gates[f"{unit}.block_gate"].freeze(torch.tensor([0.0 if unit in mask.closed_blocks else 1.0]))
+def network_info(model_name: str = "resnet20", input_size=(16, 16), in_channels: int = 1,
+                 num_classes: int = 10) -> NetworkInfo:
+    return NetworkInfo(model_name, in_channels, num_classes, tuple(input_size))
 
 
 def trained_model(model_name: str = "resnet20", input_size=(16, 16), in_channels: int = 1,
                   num_classes: int = 10, seed: int = 0, gated: bool = True, dynamic: bool = False,
-                  **mask_options) -> tuple[SpecNet, Mask, dict]:
-    """(model with frozen gates, its mask, its mask.json document); no files written."""
+                  **mask_options) -> tuple[nn.Module, Mask, dict, NetworkGraph]:
+    """(model with gates frozen to its mask, or the plain network; the mask; its mask.json document; the
+    network's trace); no files written."""
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    spec = make_spec(model_name, in_channels, num_classes, tuple(input_size))
-    model = build_model(spec, GateOptions(dynamic=dynamic) if gated else None)
+    info = network_info(model_name, input_size, in_channels, num_classes)
+    graph = trace_network(build_network(info), info.example_input())
     if gated:
-        mask = random_mask(spec, generator, **mask_options)
-        freeze_gates(model, mask)
-        costs = layer_costs(model)
+        model = GatedNetwork(graph, 2.0, dynamic)
+        mask = random_mask(graph, generator, **mask_options)
+        model.freeze(mask)
     else:
-        mask = Mask({unit: list(range(w)) for unit, w in prunable_layers(spec).items()}, [])
-        costs = layer_costs(build_model(spec, GateOptions()))
-    randomize_batchnorm(model, generator)
-    document = mask_document(model_name, spec, mask, costs, mask_options.get("round_to", 4))
-    return model.eval(), mask, document
+        model, mask = graph.module, full_mask(graph)
+    randomize_batchnorm(model, generator, info.input_shape)
+    document = mask_document(mask, mask_problem(graph), info.describe(), mask_options.get("round_to", 4))
+    return model.eval(), mask, document, graph
 
 
 def make_run(run_dir: str | Path, model_name: str = "resnet20", input_size=(16, 16), in_channels: int = 1,
@@ -105,14 +106,15 @@ def make_run(run_dir: str | Path, model_name: str = "resnet20", input_size=(16, 
     """Write checkpoint.pt, mask.json and metrics.json of a finished synthetic run; returns run_dir."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    model, _, document = trained_model(model_name, input_size, in_channels, num_classes, seed, gated,
-                                       dynamic, **mask_options)
-    method = "polar" if gated else "dense"
-    config = {"dataset": dataset, "data_dir": None, "model": model_name, "method": method, "seed": seed}
+    model, mask, document, _ = trained_model(model_name, input_size, in_channels, num_classes, seed, gated,
+                                             dynamic, **mask_options)
+    method = "polarized" if gated else "dense"
+    config = {"dataset": dataset, "data_dir": None, "model": model_name, "method": method, "seed": seed,
+              "dynamic_gates": dynamic}
+    method_state = {"mask": {"kept_channels": mask.kept_channels, "closed_blocks": mask.closed_blocks}} if gated else {}
     save_checkpoint(run_dir / "checkpoint.pt", {
-        "config": config, "spec": model.spec,
-        "gates": {"init_score": 2.0, "dynamic": dynamic} if gated else None,
-        "model": model.state_dict(), "epoch": 1})
+        "config": config, "network": document["network"], "model": model.state_dict(), "epoch": 1,
+        "method_state": method_state})
     save_mask(run_dir / "mask.json", document)
     metrics = {"dataset": dataset, "model": model_name, "method": method, "test_accuracy": 0.1,
                **{k: document[k] for k in ("dense_flops", "pruned_flops", "flops_ratio")}}

@@ -1,21 +1,19 @@
-"""Surgery: dependency groups, per-layer cuts, and pruned == gated (hard mask) for every architecture."""
+"""Surgery on the built-in networks: groups from the trace, per-layer cuts, pruned == gated (hard mask)."""
 import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from export import ExportError
-from export.graph import GraphError, trace_dependencies
-from export.surgery import (MaskMismatchError, SurgeryError, check_equivalence, cut_batchnorm, cut_conv_in,
-                            cut_conv_out, cut_linear_in, load_pruned, prune, save_pruned)
+from export.surgery import MaskMismatchError, SurgeryError, check_equivalence, load_pruned, prune, save_pruned
 from export_fixtures import single_torch_thread, trained_model  # noqa: F401 (autouse fixture)
+from training.cuts import cut_batchnorm, cut_conv_in, cut_conv_out, cut_depthwise, cut_linear_in, cut_linear_out
 from training.flops import count_macs
-from training.gates import Gate, gate_multiplier
+from training.gates import Gate
+from training.graph import trace_network
 from training.mask import Mask
-from training.arch import make_spec
-from training.models import GateOptions, GatedBatchNorm2d, build_model
+from training.networks import NetworkInfo, build_network
 
 CASES = {
     # many closed blocks in a row, including the stride-2 option-A block; one 1-channel layer
@@ -26,7 +24,7 @@ CASES = {
     "resnet32": dict(model_name="resnet32", input_size=(16, 16), round_to=8,
                      closed_blocks=["layer3.0", "layer3.1", "layer3.2", "layer3.3"],
                      one_channel=["layer1.0"], round_to_width=["layer2.4"]),
-    # a closed block with a 1x1 conv shortcut (stride 2)
+    # a closed block with a 1x1 conv shortcut (stride 2); residual streams shrink too
     "resnet18": dict(model_name="resnet18", input_size=(16, 16), round_to=16,
                      closed_blocks=["layer2.0", "layer4.1"], one_channel=["layer1.1"],
                      round_to_width=["layer3.0"]),
@@ -41,20 +39,17 @@ CASES = {
 @pytest.fixture(scope="module", params=list(CASES))
 def case(request):
     options = dict(CASES[request.param])
-    model, mask, document = trained_model(seed=3, **options)
-    networks = prune(model, document, mask)
+    model, mask, document, graph = trained_model(seed=3, **options)
+    networks = prune(model, graph, mask)
     images = torch.randn(16, 1, *options["input_size"], generator=torch.Generator().manual_seed(7))
     return request.param, model, mask, document, networks, images
 
 
-def test_pruned_matches_spec_layout(case):
-    _, _, _, document, networks, _ = case
-    expected = build_model(document["pruned_spec"]).state_dict()
-    got = networks.pruned.state_dict()
-    assert list(got) == list(expected)
-    assert all(got[k].shape == expected[k].shape for k in expected)
+def test_no_gates_left(case):
+    _, _, _, _, networks, _ = case
     assert not any(isinstance(m, Gate) for m in networks.pruned.modules())
     assert not any(isinstance(m, Gate) for m in networks.dense.modules())
+    assert not any("gate" in name for name in networks.pruned.state_dict())
 
 
 def test_pruned_equals_gated(case):
@@ -68,29 +63,27 @@ def test_pruned_equals_gated(case):
 
 def test_kept_widths_and_macs(case):
     name, model, mask, document, networks, _ = case
-    assert count_macs(networks.pruned) == document["pruned_flops"]
-    assert count_macs(networks.dense) == document["dense_flops"]
-    chained = name.startswith("vgg")  # each VGG conv also reads the previous layer's kept channels
-    previous = None
-    for unit, kept in mask.kept_channels.items():
-        path = f"{unit}.conv" if chained else f"{unit}.conv1"
-        conv = networks.pruned.get_submodule(path)
+    shape = networks.graph.input_shape
+    assert count_macs(networks.pruned, shape) == document["pruned_flops"]
+    assert count_macs(networks.dense, shape) == document["dense_flops"]
+    plain = model.plain()
+    for group, kept in mask.kept_channels.items():
+        producer = networks.graph.groups[group].producers[0]
+        conv = networks.pruned.get_submodule(producer)
         assert conv.out_channels == len(kept)
-        expected = model.get_submodule(path).weight[kept]
-        if chained and previous is not None:
-            expected = expected[:, previous]
-        assert torch.equal(conv.weight, expected)
-        previous = kept
-    for unit in mask.closed_blocks:
-        block = networks.pruned.get_submodule(unit)
-        assert block.closed and not hasattr(block, "conv1")
-    widths = {unit: len(kept) for unit, kept in mask.kept_channels.items()}
+        assert torch.equal(conv.weight, plain.get_submodule(producer).weight[kept][:, :conv.in_channels]) \
+            or conv.in_channels != plain.get_submodule(producer).in_channels  # chained VGG: inputs cut too
+    for block in mask.closed_blocks:
+        for path in networks.graph.blocks[block].branch_modules:
+            with pytest.raises(AttributeError):
+                networks.pruned.get_submodule(path)
+    widths = {group: len(kept) for group, kept in mask.kept_channels.items()}
     assert 1 in widths.values() and document["round_to"] in widths.values()
 
 
 def test_dense_holds_trained_weights(case):
     _, model, _, _, networks, _ = case
-    trained = model.state_dict()
+    trained = model.plain().state_dict()
     for key, tensor in networks.dense.state_dict().items():
         assert torch.equal(tensor, trained[key]), key
 
@@ -98,8 +91,8 @@ def test_dense_holds_trained_weights(case):
 @pytest.fixture(scope="module")
 def resnet20_run():
     """(model, mask, document, networks) of a small resnet20 run shared by the tests below."""
-    model, mask, document = trained_model("resnet20", (16, 16), seed=1, closed_blocks=["layer1.0", "layer2.0"])
-    return model, mask, document, prune(model, document, mask)
+    model, mask, document, graph = trained_model("resnet20", (16, 16), seed=1, closed_blocks=["layer1.0", "layer2.0"])
+    return model, mask, document, prune(model, graph, mask)
 
 
 def test_divergence_names_the_first_bad_layer(resnet20_run):
@@ -112,60 +105,29 @@ def test_divergence_names_the_first_bad_layer(resnet20_run):
         check_equivalence(networks.reference, broken, networks.graph, mask, images)
 
 
+def _graph(model: str):
+    info = NetworkInfo(model, 1, 10, (16, 16))
+    return trace_network(build_network(info), info.example_input())
+
+
 def test_groups_follow_the_network():
-    graph = trace_dependencies(build_model(make_spec("resnet18", 1, 10, (16, 16)), GateOptions()), (1, 16, 16))
-    group = graph.prunable()["layer2.0"]
-    assert (group.producers, group.norms, group.consumers) == (["layer2.0.conv1"], ["layer2.0.bn1"],
-                                                               ["layer2.0.conv2"])
-    stream = graph.output_group["layer2.0.shortcut.bn"]  # residual stream of stage 2: one pinned group
-    assert stream.gate is None and "residual add" in stream.pinned
+    graph = _graph("resnet18")
+    group = graph.prunable()["layer2.0.conv1"]
+    assert (group.producers, group.members, group.consumers) == (["layer2.0.conv1"], ["layer2.0.bn1"],
+                                                                 ["layer2.0.conv2"])
+    # the residual stream of stage 2: every producer feeding its adds shrinks together, the shortcut too
+    stream = graph.output_group("layer2.0.conv2")
+    assert stream.prunable and stream.name == "layer2.0.shortcut.conv"  # named after its first producer
     assert {"layer2.0.conv2", "layer2.1.conv2", "layer2.0.shortcut.conv"} <= set(stream.producers)
-    assert graph.blocks()["layer2.0"].branch_modules == [
-        "layer2.0.conv1", "layer2.0.bn1", "layer2.0.gate", "layer2.0.conv2", "layer2.0.block_gate", "layer2.0.bn2"]
-
-    vgg = build_model(make_spec("vgg16", 1, 10, (16, 16)), GateOptions())
-    last = trace_dependencies(vgg, (1, 16, 16)).prunable()["features.12"]
+    assert {"layer2.0.bn2", "layer2.0.shortcut.bn", "layer2.1.bn2"} <= set(stream.members)
+    assert graph.blocks["layer2.0"].branch_modules == ["layer2.0.conv1", "layer2.0.bn1", "layer2.0.conv2",
+                                                       "layer2.0.bn2"]
+    # option-A shortcuts pad channels: their streams stay, with the reason
+    resnet20 = _graph("resnet20")
+    assert not resnet20.groups["stem.conv"].prunable
+    assert any("pads the channel axis" in why for why in resnet20.groups["stem.conv"].pinned)
+    last = _graph("vgg16").prunable()["features.12.conv"]
     assert last.consumers == ["fc"]  # through max-pool, global pool and flatten
-
-
-class GateOnResidual(nn.Module):
-    """A channel gate on a residual stream: cutting it would need every producer cut alike."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv_a, self.conv_b = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
-        self.gate = Gate(4)
-        self.fc = nn.Linear(4, 2)
-
-    def forward(self, x):
-        a = F.relu(self.conv_a(x))
-        out = (a + self.conv_b(a)) * gate_multiplier(self.gate(x), 4)
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(out, 1), 1))
-
-
-def test_gate_on_pinned_channels_is_refused():
-    with pytest.raises(GraphError, match="gate gate sits on channels that cannot shrink.*residual add"):
-        trace_dependencies(GateOnResidual(), (1, 8, 8))
-
-
-class GateThroughNorm(nn.Module):
-    """A channel gate that enters as a norm's gate argument instead of a product."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv_a, self.bn_a = nn.Conv2d(1, 4, 3, padding=1), GatedBatchNorm2d(4)
-        self.gate = Gate(4)
-        self.fc = nn.Linear(4, 2)
-
-    def forward(self, x):
-        out = F.relu(self.bn_a(self.conv_a(x), self.gate(x)))
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(out, 1), 1))
-
-
-def test_gate_given_to_a_norm_gates_its_output_channels():
-    group = trace_dependencies(GateThroughNorm(), (1, 8, 8)).prunable()[""]
-    assert group.gate == "gate"
-    assert (group.producers, group.norms, group.consumers) == (["conv_a"], ["bn_a"], ["fc"])
 
 
 @pytest.mark.parametrize("kept", [[0, 5], [3]])
@@ -178,53 +140,57 @@ def test_cuts_match_sliced_layers(kept):
     zeroed = torch.zeros_like(x)
     zeroed[:, index] = x[:, index]
     assert torch.allclose(cut_conv_in(conv, index)(x[:, index]), conv(zeroed), atol=1e-5)
+    depthwise = nn.Conv2d(6, 6, 3, padding=1, groups=6, bias=True)
+    assert torch.allclose(cut_depthwise(depthwise, index)(x[:, index]), depthwise(x)[:, index], atol=1e-6)
     bn = nn.BatchNorm2d(6).eval()
     bn.running_mean.uniform_(-1, 1)
     bn.running_var.uniform_(0.5, 2)
     assert torch.allclose(cut_batchnorm(bn, index)(x[:, index]), bn(x)[:, index], atol=1e-6)
-    linear, features = nn.Linear(6, 3), torch.randn(4, 6)
+    linear, features = nn.Linear(6, 6), torch.randn(4, 6)
     masked = torch.zeros_like(features)
     masked[:, index] = features[:, index]
     assert torch.allclose(cut_linear_in(linear, index)(features[:, index]), linear(masked), atol=1e-6)
+    assert torch.allclose(cut_linear_out(linear, index)(features), linear(features)[:, index], atol=1e-6)
 
 
 def test_mask_that_does_not_fit_is_refused(resnet20_run):
-    model, mask, document, _ = resnet20_run
-    bad_index = Mask({**mask.kept_channels, "layer1.1": [0, 99]}, mask.closed_blocks)
-    with pytest.raises(MaskMismatchError, match=r"layer1\.1 keeps 2 channel indices"):
-        prune(model, document, bad_index)
-    unknown = Mask({**mask.kept_channels, "layer9.0": [0]}, mask.closed_blocks)
-    with pytest.raises(MaskMismatchError, match=r"layer9\.0"):
-        prune(model, document, unknown)
-    with pytest.raises(MaskMismatchError, match="closes blocks the network does not have"):
-        prune(model, document, Mask(mask.kept_channels, [*mask.closed_blocks, "layer9.9"]))
-    with pytest.raises(MaskMismatchError, match=r"block layer1\.0 is closed but also keeps channels"):
-        prune(model, document, Mask({**mask.kept_channels, "layer1.0": [0]}, mask.closed_blocks))
-    reopened = Mask({**mask.kept_channels, "layer1.0": [0, 1, 2, 3]}, ["layer2.0"])  # gates say closed
-    with pytest.raises(MaskMismatchError, match=r"gate layer1\.0\.block_gate is frozen to 0/1 open"):
-        prune(model, document, reopened)
+    model, mask, _, networks = resnet20_run
+    graph = networks.graph
+    bad_index = Mask({**mask.kept_channels, "layer1.1.conv1": [0, 99]}, mask.closed_blocks)
+    with pytest.raises(MaskMismatchError, match=r"layer1\.1\.conv1 keeps 2 channel indices"):
+        prune(model, graph, bad_index)
+    unknown = Mask({**mask.kept_channels, "layer9.0.conv1": [0]}, mask.closed_blocks)
+    with pytest.raises(MaskMismatchError, match=r"does not have: \['layer9\.0\.conv1'\]"):
+        prune(model, graph, unknown)
+    with pytest.raises(MaskMismatchError, match=r"does not have: \['layer9\.9'\]"):
+        prune(model, graph, Mask(mask.kept_channels, [*mask.closed_blocks, "layer9.9"]))
+    with pytest.raises(MaskMismatchError, match=r"group layer1\.0\.conv1 belongs to a closed block"):
+        prune(model, graph, Mask({**mask.kept_channels, "layer1.0.conv1": [0]}, mask.closed_blocks))
+    reopened = Mask({**mask.kept_channels, "layer1.0.conv1": [0, 1, 2, 3]}, ["layer2.0"])  # gates say closed
+    with pytest.raises(MaskMismatchError, match=r"the channel gate of group layer1\.0\.conv1 is frozen to 0/16 open"):
+        prune(model, graph, reopened)
 
 
 def test_ungated_run_exports_as_is():
-    model, mask, document = trained_model("resnet20", (16, 16), seed=0, gated=False)
-    networks = prune(model, document, mask)
+    model, mask, _, graph = trained_model("resnet20", (16, 16), seed=0, gated=False)
+    networks = prune(model, graph, mask)
     images = torch.randn(8, 1, 16, 16)
     assert check_equivalence(model, networks.pruned, networks.graph, mask, images) == 0.0
-    closing = Mask({k: v for k, v in mask.kept_channels.items() if k != "layer1.0"}, ["layer1.0"])
+    gone = set(graph.groups_inside("layer1.0"))
+    closing = Mask({k: v for k, v in mask.kept_channels.items() if k not in gone}, ["layer1.0"])
     with pytest.raises(MaskMismatchError, match="no gates"):
-        prune(model, document, closing)
+        prune(model, graph, closing)
 
 
 def test_pruned_model_file_round_trip(tmp_path, resnet20_run):
-    _, _, document, networks = resnet20_run
+    _, _, _, networks = resnet20_run
     pruned = networks.pruned
-    save_pruned(tmp_path / "pruned_model.pt", pruned)
-    assert [p.name for p in tmp_path.iterdir()] == ["pruned_model.pt"]
-    loaded = load_pruned(tmp_path / "pruned_model.pt")
+    save_pruned(tmp_path / "pruned_model.pt2", pruned, (1, 16, 16))
+    assert [p.name for p in tmp_path.iterdir()] == ["pruned_model.pt2"]
+    loaded = load_pruned(tmp_path / "pruned_model.pt2")
     images = torch.randn(4, 1, 16, 16)
     with torch.no_grad():
-        assert torch.equal(loaded(images), pruned(images))
-    assert loaded.spec == document["pruned_spec"]
-    (tmp_path / "broken.pt").write_bytes(b"not a torch file")
-    with pytest.raises(ExportError, match="broken.pt: unreadable pruned model"):
-        load_pruned(tmp_path / "broken.pt")
+        assert torch.allclose(loaded(images), pruned(images), atol=1e-6)
+    (tmp_path / "broken.pt2").write_bytes(b"not a torch file")
+    with pytest.raises(ExportError, match="broken.pt2: unreadable pruned model"):
+        load_pruned(tmp_path / "broken.pt2")

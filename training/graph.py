@@ -114,6 +114,10 @@ class NetworkGraph:
     def group(self, segment: Segment) -> ChannelGroup:
         return self.groups[self.group_of_space[segment.space]]
 
+    def output_group(self, layer: str) -> ChannelGroup:
+        """The group a layer's output channels belong to (its first, for a concatenated output)."""
+        return self.group(self.layers[layer].out_layout[0])
+
     def groups_inside(self, block: str) -> list[str]:
         """Prunable groups every layer of which lies in the block's branch (they go when it closes)."""
         inside = set(self.blocks[block].branch_modules)
