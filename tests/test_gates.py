@@ -1,11 +1,11 @@
 """Gates: hard forward values, straight-through gradients, polarization, gradients reach every parameter."""
 import pytest
 import torch
-import torch.nn.functional as F
 
-from training.arch import make_spec
-from training.gates import Gate, gate_multiplier, gated_relu, polarization, straight_through
-from training.models import GateOptions, GatedBatchNorm2d, build_model
+from training.gates import Gate, kept_target, polarization, straight_through
+from training.gating import GatedBatchNorm2d, GatedNetwork, gate_channels
+from training.graph import trace_network
+from training.networks import NetworkInfo, build_network
 
 
 def test_straight_through_forward_is_hard_and_backward_is_sigmoid():
@@ -86,56 +86,40 @@ def test_mean_centred_polarizer_leaves_gates_at_the_boundary():
     assert float(((probs > 0.3) & (probs < 0.7)).float().mean()) > 0.3
 
 
-def _all_parameters_get_gradients(model, shape):
+def _gated(model: str, in_channels: int, dynamic: bool = False) -> GatedNetwork:
+    info = NetworkInfo(model, in_channels, 10, (16, 16))
+    return GatedNetwork(trace_network(build_network(info), info.example_input()), dynamic=dynamic)
+
+
+def _all_parameters_get_gradients(model: GatedNetwork, shape):
     model.train()
     model(torch.randn(4, *shape)).logsumexp(1).sum().backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
     assert not missing, missing
-    gate_grads = [p.grad.abs().sum() for n, p in model.named_parameters() if ".gate." in n or "block_gate" in n]
+    gate_grads = [g.score.grad.abs().sum() for g in model.gates().values()]
     assert gate_grads and all(g > 0 for g in gate_grads)
 
 
 def test_every_parameter_of_a_gated_resnet_receives_a_gradient():
-    spec = make_spec("resnet20", 1, 10, (16, 16))
-    _all_parameters_get_gradients(build_model(spec, GateOptions()), (1, 16, 16))
+    _all_parameters_get_gradients(_gated("resnet20", 1), (1, 16, 16))
 
 
 def test_every_parameter_of_a_dynamic_gated_resnet_receives_a_gradient():
     torch.manual_seed(0)
-    model = build_model(make_spec("resnet20", 3, 10, (16, 16)), GateOptions(dynamic=True))
+    model = _gated("resnet20", 3, dynamic=True)
     for gate in model.gates().values():  # zero-initialised heads get a gradient only through real inputs
         torch.nn.init.normal_(gate.head.weight, std=0.1)
     _all_parameters_get_gradients(model, (3, 16, 16))
 
 
 def test_every_parameter_of_a_gated_vgg_receives_a_gradient():
-    _all_parameters_get_gradients(build_model(make_spec("vgg16", 3, 10, (16, 16)), GateOptions()), (3, 16, 16))
+    _all_parameters_get_gradients(_gated("vgg16", 3), (3, 16, 16))
 
 
-def _grads(*tensors):
-    return [t.grad.clone() for t in tensors]
-
-
-@pytest.mark.parametrize("dynamic", [False, True])
-def test_gated_relu_equals_relu_times_gate_closed_channels_included(dynamic):
-    torch.manual_seed(0)
-    x = torch.randn(4, 6, 5, 5, requires_grad=True)
-    scores = torch.randn(4, 6) if dynamic else torch.tensor([1.0, -1.0, 2.0, -0.5, 0.3, -2.0])
-    scores.requires_grad_(True)
-    upstream = torch.randn(4, 6, 5, 5)
-    results = []
-    for fused in (True, False):
-        values, _ = straight_through(scores)
-        out = gated_relu(x, values) if fused else F.relu(x) * gate_multiplier(values, 4)
-        x.grad = scores.grad = None
-        out.backward(upstream)
-        results.append((out.detach(), *_grads(x, scores)))
-    (out_a, gx_a, gs_a), (out_b, gx_b, gs_b) = results
-    assert torch.equal(out_a, out_b)
-    assert torch.equal(gx_a, gx_b)
-    assert torch.allclose(gs_a, gs_b, rtol=1e-5, atol=1e-6)
-    closed = (scores.detach() <= 0)
-    assert closed.any() and (gs_a[closed] != 0).all()  # the task loss still reaches closed gates
+def test_kept_target_ramps_after_warm_up():
+    assert kept_target(0.05, 0.5, 0.1, 0.5) == 1.0
+    assert kept_target(0.3, 0.5, 0.1, 0.5) == pytest.approx(0.75)
+    assert kept_target(0.9, 0.5, 0.1, 0.5) == 0.5
 
 
 @pytest.mark.parametrize("momentum", [0.1, None])
@@ -155,7 +139,7 @@ def test_gated_batchnorm_equals_batchnorm_times_gate(momentum, width):
         for module, fused in ((gated, True), (plain, False)):
             s = scores.clone().requires_grad_(True)
             values, _ = straight_through(s)
-            out = module(x, values) if fused else module(x) * gate_multiplier(values, 4)
+            out = module(x, values) if fused else gate_channels(module(x), values)
             x.grad = None
             module.zero_grad()
             out.backward(upstream)
@@ -170,5 +154,4 @@ def test_gated_batchnorm_equals_batchnorm_times_gate(momentum, width):
     plain.eval(), gated.eval()
     x = torch.randn(2, 6, 5, 5)
     values = (scores > 0).float()
-    assert torch.equal(gated(x, values), plain(x) * gate_multiplier(values, 4))
-    assert torch.equal(gated(x), plain(x))
+    assert torch.equal(gated(x, values), gate_channels(plain(x), values))

@@ -8,9 +8,7 @@ mask is fixed later by majority vote. Once frozen, a gate is a constant 0/1 vect
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 
 def straight_through(logits: torch.Tensor, min_open: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,46 +74,6 @@ class Gate(nn.Module):
         # resumed run holds scores that want gradients and never get any (DDP refuses to go on).
         if self.is_frozen:
             self._stop_training()
-
-
-def gate_multiplier(values: torch.Tensor, ndim: int) -> torch.Tensor:
-    """Shape gate values (width,) or (batch, width) to broadcast over an (N, C, H, W) activation."""
-    if values.dim() == 1:
-        return values.view(1, -1, *([1] * (ndim - 2)))
-    return values.view(values.shape[0], values.shape[1], *([1] * (ndim - 2)))
-
-
-class _GatedReLU(torch.autograd.Function):
-    """relu(x) * g for a static gate g (C,) in one output tensor. The gradient is the product rule's,
-    g's included for closed channels (sum of dy * relu(x)): that is how the task loss reopens a gate."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x, gate)
-        return torch.relu(x).mul_(gate_multiplier(gate, x.dim()))
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: torch.Tensor):
-        x, gate = ctx.saved_tensors
-        # dy * [x > 0]: the kernel of ReLU's own backward, so the input gradient is bitwise ReLU-then-mul's.
-        passed = torch.ops.aten.threshold_backward(grad, x, 0)
-        grad_gate = None
-        if ctx.needs_input_grad[1]:
-            grad_gate = (passed * x).sum(dim=[0, *range(2, x.dim())])
-        grad_x = passed.mul_(gate_multiplier(gate, x.dim())) if ctx.needs_input_grad[0] else None
-        return grad_x, grad_gate
-
-
-def gated_relu(x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """relu(x) * gate values, broadcast over the channels of an (N, C, ...) activation; same values and
-    gradients as the two ops. For a static gate (C,) the product adds one activation-sized tensor per
-    step (the gate gradient's) instead of three (a second output, its input gradient and the gate
-    gradient's); the rest are in-place passes (bench/train_overhead.py measures the step). A dynamic gate
-    (N, C) is a plain product. Gate values must be >= 0 (they are 0/1)."""
-    if values.dim() == 1:
-        return _GatedReLU.apply(x, values)
-    return F.relu(x) * gate_multiplier(values, x.dim())
 
 
 def polarization(probs: torch.Tensor, t: float, center: str = "threshold") -> torch.Tensor:
