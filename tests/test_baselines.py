@@ -10,27 +10,39 @@ from torch import nn
 from export.__main__ import parse_args as export_args
 from export.__main__ import run_export
 from export_fixtures import single_torch_thread  # noqa: F401 (autouse fixture)
-from training.arch import make_spec, prunable_layers
+from export.surgery import load_pruned
 from training.config import ConfigError, flipout_prune_epochs, make_config
-from training.flops import count_macs, layer_costs
+from training.flops import count_macs
+from training.gating import cut, embed, full_mask, mask_problem
+from training.graph import trace_network
 from training.loop import train
-from training.mask import load_mask, mask_document
+from training.mask import Mask, load_mask, mask_document
 from training.methods import REGISTRY
 from training.methods.activation_density import (ActivationDensityMethod, DensityMeter, most_active,
                                                  resized_width)
 from training.methods.base import RunContext
 from training.methods.flipout import FlipOutMethod, add_gradient_noise, sign_flips
-from training.models import GateOptions, build_model
-from training.resize import embed, shrink
+from training.networks import NetworkInfo, build_network
 
 TINY = dict(dataset="fashion_mnist", epochs=2, batch_size=64, train_subset=256, val_size=64, test_subset=200,
             eval_batch_size=200, progress=False, seed=0, threads=1)
 CTX = RunContext(torch.device("cpu"), lambda: [], total_epochs=4, steps_per_epoch=1)
+INPUT_SHAPE = (1, 16, 16)
+
+
+def network_graph(model_name="resnet20"):
+    info = NetworkInfo(model_name, 1, 10, INPUT_SHAPE[1:])
+    return trace_network(build_network(info), info.example_input())
+
+
+def group_widths(model):
+    """Channel group -> width of a (possibly resized) plain network, from its own trace."""
+    return {name: group.width for name, group in trace_network(model, torch.zeros(2, *INPUT_SHAPE)).prunable().items()}
 
 
 def density_method(model_name="resnet20", **overrides):
     cfg = make_config({"method": "activation_density", "model": model_name, **overrides})
-    return ActivationDensityMethod(cfg, make_spec(model_name, 1, 10, (16, 16)))
+    return ActivationDensityMethod(cfg, network_graph(model_name))
 
 
 # --- activation density ------------------------------------------------------------------------------
@@ -68,9 +80,9 @@ def test_resized_width_rounds_to_groups_and_keeps_the_most_active():
     assert most_active(torch.tensor([0.5, 0.5, 0.5]), 2) == [0, 1]  # ties: lower index
 
 
-def kill_half(model, unit):
-    """Odd channels of the unit fire always (post-ReLU 1), even ones never (post-ReLU 0)."""
-    bn = model.get_submodule(f"{unit}.bn1")
+def kill_half(model, block):
+    """Odd channels of the block's inner group fire always (post-ReLU 1), even ones never (post-ReLU 0)."""
+    bn = model.get_submodule(f"{block}.bn1")
     with torch.no_grad():
         bn.weight.zero_()
         bn.bias.copy_(torch.tensor([1.0 if c % 2 else -1.0 for c in range(bn.num_features)]))
@@ -86,13 +98,14 @@ def test_resize_keeps_the_active_channels_and_the_network_still_computes_the_sam
     model.train()
     model(torch.randn(8, 1, 16, 16))
     smaller = method.resize(model, epoch=1)
-    assert method.resizes[0]["density"]["layer2.1"] == pytest.approx(0.5)
-    assert method.kept["layer2.1"] == live                         # density 0.5 of 32: the 16 live ones
-    assert prunable_layers(smaller.spec)["layer2.1"] == 16
-    assert count_macs(smaller) < count_macs(model)
+    assert method.resizes[0]["density"]["layer2.1.conv1"] == pytest.approx(0.5)
+    assert method.kept["layer2.1.conv1"] == live                   # density 0.5 of 32: the 16 live ones
+    assert group_widths(smaller)["layer2.1.conv1"] == 16
+    assert count_macs(smaller, INPUT_SHAPE) < count_macs(model, INPUT_SHAPE)
     # Cutting only the dead channels changes nothing; the kept channels carry the same activations.
     model.eval()
-    only_dead_removed = shrink(model, {"layer2.1": live}).eval()
+    only_dead = Mask({**full_mask(method.graph).kept_channels, "layer2.1.conv1": live})
+    only_dead_removed = cut(method.graph, only_dead, model).eval()
     images = torch.randn(4, 1, 16, 16)
     seen = {}
     only_dead_removed.get_submodule("layer2.1.bn1").register_forward_hook(lambda m, i, out: seen.__setitem__("cut", out))
@@ -108,31 +121,35 @@ def test_mask_indices_compose_across_two_resizes():
     torch.manual_seed(1)
     model = method.build_model().eval()
     original = model.get_submodule("layer3.0.conv1").weight.detach().clone()
-    units = prunable_layers(model.spec)
+    units = group_widths(model)
+    unit = "layer3.0.conv1"  # the inner channels of block layer3.0
 
     def craft(unit_density):  # measured densities, as if from a training epoch; other units fire fully
-        method.meter.positive = {u: torch.ones(w, dtype=torch.float64) for u, w in prunable_layers(model.spec).items()}
+        method.meter.positive = {u: torch.ones(w, dtype=torch.float64) for u, w in group_widths(model).items()}
         method.meter.seen = {u: 1 for u in units}
-        method.meter.positive["layer3.0"] = unit_density
+        method.meter.positive[unit] = unit_density
 
     first_pick = list(range(1, 64, 2))                                  # 32 of 64
     craft(torch.tensor([1.0 if c in first_pick else 0.0 for c in range(64)], dtype=torch.float64))
     model = method.resize(model, epoch=1)
-    assert method.kept["layer3.0"] == first_pick
+    assert method.kept[unit] == first_pick
     second_local = list(range(16, 32))                                   # 16 of the remaining 32
     craft(torch.tensor([0.0] * 16 + [0.5] * 16, dtype=torch.float64))
     model = method.resize(model, epoch=2)
     expected = [first_pick[i] for i in second_local]
-    assert method.kept["layer3.0"] == expected
+    assert method.kept[unit] == expected
     assert torch.equal(model.get_submodule("layer3.0.conv1").weight, original[expected])  # weights followed the indices
-    assert all(len(kept) == w for (u, kept), w in zip(method.kept.items(), units.values()) if u != "layer3.0")
-    # The dense-indexed mask describes the trained network: its pruned spec is the small one, and the
-    # dense-shaped gated network export receives computes what the small one does.
+    assert all(len(kept) == w for (u, kept), w in zip(method.kept.items(), units.values()) if u != unit)
+    # The dense-indexed mask describes the trained network: cutting the dense network to it gives the
+    # small one's shapes and MACs, and the dense-shaped gated network export receives computes what the
+    # small one does.
     mask = method.final_mask(model)
-    document = mask_document("resnet20", method.dense_spec, mask,
-                             layer_costs(build_model(method.dense_spec)), round_to=16)
-    assert document["pruned_spec"] == model.spec
-    gated = embed(model, method.dense_spec, mask.kept_channels, GateOptions()).eval()
+    document = mask_document(mask, mask_problem(method.graph), NetworkInfo("resnet20", 1, 10, (16, 16)).describe(),
+                             round_to=16)
+    from_mask = cut(method.graph, mask, method.graph.module)
+    assert {k: v.shape for k, v in from_mask.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
+    assert document["pruned_flops"] == count_macs(model, INPUT_SHAPE) < document["dense_flops"]
+    gated = embed(method.graph, model, mask).eval()
     images = torch.randn(4, 1, 16, 16)
     with torch.no_grad():
         assert torch.allclose(gated(images), model(images), atol=1e-5)
@@ -142,7 +159,7 @@ def test_mask_indices_compose_across_two_resizes():
 
 def flipout_method(**overrides):
     cfg = make_config({"method": "flipout", "epochs": 4, **overrides})
-    return FlipOutMethod(cfg, make_spec("resnet20", 1, 10, (16, 16)))
+    return FlipOutMethod(cfg, network_graph("resnet20"))
 
 
 def test_flips_are_counted_on_a_scripted_weight_sequence():
@@ -250,8 +267,13 @@ def test_activation_density_shrinks_while_training_and_exports(tmp_path, model_n
     assert all(len(kept) % 8 == 0 for kept in mask.kept_channels.values())
     assert report["flops_ratio"] == pytest.approx(metrics["flops_ratio"])
     assert report["max_abs_diff_surgery"] <= 1e-4
-    pruned = torch.load(run_dir / "pruned_model.pt", weights_only=False)
-    assert pruned["spec"] == document["pruned_spec"]
+    # pruned_model.pt2 carries its architecture: the dense network cut to mask.json, weights included.
+    info = NetworkInfo.from_dict(document["network"])
+    graph = trace_network(build_network(info), info.example_input())
+    expected = cut(graph, mask, graph.module).state_dict()
+    pruned = load_pruned(run_dir / "pruned_model.pt2")
+    assert {k: v.shape for k, v in pruned.state_dict().items()} == {k: v.shape for k, v in expected.items()}
+    assert pruned(torch.zeros(3, *info.input_shape)).shape == (3, 10)
 
 
 def test_flipout_trains_to_its_sparsity_and_exports_a_dense_shape(tmp_path):
@@ -261,7 +283,7 @@ def test_flipout_trains_to_its_sparsity_and_exports_a_dense_shape(tmp_path):
     assert metrics["flops_ratio"] == 1.0 and report["flops_ratio"] == 1.0   # no structural cut, no claim
     removed = metrics["prunable_weights"] // 2
     assert metrics["nonzero_params"] == pytest.approx(metrics["dense_params"] - removed, abs=1)
-    state = torch.load(run_dir / "pruned_model.pt", weights_only=False)["state_dict"]
+    state = load_pruned(run_dir / "pruned_model.pt2").state_dict()
     weights = [t for k, t in state.items() if k.endswith("weight") and t.dim() > 1]
     zeros = sum(int((t == 0).sum()) for t in weights)
     assert zeros == pytest.approx(metrics["prunable_weights"] * 0.5, abs=1)
