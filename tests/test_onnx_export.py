@@ -17,7 +17,6 @@ from export.onnx_export import (INPUT_NAME, OUTPUT_NAME, OnnxExportError, count_
 from export.surgery import load_pruned, prune
 from export_fixtures import make_run, single_torch_thread, trained_model  # noqa: F401 (autouse fixture)
 from training.data import FMNIST_SEARCH_DIRS
-from training.models import build_model
 
 CLOSED = ["layer1.1", "layer1.2", "layer2.0", "layer2.1"]  # several in a row, one of them downsampling
 
@@ -55,7 +54,7 @@ def test_artifacts_and_report(exported):
     run_dir, _, report, mask, _ = exported
     names = sorted(p.name for p in run_dir.iterdir())
     assert names == sorted(["checkpoint.pt", "mask.json", "metrics.json", "dense.onnx", "pruned.onnx",
-                            "pruned_model.pt", "test_samples.npz", "export_report.json"])
+                            "pruned_model.pt2", "test_samples.npz", "export_report.json"])
     assert report["model_names"] == {"dense": "fm_r20_dense", "pruned": "fm_r20_pruned"}
     assert (report["dataset"], report["input_shape"], report["num_classes"]) == ("fashion_mnist", [1, 28, 28], 10)
     assert report["dense"]["flops"] == report["dense"]["onnx_macs"] == mask["dense_flops"]
@@ -64,8 +63,8 @@ def test_artifacts_and_report(exported):
     assert report["pruned"]["params"] < report["dense"]["params"]
     assert report["pruned"]["onnx_bytes"] == (run_dir / "pruned.onnx").stat().st_size
     assert report["removed_blocks"] == CLOSED
-    assert report["kept_channels"]["layer3.0"] == {"width": 64, "kept": 1}
-    assert report["kept_channels"]["layer2.0"]["kept"] == 0
+    assert report["kept_channels"]["layer3.0.conv1"] == {"width": 64, "kept": 1}
+    assert report["kept_channels"]["layer2.0.conv1"]["kept"] == 0
     assert report["max_abs_diff_surgery"] <= 1e-4
     assert set(report["max_abs_diff_onnx"]) == {"dense", "pruned"}
     for kind, diff in report["max_abs_diff_onnx"].items():
@@ -92,9 +91,12 @@ def test_onnx_files_are_valid_and_dynamic(exported):
     images, labels = samples["images"], samples["labels"]
     assert images.dtype == np.float32 and images.shape == (256, 1, 28, 28)
     assert labels.dtype == np.int64 and labels.shape == (256,) and set(labels.tolist()) <= set(range(10))
-    pruned = load_pruned(run_dir / "pruned_model.pt")
-    expected_keys = {k: v.shape for k, v in build_model(mask["pruned_spec"]).state_dict().items()}
-    assert {k: v.shape for k, v in pruned.state_dict().items()} == expected_keys
+    pruned = load_pruned(run_dir / "pruned_model.pt2")  # the architecture comes with the file
+    kept = {group: len(channels) for group, channels in mask["kept_channels"].items()}
+    widths = {path.rsplit(".", 1)[0]: tensor.shape[0] for path, tensor in pruned.state_dict().items()
+              if path.endswith("conv1.weight")}
+    assert all(widths[group] == count for group, count in kept.items())  # group "layer3.1.conv1" keeps conv1's outputs
+    assert not any(path.startswith(tuple(mask["closed_blocks"])) for path in pruned.state_dict())
     for kind in ("dense", "pruned"):
         model = onnx.load(run_dir / f"{kind}.onnx")
         onnx.checker.check_model(model, full_check=True)
@@ -129,8 +131,8 @@ def test_triton_repository_and_serving_view(exported):
     ("resnet18", dict(round_to=16, closed_blocks=["layer3.0"], one_channel=["layer2.1"])),
 ])
 def test_pruned_onnx_of_other_architectures(tmp_path, model_name, options):
-    model, mask, document = trained_model(model_name, (16, 16), seed=4, **options)
-    pruned = prune(model, document, mask).pruned
+    model, mask, document, graph = trained_model(model_name, (16, 16), seed=4, **options)
+    pruned = prune(model, graph, mask).pruned
     proto = export_onnx(pruned, tmp_path / "pruned.onnx", (1, 16, 16))
     assert count_onnx_macs(proto) == document["pruned_flops"]
     images = torch.randn(8, 1, 16, 16)
@@ -188,16 +190,18 @@ def test_mask_of_another_training_run(small_run, tmp_path):
 
 def test_mask_with_bad_indices(small_run):
     document = json.loads((small_run / "mask.json").read_text())
-    document["kept_channels"]["layer1.0"] = [0, 999]
+    document["kept_channels"]["layer1.0.conv1"] = [0, 999]
     (small_run / "mask.json").write_text(json.dumps(document))
-    _fails(small_run, str(small_run / "mask.json"), "layer1.0")
+    _fails(small_run, str(small_run / "mask.json"), "layer1.0.conv1")
 
 
 def test_unknown_architecture(small_run):
-    state = torch.load(small_run / "checkpoint.pt", weights_only=False)
-    state["spec"] = {**state["spec"], "family": "transformer"}
+    state = torch.load(small_run / "checkpoint.pt", weights_only=True)
+    state["network"] = {**state["network"], "model": "no_such_package.nets:Net"}
     torch.save(state, small_run / "checkpoint.pt")
-    _fails(small_run, str(small_run / "checkpoint.pt"), "family")
+    document = json.loads((small_run / "mask.json").read_text())
+    (small_run / "mask.json").write_text(json.dumps({**document, "network": state["network"]}))
+    _fails(small_run, str(small_run / "checkpoint.pt"), "cannot rebuild the network", "no_such_package")
 
 
 @needs_fmnist

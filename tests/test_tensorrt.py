@@ -61,8 +61,8 @@ def test_engine_matches_onnxruntime(tmp_path):
     from export.tensorrt_build import build_and_check, fp16_converter_installed
     from export_fixtures import trained_model
 
-    model, mask, document = trained_model("resnet20", (16, 16), seed=0, closed_blocks=["layer2.0"])
-    pruned = prune(model, document, mask).pruned
+    model, mask, document, graph = trained_model("resnet20", (16, 16), seed=0, closed_blocks=["layer2.0"])
+    pruned = prune(model, graph, mask).pruned
     export_onnx(pruned, tmp_path / "pruned.onnx", (1, 16, 16))
     plan = plan_build(tensorrt.__version__, True, fp16_converter_installed())
     profile = batch_profile(8)
