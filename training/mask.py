@@ -129,8 +129,9 @@ def choose_mask(problem: MaskProblem, decisions: dict[str, GateDecision], blocks
         for name, k in kept.items():
             if name not in gone and k + step(name) <= layers[name]:
                 yield {**kept, name: k + step(name)}, closed, confidence(name, k, k + step(name))
-        for block in closed:
-            yield kept, closed - {block}, block_confidence(block, kept)
+        for block in closed:  # reopens with its groups at one step (they grow from there): fits the band
+            reopened = {**kept, **{group: step(group) for group in inside[block]}}
+            yield reopened, closed - {block}, block_confidence(block, reopened)
 
     # Shrink: least confidence lost per MAC saved, preferring moves that stay inside the band.
     while (current := ratio(kept, closed)) > target_ratio + tolerance:
