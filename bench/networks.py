@@ -68,7 +68,7 @@ def close_blocks(dense: DenseNetwork, target: float) -> Mask:
     for name in order:
         closed.append(name)
         gone = {g for b in closed for g in dense.graph.groups_inside(b)}
-        mask = Mask({g: k for g, k in full.kept_channels.items() if g not in gone}, list(closed))
+        mask = Mask({g: k for g, k in full.kept_channels.items() if g not in gone}, sorted(closed))
         ratio = dense.macs(mask) / dense_macs
         if abs(ratio - target) < abs(best[0] - target):
             best = (ratio, mask)

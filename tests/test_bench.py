@@ -11,15 +11,14 @@ import pytest
 import torch
 
 from bench.fixture import FixturePair, required_speedup
-from bench.networks import MacCounter, close_blocks, dense_spec, uneven_inner_widths, write_onnx
+from bench.networks import close_blocks, dense_network, uneven_inner_widths, write_onnx
 from bench.speedup import main as speedup_main
 from bench.timing import compare, efficiency, interleaved, percentile, speedup, summarize
 from bench.train_overhead import main as train_overhead_main
-from export.surgery import save_pruned
-from training.arch import prunable_layers
-from training.flops import layer_costs
+from export.surgery import PRUNED_FILE, save_pruned
+from training.gating import cut, full_mask, mask_problem
 from training.mask import Mask, mask_document, save_mask
-from training.models import GateOptions, build_model
+from training.networks import NetworkInfo
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -85,33 +84,37 @@ def test_required_speedup_is_a_share_of_the_ideal_one():
 
 # ---- synthetic networks --------------------------------------------------------------------------
 def test_pruning_shapes_land_near_half_the_macs():
-    dense = dense_spec("resnet20", (1, 16, 16))
-    macs = MacCounter(dense)
+    dense = dense_network("resnet20", (1, 16, 16))
+    full = dense.macs(full_mask(dense.graph))
     blocks = close_blocks(dense, 0.5)
-    assert 0.45 <= macs(blocks) / macs(dense) <= 0.55
-    assert not any(b["closed"] for b in blocks["blocks"] if b["shortcut"] != "identity")
+    assert 0.45 <= dense.macs(blocks) / full <= 0.55
+    shape_changing = {b["name"] for b in dense.spec["blocks"] if b["shortcut"] != "identity"}
+    assert blocks.closed_blocks and not shape_changing & set(blocks.closed_blocks)
     free = uneven_inner_widths(dense, 0.5, step=1)
-    assert abs(macs(free) / macs(dense) - 0.5) <= 0.03
-    assert sum(b["mid"] % 8 != 0 for b in free["blocks"]) > len(free["blocks"]) / 2  # off the 8-blocks
+    assert abs(dense.macs(free) / full - 0.5) <= 0.03
+    widths = dense.inner_widths(free)
+    assert sum(w % 8 != 0 for w in widths) > len(widths) / 2  # off the 8-blocks
     rounded = uneven_inner_widths(dense, 0.5, step=16)
-    assert all(b["mid"] % 16 == 0 for b in rounded["blocks"])
+    assert all(w % 16 == 0 for w in dense.inner_widths(rounded))
 
 
 # ---- script smoke runs ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    """A run folder as the export stage leaves it, for ResNet-20 at 1x8x8: mask.json, pruned_model.pt and
+    """A run folder as the export stage leaves it, for ResNet-20 at 1x8x8: mask.json, pruned_model.pt2 and
     both ONNX files."""
     run_dir = tmp_path_factory.mktemp("runs") / "tiny"
-    spec = dense_spec("resnet20", (1, 8, 8))
+    dense = dense_network("resnet20", (1, 8, 8))
     closed = ["layer1.1", "layer3.2"]
-    kept = {name: list(range(max(1, width // 2))) for name, width in prunable_layers(spec).items()
-            if name not in closed}
-    document = mask_document("resnet20", spec, Mask(kept, closed), layer_costs(build_model(spec, GateOptions())), 1)
-    save_mask(run_dir / "mask.json", document)
-    write_onnx(spec, run_dir / "dense.onnx")
-    write_onnx(document["pruned_spec"], run_dir / "pruned.onnx")
-    save_pruned(run_dir / "pruned_model.pt", build_model(document["pruned_spec"]))
+    gone = {g for b in closed for g in dense.graph.groups_inside(b)}
+    kept = {name: list(range(max(1, group.width // 2))) for name, group in dense.graph.prunable().items()
+            if name not in gone}
+    mask = Mask(kept, closed)
+    network = NetworkInfo("resnet20", 1, 10, (8, 8)).describe()
+    save_mask(run_dir / "mask.json", mask_document(mask, mask_problem(dense.graph), network, 1))
+    write_onnx(dense, full_mask(dense.graph), run_dir / "dense.onnx")
+    write_onnx(dense, mask, run_dir / "pruned.onnx")
+    save_pruned(run_dir / PRUNED_FILE, cut(dense.graph, mask, dense.graph.module), (1, 8, 8))
     return run_dir
 
 
