@@ -17,6 +17,7 @@ from training.mask import Mask
 
 from user_networks import (BranchingNet, ConcatNet, GroupNormNet, MobileNetV2, SENet, ShuffleNet, VGG,
                            resnet18, resnet50)
+from training.data import FMNIST_SEARCH_DIRS
 
 ARCHITECTURES = {
     "resnet18": resnet18, "resnet50": resnet50, "mobilenet_v2": MobileNetV2, "vgg_bn": VGG,
@@ -163,3 +164,62 @@ def test_impossible_settings_are_refused():
         polarize(VGG(), torch.randn(2, 3, 32, 32), target_flops=0.0)
     with pytest.raises(TypeError):
         polarize(VGG(), torch.randn(2, 3, 32, 32), target_flop=0.5)
+
+
+# -- the same through the CLI: a config names the network by import path ------------------------------
+
+needs_fmnist = pytest.mark.skipif(
+    not any((d / "train-images-idx3-ubyte.gz").is_file() for d in FMNIST_SEARCH_DIRS),
+    reason="Fashion-MNIST not installed (make data)")
+
+USER_RUN = dict(dataset="fashion_mnist", model="user_networks:VGG", model_args={"in_channels": 1},
+                epochs=2, batch_size=64, train_subset=512, val_size=128, test_subset=256, progress=False,
+                round_to=8, target_flops_ratio=0.5, device="cpu", threads=1)
+
+
+@needs_fmnist
+def test_user_network_by_import_path_trains_and_exports(tmp_path):
+    from export.__main__ import main as export_main
+    from training.config import make_config
+    from training.loop import train
+
+    metrics = train(make_config({**USER_RUN, "out_dir": str(tmp_path), "name": "vgg"}))
+    assert abs(metrics["flops_ratio"] - 0.5) <= 0.03 and metrics["model"] == "user_networks:VGG"
+    assert export_main(["--run", str(tmp_path / "vgg"), "--repository", str(tmp_path / "repo"), "--samples", "32"]) == 0
+    assert (tmp_path / "vgg" / "pruned_model.pt2").is_file() and (tmp_path / "repo" / "vgg_pruned").is_dir()
+
+
+@needs_fmnist
+def test_init_weights_start_the_run_and_a_mismatch_names_the_keys(tmp_path):
+    from training.config import ConfigError, make_config
+    from training.loop import train
+
+    torch.manual_seed(3)
+    pretrained = VGG(in_channels=1)
+    torch.save(pretrained.state_dict(), tmp_path / "vgg.pt")
+    run = {**USER_RUN, "out_dir": str(tmp_path), "method": "dense", "epochs": 1, "lr": 1e-9, "momentum": 0.0,
+           "weight_decay": 0.0, "init_weights": str(tmp_path / "vgg.pt"), "name": "dense"}
+    train(make_config(run))
+    from training.checkpoint import load_checkpoint
+    state = load_checkpoint(tmp_path / "dense" / "checkpoint.pt")["model"]
+    conv = state["features.0.weight"]
+    assert torch.allclose(conv, pretrained.state_dict()["features.0.weight"], atol=1e-6)  # lr ~ 0: kept
+
+    torch.save(VGG(in_channels=3).state_dict(), tmp_path / "rgb.pt")
+    with pytest.raises(ConfigError, match=r"init_weights.*shape mismatches \(1\): features\.0\.weight"):
+        train(make_config({**run, "init_weights": str(tmp_path / "rgb.pt"), "name": "bad"}))
+    torch.save({"not_a_layer.weight": torch.zeros(1)}, tmp_path / "foreign.pt")
+    with pytest.raises(ConfigError, match=r"missing keys .*unexpected keys \(1\): not_a_layer\.weight"):
+        train(make_config({**run, "init_weights": str(tmp_path / "foreign.pt"), "name": "bad2"}))
+
+
+def test_bad_import_paths_are_named():
+    from training.networks import NetworkError, NetworkInfo, build_network
+
+    for model, message in [("no_such_pkg.nets:Net", "cannot import no_such_pkg.nets"),
+                           ("user_networks:NoSuchNet", "has no NoSuchNet"),
+                           ("resnet20x", "neither a built-in")]:
+        with pytest.raises(NetworkError, match=message):
+            build_network(NetworkInfo(model, 1, 10, (16, 16)))
+    with pytest.raises(NetworkError, match="model_args do not fit"):
+        build_network(NetworkInfo("user_networks:VGG", 1, 10, (16, 16), {"widths": 3}))
