@@ -23,7 +23,7 @@ from torch import nn
 from common.atomicio import write_bytes
 
 from .gates import kept_target, polarizer
-from .gating import GatedNetwork, cut
+from .gating import GatedNetwork, cut, mask_macs
 from .graph import trace_network
 from .mask import Mask
 
@@ -74,6 +74,10 @@ class PolarizedNetwork(GatedNetwork):
         return (s.flops_weight * (ratio - target) ** 2
                 + s.polarization_weight * polarizer(channel_probs, block_probs, s.polarization_t,
                                                     s.polarization_center))
+
+    def flops_ratio(self, mask: Mask | None = None) -> float:
+        """Kept MACs / dense MACs of `mask` (default: `final_mask()`)."""
+        return mask_macs(self.graph, mask or self.final_mask()) / self.dense_macs
 
     def final_mask(self) -> Mask:
         """The deployable mask: what the gates chose, rounded to `round_to`, in the target band."""
