@@ -153,7 +153,8 @@ def start_cluster(device: torch.device, timeout_minutes: float = 30.0) -> tuple[
 def fingerprint(model: nn.Module) -> dict[str, str]:
     """sha256 of every weight and of every gate's state (scores and frozen masks), bit for bit."""
     weights, gates = hashlib.sha256(), hashlib.sha256()
-    gate_paths = tuple(f"{path}." for path, m in model.named_modules() if isinstance(m, Gate))
+    gate_paths = tuple(f"{path}." for path, m in model.named_modules(remove_duplicate=False)
+                       if isinstance(m, Gate))  # a GatedNetwork holds its gates under two paths
     for name, tensor in model.state_dict().items():
         digest = gates if name.startswith(gate_paths) else weights
         digest.update(name.encode())
