@@ -39,9 +39,14 @@ class DenseNetwork:
     def macs(self, mask: Mask) -> float:
         return mask_macs(self.graph, mask)
 
+    def inner_group(self, block: str) -> str:
+        """The channel group inside a residual block's branch (a basic block has one)."""
+        (group,) = self.graph.groups_inside(block)
+        return group
+
     def inner_widths(self, mask: Mask) -> list[int]:
         """Kept inner width per residual block in forward order (0: closed)."""
-        return [len(mask.kept_channels.get(f"{b['name']}.conv1", [])) for b in self.spec["blocks"]]
+        return [len(mask.kept_channels.get(self.inner_group(b["name"]), [])) for b in self.spec["blocks"]]
 
 
 def dense_network(model: str, input_shape: tuple[int, int, int], num_classes: int = 10,
@@ -77,9 +82,10 @@ def close_blocks(dense: DenseNetwork, target: float) -> Mask:
 
 def with_inner_widths(dense: DenseNetwork, widths: dict[str, int]) -> Mask:
     """Every block open; block name -> kept inner width (its first channels; the rest keep all)."""
-    full = full_mask(dense.graph)
-    return Mask({g: (list(range(widths[g.rsplit('.', 1)[0]])) if g.rsplit('.', 1)[0] in widths else k)
-                 for g, k in full.kept_channels.items()}, [])
+    kept = full_mask(dense.graph).kept_channels
+    for block, width in widths.items():
+        kept[dense.inner_group(block)] = list(range(width))
+    return Mask(kept, [])
 
 
 def halve_inner_widths(dense: DenseNetwork) -> Mask:
