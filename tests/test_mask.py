@@ -6,7 +6,8 @@ import torch
 
 from training.gating import full_mask, mask_macs, mask_problem
 from training.graph import trace_network
-from training.mask import GateDecision, MaskError, choose_mask, load_mask, mask_document, save_mask
+from training.mask import (GateDecision, MaskError, choose_mask, load_mask, mask_document, projection_report,
+                           save_mask)
 from training.networks import NetworkInfo, build_network
 
 
@@ -98,3 +99,20 @@ def test_mask_json_round_trip_and_tampering(tmp_path, resnet):
         load_mask(path)
     with pytest.raises(MaskError, match="make train"):
         load_mask(tmp_path / "missing.json")
+
+
+def test_projection_report_lists_what_the_move_into_the_band_changed(resnet):
+    _, graph = resnet
+    channels, blocks = decisions_for(graph, 0.95)  # the gates kept almost everything: far above 0.3
+    problem = mask_problem(graph)
+    learned = choose_mask(problem, channels, blocks, 16, None, 0.02)
+    final = choose_mask(problem, channels, blocks, 16, 0.3, 0.02)
+    report = projection_report(problem, learned, final)
+    assert report["learned_flops_ratio"] == pytest.approx(ratio(graph, learned)) and report["learned_flops_ratio"] > 0.8
+    assert report["final_flops_ratio"] == pytest.approx(ratio(graph, final))
+    assert report["flipped_groups"] or report["closed_blocks"]
+    for name, flip in report["flipped_groups"].items():
+        assert flip["kept_before"] == len(learned.kept_channels.get(name, []))
+        assert flip["kept_after"] == len(final.kept_channels.get(name, []))
+        assert set(flip["closed"]) == set(learned.kept_channels.get(name, [])) - set(final.kept_channels.get(name, []))
+    assert projection_report(problem, learned, learned)["flipped_groups"] == {}

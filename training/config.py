@@ -54,6 +54,8 @@ class TrainConfig:
     # the method: polarized gates
     target_flops_ratio: float = 0.5      # kept MACs / dense MACs
     flops_tolerance: float = 0.02        # the final mask lands within this of the target (if widths allow)
+    projection: str = "band"             # "band": move the learned mask into the target band; "none": keep
+                                         # it as the gates chose (rounded), and report the miss
     round_to: int = 16                   # kept widths are multiples of this (onnxruntime's fast conv path)
     flops_weight: float = 20.0
     polarization_weight: float = 1.0
@@ -119,6 +121,7 @@ class TrainConfig:
         need(self.test_subset is None or self.test_subset >= 1, "test_subset", "must be at least 1")
         need(0 < self.target_flops_ratio <= 1, "target_flops_ratio", "must be in (0, 1]")
         need(0 <= self.flops_tolerance < 1, "flops_tolerance", "must be in [0, 1)")
+        need(self.projection in ("band", "none"), "projection", "must be 'band' or 'none'")
         need(self.round_to >= 1, "round_to", "must be at least 1")
         need(0 <= self.warmup_fraction < 1, "warmup_fraction", "must be in [0, 1)")
         need(0 < self.freeze_fraction <= 1, "freeze_fraction", "must be in (0, 1]")

@@ -156,6 +156,22 @@ def choose_mask(problem: MaskProblem, decisions: dict[str, GateDecision], blocks
     return to_mask(kept, closed)
 
 
+def projection_report(problem: MaskProblem, learned: Mask, final: Mask) -> dict:
+    """What moving the learned mask into the target band changed: kept FLOPs before and after, and per
+    group and block the gates it flipped (channel indices opened or closed, blocks closed or reopened)."""
+    dense = problem.macs(Mask({n: list(range(w)) for n, w in problem.widths.items()}, []))
+    flipped = {}
+    for name in problem.widths:
+        before, after = set(learned.kept_channels.get(name, [])), set(final.kept_channels.get(name, []))
+        if before != after:
+            flipped[name] = {"kept_before": len(before), "kept_after": len(after),
+                             "opened": sorted(after - before), "closed": sorted(before - after)}
+    return {"learned_flops_ratio": problem.macs(learned) / dense, "final_flops_ratio": problem.macs(final) / dense,
+            "flipped_groups": flipped,
+            "closed_blocks": sorted(set(final.closed_blocks) - set(learned.closed_blocks)),
+            "reopened_blocks": sorted(set(learned.closed_blocks) - set(final.closed_blocks))}
+
+
 def mask_document(mask: Mask, problem: MaskProblem, network: dict, round_to: int) -> dict:
     """mask.json: the mask, what it chose among (group widths, each block's groups), the network it was made
     for (`network`: model, model_args, input shape) and its MACs."""

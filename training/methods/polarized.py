@@ -16,7 +16,7 @@ import torch
 from ..config import ConfigError
 from ..gates import consensus_disagreement, kept_target, polarizer
 from ..gating import GatedNetwork, mask_macs, mask_problem
-from ..mask import GateDecision, Mask, choose_mask
+from ..mask import GateDecision, Mask, choose_mask, projection_report
 from .base import Method, RunContext
 
 
@@ -49,6 +49,7 @@ class PolarizedMethod(Method):
                               f"{cfg.target_flops_ratio!r})", "target_flops_ratio")
         self.dense_macs = float(mask_macs(graph, Mask({n: list(range(g.width)) for n, g in graph.prunable().items()})))
         self.mask: Mask | None = None
+        self.projection: dict | None = None  # what the move into the target band changed
         self.agreement: float | None = None
         self.last_ratio = 1.0
 
@@ -130,9 +131,16 @@ class PolarizedMethod(Method):
         return share
 
     def _freeze(self, model: GatedNetwork, ctx: RunContext) -> None:
+        """The gates' decisions, rounded to round_to (the learned mask), then moved into the target band
+        unless `projection: none`; what the move changed is reported, never hidden."""
         channels, blocks = self.decisions(model, ctx)
-        self.mask = choose_mask(mask_problem(self.graph), channels, blocks, self.cfg.round_to,
-                                self.cfg.target_flops_ratio, self.cfg.flops_tolerance)
+        problem, cfg = mask_problem(self.graph), self.cfg
+        learned = choose_mask(problem, channels, blocks, cfg.round_to, None, cfg.flops_tolerance)
+        self.mask = learned if cfg.projection == "none" else choose_mask(
+            problem, channels, blocks, cfg.round_to, cfg.target_flops_ratio, cfg.flops_tolerance)
+        self.projection = {"mode": cfg.projection, **projection_report(problem, learned, self.mask),
+                           "target_flops_ratio": cfg.target_flops_ratio}
+        self.projection["target_miss"] = self.projection["final_flops_ratio"] - cfg.target_flops_ratio
         model.freeze(self.mask)
         self.last_ratio = mask_macs(self.graph, self.mask) / self.dense_macs
 
@@ -140,7 +148,7 @@ class PolarizedMethod(Method):
         return self.mask
 
     def summary(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"dynamic_gates": self.cfg.dynamic_gates}
+        out: dict[str, Any] = {"dynamic_gates": self.cfg.dynamic_gates, "projection": self.projection}
         if self.agreement is not None:
             out["consensus_agreement"] = self.agreement
         return out
@@ -148,10 +156,12 @@ class PolarizedMethod(Method):
     def state_dict(self) -> dict[str, Any]:
         mask = None if self.mask is None else {"kept_channels": self.mask.kept_channels,
                                                "closed_blocks": self.mask.closed_blocks}
-        return {"mask": mask, "agreement": self.agreement, "last_ratio": self.last_ratio}
+        return {"mask": mask, "agreement": self.agreement, "last_ratio": self.last_ratio,
+                "projection": self.projection}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         mask = state.get("mask")
         self.mask = None if mask is None else Mask(mask["kept_channels"], mask["closed_blocks"])
         self.agreement = state.get("agreement")
+        self.projection = state.get("projection")
         self.last_ratio = state.get("last_ratio", 1.0)
