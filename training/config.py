@@ -68,6 +68,7 @@ class TrainConfig:
     ramp_fraction: float = 0.5           # of all steps, when the kept-FLOPs target reaches its final value;
                                          # it falls linearly from 1 after warm-up, so gates close gradually
     freeze_fraction: float = 0.75        # of all epochs, when the mask is fixed; the rest fine-tunes it
+    cut_after_freeze: bool = True        # fine-tune the physically cut network (cheaper); false: the gated one
     # --- baseline methods (issue 6) ------------------------------------------------------------------
     # activation density (Foldy-Porto et al.): the network physically shrinks while it trains
     density_every: int = 1               # epochs between resizes to (activation density x width)

@@ -306,17 +306,27 @@ class GatedNetwork(nn.Module):
 
 
 @torch.no_grad()
-def embed(graph: NetworkGraph, small: nn.Module, mask: Mask, init_score: float = 2.0) -> GatedNetwork:
+def embed(graph: NetworkGraph, small: nn.Module, mask: Mask, init_score: float = 2.0,
+          gate_state: dict[str, torch.Tensor] | None = None) -> GatedNetwork:
     """The dense-shaped gated network equal to `small` (`cut(graph, mask)` in shape): its weights at the
-    kept channel positions, every other channel zeroed (batch-norm shift included), gates frozen to
-    `mask`. What a method that trains a shrinking network hands to export."""
+    kept channel positions, every removed channel and closed branch zeroed (batch-norm shift included),
+    gates frozen to `mask` (their scores from `gate_state`, a GatedNetwork state dict's gate entries, when
+    given). What a method that trained a cut network hands to export."""
     gated = GatedNetwork(graph, init_score)
+    if gate_state:
+        gated.load_state_dict(gate_state, strict=False)
+    small_state = small.state_dict()
     targets = gated.network.state_dict()
-    for key, value in small.state_dict().items():
+    for key in targets:
         path, _, leaf = key.rpartition(".")
-        target = torch.ones_like(targets[key]) if leaf == "running_var" else torch.zeros_like(targets[key])
         layer = graph.layers.get(path)
-        if layer is None or value.dim() == 0:
+        if layer is None:
+            continue  # gates
+        value = small_state.get(key)
+        target = torch.ones_like(targets[key]) if leaf == "running_var" else torch.zeros_like(targets[key])
+        if value is None:
+            pass  # a layer of a closed branch: zeros
+        elif value.dim() == 0:
             target = value.clone()
         else:
             keep_out = kept_index(graph, layer.out_layout, mask)

@@ -222,9 +222,15 @@ def _train(cfg: TrainConfig, resume: bool, cluster: Cluster, device: torch.devic
         meter.start()
         new_model = method.start_epoch(model, epoch, ctx)
         if new_model is not model:  # the method resized the network: fresh optimisers for the new shapes
+            momentum = {name: sgd.state[p]["momentum_buffer"] for name, p in model.named_parameters()
+                        if "momentum_buffer" in sgd.state.get(p, {})}
             model = new_model.to(device)
             method.prepare(model, ctx)
             sgd, gate_sgd, scheduler = make_optimizers(model, cfg, total_steps, epoch * steps_per_epoch)
+            carried = method.carry_momentum(momentum)  # the kept weights keep their momentum
+            for name, p in model.named_parameters():
+                if name in carried:
+                    sgd.state[p]["momentum_buffer"] = carried[name].to(p.device).clone()
         if structure_key(model) != forward_key:  # a new network or newly frozen gates: DDP must re-wrap
             forward, forward_key = cluster.wrap(model, device), structure_key(model)
         model.train()

@@ -54,6 +54,11 @@ class Method:
     def start_epoch(self, model: nn.Module, epoch: int, ctx: RunContext) -> nn.Module:
         return model
 
+    def carry_momentum(self, momentum: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """After `start_epoch` handed back a new model: the optimiser momentum of its parameters (by name),
+        from the old model's (`momentum`). Default: none carried, the new model's optimiser starts fresh."""
+        return {}
+
     def extra_loss(self, model: nn.Module, progress: float) -> tuple[torch.Tensor | None, dict[str, float]]:
         """Added to the task loss after each forward; `progress` is the share of all steps done."""
         return None, {}

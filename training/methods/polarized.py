@@ -9,13 +9,15 @@ trace of the network puts them (`training.gating`), built-in network or the user
 """
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
+from torch import nn
 
 from ..config import ConfigError
 from ..gates import consensus_disagreement, kept_target, polarizer
-from ..gating import GatedNetwork, mask_macs, mask_problem
+from ..gating import GatedNetwork, cut, embed, mask_macs, mask_problem
 from ..mask import GateDecision, Mask, choose_mask, projection_report
 from .base import Method, RunContext
 
@@ -50,11 +52,19 @@ class PolarizedMethod(Method):
         self.dense_macs = float(mask_macs(graph, Mask({n: list(range(g.width)) for n, g in graph.prunable().items()})))
         self.mask: Mask | None = None
         self.projection: dict | None = None  # what the move into the target band changed
+        self.cut_at_freeze = cfg.cut_after_freeze  # this run trains the cut network after the freeze
+        self.finished = False
+        self._cut_momentum = None  # maps the gated network's momentum onto the cut network's
         self.agreement: float | None = None
         self.last_ratio = 1.0
 
     def build_model(self) -> GatedNetwork:
         return GatedNetwork(self.graph, self.cfg.gate_init, self.cfg.dynamic_gates)
+
+    def restore_model(self) -> nn.Module:
+        if self.mask is not None and self.cut_at_freeze and not self.finished:
+            return cut(self.graph, self.mask, self.graph.module)
+        return self.build_model()
 
     # --- during training -------------------------------------------------------------------------
     def extra_loss(self, model: GatedNetwork, progress: float):
@@ -81,16 +91,44 @@ class PolarizedMethod(Method):
         cfg = self.cfg
         return kept_target(progress, cfg.target_flops_ratio, cfg.warmup_fraction, cfg.ramp_fraction)
 
-    def start_epoch(self, model: GatedNetwork, epoch: int, ctx: RunContext) -> GatedNetwork:
+    def start_epoch(self, model: nn.Module, epoch: int, ctx: RunContext) -> nn.Module:
         freeze_epoch = min(ctx.total_epochs, max(1, round(self.cfg.freeze_fraction * ctx.total_epochs)))
         if self.mask is None and epoch >= freeze_epoch:
             self._freeze(model, ctx)
+            if self.cut_at_freeze:  # the rest of the run trains only what export will keep: cheaper
+                return self._cut(model)
         return model
 
-    def finish(self, model: GatedNetwork, ctx: RunContext) -> GatedNetwork:
+    def _cut(self, model: GatedNetwork) -> nn.Module:
+        """The frozen gated network physically cut (same function, fewer MACs). The gate scores are kept
+        for the end of the run; the optimiser momentum is cut like the weights it belongs to."""
+        self.gate_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()
+                           if k.startswith(("network.channel_gates.", "network.block_gates."))}
+        plain = model.plain()
+        small = cut(self.graph, self.mask, plain).train(model.training)
+
+        def carry(momentum: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            shadow = copy.deepcopy(plain)  # the same network holding momentum where it held weights
+            with torch.no_grad():
+                for name, p in shadow.named_parameters():
+                    p.copy_(momentum.get(f"network.{name}", torch.zeros_like(p)))
+            return {name: p.detach() for name, p in cut(self.graph, self.mask, shadow).named_parameters()}
+        self._cut_momentum = carry
+        return small
+
+    def carry_momentum(self, momentum: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return self._cut_momentum(momentum) if self._cut_momentum else {}
+
+    def finish(self, model: nn.Module, ctx: RunContext) -> nn.Module:
         if self.mask is None:
             self._freeze(model, ctx)
-        return model
+        if isinstance(model, GatedNetwork):
+            return model
+        # the cut network back in the dense shape, gates frozen: what checkpoints and export expect
+        self.finished = True
+        device = next(model.parameters()).device
+        gated = embed(self.graph, model, self.mask, self.cfg.gate_init, self.gate_state)
+        return gated.to(device).train(model.training)
 
     # --- the consensus mask -------------------------------------------------------------------------
     @torch.no_grad()
@@ -157,11 +195,17 @@ class PolarizedMethod(Method):
         mask = None if self.mask is None else {"kept_channels": self.mask.kept_channels,
                                                "closed_blocks": self.mask.closed_blocks}
         return {"mask": mask, "agreement": self.agreement, "last_ratio": self.last_ratio,
-                "projection": self.projection}
+                "projection": self.projection, "cut_at_freeze": self.cut_at_freeze, "finished": self.finished,
+                "gate_state": getattr(self, "gate_state", None)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         mask = state.get("mask")
         self.mask = None if mask is None else Mask(mask["kept_channels"], mask["closed_blocks"])
         self.agreement = state.get("agreement")
         self.projection = state.get("projection")
+        self.cut_at_freeze = state.get("cut_at_freeze", self.cut_at_freeze)
+        self.finished = state.get("finished", False)
+        self.gate_state = state.get("gate_state")
+        if self.mask is not None and self.cut_at_freeze and not self.finished and self.gate_state is not None:
+            self._cut_momentum = None  # a resumed cut network already holds its own momentum
         self.last_ratio = state.get("last_ratio", 1.0)
