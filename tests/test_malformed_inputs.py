@@ -65,10 +65,6 @@ def temporaries(root: Path) -> list[str]:
     ("gate_init: -.inf\n", ["'gate_init'", "must be a finite number"]),
     ("target_flops_ratio: .nan\n", ["'target_flops_ratio'", "finite"]),
     ("target_flops_ratio: -0.2\n", ["'target_flops_ratio'", "must be in (0, 1]"]),
-    ("target_flops_ratio: 0.001\nflops_tolerance: 0\n",
-     ["'target_flops_ratio'", "resnet20 on fashion_mnist cannot go below 0.0037", "every residual block closed"]),
-    ("model: vgg16\nround_to: 64\ntarget_flops_ratio: 0.05\n",
-     ["'target_flops_ratio'", "cannot go below 0.19", "every layer at one group of 64 channels"]),
     ("epochs: 2\nepochs: 3\n", ["not valid YAML", "key 'epochs' appears twice", "line 2"]),
     ("", ["is empty", "`{}`"]),
     ("# only a comment\n", ["is empty"]),
@@ -76,7 +72,7 @@ def temporaries(root: Path) -> list[str]:
     ("42\n", ["must hold a mapping", "not a int"]),
     ("1: 2\n", ["config key 1", "keys must be names"]),
     (b"\xff\xfeepochs: 3\n", ["is not UTF-8 text"]),
-], ids=['typo', 'wrong type', 'NaN', 'inf', '-inf', 'NaN target', 'negative target', 'below resnet floor', 'below vgg floor', 'duplicate key', 'empty', 'only a comment', 'a list', 'a number', 'non-string key', 'not UTF-8'])
+], ids=['typo', 'wrong type', 'NaN', 'inf', '-inf', 'NaN target', 'negative target', 'duplicate key', 'empty', 'only a comment', 'a list', 'a number', 'non-string key', 'not UTF-8'])
 def test_bad_config_file_names_the_file_and_the_key(tmp_path, text, expected):
     path = tmp_path / "bad.yaml"
     path.write_bytes(text if isinstance(text, bytes) else text.encode())
@@ -95,6 +91,27 @@ def test_bad_override_names_the_set_flag_not_the_file(tmp_path):
         load_config(path, ["flops_weight=inf"])
     with pytest.raises(ConfigError, match=r"^--set trget_flops_ratio=0.3: .*did you mean 'target_flops_ratio'"):
         load_config(path, ["trget_flops_ratio=0.3"])
+
+
+@pytest.mark.parametrize("yaml_text, expected", [
+    ("target_flops_ratio: 0.001\nflops_tolerance: 0\n",
+     ["resnet20 cannot go below 0.0037", "9 residual blocks closed, every other group at 16 channels"]),
+    ("model: vgg16\nround_to: 64\ntarget_flops_ratio: 0.05\n",
+     ["vgg16 cannot go below 0.19", "every other group at 64 channels"]),
+], ids=['below resnet floor', 'below vgg floor'])
+def test_target_below_the_networks_floor_is_refused_when_the_run_starts(tmp_path, capsys, yaml_text, expected):
+    """The floor depends on the network's trace, so it is checked as the run starts (before any step):
+    exit 2, the key named, nothing written."""
+    config = tmp_path / "run.yaml"
+    config.write_text("dataset: fashion_mnist\nprogress: false\n" + yaml_text)
+    load_config(config)  # the file itself is fine
+    out_dir = tmp_path / "runs"
+    code = training_main(["--config", str(config), "--set", f"out_dir={out_dir}"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: config key 'target_flops_ratio': ") and "Traceback" not in err, err
+    for part in expected:
+        assert part in err, err
+    assert not out_dir.exists()
 
 
 @pytest.mark.parametrize("yaml_text, overrides, expected", [
@@ -174,6 +191,14 @@ def _edit_mask(change):
     return edit
 
 
+def _drop_network_key(key):
+    """The network description of checkpoint.pt and mask.json alike (they must agree) lacks `key`."""
+    def edit(run_dir):
+        _edit_state(network=lambda n: {k: v for k, v in n.items() if k != key})(run_dir)
+        _edit_mask(lambda m: m["network"].pop(key))(run_dir)
+    return edit
+
+
 CHECKPOINT_CASES = {
     "random bytes": (lambda d: (d / "checkpoint.pt").write_bytes(np.random.default_rng(0).bytes(4096)),
                      "unreadable or corrupt checkpoint"),
@@ -184,17 +209,20 @@ CHECKPOINT_CASES = {
     "a bare state_dict": (lambda d: _save_state(d, _state(d)["model"]), "not a polarprune checkpoint"),
     "weights not a state dict": (_edit_state(model=lambda _: "weights"), "'model' must be a state dict"),
     "config not a dict": (_edit_state(config=lambda _: ["fashion_mnist"]), "config must be a dict, not list"),
-    "unknown gate options": (_edit_state(gates=lambda _: {"temperature": 3}), "'gates' must be None or a dict"),
+    "unknown gate option": (_edit_state(config=lambda c: {**c, "temperature": 3}),
+                            "cannot rebuild the network it was trained on (unknown config key 'temperature'"),
     "negative epoch": (_edit_state(epoch=lambda _: -1), "epoch must be a count >= 0"),
-    "spec without a key": (_edit_state(spec=lambda s: {**s, "blocks": [
-        {k: v for k, v in b.items() if k != "stride"} for b in s["blocks"]]}), "missing key 'stride'"),
-    "weights of another size": (lambda d: _edit_weights(d, "layer3.2.conv1.weight", torch.zeros(3, 3, 3, 3)),
-                                "size mismatch for layer3.2.conv1.weight"),
-    "a weight missing": (lambda d: _edit_weights(d, "fc.weight"), 'Missing key(s) in state_dict: "fc.weight"'),
+    "network not a dict": (_edit_state(network=lambda _: "resnet20"), "'network' must be a dict describing"),
+    "network without a key": (_drop_network_key("in_channels"),
+                              "network description is incomplete or malformed (KeyError('in_channels')"),
+    "weights of another size": (lambda d: _edit_weights(d, "network.layer3.2.conv1.weight", torch.zeros(3, 3, 3, 3)),
+                                "size mismatch for network.layer3.2.conv1.weight"),
+    "a weight missing": (lambda d: _edit_weights(d, "network.fc.weight"),
+                         'Missing key(s) in state_dict: "network.fc.weight"'),
 }
 MASK_CASES = {
-    "a float channel index": (_edit_mask(lambda m: m["kept_channels"].update({"layer1.0": [0.5, 1]})),
-                              "kept_channels['layer1.0'] must be a list of channel indices"),
+    "a float channel index": (_edit_mask(lambda m: m["kept_channels"].update({"layer1.0.conv1": [0.5, 1]})),
+                              "kept_channels['layer1.0.conv1'] must be a list of channel indices"),
     "closed_blocks a string": (_edit_mask(lambda m: m.update(closed_blocks="layer2.0")),
                                "closed_blocks must be a list of block names"),
     "no pruned_flops": (_edit_mask(lambda m: m.pop("pruned_flops")), "mask is missing 'pruned_flops'"),
@@ -220,8 +248,7 @@ def test_export_refuses_bad_run_files_and_leaves_everything_as_it_was(exported_b
 
 
 # == mask.json, read directly =========================================================================
-# Covered in test_mask.py: invalid JSON, a missing file, a kept list that no longer matches pruned_spec,
-# a duplicate index. test_surgery.py: masks that do not fit the network they are applied to.
+# Covered in test_mask.py: invalid JSON, a missing file, a duplicate index. test_surgery.py: masks that do not fit the network they are applied to.
 
 def _mask_case(change):
     def edit(document):
@@ -235,27 +262,34 @@ def _kept(layer, value):
 
 
 MASK_JSON_CASES = {
-    "indices not a list": (_kept("layer1.0", 5), "kept_channels['layer1.0'] must be a list"),
-    "string indices": (_kept("layer1.0", ["0", "1"]), "integers >= 0"),
-    "negative index": (_kept("layer1.0", [-1, 2]), "integers >= 0"),
-    "boolean index": (_kept("layer1.0", [True, 2]), "integers >= 0"),
-    "index out of range": (_kept("layer1.0", [0, 16]), "layer layer1.0: kept channel indices must be distinct, "
-                                                        "in [0, 16)"),
-    "open block keeps nothing": (_kept("layer1.0", []), "and non-empty"),
-    "unknown layer": (_kept("layer9.9", [0]), "layers the model does not have: ['layer9.9']"),
-    "layer left out": (_mask_case(lambda m: m["kept_channels"].pop("layer1.1")),
-                       "no kept channels for layer layer1.1"),
+    "indices not a list": (_kept("layer1.0.conv1", 5), "kept_channels['layer1.0.conv1'] must be a list"),
+    "string indices": (_kept("layer1.0.conv1", ["0", "1"]), "integers >= 0"),
+    "negative index": (_kept("layer1.0.conv1", [-1, 2]), "integers >= 0"),
+    "boolean index": (_kept("layer1.0.conv1", [True, 2]), "integers >= 0"),
+    "index out of range": (_kept("layer1.0.conv1", [0, 16]), "group layer1.0.conv1 keeps 2 channel indices that are "
+                                                             "not distinct, non-empty and within [0, 16)"),
+    "open block keeps nothing": (_kept("layer1.0.conv1", []), "non-empty"),
+    "unknown group": (_kept("layer9.9.conv1", [0]), "names groups or blocks the network does not have: "
+                                                    "['layer9.9.conv1']"),
+    "unknown block": (_mask_case(lambda m: m["closed_blocks"].append("layer9.9")),
+                      "names groups or blocks the network does not have: ['layer9.9']"),
+    "group left out": (_mask_case(lambda m: m["kept_channels"].pop("layer1.1.conv1")),
+                       "no kept channels for group layer1.1.conv1"),
     "block closed twice": (_mask_case(lambda m: m.update(closed_blocks=["layer2.0", "layer2.0"])),
                            "names a block twice"),
     "closed block keeps channels": (_mask_case(lambda m: m.update(closed_blocks=["layer2.0", "layer1.0"])),
-                                    "['layer1.0'] are closed but also keep channels"),
+                                    "group layer1.0.conv1 belongs to a closed block but also keeps channels"),
     "flops not a number": (_mask_case(lambda m: m.update(pruned_flops="many")), "pruned_flops must be a MAC count"),
     "no closed_blocks": (_mask_case(lambda m: m.pop("closed_blocks")), "mask is missing 'closed_blocks'"),
-    "future version": (_mask_case(lambda m: m.update(version=2)), "mask version 2 not supported (expected 1)"),
-    "dense_spec without in_channels": (_mask_case(lambda m: m["dense_spec"].pop("in_channels")),
-                                       "spec is missing 'in_channels'"),
-    "dense_spec block without mid": (_mask_case(lambda m: m["dense_spec"]["blocks"][0].pop("mid")),
-                                     "dense_spec is missing key 'mid'"),
+    "no network": (_mask_case(lambda m: m.pop("network")), "mask is missing 'network'"),
+    "future version": (_mask_case(lambda m: m.update(version=3)), "mask version 3 not supported (expected 2)"),
+    "version 1 (before traced groups)": (_mask_case(lambda m: m.update(version=1)),
+                                         "a mask.json of version 1 (polarprune before traced channel groups); "
+                                         "retrain"),
+    "group width not a count": (_mask_case(lambda m: m["group_widths"].update({"layer1.0.conv1": "16"})),
+                                "group_widths must map group names to channel counts"),
+    "block of an unknown group": (_mask_case(lambda m: m["block_groups"]["layer1.0"].append("layer9.9.conv1")),
+                                  "block_groups must map block names to lists of known groups"),
     "a list, not an object": (lambda m: [m], "not a polarprune mask"),
 }
 

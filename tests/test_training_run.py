@@ -7,13 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from training.arch import prune_spec
 from training.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from training.config import make_config
 from training.flops import count_macs
+from training.gating import GatedNetwork, cut
+from training.graph import trace_network
 from training.loop import RunError, train
 from training.mask import load_mask
-from training.models import build_model
+from training.networks import NetworkInfo, build_network
 
 from run_helpers import kill_after_first_checkpoint, training_command
 
@@ -48,21 +49,29 @@ def test_short_run_meets_its_flops_target_and_learns(polarized_run):
     assert len((run_dir / "log.jsonl").read_text().splitlines()) == 3
 
 
-def test_mask_rebuilds_the_pruned_network_without_the_dense_class(polarized_run):
+def test_mask_rebuilds_the_pruned_network_from_its_network_description(polarized_run):
     run_dir, metrics = polarized_run
     document, mask = load_mask(run_dir / "mask.json")
-    pruned = build_model(document["pruned_spec"])
-    assert count_macs(pruned) == metrics["pruned_flops"] == document["pruned_flops"]
+    info = NetworkInfo.from_dict(document["network"])  # mask.json alone names the network it cuts
+    graph = trace_network(build_network(info), info.example_input())
+    pruned = cut(graph, mask, graph.module)
+    assert count_macs(pruned, info.input_shape) == metrics["pruned_flops"] == document["pruned_flops"]
     for name, kept in mask.kept_channels.items():
         assert len(kept) % 16 == 0, (name, len(kept))  # round_to
-    assert document["pruned_spec"] == prune_spec(document["dense_spec"], mask.kept_channels, mask.closed_blocks)
+    # The cut network has exactly the mask's widths, and the closed blocks' layers are gone.
+    widths = {name: g.width for name, g in trace_network(pruned, info.example_input()).prunable().items()}
+    assert widths == {name: len(kept) for name, kept in mask.kept_channels.items()}
+    modules = dict(pruned.named_modules())
+    assert mask.closed_blocks == metrics["removed_blocks"]
+    assert not any(path in modules for block in mask.closed_blocks for path in graph.blocks[block].branch_modules)
 
 
 def test_checkpoint_round_trip_reproduces_the_reported_accuracy(polarized_run):
     run_dir, metrics = polarized_run
     from training.data import BatchIterator, load_splits
     state = load_checkpoint(run_dir / "checkpoint.pt")
-    model = model_from_checkpoint(state).eval()
+    model, _, _ = model_from_checkpoint(state)
+    model.eval()
     info, _, _, test = load_splits("fashion_mnist", None, None, 0, 0)
     test = test.subset(torch.arange(1000))
     correct = 0
@@ -107,7 +116,9 @@ def test_dense_method_trains_with_the_same_loop(tmp_path):
     metrics = train(quick_config(tmp_path, method="dense", epochs=1))
     assert metrics["flops_ratio"] == 1.0 and metrics["removed_blocks"] == []
     assert metrics["test_accuracy"] > 0.3
-    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["gates"] is None
+    state = load_checkpoint(tmp_path / "run" / "checkpoint.pt")  # the plain network, no gate in it
+    assert not any("gates." in key for key in state["model"])
+    assert not isinstance(model_from_checkpoint(state)[0], GatedNetwork)
 
 
 def test_corrupt_and_mismatched_checkpoints_are_refused(tmp_path, polarized_run):
@@ -117,7 +128,8 @@ def test_corrupt_and_mismatched_checkpoints_are_refused(tmp_path, polarized_run)
     with pytest.raises(CheckpointError, match="corrupt"):
         load_checkpoint(corrupt)
     state = load_checkpoint(run_dir / "checkpoint.pt")
-    state["model"]["layer3.2.conv1.weight"] = torch.zeros(3, 3, 3, 3)
+    assert "network.layer3.2.conv1.weight" in state["model"]
+    state["model"]["network.layer3.2.conv1.weight"] = torch.zeros(3, 3, 3, 3)
     with pytest.raises(CheckpointError, match="do not fit"):
         model_from_checkpoint(state)
 
@@ -136,7 +148,7 @@ def test_dynamic_gates_vote_a_consensus_mask(tmp_path):
     assert 0.5 <= metrics["consensus_agreement"] <= 1.0
     assert abs(metrics["flops_ratio"] - 0.5) <= 0.03
     state = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
-    model = model_from_checkpoint(state)
+    model, _, _ = model_from_checkpoint(state)
     assert all(gate.is_frozen for gate in model.gates().values())
 
 
