@@ -8,9 +8,10 @@ import torch
 from training.checkpoint import load_checkpoint, model_from_checkpoint
 from training.data import BatchIterator, DatasetInfo, ImageSet
 from training.distributed import Cluster, DistributedError, check_consensus, fingerprint
+from training.gating import GatedNetwork
+from training.graph import trace_network
 from training.mask import load_mask
-from training.models import GateOptions, build_model
-from training.arch import make_spec
+from training.networks import NetworkInfo, build_network
 
 from run_helpers import ENV, ROOT, kill_after_first_checkpoint, training_command
 
@@ -41,7 +42,7 @@ def test_both_ranks_end_with_identical_gates_and_weights(parallel_run):
     ranks = parallel["rank_fingerprints"]
     assert len(ranks) == 2 and ranks[0] == ranks[1]
     # The fingerprints are of the network rank 0 saved: recompute them from checkpoint.pt.
-    saved = model_from_checkpoint(load_checkpoint(run_dir / "checkpoint.pt"))
+    saved, _, _ = model_from_checkpoint(load_checkpoint(run_dir / "checkpoint.pt"))
     assert fingerprint(saved) == ranks[0]
     assert all(gate.is_frozen for gate in saved.gates().values())
 
@@ -83,16 +84,21 @@ def test_consensus_check_names_the_rank_that_drifted():
 
 
 def test_fingerprint_sees_one_changed_gate_score_and_one_changed_weight():
-    model = build_model(make_spec("resnet20", 1, 10, (28, 28)), GateOptions())
+    info = NetworkInfo("resnet20", 1, 10, (28, 28))
+    model = GatedNetwork(trace_network(build_network(info), info.example_input()))
     before = fingerprint(model)
+    for gate in ("channel_gates.layer2__1__conv1", "block_gates.layer2__1"):
+        with torch.no_grad():
+            model.gates()[gate].score[0] += 1e-6
+        after_gate = fingerprint(model)
+        assert after_gate["gates_sha256"] != before["gates_sha256"], gate
+        assert after_gate["weights_sha256"] == before["weights_sha256"], gate
+        before = after_gate
     with torch.no_grad():
-        model.gates()["layer2.1.gate"].score[3] += 1e-6
-    after_gate = fingerprint(model)
-    assert after_gate["gates_sha256"] != before["gates_sha256"]
-    assert after_gate["weights_sha256"] == before["weights_sha256"]
-    with torch.no_grad():
-        model.stem.conv.weight.view(-1)[0] += 1e-6
-    assert fingerprint(model)["weights_sha256"] != before["weights_sha256"]
+        model.network.stem.conv.weight.view(-1)[0] += 1e-6
+    after_weight = fingerprint(model)
+    assert after_weight["weights_sha256"] != before["weights_sha256"]
+    assert after_weight["gates_sha256"] == before["gates_sha256"]
 
 
 def test_rank_shards_together_are_the_one_process_batches():
