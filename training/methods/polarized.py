@@ -203,7 +203,7 @@ class PolarizedMethod(Method):
         self.mask = None if mask is None else Mask(mask["kept_channels"], mask["closed_blocks"])
         self.agreement = state.get("agreement")
         self.projection = state.get("projection")
-        self.cut_at_freeze = state.get("cut_at_freeze", self.cut_at_freeze)
+        self.cut_at_freeze = state.get("cut_at_freeze", False)  # absent: saved before runs cut at the freeze
         self.finished = state.get("finished", False)
         self.gate_state = state.get("gate_state")
         if self.mask is not None and self.cut_at_freeze and not self.finished and self.gate_state is not None:
