@@ -5,7 +5,7 @@
     make compare [COMPARE_ARGS="--quick"]
 
 Every method trains with `training.loop.train` on the same config (only `method` and the run name differ)
-into <runs>/<method>/ and is exported by export's own entry point (`run_export`; Triton models go to
+into <runs>/<method>/ and is exported by the export library (`export.api.run`; Triton models go to
 <runs>/model_repository, the dense run serving as every run's dense model). The four exported pruned ONNX
 models are timed with onnxruntime CPU in this one process, interleaved (`bench.timing`), at batch 1 and
 64. Out: <out>/compare.json, compare.md and compare.png (accuracy against kept FLOPs and against measured
@@ -27,12 +27,12 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch
 
 from bench.timing import cpu_name, interleaved, ort_runner, ort_session, session_settings, summarize
 from common.atomicio import write_bytes, write_json, write_text
-from export.__main__ import parse_args as export_args
-from export.__main__ import run_export
+from export.api import ExportOptions
+from export.api import run as run_export
+from training.checkpoint import load_checkpoint
 from training.config import TrainConfig, load_config, make_config
 from training.loop import train
 
@@ -75,8 +75,7 @@ def finished_with(run_dir: Path, cfg: TrainConfig) -> bool:
     """A complete, exported run made with exactly this config."""
     if not (run_dir / "metrics.json").is_file() or not (run_dir / "export_report.json").is_file():
         return False
-    state = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)
-    return state.get("config") == cfg.to_dict()
+    return load_checkpoint(run_dir / "checkpoint.pt").get("config") == cfg.to_dict()
 
 
 def train_and_export(cfg: TrainConfig, args: argparse.Namespace) -> dict:
@@ -88,9 +87,9 @@ def train_and_export(cfg: TrainConfig, args: argparse.Namespace) -> dict:
         train(cfg)
         print(f"== {cfg.method}: export", flush=True)
         # The other runs serve the trained dense run as their dense model (export's --dense-run).
-        dense_run = [] if cfg.method == "dense" else ["--dense-run", str(Path(cfg.out_dir) / "dense")]
-        run_export(export_args(["--run", str(run_dir), "--repository", str(args.runs / "model_repository"),
-                                "--samples", str(args.samples), *dense_run]))
+        dense_run = None if cfg.method == "dense" else Path(cfg.out_dir) / "dense"
+        run_export(ExportOptions(run=run_dir, repository=args.runs / "model_repository", samples=args.samples,
+                                 dense_run=dense_run))
     return json.loads((run_dir / "metrics.json").read_text())
 
 

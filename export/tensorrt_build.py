@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from common.atomicio import write_bytes
+from common.cli import EXIT_FAILED
 
 from . import ExportError
 from .onnx_export import INPUT_NAME, OUTPUT_NAME, run_onnxruntime
@@ -35,6 +36,8 @@ ENGINE_TOLERANCE = {"fp32": 1e-2, "fp16": 5e-2}
 
 class EngineError(ExportError):
     """An engine that cannot be built, or does not compute what the ONNX computes."""
+
+    exit_code = EXIT_FAILED
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .config import ConfigError
+from .errors import TrainingError
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # Where Fashion-MNIST is looked for when no data_dir is given, in order (tests may patch this).
 FMNIST_SEARCH_DIRS: tuple[Path, ...] = (
@@ -28,7 +31,7 @@ FMNIST_SEARCH_DIRS: tuple[Path, ...] = (
 )
 
 
-class DataError(Exception):
+class DataError(TrainingError):
     """A dataset is missing or malformed; the message says what to install or where to put what."""
 
 
@@ -156,12 +159,13 @@ def load_splits(
 
     n = len(official_train)
     if not 0 <= val_size < n:
-        raise ValueError(f"val_size={val_size} must be in [0, {n}) for {dataset} ({n} official train examples)")
+        raise ConfigError(f"config key 'val_size': {val_size} must be in [0, {n}) for {dataset} ({n} official "
+                          f"train examples); set a smaller val_size", "val_size")
     if train_subset is not None and not 0 < train_subset <= n - val_size:
-        raise ValueError(
-            f"train_subset={train_subset} must be in [1, {n - val_size}] for {dataset} "
-            f"({n} official train examples minus val_size={val_size})"
-        )
+        raise ConfigError(
+            f"config key 'train_subset': {train_subset} must be in [1, {n - val_size}] for {dataset} ({n} official "
+            f"train examples minus val_size={val_size}); set train_subset <= {n - val_size}, or null for all of "
+            f"them", "train_subset")
     generator = torch.Generator().manual_seed(_seed_from("split", dataset, seed))
     order = _class_balanced_order(official_train.labels, generator)
     val_indices = order[:val_size]
@@ -466,12 +470,13 @@ class BatchIterator:
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         if train and len(data) < batch_size:
-            raise ValueError(
-                f"train batches drop the last partial batch: {len(data)} examples < batch_size {batch_size}"
-            )
+            raise ConfigError(f"config key 'batch_size': train batches drop the last partial batch, and the "
+                              f"{len(data)} train examples are fewer than batch_size {batch_size}; set a smaller "
+                              f"batch_size or a larger train_subset", "batch_size")
         if train and batch_size % world_size:
-            raise ValueError(f"batch_size {batch_size} (the global batch) must be a multiple of the "
-                             f"{world_size} processes")
+            raise ConfigError(f"config key 'batch_size': {batch_size} (the global batch) must be a multiple of the "
+                              f"{world_size} processes; set batch_size to a multiple of {world_size} or launch "
+                              f"another number of processes", "batch_size")
         if not train and world_size > 1:
             n = len(data)
             data = data.subset(torch.arange(rank * n // world_size, (rank + 1) * n // world_size))
