@@ -56,12 +56,12 @@ serve: venv
 	$(PY) -m serving --repository $(REPO) --run $(RUN_DIR) --report-dir $(REPORTS) $(SERVE_ARGS)
 
 bench: venv
-	$(PY) bench/speedup.py --run $(RUN_DIR) --out $(REPORTS)/speedup.json $(BENCH_ARGS)
-	$(PY) bench/train_overhead.py --config $(CONFIG) --out $(REPORTS)/train_overhead.json $(BENCH_ARGS)
+	$(PY) -m bench.speedup --run $(RUN_DIR) --out $(REPORTS)/speedup.json $(BENCH_ARGS)
+	$(PY) -m bench.train_overhead --config $(CONFIG) --out $(REPORTS)/train_overhead.json $(BENCH_ARGS)
 
 # dense, polarized, activation density and FlipOut on one budget: reports/compare/compare.{json,md,png}
 compare: venv data
-	OMP_WAIT_POLICY=PASSIVE $(PY) bench/compare.py $(COMPARE_ARGS)
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m bench.compare $(COMPARE_ARGS)
 
 # PASSIVE: OpenMP threads that spin while waiting made torch 10x slower whenever anything else ran.
 test: venv data

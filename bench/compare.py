@@ -1,6 +1,6 @@
 """Side by side on one budget: dense, polarized (ours), activation density and FlipOut.
 
-    python bench/compare.py [--quick] [--config configs/fmnist_resnet20.yaml] [--set key=value ...]
+    python -m bench.compare [--quick] [--config configs/fmnist_resnet20.yaml] [--set key=value ...]
                             [--runs runs/compare] [--out reports/compare] [--threads 2] [--reuse]
     make compare [COMPARE_ARGS="--quick"]
 
@@ -24,12 +24,10 @@ import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 
 from bench.timing import cpu_name, interleaved, ort_runner, ort_session, session_settings, summarize
 from common.atomicio import write_bytes, write_json, write_text
+from common.cli import EXIT_OK, PolarpruneError, cli_parser, fail
 from export.api import ExportOptions
 from export.api import run as run_export
 from training.checkpoint import load_checkpoint
@@ -48,7 +46,7 @@ QUICK_CONFIG = {"epochs": 2, "batch_size": 64, "train_subset": 256, "val_size": 
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="bench/compare.py", description=__doc__.split("\n")[0])
+    parser = cli_parser("python -m bench.compare", __doc__.split("\n")[0])
     parser.add_argument("--config", type=Path, default=Path("configs/fmnist_resnet20.yaml"),
                         help="the shared budget (its method key is replaced per run)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -211,10 +209,13 @@ def run(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    report = run(args)
+    try:
+        report = run(args)
+    except PolarpruneError as error:  # a bad config, or a run that failed training's or export's checks
+        return fail("python -m bench.compare", error)
     print(markdown(report))
     print(f"wrote {args.out / 'compare.json'}, compare.md, compare.png")
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """How every command-line entry point ends: one base error class, three exit codes, one error line.
 
 Each stage derives its errors from `PolarpruneError` (training.errors.TrainingError, export.ExportError,
-serving.errors.ServingStageError, bench.timing.BenchError); an error class's `exit_code` says whether the
+serving.errors.ServingStageError, bench.BenchError); an error class's `exit_code` says whether the
 input was bad (2) or a check or the run failed (1). Entry points catch the base class, print one line without a
 traceback and return the code; `EXIT_CODES` goes into every `--help`.
 """
@@ -26,7 +26,7 @@ class PolarpruneError(Exception):
     exit_code = EXIT_BAD_INPUT
 
 
-def parser(prog: str, description: str, epilog: str | None = None) -> argparse.ArgumentParser:
+def cli_parser(prog: str, description: str, epilog: str | None = None) -> argparse.ArgumentParser:
     """An argument parser whose --help ends with the exit codes."""
     return argparse.ArgumentParser(prog=prog, description=description,
                                    epilog=f"{epilog}\n\n{EXIT_CODES}" if epilog else EXIT_CODES,

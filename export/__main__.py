@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from common.cli import EXIT_OK, PolarpruneError, fail, parser
+from common.cli import EXIT_OK, PolarpruneError, cli_parser, fail
 
 from . import tensorrt_build as trt_build
 from .api import REPORT_NAME, TARGETS, ExportOptions, run
@@ -16,7 +16,7 @@ PROG = "python -m export"
 
 
 def parse_args(argv: list[str] | None) -> ExportOptions:
-    arguments = parser(PROG, __doc__.splitlines()[0])
+    arguments = cli_parser(PROG, __doc__.splitlines()[0])
     arguments.add_argument("--run", required=True, type=Path, help="run folder (checkpoint.pt, mask.json)")
     arguments.add_argument("--target", choices=TARGETS, default="cpu", help="Triton deployment target")
     arguments.add_argument("--dense-run", type=Path,

@@ -21,6 +21,16 @@ from serving.run_artifacts import RunArtifacts
 from serving.server import Endpoints
 
 ROLES = ("dense", "pruned")
+# A closed-loop run's clients meet at a barrier before its window opens, so every client sees the same
+# window; a client that has not connected by then is stuck, and the run fails instead of waiting on.
+CLIENT_START_TIMEOUT_S = 60.0
+# After the window and the last request's own timeout: time for the client threads to notice and end.
+CLIENT_STOP_GRACE_S = 5.0
+
+
+def longest_drive_s(seconds: float, timeout_s: float) -> float:
+    """The longest a `_drive` of `seconds` with `timeout_s` requests can take before it returns."""
+    return CLIENT_START_TIMEOUT_S + seconds + timeout_s + CLIENT_STOP_GRACE_S
 
 
 @dataclass(frozen=True)
@@ -168,7 +178,7 @@ def _drive(url: str, protocol: str, model: str, batch: np.ndarray, concurrency: 
     errors: list[str] = []
     window = {}
     # The barrier action runs before anyone is released: every client sees the same window.
-    ready = threading.Barrier(concurrency + 1, timeout=60, action=lambda: window.update(
+    ready = threading.Barrier(concurrency + 1, timeout=CLIENT_START_TIMEOUT_S, action=lambda: window.update(
         start=time.perf_counter(), stop=time.perf_counter() + seconds))
 
     def failed(slot: int, problem: Exception) -> None:
@@ -207,7 +217,7 @@ def _drive(url: str, protocol: str, model: str, batch: np.ndarray, concurrency: 
     for thread in threads:
         thread.start()
     ready.wait()
-    hard_stop = window["stop"] + timeout_s + 5.0  # the last requests may take up to their timeout
+    hard_stop = window["stop"] + timeout_s + CLIENT_STOP_GRACE_S  # the last requests may take their timeout
     for thread in threads:
         thread.join(timeout=max(hard_stop - time.perf_counter(), 0.0))
     elapsed = time.perf_counter() - window["start"]

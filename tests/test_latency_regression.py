@@ -16,7 +16,7 @@ from bench.timing import BackendUnavailable
 ATTEMPTS = 3
 FLOPS_SHARE = 0.5          # speed-up >= 1 + 0.5 * (dense MACs / pruned MACs - 1)
 BASELINE_TOLERANCE = 0.75  # speed-up >= 0.75 * the recorded one
-REFRESH = "python bench/speedup.py --baseline-fixture --write-baseline --backend {backend}"
+REFRESH = "python -m bench.speedup --baseline-fixture --write-baseline --backend {backend}"
 
 _measured: dict[str, list[dict]] = {}
 

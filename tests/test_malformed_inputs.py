@@ -26,15 +26,22 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 import export.triton_repo as triton_repo
-from common.cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK
+from bench.compare import main as compare_main
+from bench.shapes import main as shapes_main
+from bench.speedup import main as speedup_main
+from bench.train_overhead import main as train_overhead_main
+from common.cli import EXIT_BAD_INPUT, EXIT_CODES, EXIT_OK
 from export.__main__ import main as export_main
 from export.api import ExportOptions, write_triton_models
 from export.triton_repo import (RepositoryError, TritonModelOptions, parse_config, read_onnx_signature,
                                 write_model_version, write_model_versions)
 from export_fixtures import make_run, single_torch_thread  # noqa: F401 (autouse fixture)
+from serving.__main__ import main as serving_main
 from serving.client import InputSpecError, ServingError, TritonClassifier
 from serving.run_artifacts import RunArtifactsError, RunArtifactsMissing, load_run
-from serving.server import LocalTriton, LocalTritonConfig, ServerError, TritonNotFound, find_triton_install
+from serving.errors import ServerError, TritonNotFound
+from serving.server import LocalTriton, LocalTritonConfig
+from serving.triton_install import find_triton_install
 from test_checkpoint import WritesAFile
 from tiny_onnx import tiny_classifier
 from training.__main__ import main as training_main
@@ -489,6 +496,25 @@ def test_malformed_run_artifacts_name_the_file(artifacts, damage, file, expected
     assert str(run / file) in str(caught.value) and expected in str(caught.value), str(caught.value)
 
 
+def test_serving_cli_exits_2_on_malformed_run_artifacts(artifacts, capsys):
+    run = artifacts[0]
+    (run / "export_report.json").write_text("{truncated")
+    code = serving_main(["--run", str(run), "--quick", "--no-perf-analyzer"])
+    err = capsys.readouterr().err
+    assert code == EXIT_BAD_INPUT and err.startswith(f"python -m serving: error: {run / 'export_report.json'}"), err
+    assert "Traceback" not in err
+
+
+def test_serving_cli_exits_2_when_the_repository_lacks_the_models(artifacts, tmp_path, capsys):
+    run = artifacts[0]
+    (tmp_path / "empty_repository").mkdir()
+    code = serving_main(["--run", str(run), "--repository", str(tmp_path / "empty_repository"), "--quick",
+                         "--no-perf-analyzer"])
+    err = capsys.readouterr().err
+    assert code == EXIT_BAD_INPUT and err.startswith("python -m serving: error: model(s) ['d', 'p'] not found"), err
+    assert "run make export first" in err and "Traceback" not in err
+
+
 def test_half_an_export_is_missing_not_malformed(artifacts):
     run = artifacts[0]
     (run / "test_samples.npz").unlink()
@@ -707,3 +733,29 @@ def test_raw_http_bodies_that_are_not_requests(server, body, expected):
     assert caught.value.code in (400, 500)
     assert expected in json.loads(caught.value.read())["error"]
     _assert_healthy(triton, session)
+
+
+# == every command line ====================================================================================
+
+CLIS = {"python -m training": (training_main, []), "python -m export": (export_main, []),
+        "python -m serving": (serving_main, []), "python -m serving reload": (serving_main, ["reload"]),
+        "python -m bench.compare": (compare_main, []), "python -m bench.shapes": (shapes_main, []),
+        "python -m bench.speedup": (speedup_main, []), "python -m bench.train_overhead": (train_overhead_main, [])}
+
+
+@pytest.mark.parametrize("prog", CLIS)
+def test_every_cli_help_lists_the_exit_codes(prog, capsys):
+    main, prefix = CLIS[prog]
+    with pytest.raises(SystemExit) as exited:
+        main([*prefix, "--help"])
+    out = capsys.readouterr().out
+    assert exited.value.code == EXIT_OK and out.startswith(f"usage: {prog} ") and EXIT_CODES in out, out
+
+
+@pytest.mark.parametrize("prog", ["python -m export", "python -m serving", "python -m bench.speedup"])
+def test_usage_errors_exit_2(prog, capsys):
+    main, prefix = CLIS[prog]
+    with pytest.raises(SystemExit) as exited:
+        main([*prefix, "--run", "runs/x", "--no-such-flag"])
+    assert exited.value.code == EXIT_BAD_INPUT
+    assert "unrecognized arguments: --no-such-flag" in capsys.readouterr().err

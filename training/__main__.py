@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 
-from common.cli import EXIT_OK, fail, parser
+from common.cli import EXIT_OK, cli_parser, fail
 
 from .config import load_config
 from .errors import TrainingError
@@ -15,7 +15,7 @@ PROG = "python -m training"
 
 
 def main(argv: list[str] | None = None) -> int:
-    arguments = parser(PROG, __doc__)
+    arguments = cli_parser(PROG, __doc__)
     arguments.add_argument("--config", help="YAML config (see configs/)")
     arguments.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                            help="override one config key; repeatable")
