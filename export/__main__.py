@@ -57,12 +57,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--engine-opt-batch", type=int, help="TensorRT profile opt batch (default max/2)")
     parser.add_argument("--engine-max-batch", type=int, help="TensorRT profile max batch (default --max-batch-size)")
     parser.add_argument("--engine-fp32", action="store_true", help="TensorRT: build FP32 instead of FP16")
+    parser.add_argument("--serve-plan", action="store_true",
+                        help="target gpu: serve the --engine plans (tensorrt_plan) instead of model.onnx with the "
+                             "server-built TensorRT engine; the server must run the TensorRT that built them")
     parser.add_argument("--workspace-mb", type=int, default=trt_build.DEFAULT_WORKSPACE_BYTES >> 20,
                         help="TensorRT workspace memory pool limit")
     parser.add_argument("--timing-cache", type=Path, help="TensorRT timing cache (default <run>/tensorrt_timing.cache)")
     args = parser.parse_args(argv)
     if args.max_batch_size < 1 or args.samples < 1:
         parser.error("--max-batch-size and --samples must be >= 1")
+    if args.serve_plan and not (args.engine and args.target == "gpu"):
+        parser.error("--serve-plan needs --engine and --target gpu")
     return args
 
 
@@ -225,14 +230,20 @@ def write_triton_models(args, run_dir: Path, engine: dict) -> dict:
     """Add a version of <run>_dense and <run>_pruned, both or neither; TensorRT plans are served only on
     target gpu."""
     names = {kind: f"{run_dir.name}_{kind}" for kind in KINDS}
+    serve_plan = getattr(args, "serve_plan", False)
+    if serve_plan and not engine["built"]:
+        raise ExportError(f"--serve-plan: no TensorRT engine was built ({engine['reason']})")
     entries = []
     for kind in KINDS:
-        plan = run_dir / f"{kind}.plan" if engine["built"] and args.target == "gpu" else None
+        plan = run_dir / f"{kind}.plan" if serve_plan else None
         options = TritonModelOptions(target=args.target, max_batch_size=args.max_batch_size,
-                                     engine_path=str(plan) if plan else None)
+                                     engine_path=str(plan) if plan else None,
+                                     engine_tensorrt=engine.get("tensorrt_version") if plan else None)
         entries.append((names[kind], run_dir / f"{kind}.onnx", options))
     version_dirs = write_model_versions(args.repository, entries)
-    return {"repository": str(args.repository), "target": args.target, "max_batch_size": args.max_batch_size,
+    platform = "python" if args.target == "cpu" else "tensorrt_plan" if serve_plan else "onnxruntime_onnx"
+    return {"repository": str(args.repository), "target": args.target, "platform": platform,
+            "max_batch_size": args.max_batch_size,
             "model_names": names, "versions": {kind: str(path) for kind, path in zip(KINDS, version_dirs)}}
 
 

@@ -216,3 +216,28 @@ def test_python_model_batches_requests_and_rejects_bad_ones(tmp_path, onnx_file,
     assert "FP32" in responses[3].error.message
     assert "shape" in responses[4].error.message
     assert "missing input" in responses[5].error.message
+
+
+def test_serving_refuses_a_plan_before_the_server_is_asked_to_load_it(tmp_path, onnx_file):
+    from serving.plans import plan_refusals
+    from serving.probes import served_precision
+
+    repo = tmp_path / "repo"
+    engine = tmp_path / "model.plan"
+    engine.write_bytes(b"not a real engine")
+    write_model_version(repo, "plan", onnx_file, TritonModelOptions(target="gpu", engine_path=str(engine),
+                                                                   engine_tensorrt="10.8.0.43"))
+    write_model_version(repo, "onnx", onnx_file, TritonModelOptions(target="gpu"))
+    write_model_version(repo, "cpu", onnx_file)
+    models = ("plan", "onnx", "cpu")
+    refused = plan_refusals(repo, models, TRITON_RELEASE.triton, None, bundled=False)
+    assert list(refused) == ["plan"] and "built by TensorRT 10.8.0.43" in refused["plan"]
+    assert plan_refusals(repo, models, "2.99.0", "10.8.0", bundled=False) == {}
+    assert "no TensorRT backend" in plan_refusals(repo, models, None, None, bundled=True)["plan"]
+
+    # The served-output bound follows what each model computes in (common/tolerance.py).
+    assert served_precision(repo / "cpu", None)[:2] == ("cpu", "fp32")
+    assert served_precision(repo / "onnx", None)[:2] == ("gpu", "fp16")
+    assert served_precision(repo / "plan", "fp32")[:2] == ("gpu", "fp32")
+    with pytest.raises(ValueError, match="no engine precision"):
+        served_precision(repo / "plan", None)
