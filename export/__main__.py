@@ -230,7 +230,7 @@ def write_triton_models(args, run_dir: Path, engine: dict) -> dict:
     """Add a version of <run>_dense and <run>_pruned, both or neither; TensorRT plans are served only on
     target gpu."""
     names = {kind: f"{run_dir.name}_{kind}" for kind in KINDS}
-    serve_plan = getattr(args, "serve_plan", False)
+    serve_plan = args.serve_plan
     if serve_plan and not engine["built"]:
         raise ExportError(f"--serve-plan: no TensorRT engine was built ({engine['reason']})")
     entries = []
