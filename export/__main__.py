@@ -22,7 +22,7 @@ import torch
 from common.atomicio import atomic_path, write_json
 from training.arch import SpecError
 from training.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
-from training.data import DataError, load_splits, normalize
+from training.data import DataError, FolderOptions, load_splits, normalize
 from training.flops import count_macs
 from training.mask import Mask, load_mask
 
@@ -78,10 +78,12 @@ class Samples:
 
 
 def load_test_samples(config: dict, spec: dict, count: int, source: Path) -> Samples:
-    """The first `count` images of the run's official test split, normalised as in training."""
+    """The first `count` images of the run's official test split (image_folder: val/), normalised as in
+    training."""
     if "dataset" not in config:
         raise ExportError(f"{source}: checkpoint config names no dataset")
-    info, _, _, test = load_splits(config["dataset"], config.get("data_dir"), None, 0, int(config.get("seed", 0)))
+    info, _, _, test = load_splits(config["dataset"], config.get("data_dir"), None, 0, int(config.get("seed", 0)),
+                                   FolderOptions.from_config(config))
     expected = (spec["in_channels"], tuple(spec["input_size"]), spec["num_classes"])
     if (info.in_channels, tuple(info.input_size), info.num_classes) != expected:
         raise ExportError(f"{source}: the network takes {expected[0]}x{expected[1]} inputs and {expected[2]} "
