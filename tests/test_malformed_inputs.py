@@ -360,7 +360,7 @@ def test_export_adds_both_models_or_neither(tmp_path, tiny_onnx):
     repository = tmp_path / "model_repository"
     write_model_version(repository, "r_dense", tiny_onnx)
     before = tree(repository)
-    args = type("Args", (), {"target": "cpu", "max_batch_size": 16, "repository": repository})
+    args = type("Args", (), {"target": "cpu", "max_batch_size": 16, "repository": repository, "serve_plan": False})
     with pytest.raises(RepositoryError, match=r"pruned\.onnx is not an ONNX model"):
         write_triton_models(args, run_dir, {"built": False})
     assert tree(repository) == before and not temporaries(repository)
