@@ -35,6 +35,9 @@ def parse_args(argv: list[str] | None) -> ExportOptions:
     arguments.add_argument("--engine-max-batch", type=int,
                            help="TensorRT profile max batch (default --max-batch-size)")
     arguments.add_argument("--engine-fp32", action="store_true", help="TensorRT: build FP32 instead of FP16")
+    arguments.add_argument("--serve-plan", action="store_true",
+                           help="target gpu: serve the --engine plans (tensorrt_plan) instead of model.onnx with the "
+                                "server-built TensorRT engine; the server must run the TensorRT that built them")
     arguments.add_argument("--workspace-mb", type=int, default=trt_build.DEFAULT_WORKSPACE_BYTES >> 20,
                            help="TensorRT workspace memory pool limit")
     arguments.add_argument("--timing-cache", type=Path,
@@ -42,6 +45,8 @@ def parse_args(argv: list[str] | None) -> ExportOptions:
     args = arguments.parse_args(argv)
     if args.max_batch_size < 1 or args.samples < 1:
         arguments.error("--max-batch-size and --samples must be >= 1")
+    if args.serve_plan and not (args.engine and args.target == "gpu"):
+        arguments.error("--serve-plan needs --engine and --target gpu")
     return ExportOptions(**vars(args))
 
 

@@ -14,13 +14,15 @@ import sys
 from pathlib import Path
 
 from common.cli import EXIT_FAILED, EXIT_OK, cli_parser, fail
-from serving.errors import ServingStageError
+from serving.admin import TritonAdmin
+from serving.errors import ServerInputError, ServingStageError
 from serving.loadtest import run_load_probes
+from serving.plans import plan_refusals
 from serving.probes import ProbeSettings, run_probes
+from serving.reload import reload_model
 from serving.report import write_report
 from serving.run_artifacts import load_run
 from serving.server import LocalTriton, LocalTritonConfig, RemoteTriton
-from serving.reload import reload_model
 
 PROG = "python -m serving"
 
@@ -45,7 +47,16 @@ def parse_args(argv: list[str] | None = None):
     arguments.add_argument("--startup-timeout", type=float, default=90.0, help="seconds to wait for readiness")
     arguments.add_argument("--perf-analyzer", default=None, help="path to the perf_analyzer binary")
     arguments.add_argument("--no-perf-analyzer", action="store_true", help="skip the perf_analyzer probe")
+    arguments.add_argument("--server-tensorrt", default=None,
+                           help="TensorRT version of the --url server, when its Triton release is not one "
+                                "polarprune knows; TensorRT plans built by another version are refused")
     return arguments.parse_args(argv)
+
+
+def server_triton_version(url: str) -> str | None:
+    """The Triton version a running server reports in its metadata, None if it does not answer."""
+    with TritonAdmin(url.split("://", 1)[-1].rstrip("/"), timeout_s=5.0) as admin:
+        return admin.server_version()
 
 
 def reload_main(argv: list[str]) -> int:
@@ -79,6 +90,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run = load_run(args.run)
         models = (run.model_names["dense"], run.model_names["pruned"])
+        refusals = plan_refusals(args.repository, models, server_triton_version(args.url) if args.url else None,
+                                 args.server_tensorrt, bundled=not args.url)
+        if refusals:
+            detail = "\n".join(f"  {model}: {why}" for model, why in refusals.items())
+            raise ServerInputError(f"refusing to serve TensorRT plan(s) the server cannot load:\n{detail}")
         if args.url:
             server = RemoteTriton(args.url, args.grpc_url, models, timeout_s=args.startup_timeout)
         else:

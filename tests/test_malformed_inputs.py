@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
+from google.protobuf import text_format
 import torch
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
@@ -542,7 +543,9 @@ def test_server_names_every_model_that_fails_to_load(tmp_path, tiny_onnx):
     shutil.rmtree(repo / "no_version" / "1")
     (repo / "no_model_file" / "1" / "model.onnx").unlink()
     config = repo / "dims_disagree" / "config.pbtxt"
-    config.write_text(config.read_text().replace("dims: [ 1, 8, 8 ]", "dims: [ 1, 8, 9 ]"))
+    disagreeing = parse_config(config.read_text())
+    disagreeing.input[0].dims[-1] = 9  # [1, 8, 8] -> [1, 8, 9]
+    config.write_text(text_format.MessageToString(disagreeing))
     triton = LocalTriton(LocalTritonConfig(repo, (*broken, "fine"), startup_timeout_s=60))
     started = time.monotonic()
     with pytest.raises(ServerError) as caught:
