@@ -20,7 +20,7 @@ import torch
 from common.atomicio import atomic_path, write_json
 from training.arch import SpecError
 from training.checkpoint import load_checkpoint, model_from_checkpoint
-from training.data import load_splits, normalize
+from training.data import FolderOptions, load_splits, normalize
 from training.flops import count_macs
 from training.mask import Mask, load_mask
 
@@ -52,6 +52,7 @@ class ExportOptions:
     engine_opt_batch: int | None = None      # TensorRT profile opt batch (default max/2)
     engine_max_batch: int | None = None      # TensorRT profile max batch (default max_batch_size)
     engine_fp32: bool = False                # TensorRT: FP32 instead of FP16
+    serve_plan: bool = False                 # target gpu: serve the engine plans, not model.onnx
     workspace_mb: int = trt_build.DEFAULT_WORKSPACE_BYTES >> 20
     timing_cache: Path | None = None         # TensorRT timing cache (default <run>/tensorrt_timing.cache)
 
@@ -62,7 +63,9 @@ class ExportOptions:
                   (self.samples >= 1, "samples", "must be >= 1"),
                   (self.ort_optimized is None or self.ort_optimized in ORT_LEVELS, "ort_optimized",
                    f"must be one of {', '.join(ORT_LEVELS)}"),
-                  (self.workspace_mb >= 1, "workspace_mb", "must be >= 1")]
+                  (self.workspace_mb >= 1, "workspace_mb", "must be >= 1"),
+                  (not self.serve_plan or (self.engine and self.target == "gpu"), "serve_plan",
+                   "needs engine=True and target gpu")]
         for ok, name, why in checks:
             if not ok:
                 raise ExportError(f"export option {name}: {why} (got {getattr(self, name)!r})")
@@ -75,10 +78,12 @@ class Samples:
 
 
 def load_test_samples(config: dict, spec: dict, count: int, source: Path) -> Samples:
-    """The first `count` images of the run's official test split, normalised as in training."""
+    """The first `count` images of the run's official test split (image_folder: val/), normalised as in
+    training."""
     if "dataset" not in config:
         raise ExportError(f"{source}: checkpoint config names no dataset")
-    info, _, _, test = load_splits(config["dataset"], config.get("data_dir"), None, 0, int(config.get("seed", 0)))
+    info, _, _, test = load_splits(config["dataset"], config.get("data_dir"), None, 0, int(config.get("seed", 0)),
+                                   FolderOptions.from_config(config))
     expected = (spec["in_channels"], tuple(spec["input_size"]), spec["num_classes"])
     if (info.in_channels, tuple(info.input_size), info.num_classes) != expected:
         raise ExportError(f"{source}: the network takes {expected[0]}x{expected[1]} inputs and {expected[2]} "
@@ -231,13 +236,18 @@ def write_triton_models(options: ExportOptions, run_dir: Path, engine: dict) -> 
     """Add a version of <run>_dense and <run>_pruned, both or neither; TensorRT plans are served only on
     target gpu."""
     names = {kind: f"{run_dir.name}_{kind}" for kind in KINDS}
+    serve_plan = options.serve_plan
+    if serve_plan and not engine["built"]:
+        raise ExportError(f"--serve-plan: no TensorRT engine was built ({engine['reason']})")
     entries = []
     for kind in KINDS:
-        plan = run_dir / f"{kind}.plan" if engine["built"] and options.target == "gpu" else None
+        plan = run_dir / f"{kind}.plan" if serve_plan else None
         model_options = TritonModelOptions(target=options.target, max_batch_size=options.max_batch_size,
-                                           engine_path=str(plan) if plan else None)
+                                           engine_path=str(plan) if plan else None,
+                                           engine_tensorrt=engine.get("tensorrt_version") if plan else None)
         entries.append((names[kind], run_dir / f"{kind}.onnx", model_options))
     version_dirs = write_model_versions(Path(options.repository), entries)
-    return {"repository": str(options.repository), "target": options.target,
+    platform = "python" if options.target == "cpu" else "tensorrt_plan" if serve_plan else "onnxruntime_onnx"
+    return {"repository": str(options.repository), "target": options.target, "platform": platform,
             "max_batch_size": options.max_batch_size,
             "model_names": names, "versions": {kind: str(path) for kind, path in zip(KINDS, version_dirs)}}

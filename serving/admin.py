@@ -47,6 +47,13 @@ class TritonAdmin:
     def is_model_ready(self, model: str) -> bool:
         return self._answers(lambda: self._client.is_model_ready(model))
 
+    def server_version(self) -> str | None:
+        """The Triton version the server reports in its metadata; None when it does not answer."""
+        try:
+            return str(self._client.get_server_metadata().get("version")) or None
+        except UNREACHABLE:
+            return None
+
     def index(self) -> list[dict]:
         """The repository index: one entry per model version (name, version, state, reason)."""
         try:
