@@ -1,19 +1,19 @@
 """Synthetic dense/pruned network pairs: pruning shapes at a MAC target, and their ONNX files.
 
 A shape is a mask over the traced groups and blocks of a built-in network (`training.graph`), cut by the
-same surgery the pipeline uses, so only the shape of the cut differs between variants. Weights are random:
+same surgery the pipeline uses, so only the shape of the cut differs between variants, and the ONNX files
+come from the export stage's exporter. Weights are random:
 latency does not depend on their values.
 """
 from __future__ import annotations
 
-import logging
 import math
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from export.onnx_export import export_onnx
 from training.arch import Spec, make_spec
 from training.gating import cut, full_mask, mask_macs
 from training.graph import NetworkGraph, trace_network
@@ -128,22 +128,9 @@ def uneven_inner_widths(dense: DenseNetwork, target: float, step: int = 1) -> Ma
 
 
 def write_onnx(dense: DenseNetwork, mask: Mask, path: str | Path) -> Path:
-    """ONNX of the dense network cut to `mask` (random weights, eval mode): input `input` NCHW with a dynamic batch,
-    output `logits`, opset 17. The TorchScript exporter is used: it takes about a second where the
-    dynamo exporter of the export stage takes about fifteen, and onnxruntime optimises both graphs alike."""
+    """ONNX of the dense network cut to `mask` (random weights, eval mode) by the export stage's own
+    exporter, so the graphs timed here are the kind the pipeline serves: input `input` NCHW with a dynamic
+    batch, output `logits`, cleaned and checked."""
     model = cut(dense.graph, mask, dense.graph.module).eval()
-    example = torch.zeros(1, *dense.input_shape)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    logger = logging.getLogger("torch.onnx")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # constant-folding notes about the option-A shortcut's Slice
-            torch.onnx.export(model, (example,), str(path), opset_version=17, dynamo=False,
-                              input_names=["input"], output_names=["logits"],
-                              dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
-    finally:
-        logger.setLevel(level)
-    return path
+    export_onnx(model, path, dense.input_shape)
+    return Path(path)

@@ -15,12 +15,14 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from bench import BenchError
+
 ORT_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 Runner = Callable[[], object]
 
 
-class BackendUnavailable(RuntimeError):
+class BackendUnavailable(BenchError, RuntimeError):
     """The requested backend (onnxruntime execution provider, TensorRT) is not usable on this machine."""
 
 

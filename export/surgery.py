@@ -16,15 +16,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from common.cli import EXIT_FAILED
 from training.api import load_pruned as _load_program
 from training.api import save_pruned as _save_program
 from training.gating import GatedNetwork, kept_index, check_mask, cut, full_mask
 from training.graph import NetworkGraph
 from training.mask import Mask, MaskError
 
-from . import ExportError, allowed_difference
+from . import TOLERANCE, ExportError, allowed_difference
 
-TOLERANCE = 1e-4
 PRUNED_FILE = "pruned_model.pt2"
 
 
@@ -34,6 +34,8 @@ class MaskMismatchError(ExportError):
 
 class SurgeryError(ExportError):
     """The cut network does not compute what the gated network computes."""
+
+    exit_code = EXIT_FAILED
 
 
 @dataclass

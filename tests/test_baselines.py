@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from export.__main__ import parse_args as export_args
-from export.__main__ import run_export
+from export.api import ExportOptions
+from export.api import run as run_export
 from export_fixtures import single_torch_thread  # noqa: F401 (autouse fixture)
 from export.surgery import load_pruned
 from training.config import ConfigError, flipout_prune_epochs, make_config
@@ -25,7 +25,7 @@ from training.methods.flipout import FlipOutMethod, add_gradient_noise, sign_fli
 from training.networks import NetworkInfo, build_network
 
 TINY = dict(dataset="fashion_mnist", epochs=2, batch_size=64, train_subset=256, val_size=64, test_subset=200,
-            eval_batch_size=200, progress=False, seed=0, threads=1)
+            eval_batch_size=200, progress=False, seed=0, threads=1, device="cpu")
 CTX = RunContext(torch.device("cpu"), lambda: [], total_epochs=4, steps_per_epoch=1)
 INPUT_SHAPE = (1, 16, 16)
 
@@ -244,8 +244,7 @@ def test_both_methods_are_registered():
 def train_and_export(tmp_path, name, **overrides):
     metrics = train(make_config({**TINY, "out_dir": str(tmp_path), "name": name, **overrides}))
     run_dir = tmp_path / name
-    report = run_export(export_args(["--run", str(run_dir), "--repository", str(tmp_path / "repository"),
-                                     "--samples", "32"]))
+    report = run_export(ExportOptions(run=run_dir, repository=tmp_path / "repository", samples=32))
     return run_dir, metrics, report
 
 
@@ -294,7 +293,8 @@ def test_flipout_trains_to_its_sparsity_and_exports_a_dense_shape(tmp_path):
                     reason="about a minute (four trainings and exports): set POLARPRUNE_SLOW_TESTS=1")
 def test_compare_quick_writes_its_report(tmp_path):
     from bench.compare import main
-    assert main(["--quick", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out"), "--samples", "32"]) == 0
+    assert main(["--quick", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out"), "--samples", "32",
+                 "--set", "device=cpu"]) == 0
     report = json.loads((tmp_path / "out" / "compare.json").read_text())
     assert [row["method"] for row in report["rows"]] == ["dense", "polarized", "activation_density", "flipout"]
     assert (tmp_path / "out" / "compare.png").stat().st_size > 0

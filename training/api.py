@@ -124,22 +124,14 @@ def save_pruned(path: str | Path, pruned: nn.Module, example_input: torch.Tensor
     write_bytes(path, buffer.getvalue())
 
 
-class ExportedNetwork(nn.Module):
-    """A network loaded from a torch.export program. The program was captured in inference mode and stays
-    so: train()/eval() only set the flag (an exported graph refuses to switch modes itself)."""
-
-    def __init__(self, program_module: nn.Module):
-        super().__init__()
-        self.program = program_module
-
-    def train(self, mode: bool = True) -> "ExportedNetwork":
-        self.training = mode
-        return self
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.program(x)
-
-
 def load_pruned(path: str | Path) -> nn.Module:
-    """A network saved by `save_pruned`, ready for inference (no user code needed)."""
-    return ExportedNetwork(torch.export.load(str(path)).module())
+    """A network saved by `save_pruned`, ready for inference (no user code needed), with the module paths
+    and state-dict keys of the network that was saved. The program was captured in inference mode and
+    stays so: its train()/eval() only set the flag (an exported graph refuses to switch modes itself)."""
+    network = torch.export.load(str(path)).module()
+
+    def set_mode(mode: bool = True) -> nn.Module:
+        network.training = mode
+        return network
+    network.train = set_mode
+    return network

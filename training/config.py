@@ -16,12 +16,13 @@ import yaml
 
 from .arch import MODEL_NAMES
 from .data import DATASETS, FolderOptions
+from .errors import TrainingError
 
 METHODS = ("polarized", "dense", "activation_density", "flipout")
 DEVICES = ("auto", "cpu", "cuda")
 
 
-class ConfigError(ValueError):
+class ConfigError(TrainingError, ValueError):
     """A configuration key that is unknown, of the wrong type, or out of range. `key` names it (None when
     the problem is the file itself), so `load_config` can say where the value came from."""
 
@@ -151,6 +152,9 @@ class TrainConfig:
             except ValueError as error:
                 raise ConfigError(f"config key 'final_sparsity': {error}", "final_sparsity") from None
         # --- end of baseline methods -----------------------------------------------------------------
+        if self.method == "polarized":
+            need(not self.dynamic_gates or self.val_size > 0, "val_size",
+                 "dynamic gates need a validation set for their consensus vote: set val_size > 0")
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -10,9 +10,14 @@ import torch
 from torch import nn
 
 
+def _like(tensor: torch.Tensor) -> dict:
+    """Factory arguments for a cut module: it lives where the original's weights do, in their dtype."""
+    return {"device": tensor.device, "dtype": tensor.dtype}
+
+
 def _conv_with(conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Conv2d:
     cut = nn.Conv2d(weight.shape[1], weight.shape[0], conv.kernel_size, conv.stride, conv.padding,
-                    conv.dilation, conv.groups, bias is not None, conv.padding_mode)
+                    conv.dilation, conv.groups, bias is not None, conv.padding_mode, **_like(weight))
     cut.weight.data.copy_(weight)
     if bias is not None:
         cut.bias.data.copy_(bias)
@@ -32,7 +37,7 @@ def cut_batchnorm(bn: nn.BatchNorm2d, kept: torch.Tensor) -> nn.BatchNorm2d:
 
 
 def cut_linear_in(linear: nn.Linear, kept: torch.Tensor) -> nn.Linear:
-    cut = nn.Linear(len(kept), linear.out_features, linear.bias is not None)
+    cut = nn.Linear(len(kept), linear.out_features, linear.bias is not None, **_like(linear.weight))
     cut.weight.data.copy_(linear.weight.data[:, kept])
     if linear.bias is not None:
         cut.bias.data.copy_(linear.bias.data)
@@ -42,7 +47,7 @@ def cut_linear_in(linear: nn.Linear, kept: torch.Tensor) -> nn.Linear:
 def cut_depthwise(conv: nn.Conv2d, kept: torch.Tensor) -> nn.Conv2d:
     """A depthwise conv keeps the same channels on both sides, one filter each."""
     cut = nn.Conv2d(len(kept), len(kept), conv.kernel_size, conv.stride, conv.padding, conv.dilation,
-                    len(kept), conv.bias is not None, conv.padding_mode)
+                    len(kept), conv.bias is not None, conv.padding_mode, **_like(conv.weight))
     cut.weight.data.copy_(conv.weight.data[kept])
     if conv.bias is not None:
         cut.bias.data.copy_(conv.bias.data[kept])
@@ -50,7 +55,7 @@ def cut_depthwise(conv: nn.Conv2d, kept: torch.Tensor) -> nn.Conv2d:
 
 
 def cut_linear_out(linear: nn.Linear, kept: torch.Tensor) -> nn.Linear:
-    cut = nn.Linear(linear.in_features, len(kept), linear.bias is not None)
+    cut = nn.Linear(linear.in_features, len(kept), linear.bias is not None, **_like(linear.weight))
     cut.weight.data.copy_(linear.weight.data[kept])
     if linear.bias is not None:
         cut.bias.data.copy_(linear.bias.data[kept])
@@ -60,7 +65,8 @@ def cut_linear_out(linear: nn.Linear, kept: torch.Tensor) -> nn.Linear:
 def cut_norm(norm: nn.modules.batchnorm._BatchNorm, kept: torch.Tensor):
     # num_batches_tracked is a scalar counter, not per channel
     kind = nn.BatchNorm1d if isinstance(norm, nn.BatchNorm1d) else nn.BatchNorm2d  # gated subclasses: plain
-    cut = kind(len(kept), norm.eps, norm.momentum, norm.affine, norm.track_running_stats)
+    reference = norm.running_mean if norm.running_mean is not None else norm.weight
+    cut = kind(len(kept), norm.eps, norm.momentum, norm.affine, norm.track_running_stats, **_like(reference))
     for name, tensor in list(norm.named_parameters()) + list(norm.named_buffers()):
         getattr(cut, name).data.copy_(tensor.data if tensor.dim() == 0 else tensor.data[kept])
     return cut.train(norm.training)

@@ -21,12 +21,13 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from .errors import TrainingError
 from .gates import Gate
 
 BN_STATISTICS = ("running_mean", "running_var")
 
 
-class DistributedError(RuntimeError):
+class DistributedError(TrainingError, RuntimeError):
     """The torchrun environment cannot be used as asked, or the ranks disagree."""
 
 

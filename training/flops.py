@@ -6,18 +6,16 @@ at 32x32x3 is 40.55M). BN, ReLU, pooling and adds are left out. The count comes 
 """
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from .gating import kept_macs
 from .gates import Gate
-from .graph import trace_network
+from .graph import example_for, trace_network
 
 
 def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
     """MACs of one image of `input_shape` (C, H, W) through `model`, from real tensor shapes."""
-    device = next(model.parameters()).device
-    graph = trace_network(model, torch.zeros(2, *input_shape, device=device))
+    graph = trace_network(model, example_for(model, input_shape))
     return int(round(kept_macs(graph, {}, {})))
 
 

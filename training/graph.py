@@ -29,8 +29,10 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from .errors import TrainingError
 
-class GraphError(ValueError):
+
+class GraphError(TrainingError, ValueError):
     """The network cannot be traced, or holds a pattern that no cut handles safely."""
 
 
@@ -153,6 +155,13 @@ def trace_network(model: nn.Module, example_input: torch.Tensor) -> NetworkGraph
     graph = _Analysis(module).run(tuple(example_input.shape[1:]))
     graph.output_shape = tuple(output.shape[1:])
     return graph
+
+
+def example_for(model: nn.Module, input_shape: tuple[int, ...], batch: int = 2) -> torch.Tensor:
+    """A zero batch for tracing `model` where it lives: on its weights' device (CUDA, meta), in their dtype.
+    Batch 2: batch norms in training mode need more than one value per channel."""
+    weight = next(model.parameters())
+    return torch.zeros(batch, *input_shape, device=weight.device, dtype=weight.dtype)
 
 
 def _shape(node) -> tuple[int, ...] | None:

@@ -27,6 +27,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .config import ConfigError, TrainConfig
 from .data import BatchIterator, FolderOptions, describe_splits, load_splits
 from .distributed import Cluster, check_consensus, fingerprint, start_cluster, structure_key
+from .errors import TrainingError
 from .flops import count_params
 from .gates import Gate
 from .gating import cut, mask_problem
@@ -40,7 +41,7 @@ from .plots import write_plots
 RESUME_FREE_KEYS = {"progress", "device", "threads", "epochs", "out_dir", "name"}  # a moved run folder resumes
 
 
-class RunError(RuntimeError):
+class RunError(TrainingError, RuntimeError):
     """A run directory in a state that the requested action would damage or cannot use."""
 
 

@@ -17,10 +17,11 @@ import torch
 from torch import nn
 
 from .arch import MODEL_NAMES, make_spec
+from .errors import TrainingError
 from .models import build_model
 
 
-class NetworkError(ValueError):
+class NetworkError(TrainingError, ValueError):
     """A model that cannot be imported or built, or weights that do not fit it."""
 
 

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..gating import GatedNetwork, cut, embed, full_mask, mask_macs
-from ..graph import trace_network
+from ..graph import example_for, trace_network
 from ..mask import Mask
 from .base import Method, RunContext
 
@@ -157,8 +157,7 @@ class ActivationDensityMethod(Method):
             return model
         for unit, channels in local.items():  # compose: indices into the current width -> dense indices
             self.kept[unit] = [self.kept[unit][i] for i in channels]
-        device = next(model.parameters()).device
-        current = trace_network(model, torch.zeros(2, *self.graph.input_shape, device=device))
+        current = trace_network(model, example_for(model, self.graph.input_shape))
         return cut(current, Mask(local), current.module).train(model.training)
 
     def extra_loss(self, model: nn.Module, progress: float):
