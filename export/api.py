@@ -28,6 +28,7 @@ from training.mask import Mask, load_mask
 from . import ExportError
 from . import tensorrt_build as trt_build
 from .onnx_export import ORT_LEVELS, count_onnx_macs, export_onnx, save_ort_optimized, validate_with_onnxruntime
+from .programs import is_program_folder, run_programs
 from .report import build_report, network_summary
 from .surgery import PRUNED_FILE, MaskMismatchError, Networks, SurgeryError, check_equivalence, prune, save_pruned
 from .triton_repo import RepositoryError, TritonModelOptions, write_model_versions
@@ -191,6 +192,8 @@ def run(options: ExportOptions) -> dict:
     folder and the model repository as they were."""
     options.validate()
     run_dir = Path(options.run)
+    if is_program_folder(run_dir):  # what the Python API saved (training.api.save_for_export)
+        return run_programs(options)
     state, document, mask = load_run(run_dir)
     checkpoint_path, mask_path = run_dir / "checkpoint.pt", run_dir / "mask.json"
     model, graph, _ = model_from_checkpoint(state, checkpoint_path)

@@ -223,3 +223,25 @@ def test_bad_import_paths_are_named():
             build_network(NetworkInfo(model, 1, 10, (16, 16)))
     with pytest.raises(NetworkError, match="model_args do not fit"):
         build_network(NetworkInfo("user_networks:VGG", 1, 10, (16, 16), {"widths": 3}))
+
+
+def test_what_the_api_saves_the_export_stage_takes(tmp_path):
+    """save_for_export -> python -m export --run FOLDER: ONNX files, the Triton models, a report serving reads."""
+    from export.__main__ import main as export_main
+    from serving.run_artifacts import load_run
+    from training.api import save_for_export
+
+    torch.manual_seed(0)
+    network = MobileNetV2()
+    gated = polarize(network, torch.randn(2, 3, 32, 32), round_to=4, target_flops=0.6)
+    _train(gated)
+    pruned = gated.prune().eval()
+    images, labels = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
+    folder = save_for_export(tmp_path / "mynet", pruned, gated.plain().eval(), images, labels)
+    assert export_main(["--run", str(folder), "--repository", str(tmp_path / "repo"), "--samples", "16"]) == 0
+    for name in ("dense.onnx", "pruned.onnx", "export_report.json", "test_samples.npz"):
+        assert (folder / name).is_file(), name
+    served = load_run(folder)
+    assert served.model_names == {"dense": "mynet_dense", "pruned": "mynet_pruned"}
+    assert served.flops_ratio == pytest.approx(gated.flops_ratio(gated.final_mask()), abs=1e-9)
+    assert (tmp_path / "repo" / "mynet_pruned" / "1" / "model.onnx").is_file()

@@ -17,6 +17,7 @@ import io
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -133,5 +134,24 @@ def load_pruned(path: str | Path) -> nn.Module:
     def set_mode(mode: bool = True) -> nn.Module:
         network.training = mode
         return network
-    network.train = set_mode
+    network.train, network.eval = set_mode, lambda: set_mode(False)  # torch.export sets both to raise
     return network
+
+
+PROGRAM_FILES = {"pruned": "pruned.pt2", "dense": "dense.pt2", "samples": "test_samples.npz"}
+
+
+def save_for_export(folder: str | Path, pruned: nn.Module, dense: nn.Module, images: torch.Tensor,
+                    labels: torch.Tensor) -> Path:
+    """A folder `python -m export --run FOLDER` turns into ONNX files and Triton models: the pruned network,
+    the dense one it came from (the latency baseline; e.g. `gated.plain()` or your original network) and
+    real test images (normalised as the network expects) with their labels, for the checks and serving."""
+    folder = Path(folder)
+    example = images[:1]
+    save_pruned(folder / PROGRAM_FILES["pruned"], pruned, example)
+    save_pruned(folder / PROGRAM_FILES["dense"], dense, example)
+    buffer = io.BytesIO()
+    np.savez(buffer, images=images.detach().cpu().numpy().astype(np.float32),
+             labels=labels.detach().cpu().numpy().astype(np.int64))
+    write_bytes(folder / PROGRAM_FILES["samples"], buffer.getvalue())
+    return folder

@@ -1,0 +1,87 @@
+"""Export what the Python API saved: a folder with the pruned and dense networks as torch.export programs.
+
+`training.api.save_for_export(folder, pruned, dense, images, labels)` writes pruned.pt2, dense.pt2 and
+test_samples.npz; `python -m export --run folder` (here: `run_programs`) turns them into ONNX, checks
+onnxruntime against torch on the samples and the MACs of each graph, and adds <folder>_dense and
+<folder>_pruned to the Triton repository. The pruned network was already checked against its gated
+network by `PolarizedNetwork.prune`, so there is no surgery here.
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common.atomicio import write_json
+from training.api import PROGRAM_FILES
+from training.flops import count_params
+
+from . import ExportError
+from .onnx_export import count_onnx_macs, export_onnx, validate_with_onnxruntime
+from .surgery import load_pruned
+
+KINDS = ("dense", "pruned")
+
+
+def is_program_folder(folder: Path) -> bool:
+    return all((folder / name).is_file() for name in PROGRAM_FILES.values()) and not (folder / "checkpoint.pt").exists()
+
+
+def _samples(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as loaded:
+            images, labels = loaded["images"], loaded["labels"]
+    except (OSError, KeyError, ValueError) as error:
+        raise ExportError(f"{path}: not a samples file with 'images' and 'labels' ({error})") from None
+    if images.dtype != np.float32 or images.ndim != 4 or labels.shape != (len(images),) or not len(images):
+        raise ExportError(f"{path}: images must be float32 (N, C, H, W) and labels one integer each, got "
+                          f"{images.dtype} {list(images.shape)} and {list(labels.shape)}")
+    return images, labels.astype(np.int64)
+
+
+def run_programs(options) -> dict:
+    """`export.api.run` for a folder the Python API wrote (options: `export.api.ExportOptions`)."""
+    from .api import REPORT_NAME, commit, write_triton_models  # the run-folder export's own steps
+
+    folder = Path(options.run)
+    images, labels = _samples(folder / PROGRAM_FILES["samples"])
+    networks = {kind: load_pruned(folder / PROGRAM_FILES[kind]) for kind in KINDS}
+    input_shape = tuple(images.shape[1:])
+    batch = torch.from_numpy(images[:options.samples])
+    with torch.no_grad():  # the class count comes from the network, not from the labels present
+        num_classes = int(networks["dense"](batch[:1]).shape[1])
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise ExportError(f"{folder / PROGRAM_FILES['samples']}: labels must be in [0, {num_classes})")
+    staging = Path(tempfile.mkdtemp(prefix=".export-staging-", dir=folder))
+    summaries, diffs, scales = {}, {}, {}
+    try:
+        for kind in KINDS:
+            onnx_path = staging / f"{kind}.onnx"
+            proto = export_onnx(networks[kind], onnx_path, input_shape)
+            diffs[kind], scales[kind] = validate_with_onnxruntime(onnx_path, networks[kind], batch)
+            macs = count_onnx_macs(proto)
+            summaries[kind] = {"flops": macs, "onnx_macs": macs, "params": count_params(networks[kind]),
+                               "onnx_file": onnx_path.name, "onnx_bytes": onnx_path.stat().st_size}
+        if summaries["pruned"]["flops"] > summaries["dense"]["flops"]:
+            raise ExportError(f"{folder}: pruned.pt2 has more MACs than dense.pt2: the two are swapped or unrelated")
+        shutil.copy(folder / PROGRAM_FILES["samples"], staging / "test_samples.npz")
+        commit(staging, folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    triton = write_triton_models(options, folder, {"built": False, "reason": "not built for API exports"})
+    report = {
+        "run": folder.name, "dataset": "user samples", "model": "python api", "method": "polarized",
+        "input_shape": list(input_shape), "num_classes": num_classes, "model_names": triton["model_names"],
+        "dense_source": "the dense network the Python API saved beside the pruned one",
+        "dense": summaries["dense"], "pruned": summaries["pruned"],
+        "flops_ratio": summaries["pruned"]["flops"] / summaries["dense"]["flops"],
+        "params_ratio": summaries["pruned"]["params"] / summaries["dense"]["params"],
+        "removed_blocks": [], "max_abs_diff_onnx": diffs, "max_abs_logit": scales,
+        "test_samples": {"file": "test_samples.npz", "count": len(labels)}, "engine": {"built": False},
+        "triton": triton,
+    }
+    write_json(folder / REPORT_NAME, report)
+    return report
