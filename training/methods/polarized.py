@@ -122,10 +122,10 @@ class PolarizedMethod(Method):
     def finish(self, model: nn.Module, ctx: RunContext) -> nn.Module:
         if self.mask is None:
             self._freeze(model, ctx)
+        self.finished = True  # also when the mask froze only now: the saved model is the gated one
         if isinstance(model, GatedNetwork):
             return model
         # the cut network back in the dense shape, gates frozen: what checkpoints and export expect
-        self.finished = True
         device = next(model.parameters()).device
         gated = embed(self.graph, model, self.mask, self.cfg.gate_init, self.gate_state)
         return gated.to(device).train(model.training)
