@@ -51,6 +51,10 @@ class TrainConfig:
     lr: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 5e-4
+    label_smoothing: float = 0.0         # cross-entropy label smoothing
+    distill_from: str | None = None      # a finished run (e.g. runs/<name>_dense) whose logits the run learns from
+    distill_weight: float = 0.5          # (1 - w) * cross-entropy + w * distillation
+    distill_temperature: float = 4.0
     gate_lr: float = 1.0                # SGD with momentum on gate scores (see loop.make_optimizers)
     # the method: polarized gates
     target_flops_ratio: float = 0.5      # kept MACs / dense MACs
@@ -124,6 +128,9 @@ class TrainConfig:
         need(0 < self.target_flops_ratio <= 1, "target_flops_ratio", "must be in (0, 1]")
         need(0 <= self.flops_tolerance < 1, "flops_tolerance", "must be in [0, 1)")
         need(self.projection in ("band", "none"), "projection", "must be 'band' or 'none'")
+        need(0 <= self.label_smoothing < 1, "label_smoothing", "must be in [0, 1)")
+        need(0 <= self.distill_weight <= 1, "distill_weight", "must be in [0, 1]")
+        need(self.distill_temperature > 0, "distill_temperature", "must be > 0")
         need(self.round_to >= 1, "round_to", "must be at least 1")
         need(0 <= self.warmup_fraction < 1, "warmup_fraction", "must be in [0, 1)")
         need(0 < self.freeze_fraction <= 1, "freeze_fraction", "must be in (0, 1]")

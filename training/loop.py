@@ -23,7 +23,7 @@ from tqdm import tqdm
 from common.atomicio import write_json, write_text
 from common.energy import EnergyMeter, EnergyReading
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from .config import ConfigError, TrainConfig
 from .data import BatchIterator, FolderOptions, describe_splits, load_splits
 from .distributed import Cluster, check_consensus, fingerprint, start_cluster, structure_key
@@ -32,6 +32,7 @@ from .flops import count_params
 from .gates import Gate
 from .gating import cut, mask_problem
 from .graph import GraphError, NetworkGraph, trace_network
+from .losses import TaskLoss
 from .mask import mask_document, save_mask
 from .methods import RunContext, make_method
 from .networks import NetworkError, NetworkInfo, build_network, load_weights, read_weights
@@ -91,11 +92,12 @@ def make_optimizers(model, cfg: TrainConfig, total_steps: int, done_steps: int =
     return sgd, gate_sgd, scheduler
 
 
-def train_step(model, method, sgd, gate_sgd, scheduler, images, labels, progress: float, forward=None):
+def train_step(model, method, sgd, gate_sgd, scheduler, images, labels, progress: float, forward=None,
+               task_loss: TaskLoss = TaskLoss()):
     """One optimisation step, in the order methods rely on. Returns (task loss, logits, method logs).
     `forward` is what runs the batch when it is not `model` itself (the DDP wrapper of a parallel run)."""
     logits = (forward or model)(images)
-    loss = F.cross_entropy(logits, labels)
+    loss = task_loss(logits, images, labels)
     extra, logs = method.extra_loss(model, progress)
     total = loss if extra is None else loss + extra
     sgd.zero_grad(set_to_none=True)
@@ -177,6 +179,8 @@ def _train(cfg: TrainConfig, resume: bool, cluster: Cluster, device: torch.devic
                           f"but {info.name} has {info.num_classes} classes", "model_args")
     method = make_method(cfg, graph)
     model = method.build_model()
+    task_loss = TaskLoss(cfg.label_smoothing, _teacher(cfg, network_info, cluster, device),
+                         cfg.distill_weight, cfg.distill_temperature)
     steps_per_epoch = len(train_batches)
     total_steps = cfg.epochs * steps_per_epoch
     ctx = RunContext(device, lambda: val_batches.epoch(0), cfg.epochs, steps_per_epoch, cluster)
@@ -242,6 +246,7 @@ def _train(cfg: TrainConfig, resume: bool, cluster: Cluster, device: torch.devic
         for step, (images, labels) in enumerate(bar):
             progress = (epoch * steps_per_epoch + step) / total_steps
             loss, logits, logs = train_step(model, method, sgd, gate_sgd, scheduler, images, labels, progress,
+                                            task_loss=task_loss,
                                             forward=forward)
             loss_sum += float(loss) * labels.numel()
             correct += int((logits.argmax(1) == labels).sum())
@@ -302,6 +307,21 @@ def _network(cfg: TrainConfig, network_info: NetworkInfo, state: dict | None, cl
         key = "init_weights" if str(error).startswith("init_weights") else "model"
         raise ConfigError(f"config key {key!r}: {error}", key) from None
     return network
+
+
+def _teacher(cfg: TrainConfig, network_info: NetworkInfo, cluster: Cluster, device: torch.device):
+    """The finished run named by `distill_from`, in eval mode on `device` (None without one). It must have
+    seen the same inputs and classes."""
+    if not cfg.distill_from:
+        return None
+    path = Path(cfg.distill_from) / "checkpoint.pt"
+    state = cluster.from_main(lambda: load_checkpoint(path))
+    theirs = state["network"]
+    if (theirs["in_channels"], list(theirs["input_size"]), theirs["num_classes"]) != (
+            network_info.in_channels, list(network_info.input_size), network_info.num_classes):
+        raise ConfigError(f"config key 'distill_from': {path} was trained on other inputs or classes", "distill_from")
+    teacher, _, _ = model_from_checkpoint(state, path)
+    return teacher.to(device).eval()
 
 
 def finish_run(cfg, run_dir, method, model, test_batches, device, history, train_seconds, graph: NetworkGraph,
