@@ -17,6 +17,7 @@ from training.mask import Mask
 
 from user_networks import (BranchingNet, ConcatNet, GroupNormNet, MobileNetV2, SENet, ShuffleNet, VGG,
                            resnet18, resnet50)
+from training.arch import MODEL_NAMES
 from training.data import FMNIST_SEARCH_DIRS
 
 ARCHITECTURES = {
@@ -245,3 +246,23 @@ def test_what_the_api_saves_the_export_stage_takes(tmp_path):
     assert served.model_names == {"dense": "mynet_dense", "pruned": "mynet_pruned"}
     assert served.flops_ratio == pytest.approx(gated.flops_ratio(gated.final_mask()), abs=1e-9)
     assert (tmp_path / "repo" / "mynet_pruned" / "1" / "model.onnx").is_file()
+
+
+@pytest.mark.parametrize("model_name", MODEL_NAMES)
+def test_the_built_in_zoo_goes_through_the_same_path(model_name):
+    """Every built-in network: gates from its trace, a random mask, pruned == gated, fewer MACs."""
+    from training.networks import NetworkInfo, build_network
+
+    torch.manual_seed(0)
+    info = NetworkInfo(model_name, 3, 10, (16, 16))
+    gated = polarize(build_network(info), info.example_input(), round_to=4)
+    with torch.no_grad():
+        for gate in list(gated.channel_gates.values()) + list(gated.block_gates.values()):
+            gate.score.copy_(torch.randn(gate.score.shape) + 0.5)
+    mask = gated.mask(round_to=4)
+    pruned = gated.prune(mask).eval()
+    gated.eval()
+    images = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(gated(images), pruned(images), atol=1e-4)
+    assert mask_macs(gated.graph, mask) < gated.dense_macs
