@@ -125,7 +125,8 @@ def test_target_below_the_networks_floor_is_refused_when_the_run_starts(tmp_path
     out_dir = tmp_path / "runs"
     code = training_main(["--config", str(config), "--set", f"out_dir={out_dir}"])
     err = capsys.readouterr().err
-    assert code == 2 and err.startswith("error: config key 'target_flops_ratio': ") and "Traceback" not in err, err
+    assert code == EXIT_BAD_INPUT, (code, err)
+    assert err.startswith("python -m training: error: config key 'target_flops_ratio': ") and "Traceback" not in err, err
     for part in expected:
         assert part in err, err
     assert not out_dir.exists()
