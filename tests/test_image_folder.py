@@ -237,7 +237,7 @@ def test_training_resume_and_export_of_an_image_folder_run(tmp_path):
     (root / "train" / "dog" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
     settings = {"dataset": "image_folder", "data_dir": root, "image_size": 16, "resize": 20, "crop": "random",
                 "skip_bad_images": "true", "model": "resnet20", "epochs": 2, "batch_size": 4, "val_size": 3,
-                "eval_batch_size": 8, "progress": "false", "threads": 1, "out_dir": tmp_path / "runs"}
+                "eval_batch_size": 8, "progress": "false", "threads": 1, "device": "cpu", "out_dir": tmp_path / "runs"}
 
     def run(name, *extra_args, **changes):
         return subprocess.run(training_command({**settings, "name": name, **changes}) + list(extra_args),

@@ -129,6 +129,7 @@ class TrainConfig:
         need(0 <= self.flops_tolerance < 1, "flops_tolerance", "must be in [0, 1)")
         need(self.projection in ("band", "none"), "projection", "must be 'band' or 'none'")
         need(0 <= self.label_smoothing < 1, "label_smoothing", "must be in [0, 1)")
+        need(self.gate_init > 0, "gate_init", "must be > 0: gates start open, so training starts from the network")
         need(0 <= self.distill_weight <= 1, "distill_weight", "must be in [0, 1]")
         need(self.distill_temperature > 0, "distill_temperature", "must be > 0")
         need(self.round_to >= 1, "round_to", "must be at least 1")

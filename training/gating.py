@@ -163,11 +163,18 @@ class GatedNetwork(nn.Module):
             source = self._dynamic_input(nodes[first])
             block[_key(name)] = Gate(1, init_score, _channels(source))
             self._gate_inputs[f"block_gates.{_key(name)}"] = source
-        self.channel_gates, self.block_gates = nn.ModuleDict(channel), nn.ModuleDict(block)
-        network.add_submodule("channel_gates", self.channel_gates)
-        network.add_submodule("block_gates", self.block_gates)
+        network.add_submodule("channel_gates", nn.ModuleDict(channel))  # gates live in the network only:
+        network.add_submodule("block_gates", nn.ModuleDict(block))      # one state-dict entry each
         self._insert_gates(network, nodes)
         self.network = network
+
+    @property
+    def channel_gates(self) -> nn.ModuleDict:
+        return self.network.channel_gates
+
+    @property
+    def block_gates(self) -> nn.ModuleDict:
+        return self.network.block_gates
 
     def _dynamic_input(self, consumer: fx.Node) -> fx.Node | None:
         """The tensor a dynamic gate's head reads: the input of its group's first producer (or of its
