@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common.atomicio import write_json, write_text
+from common.results import provenance
 from common.energy import EnergyMeter, EnergyReading
 
 from .arch import make_spec
@@ -295,7 +296,7 @@ def finish_run(cfg, run_dir, method, model, test_batches, device, history, train
         "kept_channels": {name: len(kept) for name, kept in mask.kept_channels.items()},
         "removed_blocks": mask.closed_blocks, "train_seconds": train_seconds,
         "train_energy": energy.to_dict() if energy is not None else None,
-        "device": str(device), "distributed": parallel, **method.summary(),
+        "device": str(device), "distributed": parallel, **method.summary(), "provenance": provenance(),
     }
     if cluster.is_main:
         save_mask(run_dir / "mask.json", document)
