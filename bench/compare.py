@@ -1,15 +1,17 @@
-"""Side by side on one budget: dense, polarized (ours), activation density and FlipOut.
+"""Side by side on one budget: dense, polarized (ours), activation density, FlipOut and Torch-Pruning.
 
-    python bench/compare.py [--quick] [--config configs/fmnist_resnet20.yaml] [--set key=value ...]
-                            [--runs runs/compare] [--out reports/compare] [--threads 2] [--reuse]
+    python -m bench.compare [--quick] [--config configs/fmnist_resnet20.yaml] [--set key=value ...]
+                            [--methods dense,polarized,...] [--runs runs/compare] [--out reports/compare]
+                            [--threads 2] [--reuse]
     make compare [COMPARE_ARGS="--quick"]
 
 Every method trains with `training.loop.train` on the same config (only `method` and the run name differ)
 into <runs>/<method>/ and is exported by export's own entry point (`run_export`; Triton models go to
-<runs>/model_repository, the dense run serving as every run's dense model). The four exported pruned ONNX
-models are timed with onnxruntime CPU in this one process, interleaved (`bench.timing`), at batch 1 and
-64. Out: <out>/compare.json, compare.md and compare.png (accuracy against kept FLOPs and against measured
-latency).
+<runs>/model_repository, the dense run serving as every run's dense model). Torch-Pruning, the library
+users would pick instead, trains in bench/torch_pruning_peer.py on the same config and prunes to the
+polarized run's kept MACs. The exported ONNX models are timed with onnxruntime CPU in this one process,
+interleaved (`bench.timing`), at batch 1 and 64. Out: <out>/compare.json, compare.md and compare.png
+(accuracy against kept FLOPs and against measured latency).
 
 Training times come from runs made one after another in this process: on a shared machine they drift
 with its load, so read them as rough; the latencies are interleaved and comparable.
@@ -24,21 +26,20 @@ import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import torch
-
+from bench import torch_pruning_peer as peer
 from bench.timing import cpu_name, interleaved, ort_runner, ort_session, session_settings, summarize
 from common.atomicio import write_bytes, write_json, write_text
+from common.results import provenance
 from export.__main__ import parse_args as export_args
 from export.__main__ import run_export
+from training.checkpoint import CheckpointError, load_checkpoint
 from training.config import TrainConfig, load_config, make_config
 from training.loop import train
 
-METHODS = ("dense", "polarized", "activation_density", "flipout")
+TRAINED = ("dense", "polarized", "activation_density", "flipout")  # methods of training.loop
+METHODS = (*TRAINED, peer.NAME)
 LABELS = {"dense": "dense", "polarized": "polarized (ours)", "activation_density": "activation density",
-          "flipout": "FlipOut"}
+          "flipout": "FlipOut", peer.NAME: peer.LABEL}
 BATCHES = (1, 64)
 FULL_TIMING = {"rounds": 300, "warmup": 5, "budget_s": 20.0}  # per batch size, all four models together
 QUICK_TIMING = {"rounds": 10, "warmup": 1, "budget_s": 1.0}
@@ -48,12 +49,15 @@ QUICK_CONFIG = {"epochs": 2, "batch_size": 64, "train_subset": 256, "val_size": 
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="bench/compare.py", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.compare", description=__doc__.split("\n")[0])
     parser.add_argument("--config", type=Path, default=Path("configs/fmnist_resnet20.yaml"),
                         help="the shared budget (its method key is replaced per run)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key for every method")
     parser.add_argument("--quick", action="store_true", help="tiny budget and few timing rounds (smoke runs)")
+    parser.add_argument("--methods", type=method_list, default=METHODS, metavar="A,B,...",
+                        help=f"which rows (dense is always trained: it is the reference); default all of "
+                             f"{','.join(METHODS)}")
     parser.add_argument("--runs", type=Path, default=Path("runs/compare"), help="run folders go here")
     parser.add_argument("--out", type=Path, default=Path("reports/compare"), help="report folder")
     parser.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads for the timing")
@@ -63,26 +67,47 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def method_list(text: str) -> tuple[str, ...]:
+    chosen = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = sorted(set(chosen) - set(METHODS))
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    return tuple(m for m in METHODS if m == "dense" or m in chosen)
+
+
 def method_configs(args: argparse.Namespace) -> dict[str, TrainConfig]:
+    """Per row, its training config. The peer's is the dense one under its own name (it starts dense)."""
     base = load_config(args.config, args.overrides).to_dict()
     if args.quick:
         base.update(QUICK_CONFIG)
-    return {method: make_config({**base, "method": method, "name": method, "out_dir": str(args.runs)})
-            for method in METHODS}
+    return {method: make_config({**base, "method": "dense" if method == peer.NAME else method, "name": method,
+                                 "out_dir": str(args.runs)})
+            for method in args.methods}
 
 
 def finished_with(run_dir: Path, cfg: TrainConfig) -> bool:
     """A complete, exported run made with exactly this config."""
-    if not (run_dir / "metrics.json").is_file() or not (run_dir / "export_report.json").is_file():
+    if not (run_dir / "metrics.json").is_file():
         return False
-    state = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)
-    return state.get("config") == cfg.to_dict()
+    if cfg.name == peer.NAME:  # the peer records its config in metrics.json
+        return json.loads((run_dir / "metrics.json").read_text()).get("config") == cfg.to_dict()
+    if not (run_dir / "export_report.json").is_file():
+        return False
+    try:
+        return load_checkpoint(run_dir / "checkpoint.pt").get("config") == cfg.to_dict()
+    except CheckpointError:
+        return False
 
 
-def train_and_export(cfg: TrainConfig, args: argparse.Namespace) -> dict:
+def train_and_export(cfg: TrainConfig, args: argparse.Namespace, target_flops: float | None = None) -> dict:
     """metrics.json of the run (trained and exported here unless --reuse found it done)."""
     run_dir = Path(cfg.out_dir) / cfg.name
-    if not (args.reuse and finished_with(run_dir, cfg)):
+    if cfg.name == peer.NAME:
+        if not (args.reuse and finished_with(run_dir, cfg)):
+            shutil.rmtree(run_dir, ignore_errors=True)
+            print(f"== {peer.NAME}: dense half, prune to kept MACs {target_flops}, fine-tune, export", flush=True)
+            peer.train_peer(cfg, target_flops)
+    elif not (args.reuse and finished_with(run_dir, cfg)):
         shutil.rmtree(run_dir, ignore_errors=True)  # this folder belongs to the comparison
         print(f"== {cfg.method}: training", flush=True)
         train(cfg)
@@ -120,6 +145,7 @@ def row_for(method: str, metrics: dict, latency: dict, dense_latency: dict) -> d
         "latency_ms": {batch: stats["median_ms"] for batch, stats in latency.items()},
         "latency": latency,
         "speedup": {batch: dense_latency[batch]["median_ms"] / stats["median_ms"] for batch, stats in latency.items()},
+        "pruning": metrics.get("pruning"),
     }
 
 
@@ -158,6 +184,12 @@ def markdown(report: dict) -> str:
         if row["train_seconds_ratio_vs_dense_pace"] is not None:
             lines.append(f"- {row['label']}: its training took {row['train_seconds_ratio_vs_dense_pace']:.2f}x the "
                          "time its own dense epochs (before the first resize) would have taken, measured in one run.")
+    for row in (r for r in report["rows"] if r.get("pruning")):
+        step = row["pruning"]
+        lines.append(f"- {row['label']}: dense for {step['epoch']} epochs, then one global L1 prune (ratio "
+                     f"{step['pruning_ratio']:.2f}, channel counts multiples of 16) to kept MACs "
+                     f"{step['flops_ratio']:.3f} against a target of {step['target_flops_ratio']:.3f}, then "
+                     "fine-tuned with the learning-rate schedule continuing.")
     for row in (r for r in report["rows"] if r["weight_sparsity"] is not None):
         lines.append(f"- {row['label']}: {row['weight_sparsity']:.1%} of conv/linear weights are zero, in dense "
                      "kernels: onnxruntime does every MAC, so no speed-up is expected or claimed.")
@@ -188,21 +220,29 @@ def plot(report: dict, path: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> dict:
+    if peer.NAME in args.methods:
+        peer.require_torch_pruning()  # before hours of training, not after
     configs = method_configs(args)
     started = time.perf_counter()
-    metrics = {method: train_and_export(cfg, args) for method, cfg in configs.items()}
+    metrics = {}
+    for method, cfg in configs.items():
+        # The peer prunes to the kept MACs the polarized run reached (its target when that row is not run).
+        target = metrics["polarized"]["flops_ratio"] if "polarized" in metrics else None
+        metrics[method] = train_and_export(cfg, args, target)
     settings = dict(QUICK_TIMING if args.quick else FULL_TIMING)
     print("== timing the exported models, interleaved", flush=True)
-    latency, session = time_models({m: args.runs / m / "pruned.onnx" for m in METHODS}, args.threads, settings)
+    methods = list(configs)
+    latency, session = time_models({m: args.runs / m / "pruned.onnx" for m in methods}, args.threads, settings)
     budget = {k: configs["dense"].to_dict()[k] for k in ("dataset", "model", "epochs", "batch_size",
                                                          "train_subset", "test_subset", "seed", "round_to",
                                                          "target_flops_ratio", "final_sparsity")}
     report = {
         "quick": args.quick, "budget": budget, "cpu": cpu_name(),
         "timing": {**settings, "threads": args.threads, "batches": list(BATCHES), "onnxruntime_session": session},
-        "rows": [row_for(m, metrics[m], latency[m], latency["dense"]) for m in METHODS],
-        "runs": {m: str(args.runs / m) for m in METHODS},
+        "rows": [row_for(m, metrics[m], latency[m], latency["dense"]) for m in methods],
+        "runs": {m: str(args.runs / m) for m in methods},
         "wall_seconds": time.perf_counter() - started,
+        "provenance": provenance(),
     }
     write_json(args.out / "compare.json", report)
     write_text(args.out / "compare.md", markdown(report))
@@ -212,7 +252,11 @@ def run(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    report = run(args)
+    try:
+        report = run(args)
+    except peer.PeerError as error:
+        print(f"compare: error: {error}", file=sys.stderr)
+        return 2
     print(markdown(report))
     print(f"wrote {args.out / 'compare.json'}, compare.md, compare.png")
     return 0
