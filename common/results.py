@@ -52,6 +52,9 @@ def git_commit(root: Path = REPO_ROOT) -> dict:
     return {"commit": git("rev-parse", "HEAD"), "dirty": bool(status) if status is not None else None}
 
 
+CODE_COMMIT = git_commit()
+
+
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -70,8 +73,9 @@ def machine() -> dict:
 
 
 def provenance() -> dict:
-    """Command, commit, date (UTC) and machine of this process."""
-    return {"command": command_line(), **git_commit(),
+    """Command, commit, date (UTC) and machine of this process. The commit is read when this module was
+    first imported, i.e. when the process loaded its code: edits made while it ran are not its code."""
+    return {"command": command_line(), **CODE_COMMIT,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "machine": machine()}
 
