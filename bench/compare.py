@@ -186,10 +186,11 @@ def markdown(report: dict) -> str:
                          "time its own dense epochs (before the first resize) would have taken, measured in one run.")
     for row in (r for r in report["rows"] if r.get("pruning")):
         step = row["pruning"]
-        lines.append(f"- {row['label']}: dense for {step['epoch']} epochs, then one global L1 prune (ratio "
-                     f"{step['pruning_ratio']:.2f}, channel counts multiples of 16) to kept MACs "
-                     f"{step['flops_ratio']:.3f} against a target of {step['target_flops_ratio']:.3f}, then "
-                     "fine-tuned with the learning-rate schedule continuing.")
+        lines.append(f"- {row['label']}: dense for {step['epoch']} of {report['budget']['epochs']} epochs, then one "
+                     f"global L1 prune (ratio {step['pruning_ratio']:.2f}, channel counts multiples of 16) to kept "
+                     f"MACs {step['flops_ratio']:.3f} against a target of {step['target_flops_ratio']:.3f} (finding "
+                     f"that ratio took {step['seconds']:.0f} s of its train s), then fine-tuned with the "
+                     "learning-rate schedule continuing.")
     for row in (r for r in report["rows"] if r["weight_sparsity"] is not None):
         lines.append(f"- {row['label']}: {row['weight_sparsity']:.1%} of conv/linear weights are zero, in dense "
                      "kernels: onnxruntime does every MAC, so no speed-up is expected or claimed.")
