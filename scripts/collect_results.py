@@ -5,8 +5,9 @@
 
 Sources, each stamped by the command that wrote it (common.results): runs/<run>/metrics.json and
 runs/<run>_dense/metrics.json -> default_run.json; runs/<run>/export_report.json -> export.json;
-reports/<run>/serving.json -> serving.json; reports/compare/compare.json -> compare.json. The training
-and export sources are required; serving and compare are collected when present. A file without a
+reports/<run>/serving.json -> serving.json; runs/compare/torch_pruning/metrics.json (the Torch-Pruning
+peer, bench/torch_pruning_peer.py) -> torch_pruning.json; reports/compare/compare.json -> compare.json.
+The training and export sources are required; the others are collected when present. A file without a
 provenance stamp, or a `--quick` comparison, is refused: it cannot back a published number.
 """
 from __future__ import annotations
@@ -73,6 +74,16 @@ def serving_result(reports: Path, run: str) -> tuple[dict, dict]:
     return data, {str(path): stamp}
 
 
+def peer_result(runs: Path) -> tuple[dict, dict]:
+    """The Torch-Pruning peer alone (python -m bench.torch_pruning_peer), same budget as the default run."""
+    path = runs / "compare" / "torch_pruning" / "metrics.json"
+    metrics, stamp = read_source(path)
+    data = pick(metrics, ("method", "epochs", "test_accuracy", "dense_flops", "pruned_flops", "flops_ratio",
+                          "pruned_params", "params_ratio", "train_seconds", "train_flops_ratio", "pruning",
+                          "torch_pruning", "widths"), path)
+    return data, {str(path): stamp}
+
+
 def compare_result(reports: Path) -> tuple[dict, dict]:
     path = reports / "compare" / "compare.json"
     report, stamp = read_source(path)
@@ -90,6 +101,7 @@ def collect(run: str, runs: Path, reports: Path, out: Path = RESULTS_DIR) -> lis
     jobs = [("default_run", lambda: default_run(runs, run), True),
             ("export", lambda: export_result(runs, run), True),
             ("serving", lambda: serving_result(reports, run), False),
+            ("torch_pruning", lambda: peer_result(runs), False),
             ("compare", lambda: compare_result(reports), False)]
     for name, job, required in jobs:
         try:

@@ -26,6 +26,7 @@ PRODUCERS = {  # what to run when a file is missing
     "default-run": "make train export, then make results",
     "export": "make export, then make results",
     "serving": "make serve, then make results",
+    "torch-pruning": "python -m bench.torch_pruning_peer (or make compare), then make results",
     "compare": "make compare, then make results",
 }
 
@@ -109,6 +110,20 @@ def serving_table(document: dict) -> list[str]:
     return lines
 
 
+def torch_pruning_table(document: dict) -> list[str]:
+    step = document["pruning"]
+    return ["| method | epochs | test accuracy | kept MACs | kept params | training s | training MACs |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+            f"| Torch-Pruning {document['torch_pruning']}, L1 global, round_to 16 | {document['epochs']} "
+            f"| {document['test_accuracy']:.4f} | {document['flops_ratio']:.3f} ({document['pruned_flops'] / 1e6:.2f}M) "
+            f"| {document['params_ratio']:.3f} ({document['pruned_params'] / 1e3:.1f}k) "
+            f"| {document['train_seconds']:.0f} | {document['train_flops_ratio']:.3f} |",
+            "", f"Dense for {step['epoch']} of {document['epochs']} epochs, then one prune (global ratio "
+            f"{step['pruning_ratio']:.2f}) to kept MACs {step['flops_ratio']:.3f} against a target of "
+            f"{step['target_flops_ratio']:.3f}, then fine-tuned; conv widths after pruning: "
+            + ", ".join(str(width) for width in document["widths"].values()) + "."]
+
+
 def compare_table(document: dict) -> list[str]:
     budget = document["budget"]
     lines = [f"{budget['dataset']}, {budget['model']}, {budget['epochs']} epochs, train_subset "
@@ -126,7 +141,7 @@ def compare_table(document: dict) -> list[str]:
 
 
 TABLES = {"default-run": default_run_table, "export": export_table, "serving": serving_table,
-          "compare": compare_table}
+          "torch-pruning": torch_pruning_table, "compare": compare_table}
 
 
 def render_block(name: str, results_dir: Path = RESULTS_DIR) -> str:
