@@ -102,6 +102,23 @@ def test_collect_then_render_a_run(tmp_path):
     assert "| 500 |" in render_readme.render_block("export", out)
 
 
+def test_collect_then_render_the_torch_pruning_peer(tmp_path):
+    runs, out = tmp_path / "runs", tmp_path / "results"
+    peer = {"method": "torch_pruning", "epochs": 4, "test_accuracy": 0.85, "dense_flops": 1000, "pruned_flops": 480,
+            "flops_ratio": 0.48, "pruned_params": 50, "params_ratio": 0.5, "train_seconds": 9.0,
+            "train_flops_ratio": 0.74, "torch_pruning": "1.6.1", "widths": {"stem.conv": 16, "layer1.0.conv1": 16},
+            "pruning": {"epoch": 2, "pruning_ratio": 0.42, "flops_ratio": 0.48, "target_flops_ratio": 0.5},
+            "provenance": STAMP}
+    (runs / "compare" / "torch_pruning").mkdir(parents=True)
+    (runs / "compare" / "torch_pruning" / "metrics.json").write_text(json.dumps(peer))
+    from scripts.collect_results import peer_result
+    data, sources = peer_result(runs)
+    write_result(out / "torch_pruning.json", data, sources)
+    table = render_readme.render_block("torch-pruning", out)
+    assert "| 0.8500 | 0.480 (0.00M) | 0.500 (0.1k) | 9 | 0.740 |" in table
+    assert "Dense for 2 of 4 epochs" in table and "widths after pruning: 16, 16" in table
+
+
 def test_collect_refuses_incomplete_sources_and_a_quick_comparison(tmp_path):
     runs, reports = tmp_path / "runs", tmp_path / "reports"
     for name in ("r", "r_dense"):
