@@ -23,11 +23,11 @@ README = REPO_ROOT / "README.md"
 RESULTS_DIR = REPO_ROOT / "docs" / "results"
 BLOCK = re.compile(r"(<!-- results:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /results:(?P=name) -->)", re.S)
 PRODUCERS = {  # what to run when a file is missing
-    "default-run": "make train export, then make results",
-    "export": "make export, then make results",
-    "serving": "make serve, then make results",
-    "torch-pruning": "python -m bench.torch_pruning_peer (or make compare), then make results",
-    "compare": "make compare, then make results",
+    "default-run": "`make train export`, then `make results`",
+    "export": "`make export`, then `make results`",
+    "serving": "`make serve`, then `make results`",
+    "torch-pruning": "`python -m bench.torch_pruning_peer` or `make compare`, then `make results`",
+    "compare": "`make compare`, then `make results`",
 }
 
 
@@ -150,7 +150,7 @@ def render_block(name: str, results_dir: Path = RESULTS_DIR) -> str:
     path = results_dir / file_name(name)
     shown = f"docs/results/{path.name}"
     if not path.is_file():
-        return f"*Not measured yet: `{shown}` does not exist ({PRODUCERS[name]}).*\n"
+        return f"*Not measured yet: `{shown}` does not exist; {PRODUCERS[name]} writes it.*\n"
     try:
         document = json.loads(path.read_text())
         lines = TABLES[name](document)
