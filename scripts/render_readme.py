@@ -75,13 +75,11 @@ def default_run_table(document: dict) -> list[str]:
 def export_table(document: dict) -> list[str]:
     onnx, macs = document["max_abs_diff_onnx"], document["onnx_macs"]
     return ["| check | value |", "|---|---:|",
-            f"| pruned network vs gated network (hard mask), max abs logit difference | "
-            f"{document['max_abs_diff_surgery']:.2g} |",
-            f"| onnxruntime vs torch, dense, max abs logit difference | {onnx['dense']:.2g} |",
-            f"| onnxruntime vs torch, pruned, max abs logit difference | {onnx['pruned']:.2g} |",
-            f"| MACs counted in the ONNX graphs, dense / pruned | {macs['dense']:,} / {macs['pruned']:,} |",
-            f"| training's pruned MACs (mask.json) | {document['mask_pruned_flops']:,} |",
-            f"| kept MACs / kept params (exported networks) | {document['flops_ratio']:.3f} / "
+            f"| max abs logit difference: pruned vs gated network / onnxruntime vs torch, dense / pruned | "
+            f"{document['max_abs_diff_surgery']:.2g} / {onnx['dense']:.2g} / {onnx['pruned']:.2g} |",
+            f"| MACs in the ONNX graphs, dense / pruned (training's mask.json: pruned) | {macs['dense']:,} / "
+            f"{macs['pruned']:,} ({document['mask_pruned_flops']:,}) |",
+            f"| kept MACs / kept params of the exported networks | {document['flops_ratio']:.3f} / "
             f"{document['params_ratio']:.3f} |"]
 
 
@@ -154,7 +152,11 @@ def render_block(name: str, results_dir: Path = RESULTS_DIR) -> str:
     try:
         document = json.loads(path.read_text())
         lines = TABLES[name](document)
-        lines += ["", provenance_line(document, shown)]
+        source = provenance_line(document, shown)
+        if lines[-2] == "" and not lines[-1].startswith("|"):  # a closing sentence: the source joins it
+            lines[-1] += " " + source
+        else:
+            lines += ["", source]
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise RenderError(f"{path}: cannot render table {name} ({type(error).__name__}: {error}); "
                           "re-create it with make results") from None
