@@ -97,9 +97,10 @@ def test_collect_then_render_a_run(tmp_path):
     assert stored["sources"][str(runs / "r" / "metrics.json")] == STAMP
     assert stored["rows"][0]["narrowed"] == {"layer2.0": [16, 32]}
     table = render_readme.render_block("default-run", out)
-    assert "| 0.8700 |" in table and "layer1.1 (+ layer2.0 at 16 of 32)" in table and "1.00 points" in table
+    assert "| 0.8700 |" in table and "layer1.1 (+ layer2.0 at 16 of 32)" in table
+    assert "Accuracy gap to dense: 1.00 points (one seed). Source:" in table
     assert "commit 0123456789" in table and "Test CPU, 2 cores" in table
-    assert "| 500 |" in render_readme.render_block("export", out)
+    assert "| 1,000 / 500 (500) |" in render_readme.render_block("export", out)
 
 
 def test_collect_then_render_the_torch_pruning_peer(tmp_path):
