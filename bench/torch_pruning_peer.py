@@ -49,7 +49,7 @@ except ImportError:  # benchmark-only dependency
 NAME = "torch_pruning"
 LABEL = "Torch-Pruning (L1, global, round 16)"
 INSTALL_HINT = "pip install -r requirements-bench.txt (make compare does it)"
-RATIO_GRID = tuple(round(0.02 * i, 2) for i in range(1, 48))  # global pruning ratios tried, 0.02-0.94
+RATIO_GRID = tuple(round(0.01 * i, 2) for i in range(1, 96))  # global pruning ratios tried, 0.01-0.95
 
 
 class PeerError(Exception):
