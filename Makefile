@@ -22,14 +22,19 @@ BENCH_ARGS  ?=
 COMPARE_ARGS ?=
 FMNIST   := data/fashion-mnist/train-images-idx3-ubyte.gz
 STAMP    := $(VENV)/.installed$(if $(GPU),-gpu)
+# One stack per venv: GPU=1 installs requirements-gpu.txt (onnxruntime-gpu, TensorRT) INSTEAD of
+# requirements.txt (onnxruntime); the other build of onnxruntime is removed first, the two collide.
+REQUIREMENTS := $(if $(GPU),requirements-gpu.txt,requirements.txt)
+OTHER_ORT    := $(if $(GPU),onnxruntime,onnxruntime-gpu)
 
 .PHONY: all venv data train export serve test bench compare results clean
 all: train export serve
 
-$(STAMP): requirements.txt $(if $(GPU),requirements-gpu.txt)
+$(STAMP): requirements-common.txt $(REQUIREMENTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements.txt $(if $(GPU),-r requirements-gpu.txt)
+	! $(PY) -m pip show -q $(OTHER_ORT) 2>/dev/null || $(PY) -m pip uninstall -q -y onnxruntime onnxruntime-gpu
+	$(PY) -m pip install -q -r $(REQUIREMENTS)
 	$(PY) -m serving.perf_analyzer --install || echo "perf_analyzer not installed: serving probes run without it"
 	touch $@
 

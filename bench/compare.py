@@ -85,16 +85,24 @@ def method_configs(args: argparse.Namespace) -> dict[str, TrainConfig]:
             for method in args.methods}
 
 
+REUSE_FREE_KEYS = {"name", "out_dir", "progress"}  # they do not change what is trained
+
+
+def same_training(recorded: dict | None, cfg: TrainConfig) -> bool:
+    wanted = {k: v for k, v in cfg.to_dict().items() if k not in REUSE_FREE_KEYS}
+    return recorded is not None and {k: v for k, v in recorded.items() if k not in REUSE_FREE_KEYS} == wanted
+
+
 def finished_with(run_dir: Path, cfg: TrainConfig) -> bool:
-    """A complete, exported run made with exactly this config."""
+    """A complete, exported run trained with this config (a run folder copied from `make train` counts)."""
     if not (run_dir / "metrics.json").is_file():
         return False
     if cfg.name == peer.NAME:  # the peer records its config in metrics.json
-        return json.loads((run_dir / "metrics.json").read_text()).get("config") == cfg.to_dict()
+        return same_training(json.loads((run_dir / "metrics.json").read_text()).get("config"), cfg)
     if not (run_dir / "export_report.json").is_file():
         return False
     try:
-        return load_checkpoint(run_dir / "checkpoint.pt").get("config") == cfg.to_dict()
+        return same_training(load_checkpoint(run_dir / "checkpoint.pt").get("config"), cfg)
     except CheckpointError:
         return False
 

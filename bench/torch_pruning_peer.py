@@ -20,12 +20,10 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import random
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -35,9 +33,8 @@ from common.results import provenance
 from export.onnx_export import count_onnx_macs, export_onnx, validate_with_onnxruntime
 from training.arch import make_spec
 from training.config import TrainConfig, load_config, make_config
-from training.data import BatchIterator, load_splits
 from training.flops import count_macs, count_params
-from training.loop import add_energy, evaluate, make_optimizers, train_step
+from training.loop import add_energy, evaluate, make_optimizers, seed_and_load, train_step
 from training.methods import RunContext, make_method
 from training.models import PadShortcut
 
@@ -169,18 +166,8 @@ def train_peer(cfg: TrainConfig, target_flops: float | None = None) -> dict:
     target = cfg.target_flops_ratio if target_flops is None else target_flops
     run_dir = Path(cfg.out_dir) / cfg.name
     device = torch.device("cpu")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    info, train_set, val_set, test_set = load_splits(cfg.dataset, cfg.data_dir, cfg.train_subset,
-                                                     cfg.val_size, cfg.seed)
-    if cfg.test_subset:
-        test_set = test_set.subset(torch.arange(min(cfg.test_subset, len(test_set))))
-    train_batches = BatchIterator(train_set, info, cfg.batch_size, train=True, seed=cfg.seed, device=device)
-    val_batches = BatchIterator(val_set, info, cfg.eval_batch_size, train=False, seed=cfg.seed, device=device)
-    test_batches = BatchIterator(test_set, info, cfg.eval_batch_size, train=False, seed=cfg.seed, device=device)
+    data = seed_and_load(cfg, device)
+    info, train_batches, val_batches, test_batches = data.info, data.train, data.val, data.test
     spec = make_spec(cfg.model, info.in_channels, info.num_classes, info.input_size)
     method = make_method(cfg, spec)
     model = method.build_model().to(device)

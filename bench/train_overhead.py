@@ -22,7 +22,7 @@ from bench.timing import interleaved, summarize
 from common.atomicio import write_json
 from training.arch import make_spec
 from training.config import ConfigError, load_config
-from training.data import dataset_info
+from training.data import FolderOptions, dataset_info
 from training.loop import make_optimizers, train_step
 from training.methods import RunContext, make_method
 from training.models import build_model
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     batch = args.batch or cfg.batch_size
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    info = dataset_info(cfg.dataset)
+    info = dataset_info(cfg.dataset, FolderOptions.from_config(cfg.to_dict()))  # image_folder: its image_size
     spec = make_spec(cfg.model, info.in_channels, info.num_classes, info.input_size)
     images = torch.randn(batch, info.in_channels, *info.input_size)
     labels = torch.randint(0, info.num_classes, (batch,))

@@ -23,7 +23,7 @@ from common.atomicio import atomic_path, write_json
 from common.results import provenance
 from training.arch import SpecError
 from training.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
-from training.data import DataError, load_splits, normalize
+from training.data import DataError, FolderOptions, load_splits, normalize
 from training.flops import count_macs
 from training.mask import Mask, load_mask
 
@@ -58,12 +58,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--engine-opt-batch", type=int, help="TensorRT profile opt batch (default max/2)")
     parser.add_argument("--engine-max-batch", type=int, help="TensorRT profile max batch (default --max-batch-size)")
     parser.add_argument("--engine-fp32", action="store_true", help="TensorRT: build FP32 instead of FP16")
+    parser.add_argument("--serve-plan", action="store_true",
+                        help="target gpu: serve the --engine plans (tensorrt_plan) instead of model.onnx with the "
+                             "server-built TensorRT engine; the server must run the TensorRT that built them")
     parser.add_argument("--workspace-mb", type=int, default=trt_build.DEFAULT_WORKSPACE_BYTES >> 20,
                         help="TensorRT workspace memory pool limit")
     parser.add_argument("--timing-cache", type=Path, help="TensorRT timing cache (default <run>/tensorrt_timing.cache)")
     args = parser.parse_args(argv)
     if args.max_batch_size < 1 or args.samples < 1:
         parser.error("--max-batch-size and --samples must be >= 1")
+    if args.serve_plan and not (args.engine and args.target == "gpu"):
+        parser.error("--serve-plan needs --engine and --target gpu")
     return args
 
 
@@ -74,10 +79,12 @@ class Samples:
 
 
 def load_test_samples(config: dict, spec: dict, count: int, source: Path) -> Samples:
-    """The first `count` images of the run's official test split, normalised as in training."""
+    """The first `count` images of the run's official test split (image_folder: val/), normalised as in
+    training."""
     if "dataset" not in config:
         raise ExportError(f"{source}: checkpoint config names no dataset")
-    info, _, _, test = load_splits(config["dataset"], config.get("data_dir"), None, 0, int(config.get("seed", 0)))
+    info, _, _, test = load_splits(config["dataset"], config.get("data_dir"), None, 0, int(config.get("seed", 0)),
+                                   FolderOptions.from_config(config))
     expected = (spec["in_channels"], tuple(spec["input_size"]), spec["num_classes"])
     if (info.in_channels, tuple(info.input_size), info.num_classes) != expected:
         raise ExportError(f"{source}: the network takes {expected[0]}x{expected[1]} inputs and {expected[2]} "
@@ -227,14 +234,20 @@ def write_triton_models(args, run_dir: Path, engine: dict) -> dict:
     """Add a version of <run>_dense and <run>_pruned, both or neither; TensorRT plans are served only on
     target gpu."""
     names = {kind: f"{run_dir.name}_{kind}" for kind in KINDS}
+    serve_plan = args.serve_plan
+    if serve_plan and not engine["built"]:
+        raise ExportError(f"--serve-plan: no TensorRT engine was built ({engine['reason']})")
     entries = []
     for kind in KINDS:
-        plan = run_dir / f"{kind}.plan" if engine["built"] and args.target == "gpu" else None
+        plan = run_dir / f"{kind}.plan" if serve_plan else None
         options = TritonModelOptions(target=args.target, max_batch_size=args.max_batch_size,
-                                     engine_path=str(plan) if plan else None)
+                                     engine_path=str(plan) if plan else None,
+                                     engine_tensorrt=engine.get("tensorrt_version") if plan else None)
         entries.append((names[kind], run_dir / f"{kind}.onnx", options))
     version_dirs = write_model_versions(args.repository, entries)
-    return {"repository": str(args.repository), "target": args.target, "max_batch_size": args.max_batch_size,
+    platform = "python" if args.target == "cpu" else "tensorrt_plan" if serve_plan else "onnxruntime_onnx"
+    return {"repository": str(args.repository), "target": args.target, "platform": platform,
+            "max_batch_size": args.max_batch_size,
             "model_names": names, "versions": {kind: str(path) for kind, path in zip(KINDS, version_dirs)}}
 
 

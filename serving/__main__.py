@@ -15,8 +15,22 @@ from serving.client import InputSpecError, ServingError
 from serving.loadtest import run_load_probes
 from serving.probes import ProbeSettings, run_probes
 from serving.report import write_report
+from serving.plans import plan_refusals
 from serving.run_artifacts import RunArtifactsMissing, load_run
 from serving.server import LocalTriton, LocalTritonConfig, RemoteTriton, ServerError, reload_model
+
+
+def server_triton_version(url: str) -> str | None:
+    """The Triton version a running server reports in its metadata, None if it does not answer."""
+    import tritonclient.http as httpclient
+    try:
+        client = httpclient.InferenceServerClient(url.split("://", 1)[-1].rstrip("/"), connection_timeout=5.0)
+        try:
+            return str(client.get_server_metadata().get("version")) or None
+        finally:
+            client.close()
+    except Exception:  # tritonclient raises its own and socket errors alike: the check then says "unknown"
+        return None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -40,6 +54,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--startup-timeout", type=float, default=90.0, help="seconds to wait for readiness")
     parser.add_argument("--perf-analyzer", default=None, help="path to the perf_analyzer binary")
     parser.add_argument("--no-perf-analyzer", action="store_true", help="skip the perf_analyzer probe")
+    parser.add_argument("--server-tensorrt", default=None,
+                        help="TensorRT version of the --url server, when its Triton release is not one "
+                             "polarprune knows; TensorRT plans built by another version are refused")
     return parser.parse_args(argv)
 
 
@@ -79,6 +96,12 @@ def main(argv: list[str] | None = None) -> int:
     settings = factory(protocols=protocols, perf_analyzer=not args.no_perf_analyzer,
                        perf_analyzer_path=args.perf_analyzer)
     models = (run.model_names["dense"], run.model_names["pruned"])
+    refusals = plan_refusals(args.repository, models, server_triton_version(args.url) if args.url else None,
+                             args.server_tensorrt, bundled=not args.url)
+    if refusals:
+        detail = "\n".join(f"  {model}: {why}" for model, why in refusals.items())
+        print(f"error: refusing to serve TensorRT plan(s) the server cannot load:\n{detail}", file=sys.stderr)
+        return 1
     if args.url:
         server = RemoteTriton(args.url, args.grpc_url, models, timeout_s=args.startup_timeout)
     else:

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from common.tolerance import allowed_difference, tolerance
+from export.triton_repo import ConfigError, parse_config
 from serving.client import TritonClassifier
 from serving.perf_analyzer import find_perf_analyzer
 from serving.run_artifacts import RunArtifacts
@@ -26,9 +28,7 @@ ROLES = ("dense", "pruned")
 @dataclass(frozen=True)
 class ProbeSettings:
     protocols: tuple[str, ...] = ("http", "grpc")  # the first one is the headline / sweep protocol
-    correctness_samples: int = 64
-    atol: float = 1e-4                 # |served - onnxruntime| <= atol + rtol * max|onnxruntime|
-    rtol: float = 1e-4
+    correctness_samples: int = 64      # bounds per platform and precision: common/tolerance.py
     accuracy_samples: int = 0          # 0 = every test sample
     latency_warmup: int = 50           # per model and protocol
     latency_requests: int = 500        # per model and protocol
@@ -74,22 +74,52 @@ def served_version(client: TritonClassifier) -> str:
 
 
 # ---- correctness and accuracy ------------------------------------------------------------------
+def served_precision(model_dir: Path, engine_precision: str | None) -> tuple[str, str, str]:
+    """(device, precision, why) the served model computes in, read from its config.pbtxt: the python
+    backend runs onnxruntime on the CPU; onnxruntime_onnx runs CUDA kernels, or TensorRT at the
+    accelerator's precision_mode; a tensorrt_plan at the precision export built it with."""
+    try:
+        config = parse_config((model_dir / "config.pbtxt").read_text(errors="replace"))
+    except (OSError, ConfigError) as error:
+        raise ValueError(f"{model_dir}/config.pbtxt: cannot tell what the model computes in ({error})") from None
+    if config.backend == "python":
+        return "cpu", "fp32", "python backend: onnxruntime on the CPU"
+    if config.platform == "tensorrt_plan":
+        if engine_precision not in ("fp32", "fp16"):
+            raise ValueError(f"{model_dir}: a TensorRT plan, but export_report.json records no engine precision")
+        return "gpu", engine_precision, f"TensorRT plan built {engine_precision}"
+    for accelerator in config.optimization.execution_accelerators.gpu_execution_accelerator:
+        if accelerator.name == "tensorrt":
+            precision = accelerator.parameters.get("precision_mode", "FP32").lower()
+            return "gpu", precision, f"onnxruntime's TensorRT accelerator at {precision}"
+    gpu = any(group.kind == group.KIND_GPU for group in config.instance_group)
+    return ("gpu" if gpu else "cpu"), "fp32", f"{config.platform or config.backend} on the {'GPU' if gpu else 'CPU'}"
+
+
 def probe_correctness(endpoints: Endpoints, models: dict[str, str], repository: Path,
-                      images: np.ndarray, settings: ProbeSettings) -> dict:
-    """Served logits vs onnxruntime run here on the same ONNX file from the repository."""
+                      images: np.ndarray, settings: ProbeSettings, run: RunArtifacts | None = None) -> dict:
+    """Served logits vs onnxruntime (CPU) run here on the same ONNX: the repository's model.onnx, or for a
+    TensorRT plan the run's <role>.onnx it was built from. The bound depends on what the server computes
+    in (common/tolerance.py) and is reported with its reason."""
     batch = images[:settings.correctness_samples]
+    engine = (run.export_report.get("engine") or {}) if run is not None else {}
     report = {}
     for role, name in models.items():
         with TritonClassifier(endpoints.url(settings.protocols[0]), name, settings.protocols[0]) as probe:
             version = served_version(probe)
         onnx_path = Path(repository) / name / version / "model.onnx"
+        if not onnx_path.is_file() and run is not None:
+            onnx_path = run.run_dir / f"{role}.onnx"  # a plan: check it against the ONNX it was built from
         if not onnx_path.is_file():
             report[role] = {"skipped": f"{onnx_path} not found here (served version {version or '?'})"}
             continue
+        device, precision, basis = served_precision(Path(repository) / name, engine.get("precision"))
         session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
         expected = session.run(None, {session.get_inputs()[0].name: batch})[0]
-        tolerance = settings.atol + settings.rtol * float(np.abs(expected).max())
-        entry = {"model": name, "version": version, "samples": int(len(batch)), "tolerance": tolerance}
+        bound = tolerance(device, precision)
+        entry = {"model": name, "version": version, "samples": int(len(batch)), "reference": str(onnx_path),
+                 "tolerance": allowed_difference(bound, float(np.abs(expected).max())),
+                 "tolerance_basis": f"{device}/{precision} bound {bound:g} x max(1, logit scale): {basis}"}
         for protocol in settings.protocols:
             with TritonClassifier(endpoints.url(protocol), name, protocol) as client:
                 as_batch = client.logits(batch)
@@ -98,7 +128,7 @@ def probe_correctness(endpoints: Endpoints, models: dict[str, str], repository: 
                        float(np.abs(one_by_one - expected[:len(one_by_one)]).max()))
             entry[protocol] = {"max_abs_diff": diff,
                                "top1_match": float((as_batch.argmax(1) == expected.argmax(1)).mean()),
-                               "ok": diff <= tolerance}
+                               "ok": diff <= entry["tolerance"]}
         entry["ok"] = all(entry[p]["ok"] for p in settings.protocols)
         report[role] = entry
     return report
@@ -284,7 +314,7 @@ def run_probes(endpoints: Endpoints, repository: Path, run: RunArtifacts, settin
     headline = settings.protocols[0]
     results = {"settings": asdict(settings), "endpoints": asdict(endpoints), "models": models}
     log("correctness: served logits vs local onnxruntime ...")
-    results["correctness"] = probe_correctness(endpoints, models, repository, run.images, settings)
+    results["correctness"] = probe_correctness(endpoints, models, repository, run.images, settings, run)
     count = settings.accuracy_samples or len(run.images)
     log(f"accuracy on {min(count, len(run.images))} labelled test samples ...")
     results["accuracy"] = probe_accuracy(endpoints, models, run.images[:count], run.labels[:count], headline)

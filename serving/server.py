@@ -214,13 +214,12 @@ def _model_problems(http_url: str, models: tuple[str, ...]) -> dict[str, str]:
 
 
 def config_problem(config_path: Path) -> str | None:
-    """Why Triton could not parse this config.pbtxt (protobuf's line:column message), or None."""
-    from google.protobuf import text_format
-    from tritonclient.grpc import model_config_pb2
+    """Why Triton could not use this config.pbtxt (protobuf's line:column message), or None."""
+    from export.triton_repo import ConfigError, parse_config  # torch-free: the exporter's own check
     try:
-        text_format.Parse(config_path.read_text(errors="replace"), model_config_pb2.ModelConfig())
-    except text_format.ParseError as error:
-        return f"{config_path}: not a valid model config ({error})"
+        parse_config(config_path.read_text(errors="replace"))
+    except ConfigError as error:
+        return f"{config_path}: not a valid model config ({error.detail})"
     return None
 
 

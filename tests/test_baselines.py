@@ -24,7 +24,7 @@ from training.models import GateOptions, build_model
 from training.resize import embed, shrink
 
 TINY = dict(dataset="fashion_mnist", epochs=2, batch_size=64, train_subset=256, val_size=64, test_subset=200,
-            eval_batch_size=200, progress=False, seed=0, threads=1)
+            eval_batch_size=200, progress=False, seed=0, threads=1, device="cpu")
 CTX = RunContext(torch.device("cpu"), lambda: [], total_epochs=4, steps_per_epoch=1)
 
 
@@ -274,7 +274,7 @@ def test_compare_quick_writes_its_report(tmp_path):
     from bench.compare import main
     # The Torch-Pruning row has its own test (tests/test_torch_pruning_peer.py): it needs a bench-only package.
     assert main(["--quick", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out"), "--samples", "32",
-                 "--methods", "dense,polarized,activation_density,flipout"]) == 0
+                 "--set", "device=cpu", "--methods", "dense,polarized,activation_density,flipout"]) == 0
     report = json.loads((tmp_path / "out" / "compare.json").read_text())
     assert [row["method"] for row in report["rows"]] == ["dense", "polarized", "activation_density", "flipout"]
     assert (tmp_path / "out" / "compare.png").stat().st_size > 0

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
+from google.protobuf import text_format
 import torch
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
@@ -359,7 +360,7 @@ def test_export_adds_both_models_or_neither(tmp_path, tiny_onnx):
     repository = tmp_path / "model_repository"
     write_model_version(repository, "r_dense", tiny_onnx)
     before = tree(repository)
-    args = type("Args", (), {"target": "cpu", "max_batch_size": 16, "repository": repository})
+    args = type("Args", (), {"target": "cpu", "max_batch_size": 16, "repository": repository, "serve_plan": False})
     with pytest.raises(RepositoryError, match=r"pruned\.onnx is not an ONNX model"):
         write_triton_models(args, run_dir, {"built": False})
     assert tree(repository) == before and not temporaries(repository)
@@ -466,7 +467,9 @@ def test_server_names_every_model_that_fails_to_load(tmp_path, tiny_onnx):
     shutil.rmtree(repo / "no_version" / "1")
     (repo / "no_model_file" / "1" / "model.onnx").unlink()
     config = repo / "dims_disagree" / "config.pbtxt"
-    config.write_text(config.read_text().replace("dims: [ 1, 8, 8 ]", "dims: [ 1, 8, 9 ]"))
+    disagreeing = parse_config(config.read_text())
+    disagreeing.input[0].dims[-1] = 9  # [1, 8, 8] -> [1, 8, 9]
+    config.write_text(text_format.MessageToString(disagreeing))
     triton = LocalTriton(LocalTritonConfig(repo, (*broken, "fine"), startup_timeout_s=60))
     started = time.monotonic()
     with pytest.raises(ServerError) as caught:
