@@ -19,6 +19,7 @@ with its load, so read them as rough; the latencies are interleaved and comparab
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import shutil
@@ -89,8 +90,13 @@ REUSE_FREE_KEYS = {"name", "out_dir", "progress"}  # they do not change what is 
 
 
 def same_training(recorded: dict | None, cfg: TrainConfig) -> bool:
-    wanted = {k: v for k, v in cfg.to_dict().items() if k not in REUSE_FREE_KEYS}
-    return recorded is not None and {k: v for k, v in recorded.items() if k not in REUSE_FREE_KEYS} == wanted
+    """`recorded` (a run's config) trains what `cfg` would. A key added to the config after that run was
+    made counts as its default, which keeps the earlier behaviour."""
+    if recorded is None:
+        return False
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    return all(recorded.get(key, defaults.get(key)) == value
+               for key, value in cfg.to_dict().items() if key not in REUSE_FREE_KEYS)
 
 
 def finished_with(run_dir: Path, cfg: TrainConfig) -> bool:
