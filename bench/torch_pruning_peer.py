@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.metadata
 import json
 import sys
 import time
@@ -220,7 +221,8 @@ def train_peer(cfg: TrainConfig, target_flops: float | None = None) -> dict:
         "params_ratio": count_params(model) / dense_params, "train_seconds": train_seconds,
         "train_flops_ratio": (dense_epochs + (cfg.epochs - dense_epochs) * flops_ratio) / cfg.epochs,
         "train_energy": energy.to_dict() if energy is not None else None,
-        "pruning": pruning, "torch_pruning": tp.__version__, "max_abs_diff_onnx": onnx_diff,
+        # the distribution's version: the module's __version__ says 1.6.0 in the 1.6.1 wheel
+        "pruning": pruning, "torch_pruning": importlib.metadata.version("torch-pruning"), "max_abs_diff_onnx": onnx_diff,
         "widths": {name: module.out_channels for name, module in model.named_modules()
                    if isinstance(module, nn.Conv2d)},
         "config": cfg.to_dict(), "provenance": provenance(),

@@ -112,7 +112,7 @@ def torch_pruning_table(document: dict) -> list[str]:
     step = document["pruning"]
     return ["| method | epochs | test accuracy | kept MACs | kept params | training s | training MACs |",
             "|---|---:|---:|---:|---:|---:|---:|",
-            f"| Torch-Pruning {document['torch_pruning']}, L1 global, round_to 16 | {document['epochs']} "
+            f"| Torch-Pruning (`requirements-bench.txt`), L1 global, round_to 16 | {document['epochs']} "
             f"| {document['test_accuracy']:.4f} | {document['flops_ratio']:.3f} ({document['pruned_flops'] / 1e6:.2f}M) "
             f"| {document['params_ratio']:.3f} ({document['pruned_params'] / 1e3:.1f}k) "
             f"| {document['train_seconds']:.0f} | {document['train_flops_ratio']:.3f} |",
