@@ -29,7 +29,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 import torch
 
-from bench.timing import cpu_name, interleaved, ort_runner, ort_session, session_settings, summarize
+from bench.timing import cpu_name, time_onnx
 from common.atomicio import write_bytes, write_json, write_text
 from export.__main__ import parse_args as export_args
 from export.__main__ import run_export
@@ -57,6 +57,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--runs", type=Path, default=Path("runs/compare"), help="run folders go here")
     parser.add_argument("--out", type=Path, default=Path("reports/compare"), help="report folder")
     parser.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads for the timing")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="interleaved timing rounds per batch size (default 300, 10 with --quick)")
     parser.add_argument("--samples", type=int, default=512, help="test images for export's checks")
     parser.add_argument("--reuse", action="store_true",
                         help="keep a finished, exported run whose config is the requested one")
@@ -95,14 +97,9 @@ def train_and_export(cfg: TrainConfig, args: argparse.Namespace) -> dict:
 
 
 def time_models(paths: dict[str, Path], threads: int, settings: dict) -> tuple[dict, dict]:
-    """Per method and batch size: median/p95 ms of its pruned ONNX, all methods interleaved."""
-    sessions = {method: ort_session(path, threads) for method, path in paths.items()}
-    results: dict[str, dict] = {method: {} for method in paths}
-    for batch in BATCHES:
-        times = interleaved({m: ort_runner(s, batch) for m, s in sessions.items()}, **settings)
-        for method, seconds in times.items():
-            results[method][str(batch)] = summarize(seconds)
-    return results, session_settings(next(iter(sessions.values())))
+    """Per method and batch size: median/p95/min ms of its pruned ONNX, all methods interleaved."""
+    summaries, session = time_onnx(paths, threads, BATCHES, **settings)
+    return {method: {str(batch): summaries[batch][method] for batch in BATCHES} for method in paths}, session
 
 
 def row_for(method: str, metrics: dict, latency: dict, dense_latency: dict) -> dict:
@@ -131,10 +128,12 @@ def markdown(report: dict) -> str:
         f"{budget['dataset']}, {budget['model']}, {budget['epochs']} epochs, train_subset {budget['train_subset']}, "
         f"seed {budget['seed']}{' (--quick: a smoke run, not a result)' if report['quick'] else ''}. "
         f"Latency: onnxruntime CPU ({report['timing']['threads']} threads, {report['cpu']}), exported pruned "
-        "ONNX, median over interleaved rounds; speed-up against dense in brackets.",
+        "ONNX, median over interleaved rounds; speed-up against dense in brackets; batch-64 spread (min / p95) "
+        "in the last column.",
         "",
-        "| method | test acc | kept FLOPs | kept params | train s | train J | train FLOPs | batch 1 ms | batch 64 ms |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| method | test acc | kept FLOPs | kept params | train s | train J | train FLOPs | batch 1 ms | batch 64 ms "
+        "| batch 64 min / p95 ms |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in report["rows"]:
         lat, gain = row["latency_ms"], row["speedup"]
@@ -142,7 +141,8 @@ def markdown(report: dict) -> str:
         joules = f"{row['train_energy']['joules']:.0f}" if row["train_energy"] else "n/a"
         lines.append(f"| {row['label']} | {row['test_accuracy']:.4f} | {row['flops_ratio']:.3f} | {params} | "
                      f"{row['train_seconds']:.0f} | {joules} | {row['train_flops_ratio']:.3f} | "
-                     f"{lat['1']:.3f} ({gain['1']:.2f}x) | {lat['64']:.2f} ({gain['64']:.2f}x) |")
+                     f"{lat['1']:.3f} ({gain['1']:.2f}x) | {lat['64']:.2f} ({gain['64']:.2f}x) | "
+                     f"{row['latency']['64']['min_ms']:.2f} / {row['latency']['64']['p95_ms']:.2f} |")
     lines += [
         "",
         "- kept FLOPs: conv + linear MACs of the exported network / dense. kept params: parameters of the exported "
@@ -192,6 +192,8 @@ def run(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     metrics = {method: train_and_export(cfg, args) for method, cfg in configs.items()}
     settings = dict(QUICK_TIMING if args.quick else FULL_TIMING)
+    if args.rounds is not None:  # e.g. --quick --reuse --rounds 300: re-time quick runs properly
+        settings.update(rounds=args.rounds, budget_s=FULL_TIMING["budget_s"])
     print("== timing the exported models, interleaved", flush=True)
     latency, session = time_models({m: args.runs / m / "pruned.onnx" for m in METHODS}, args.threads, settings)
     budget = {k: configs["dense"].to_dict()[k] for k in ("dataset", "model", "epochs", "batch_size",
