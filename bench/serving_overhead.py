@@ -186,7 +186,10 @@ def peak_throughput(endpoints, models: dict, images: np.ndarray, settings: dict)
                "avg_execution_batch": float(np.median([r["avg_execution_batch"] for r in records]))}
               for (role, batch, concurrency), records in by_point.items()]
     peak = {role: max((p for p in points if p["role"] == role), key=lambda p: p["infer_per_s"]) for role in ROLES}
+    rate = {(p["role"], p["batch_size"], p["concurrency"]): p["infer_per_s"] for p in points}
+    per_point = [rate[("pruned", b, c)] / rate[("dense", b, c)] for (role, b, c) in rate if role == "dense"]
     return {"protocol": "grpc", "repeats": settings["repeats"], "points": points,
+            "median_point_speedup": float(np.median(per_point)),  # pruned / dense at the same load point
             "peak": {role: {k: peak[role][k] for k in ("batch_size", "concurrency", "infer_per_s")} for role in ROLES},
             "speedup": peak["pruned"]["infer_per_s"] / peak["dense"]["infer_per_s"]}
 
@@ -274,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(f"peak throughput: dense {throughput['peak']['dense']['infer_per_s']:.0f}/s, pruned "
           f"{throughput['peak']['pruned']['infer_per_s']:.0f}/s, speed-up {throughput['speedup']:.2f}x "
-          f"(FLOPs {flops_speedup:.2f}x)")
+          f"(FLOPs {flops_speedup:.2f}x; median over load points {throughput['median_point_speedup']:.2f}x)")
     print(f"batch 1: onnxruntime {ort_b1:.2f}x, server {b1['speedup']['server']:.2f}x, client ({headline_mode}) "
           f"{client_b1:.2f}x = {client_b1 / ort_b1:.2f} of onnxruntime's; server overhead {overhead_b1:.3f} ms")
     for goal, met in report["goals"].items():

@@ -9,9 +9,9 @@ which a classifier would turn into a silent argmax) gets its own INVALID_ARG err
 fails its neighbours or the model. `initialize` refuses a config.pbtxt whose input or output disagrees
 with model.onnx, so the load fails with the reason instead of every request failing later.
 Tunables come from the config's `parameters`:
-  intra_op_thread_count  onnxruntime intra-op threads (0 = onnxruntime decides). With 1 the session has
-                         no pool at all: the stub's own thread runs every op, so no worker is woken per
-                         request (export's default; throughput comes from more instances instead)
+  intra_op_thread_count  onnxruntime intra-op threads (0 = onnxruntime decides, export's default). With 1
+                         the session has no pool at all: no worker is woken per request (docs/serving.md
+                         has the measured comparison)
   allow_spinning         "0" (default) stops idle ORT threads spinning, which on a small CPU steals
                          cycles from the other loaded model and from the client
 The per-request path is kept short (docs/serving.md): a lone request, the common case at low load, runs

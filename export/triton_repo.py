@@ -52,8 +52,8 @@ class TritonModelOptions:
     max_batch_size: int = 64
     preferred_batch_sizes: tuple[int, ...] = (8, 16, 32, 64)
     max_queue_delay_us: int = 0          # adds straight to single-client latency: keep 0 or tiny
-    instance_count: int = 2              # CPU: one instance per core, each one thread (docs/serving.md)
-    intra_op_threads: int = 1            # onnxruntime intra-op threads, 0 = onnxruntime decides
+    instance_count: int = 1
+    intra_op_threads: int = 0            # onnxruntime intra-op threads, 0 = onnxruntime decides
     warmup: bool = True
     gpu_tensorrt: bool = False           # ORT's TensorRT execution accelerator inside onnxruntime_onnx
     gpu_precision: str = "FP16"          # TensorRT accelerator precision: FP32 | FP16

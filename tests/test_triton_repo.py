@@ -45,8 +45,8 @@ def test_cpu_entry_layout_and_config(tmp_path, onnx_file):
     assert config.dynamic_batching.max_queue_delay_microseconds == 0
     assert list(config.dynamic_batching.preferred_batch_size) == [8, 16, 32, 64]
     assert config.instance_group[0].kind == config.instance_group[0].KIND_CPU
-    assert config.instance_group[0].count == 2  # export's measured CPU default: two single-thread instances
-    assert config.parameters["intra_op_thread_count"].string_value == "1"
+    assert config.instance_group[0].count == 1
+    assert config.parameters["intra_op_thread_count"].string_value == "0"
     assert [w.batch_size for w in config.model_warmup] == [1, 64]
 
 
