@@ -22,14 +22,19 @@ BENCH_ARGS  ?=
 COMPARE_ARGS ?=
 FMNIST   := data/fashion-mnist/train-images-idx3-ubyte.gz
 STAMP    := $(VENV)/.installed$(if $(GPU),-gpu)
+# One stack per venv: GPU=1 installs requirements-gpu.txt (onnxruntime-gpu, TensorRT) INSTEAD of
+# requirements.txt (onnxruntime); the other build of onnxruntime is removed first, the two collide.
+REQUIREMENTS := $(if $(GPU),requirements-gpu.txt,requirements.txt)
+OTHER_ORT    := $(if $(GPU),onnxruntime,onnxruntime-gpu)
 
 .PHONY: all venv data train export serve test bench compare clean
 all: train export serve
 
-$(STAMP): requirements.txt $(if $(GPU),requirements-gpu.txt)
+$(STAMP): requirements-common.txt $(REQUIREMENTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements.txt $(if $(GPU),-r requirements-gpu.txt)
+	! $(PY) -m pip show -q $(OTHER_ORT) 2>/dev/null || $(PY) -m pip uninstall -q -y onnxruntime onnxruntime-gpu
+	$(PY) -m pip install -q -r $(REQUIREMENTS)
 	$(PY) -m serving.perf_analyzer --install || echo "perf_analyzer not installed: serving probes run without it"
 	touch $@
 
@@ -56,12 +61,12 @@ serve: venv
 	$(PY) -m serving --repository $(REPO) --run $(RUN_DIR) --report-dir $(REPORTS) $(SERVE_ARGS)
 
 bench: venv
-	$(PY) bench/speedup.py --run $(RUN_DIR) --out $(REPORTS)/speedup.json $(BENCH_ARGS)
-	$(PY) bench/train_overhead.py --config $(CONFIG) --out $(REPORTS)/train_overhead.json $(BENCH_ARGS)
+	$(PY) -m bench.speedup --run $(RUN_DIR) --out $(REPORTS)/speedup.json $(BENCH_ARGS)
+	$(PY) -m bench.train_overhead --config $(CONFIG) --out $(REPORTS)/train_overhead.json $(BENCH_ARGS)
 
 # dense, polarized, activation density and FlipOut on one budget: reports/compare/compare.{json,md,png}
 compare: venv data
-	OMP_WAIT_POLICY=PASSIVE $(PY) bench/compare.py $(COMPARE_ARGS)
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m bench.compare $(COMPARE_ARGS)
 
 # PASSIVE: OpenMP threads that spin while waiting made torch 10x slower whenever anything else ran.
 test: venv data

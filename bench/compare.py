@@ -1,11 +1,11 @@
 """Side by side on one budget: dense, polarized (ours), activation density and FlipOut.
 
-    python bench/compare.py [--quick] [--config configs/fmnist_resnet20.yaml] [--set key=value ...]
+    python -m bench.compare [--quick] [--config configs/fmnist_resnet20.yaml] [--set key=value ...]
                             [--runs runs/compare] [--out reports/compare] [--threads 2] [--reuse]
     make compare [COMPARE_ARGS="--quick"]
 
 Every method trains with `training.loop.train` on the same config (only `method` and the run name differ)
-into <runs>/<method>/ and is exported by export's own entry point (`run_export`; Triton models go to
+into <runs>/<method>/ and is exported by the export library (`export.api.run`; Triton models go to
 <runs>/model_repository, the dense run serving as every run's dense model). The four exported pruned ONNX
 models are timed with onnxruntime CPU in this one process, interleaved (`bench.timing`), at batch 1 and
 64. Out: <out>/compare.json, compare.md and compare.png (accuracy against kept FLOPs and against measured
@@ -24,15 +24,13 @@ import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import torch
 
 from bench.timing import cpu_name, time_onnx
 from common.atomicio import write_bytes, write_json, write_text
-from export.__main__ import parse_args as export_args
-from export.__main__ import run_export
+from common.cli import EXIT_OK, PolarpruneError, cli_parser, fail
+from export.api import ExportOptions
+from export.api import run as run_export
+from training.checkpoint import load_checkpoint
 from training.config import TrainConfig, load_config, make_config
 from training.loop import train
 
@@ -48,7 +46,7 @@ QUICK_CONFIG = {"epochs": 2, "batch_size": 64, "train_subset": 256, "val_size": 
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="bench/compare.py", description=__doc__.split("\n")[0])
+    parser = cli_parser("python -m bench.compare", __doc__.split("\n")[0])
     parser.add_argument("--config", type=Path, default=Path("configs/fmnist_resnet20.yaml"),
                         help="the shared budget (its method key is replaced per run)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -77,8 +75,7 @@ def finished_with(run_dir: Path, cfg: TrainConfig) -> bool:
     """A complete, exported run made with exactly this config."""
     if not (run_dir / "metrics.json").is_file() or not (run_dir / "export_report.json").is_file():
         return False
-    state = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)
-    return state.get("config") == cfg.to_dict()
+    return load_checkpoint(run_dir / "checkpoint.pt").get("config") == cfg.to_dict()
 
 
 def train_and_export(cfg: TrainConfig, args: argparse.Namespace) -> dict:
@@ -90,9 +87,9 @@ def train_and_export(cfg: TrainConfig, args: argparse.Namespace) -> dict:
         train(cfg)
         print(f"== {cfg.method}: export", flush=True)
         # The other runs serve the trained dense run as their dense model (export's --dense-run).
-        dense_run = [] if cfg.method == "dense" else ["--dense-run", str(Path(cfg.out_dir) / "dense")]
-        run_export(export_args(["--run", str(run_dir), "--repository", str(args.runs / "model_repository"),
-                                "--samples", str(args.samples), *dense_run]))
+        dense_run = None if cfg.method == "dense" else Path(cfg.out_dir) / "dense"
+        run_export(ExportOptions(run=run_dir, repository=args.runs / "model_repository", samples=args.samples,
+                                 dense_run=dense_run))
     return json.loads((run_dir / "metrics.json").read_text())
 
 
@@ -214,10 +211,13 @@ def run(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    report = run(args)
+    try:
+        report = run(args)
+    except PolarpruneError as error:  # a bad config, or a run that failed training's or export's checks
+        return fail("python -m bench.compare", error)
     print(markdown(report))
     print(f"wrote {args.out / 'compare.json'}, compare.md, compare.png")
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -20,6 +20,8 @@ from typing import Callable, Iterator, Mapping
 import numpy as np
 import onnxruntime as ort
 
+from bench import BenchError
+
 ORT_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 # Spinning (onnxruntime's default) keeps a session's idle workers busy-waiting after each run: with several
 # sessions alive in one process, a dense batch-64 run took 28 ms instead of 15 ms on 2 cores.
@@ -28,7 +30,7 @@ NO_SPINNING = {"session.intra_op.allow_spinning": "0", "session.inter_op.allow_s
 Runner = Callable[[], object]
 
 
-class BackendUnavailable(RuntimeError):
+class BackendUnavailable(BenchError, RuntimeError):
     """The requested backend (onnxruntime execution provider, TensorRT) is not usable on this machine."""
 
 

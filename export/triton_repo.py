@@ -3,8 +3,12 @@
 Targets
   cpu  python backend running onnxruntime (`model.onnx` + `model.py`); the only backend the bundled
        CPU Triton build has.
-  gpu  `onnxruntime_onnx` on KIND_GPU (optionally ORT's TensorRT accelerator), or `tensorrt_plan` when an
-       engine file is given. These load only in NVIDIA's Triton container, never here.
+  gpu  `onnxruntime_onnx` on KIND_GPU with onnxruntime's TensorRT execution accelerator: the server builds
+       the engine from model.onnx itself and caches it, so builder and server never disagree on a TensorRT
+       version. A prebuilt engine (`tensorrt_plan`) is the option: it loads only in the TensorRT that built
+       it, so its entry records that version and `plan_problem` refuses a server that ships another one.
+       These load only in NVIDIA's Triton container, never here; its python backend cannot run the cpu
+       target (that needs onnxruntime and numpy in the container's Python).
 
 Safety rules: a version a server may be serving is never touched (each export adds version n+1); a model
 folder holding anything this module did not write (tracked in `.polarprune.json`) is refused before any
@@ -44,6 +48,63 @@ class RepositoryError(RuntimeError):
     """The repository entry cannot be written safely; nothing was written."""
 
 
+class ConfigError(RepositoryError):
+    """config.pbtxt text that is not a usable Triton ModelConfig; `detail` is protobuf's line:column
+    message or what is missing."""
+
+    def __init__(self, message: str, detail: str):
+        super().__init__(message)
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class TritonRelease:
+    """One NVIDIA Triton container release and the TensorRT inside it (its release notes' version table)."""
+
+    container: str   # nvcr.io/nvidia/tritonserver:<container>-py3
+    triton: str      # the server version its metadata reports
+    tensorrt: str    # major.minor.patch; requirements-gpu.txt pins the same for `--engine` builds
+
+    @property
+    def image(self) -> str:
+        return f"nvcr.io/nvidia/tritonserver:{self.container}-py3"
+
+
+# The release the GPU path is written for. A plan served by it must be built by this TensorRT.
+TRITON_RELEASE = TritonRelease(container="24.12", triton="2.53.0", tensorrt="10.7.0")
+KNOWN_RELEASES = {release.triton: release for release in (TRITON_RELEASE,)}
+
+
+def engine_version(version: str) -> tuple[int, ...]:
+    """(major, minor, patch) of a TensorRT version string: what decides whether a plan deserializes
+    (the PyPI wheel says 10.7.0 or 10.7.0.post1 where the container's library says 10.7.0.23)."""
+    numbers = re.findall(r"\d+", version)
+    if len(numbers) < 3:
+        raise RepositoryError(f"cannot read a TensorRT major.minor.patch version from {version!r}")
+    return tuple(int(n) for n in numbers[:3])
+
+
+def plan_problem(plan_tensorrt: str | None, server_triton: str | None,
+                 server_tensorrt: str | None = None) -> str | None:
+    """Why a server cannot load a TensorRT plan built by `plan_tensorrt`, or None when it can.
+    The server's TensorRT is `server_tensorrt` when known, else looked up from its Triton version."""
+    if not plan_tensorrt:
+        return "the plan's TensorRT version is not recorded (re-export with --engine to record it)"
+    if server_tensorrt is None:
+        release = KNOWN_RELEASES.get(server_triton or "")
+        if release is None:
+            return (f"cannot tell which TensorRT Triton {server_triton or '(unknown version)'} ships (known: "
+                    + ", ".join(f"Triton {r.triton} = container {r.container} = TensorRT {r.tensorrt}"
+                                for r in KNOWN_RELEASES.values())
+                    + "); give it with --server-tensorrt, or serve model.onnx (the default gpu target)")
+        server_tensorrt = release.tensorrt
+    if engine_version(plan_tensorrt) != engine_version(server_tensorrt):
+        return (f"the plan was built by TensorRT {plan_tensorrt} but the server runs TensorRT {server_tensorrt}; "
+                "a serialized engine loads only in the TensorRT that built it: rebuild it with that version "
+                "(docs/gpu.md) or serve model.onnx (export --target gpu without --serve-plan)")
+    return None
+
+
 @dataclass(frozen=True)
 class TritonModelOptions:
     """How the model is served. `gpu_*`/`engine_path` only matter for target "gpu"."""
@@ -55,10 +116,14 @@ class TritonModelOptions:
     instance_count: int = 1
     intra_op_threads: int = 0            # onnxruntime intra-op threads, 0 = onnxruntime decides
     warmup: bool = True
-    gpu_tensorrt: bool = False           # ORT's TensorRT execution accelerator inside onnxruntime_onnx
+    gpu_tensorrt: bool = True            # ORT's TensorRT execution accelerator inside onnxruntime_onnx
     gpu_precision: str = "FP16"          # TensorRT accelerator precision: FP32 | FP16
     gpu_workspace_bytes: int = 1 << 30
+    # Where the server caches the engines it builds (inside its container; mount a volume to keep them
+    # across restarts). Not under the model folder: that holds only files export wrote.
+    gpu_engine_cache: str = "/tmp/polarprune_trt_cache"
     engine_path: str | None = None       # serve this TensorRT plan (platform tensorrt_plan) instead
+    engine_tensorrt: str | None = None   # the TensorRT version that built engine_path
 
     def check(self) -> None:
         if self.target not in TARGETS:
@@ -71,6 +136,8 @@ class TritonModelOptions:
             raise RepositoryError(f"gpu_precision must be FP32 or FP16, not {self.gpu_precision!r}")
         if self.engine_path and self.target != "gpu":
             raise RepositoryError("engine_path (TensorRT plan) needs target 'gpu'")
+        if self.engine_path:
+            engine_version(self.engine_tensorrt or "")  # a plan without its TensorRT version cannot be checked
 
 
 @dataclass(frozen=True)
@@ -112,57 +179,52 @@ def read_onnx_signature(onnx_path: str | os.PathLike) -> ModelSignature:
     return ModelSignature(inputs[0].name, dims_of(inputs[0]), graph.output[0].name, dims_of(graph.output[0]))
 
 
-def _dims(dims: tuple[int, ...]) -> str:
-    return "[ " + ", ".join(str(d) for d in dims) + " ]"
+def build_config(model_name: str, signature: ModelSignature,
+                 options: TritonModelOptions) -> model_config_pb2.ModelConfig:
+    """Triton's ModelConfig message for `options.target`."""
+    options.check()
+    pb = model_config_pb2
+    config = pb.ModelConfig(name=model_name, max_batch_size=options.max_batch_size)
+    if options.target == "cpu":
+        config.backend = "python"
+    elif options.engine_path:
+        config.platform, config.default_model_filename = "tensorrt_plan", "model.plan"
+    else:
+        config.platform, config.default_model_filename = "onnxruntime_onnx", "model.onnx"
+    config.input.add(name=signature.input_name, data_type=pb.TYPE_FP32, dims=signature.input_dims)
+    config.output.add(name=signature.output_name, data_type=pb.TYPE_FP32, dims=signature.output_dims)
+    config.dynamic_batching.preferred_batch_size.extend(
+        b for b in options.preferred_batch_sizes if 1 <= b <= options.max_batch_size)
+    config.dynamic_batching.max_queue_delay_microseconds = options.max_queue_delay_us
+    kind = pb.ModelInstanceGroup.KIND_CPU if options.target == "cpu" else pb.ModelInstanceGroup.KIND_GPU
+    config.instance_group.add(kind=kind, count=options.instance_count)
+    if options.target == "cpu":
+        # Read by model.py; the key is the one Triton's onnxruntime backend uses for the same knob.
+        config.parameters["intra_op_thread_count"].string_value = str(options.intra_op_threads)
+    if options.target == "gpu" and options.gpu_tensorrt and not options.engine_path:
+        accelerator = config.optimization.execution_accelerators.gpu_execution_accelerator.add(name="tensorrt")
+        accelerator.parameters.update({
+            "precision_mode": options.gpu_precision,
+            "max_workspace_size_bytes": str(options.gpu_workspace_bytes),
+            "trt_engine_cache_enable": "1",
+            "trt_engine_cache_path": f"{options.gpu_engine_cache}/{model_name}",
+        })
+    if options.warmup:
+        # Zeros, not random data: model.py rejects NaN/Inf and a failed warm-up fails the load. The largest
+        # batch also makes the TensorRT accelerator build its engine for the full batch range at load time.
+        for batch in sorted({1, options.max_batch_size}):
+            sample = config.model_warmup.add(name=f"zeros_batch{batch}", batch_size=batch)
+            sample.inputs[signature.input_name].data_type = pb.TYPE_FP32
+            sample.inputs[signature.input_name].dims.extend(signature.input_dims)
+            sample.inputs[signature.input_name].zero_data = True
+    return config
 
 
 def render_config(model_name: str, signature: ModelSignature, options: TritonModelOptions) -> str:
     """The config.pbtxt text for `options.target` (validated by `parse_config` before any write)."""
-    options.check()
-    if options.target == "cpu":
-        header = 'backend: "python"'
-        kind = "KIND_CPU"
-    elif options.engine_path:
-        header = 'platform: "tensorrt_plan"\ndefault_model_filename: "model.plan"'
-        kind = "KIND_GPU"
-    else:
-        header = 'platform: "onnxruntime_onnx"\ndefault_model_filename: "model.onnx"'
-        kind = "KIND_GPU"
-    preferred = [b for b in options.preferred_batch_sizes if 1 <= b <= options.max_batch_size]
-    parts = [
-        f"# Written by polarprune export/triton_repo.py (target {options.target}); rewritten on export.",
-        f'name: "{model_name}"',
-        header,
-        f"max_batch_size: {options.max_batch_size}",
-        f'input [ {{ name: "{signature.input_name}" data_type: TYPE_FP32 '
-        f"dims: {_dims(signature.input_dims)} }} ]",
-        f'output [ {{ name: "{signature.output_name}" data_type: TYPE_FP32 '
-        f"dims: {_dims(signature.output_dims)} }} ]",
-        "dynamic_batching {"
-        + (f"\n  preferred_batch_size: {_dims(tuple(preferred))}" if preferred else "")
-        + f"\n  max_queue_delay_microseconds: {options.max_queue_delay_us}\n}}",
-        f"instance_group [ {{ kind: {kind} count: {options.instance_count} }} ]",
-    ]
-    if options.target == "cpu":
-        # Read by model.py; the key is the one Triton's onnxruntime backend uses for the same knob.
-        parts.append('parameters [ { key: "intra_op_thread_count" '
-                     f'value: {{ string_value: "{options.intra_op_threads}" }} }} ]')
-    if options.target == "gpu" and options.gpu_tensorrt and not options.engine_path:
-        parts.append(
-            "optimization { execution_accelerators { gpu_execution_accelerator [ {\n"
-            '  name: "tensorrt"\n'
-            f'  parameters {{ key: "precision_mode" value: "{options.gpu_precision}" }}\n'
-            f'  parameters {{ key: "max_workspace_size_bytes" value: "{options.gpu_workspace_bytes}" }}\n'
-            "} ] } }")
-    if options.warmup:
-        # Zeros, not random data: model.py rejects NaN/Inf and a failed warm-up fails the load.
-        samples = sorted({1, options.max_batch_size})
-        entries = ",\n".join(
-            f'  {{ name: "zeros_batch{b}" batch_size: {b} inputs {{ key: "{signature.input_name}" '
-            f"value: {{ data_type: TYPE_FP32 dims: {_dims(signature.input_dims)} zero_data: true }} }} }}"
-            for b in samples)
-        parts.append(f"model_warmup [\n{entries}\n]")
-    return "\n".join(parts) + "\n"
+    body = text_format.MessageToString(build_config(model_name, signature, options))
+    return (f"# Written by polarprune export/triton_repo.py (target {options.target}); rewritten on export.\n"
+            + body)
 
 
 def parse_config(text: str, model_name: str | None = None) -> model_config_pb2.ModelConfig:
@@ -171,11 +233,13 @@ def parse_config(text: str, model_name: str | None = None) -> model_config_pb2.M
     try:
         text_format.Parse(text, config)
     except text_format.ParseError as bad:
-        raise RepositoryError(f"config.pbtxt does not parse as Triton ModelConfig: {bad}") from None
+        raise ConfigError(f"config.pbtxt does not parse as Triton ModelConfig: {bad}", str(bad)) from None
     if model_name is not None and config.name != model_name:
-        raise RepositoryError(f"config name {config.name!r} != model folder {model_name!r}")
+        problem = f"config name {config.name!r} != model folder {model_name!r}"
+        raise ConfigError(problem, problem)
     if not (config.backend or config.platform) or not config.input or not config.output:
-        raise RepositoryError("config.pbtxt needs a backend/platform, an input and an output")
+        problem = "config.pbtxt needs a backend/platform, an input and an output"
+        raise ConfigError(problem, problem)
     return config
 
 

@@ -24,14 +24,19 @@ import tritonclient.http as httpclient
 import tritonclient.utils.shared_memory as system_shm
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype, triton_to_np_dtype
 
+from common.cli import EXIT_BAD_INPUT
+from serving.errors import ServingStageError
+
 PROTOCOLS = ("http", "grpc")
 
 
-class InputSpecError(ValueError):
+class InputSpecError(ServingStageError, ValueError):
     """The input does not match what the model accepts; nothing was sent."""
 
+    exit_code = EXIT_BAD_INPUT
 
-class ServingError(RuntimeError):
+
+class ServingError(ServingStageError, RuntimeError):
     """The server (or the connection to it) failed the request."""
 
     def __init__(self, model: str, status: str, message: str):

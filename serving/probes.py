@@ -18,20 +18,30 @@ from pathlib import Path
 import numpy as np
 
 from bench.timing import interleaved, ort_session, percentile, summarize
+from common.tolerance import allowed_difference, tolerance
+from export.triton_repo import ConfigError, parse_config
 from serving.client import TritonClassifier
 from serving.perf_analyzer import find_perf_analyzer
 from serving.run_artifacts import RunArtifacts
 from serving.server import Endpoints
 
 ROLES = ("dense", "pruned")
+# A closed-loop run's clients meet at a barrier before its window opens, so every client sees the same
+# window; a client that has not connected by then is stuck, and the run fails instead of waiting on.
+CLIENT_START_TIMEOUT_S = 60.0
+# After the window and the last request's own timeout: time for the client threads to notice and end.
+CLIENT_STOP_GRACE_S = 5.0
+
+
+def longest_drive_s(seconds: float, timeout_s: float) -> float:
+    """The longest a `_drive` of `seconds` with `timeout_s` requests can take before it returns."""
+    return CLIENT_START_TIMEOUT_S + seconds + timeout_s + CLIENT_STOP_GRACE_S
 
 
 @dataclass(frozen=True)
 class ProbeSettings:
     protocols: tuple[str, ...] = ("http", "grpc")  # the first one is the headline / sweep protocol
-    correctness_samples: int = 64
-    atol: float = 1e-4                 # |served - onnxruntime| <= atol + rtol * max|onnxruntime|
-    rtol: float = 1e-4
+    correctness_samples: int = 64      # bounds per platform and precision: common/tolerance.py
     accuracy_samples: int = 0          # 0 = every test sample
     latency_warmup: int = 50           # per model and protocol
     latency_requests: int = 500        # per model and protocol
@@ -78,22 +88,52 @@ def served_version(client: TritonClassifier) -> str:
 
 
 # ---- correctness and accuracy ------------------------------------------------------------------
+def served_precision(model_dir: Path, engine_precision: str | None) -> tuple[str, str, str]:
+    """(device, precision, why) the served model computes in, read from its config.pbtxt: the python
+    backend runs onnxruntime on the CPU; onnxruntime_onnx runs CUDA kernels, or TensorRT at the
+    accelerator's precision_mode; a tensorrt_plan at the precision export built it with."""
+    try:
+        config = parse_config((model_dir / "config.pbtxt").read_text(errors="replace"))
+    except (OSError, ConfigError) as error:
+        raise ValueError(f"{model_dir}/config.pbtxt: cannot tell what the model computes in ({error})") from None
+    if config.backend == "python":
+        return "cpu", "fp32", "python backend: onnxruntime on the CPU"
+    if config.platform == "tensorrt_plan":
+        if engine_precision not in ("fp32", "fp16"):
+            raise ValueError(f"{model_dir}: a TensorRT plan, but export_report.json records no engine precision")
+        return "gpu", engine_precision, f"TensorRT plan built {engine_precision}"
+    for accelerator in config.optimization.execution_accelerators.gpu_execution_accelerator:
+        if accelerator.name == "tensorrt":
+            precision = accelerator.parameters.get("precision_mode", "FP32").lower()
+            return "gpu", precision, f"onnxruntime's TensorRT accelerator at {precision}"
+    gpu = any(group.kind == group.KIND_GPU for group in config.instance_group)
+    return ("gpu" if gpu else "cpu"), "fp32", f"{config.platform or config.backend} on the {'GPU' if gpu else 'CPU'}"
+
+
 def probe_correctness(endpoints: Endpoints, models: dict[str, str], repository: Path,
-                      images: np.ndarray, settings: ProbeSettings) -> dict:
-    """Served logits vs onnxruntime run here on the same ONNX file from the repository."""
+                      images: np.ndarray, settings: ProbeSettings, run: RunArtifacts | None = None) -> dict:
+    """Served logits vs onnxruntime (CPU) run here on the same ONNX: the repository's model.onnx, or for a
+    TensorRT plan the run's <role>.onnx it was built from. The bound depends on what the server computes
+    in (common/tolerance.py) and is reported with its reason."""
     batch = images[:settings.correctness_samples]
+    engine = (run.export_report.get("engine") or {}) if run is not None else {}
     report = {}
     for role, name in models.items():
         with TritonClassifier(endpoints.url(settings.protocols[0]), name, settings.protocols[0]) as probe:
             version = served_version(probe)
         onnx_path = Path(repository) / name / version / "model.onnx"
+        if not onnx_path.is_file() and run is not None:
+            onnx_path = run.run_dir / f"{role}.onnx"  # a plan: check it against the ONNX it was built from
         if not onnx_path.is_file():
             report[role] = {"skipped": f"{onnx_path} not found here (served version {version or '?'})"}
             continue
+        device, precision, basis = served_precision(Path(repository) / name, engine.get("precision"))
         session = ort_session(onnx_path, threads=1)
         expected = session.run(None, {session.get_inputs()[0].name: batch})[0]
-        tolerance = settings.atol + settings.rtol * float(np.abs(expected).max())
-        entry = {"model": name, "version": version, "samples": int(len(batch)), "tolerance": tolerance}
+        bound = tolerance(device, precision)
+        entry = {"model": name, "version": version, "samples": int(len(batch)), "reference": str(onnx_path),
+                 "tolerance": allowed_difference(bound, float(np.abs(expected).max())),
+                 "tolerance_basis": f"{device}/{precision} bound {bound:g} x max(1, logit scale): {basis}"}
         for protocol in settings.protocols:
             with TritonClassifier(endpoints.url(protocol), name, protocol) as client:
                 as_batch = client.logits(batch)
@@ -102,7 +142,7 @@ def probe_correctness(endpoints: Endpoints, models: dict[str, str], repository: 
                        float(np.abs(one_by_one - expected[:len(one_by_one)]).max()))
             entry[protocol] = {"max_abs_diff": diff,
                                "top1_match": float((as_batch.argmax(1) == expected.argmax(1)).mean()),
-                               "ok": diff <= tolerance}
+                               "ok": diff <= entry["tolerance"]}
         entry["ok"] = all(entry[p]["ok"] for p in settings.protocols)
         report[role] = entry
     return report
@@ -169,7 +209,7 @@ def _drive(url: str, protocol: str, model: str, batch: np.ndarray, concurrency: 
     errors: list[str] = []
     window = {}
     # The barrier action runs before anyone is released: every client sees the same window.
-    ready = threading.Barrier(concurrency + 1, timeout=60, action=lambda: window.update(
+    ready = threading.Barrier(concurrency + 1, timeout=CLIENT_START_TIMEOUT_S, action=lambda: window.update(
         start=time.perf_counter(), stop=time.perf_counter() + seconds))
 
     def failed(slot: int, problem: Exception) -> None:
@@ -208,7 +248,7 @@ def _drive(url: str, protocol: str, model: str, batch: np.ndarray, concurrency: 
     for thread in threads:
         thread.start()
     ready.wait()
-    hard_stop = window["stop"] + timeout_s + 5.0  # the last requests may take up to their timeout
+    hard_stop = window["stop"] + timeout_s + CLIENT_STOP_GRACE_S  # the last requests may take their timeout
     for thread in threads:
         thread.join(timeout=max(hard_stop - time.perf_counter(), 0.0))
     elapsed = time.perf_counter() - window["start"]
@@ -289,7 +329,7 @@ def run_probes(endpoints: Endpoints, repository: Path, run: RunArtifacts, settin
     headline = settings.protocols[0]
     results = {"settings": asdict(settings), "endpoints": asdict(endpoints), "models": models}
     log("correctness: served logits vs local onnxruntime ...")
-    results["correctness"] = probe_correctness(endpoints, models, repository, run.images, settings)
+    results["correctness"] = probe_correctness(endpoints, models, repository, run.images, settings, run)
     count = settings.accuracy_samples or len(run.images)
     log(f"accuracy on {min(count, len(run.images))} labelled test samples ...")
     results["accuracy"] = probe_accuracy(endpoints, models, run.images[:count], run.labels[:count], headline)

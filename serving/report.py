@@ -125,7 +125,8 @@ def render_markdown(summary: dict) -> str:
             checks.append(f"{role}: skipped ({entry['skipped']})")
         else:
             diffs = ", ".join(f"{p} max|diff| {entry[p]['max_abs_diff']:.2e}" for p in dense["latency"])
-            checks.append(f"{role}: {'OK' if entry['ok'] else 'MISMATCH'} ({diffs})")
+            checks.append(f"{role}: {'OK' if entry['ok'] else 'MISMATCH'} ({diffs}; tolerance "
+                          f"{entry['tolerance']:.2e}, {entry.get('tolerance_basis', 'cpu/fp32')})")
     lines += ["Correctness vs onnxruntime on the same ONNX: " + "; ".join(checks) + ".", ""]
 
     lines += ["Server side per request (model statistics): queue / compute in microseconds, mean "

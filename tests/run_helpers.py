@@ -16,7 +16,10 @@ ENV = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
 
 
 def training_command(settings: dict, nproc: int = 1) -> list[str]:
-    """`python -m training --set k=v ...`, under torchrun with `nproc` > 1 (gloo on CPU)."""
+    """`python -m training --set k=v ...`, under torchrun with `nproc` > 1 (gloo on CPU). Tests name their
+    device: "auto" would train on a GPU (and switch torchrun to NCCL) wherever one exists."""
+    if "device" not in settings:
+        raise ValueError("training_command: give settings a 'device' (cpu; a GPU test asks for cuda itself)")
     launcher = [sys.executable, "-m", "training"]
     if nproc > 1:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from training import data
+from training.data.readers import fashion_mnist
 from training.data import BatchIterator, DataError, DatasetInfo, ImageSet, load_splits, normalize
 
 IDX_STEMS = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
@@ -86,7 +87,7 @@ def random_set(n: int, info: DatasetInfo, seed: int = 0, labels: torch.Tensor | 
 def test_fmnist_idx_round_trip(tmp_path, compress):
     arrays = make_fmnist(tmp_path, n_train=120, n_test=30, compress=compress)
     info, train, val, test = load_splits("fashion_mnist", str(tmp_path), None, 0, seed=0)
-    assert info == data.DATASETS["fashion_mnist"]
+    assert info == data.DATASETS["fashion_mnist"].info
     assert (info.in_channels, info.num_classes, info.input_size) == (1, 10, (28, 28))
     assert len(val) == 0 and len(train) == 120 and len(test) == 30
     assert train.images.dtype == torch.uint8 and train.labels.dtype == torch.int64
@@ -99,7 +100,7 @@ def test_fmnist_idx_round_trip(tmp_path, compress):
 
 
 def _real_fmnist_dir() -> Path | None:
-    return next((d for d in data.FMNIST_SEARCH_DIRS if data._has_fmnist(d)), None)
+    return next((d for d in data.FMNIST_SEARCH_DIRS if fashion_mnist.has_fmnist(d)), None)
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +132,7 @@ def test_normalized_real_data_is_standardised(real_fmnist):
 
 
 def test_fmnist_error_names_what_to_do(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "FMNIST_SEARCH_DIRS", (tmp_path / "nowhere", tmp_path / "elsewhere"))
+    monkeypatch.setattr(fashion_mnist, "FMNIST_SEARCH_DIRS", (tmp_path / "nowhere", tmp_path / "elsewhere"))
     with pytest.raises(DataError) as error:
         load_splits("fashion_mnist", None, None, 10, seed=0)
     message = str(error.value)
@@ -224,7 +225,7 @@ def test_cifar100_batches(tmp_path, subfolder):
     write_cifar_batch(directory / "test", test_rows, test_fine, b"fine_labels", {b"coarse_labels": [0] * 9})
 
     info, train, val, test = load_splits("cifar100", str(tmp_path), None, 0, seed=0)
-    assert info.num_classes == 100 and info.mean != data.DATASETS["cifar10"].mean
+    assert info.num_classes == 100 and info.mean != data.DATASETS["cifar10"].info.mean
     np.testing.assert_array_equal(train.labels.numpy(), train_fine)
     np.testing.assert_array_equal(train.images.reshape(40, -1).numpy(), train_rows)
     np.testing.assert_array_equal(test.labels.numpy(), test_fine)
@@ -336,9 +337,9 @@ def test_val_disjoint_deterministic_and_subset(tmp_path):
     assert len(small) == 40 and torch.bincount(small.labels).tolist() == [4] * 10
     assert image_ids(small.images) <= train_ids
     assert torch.equal(val_with_subset.images, val.images)
-    with pytest.raises(ValueError, match="train_subset"):
+    with pytest.raises(DataError, match="config key 'train_subset'"):
         load_splits("fashion_mnist", tmp_path, 251, 50, seed=7)
-    with pytest.raises(ValueError, match="val_size"):
+    with pytest.raises(DataError, match="config key 'val_size'"):
         load_splits("fashion_mnist", tmp_path, None, 300, seed=7)
 
 
@@ -390,7 +391,7 @@ def test_train_batches_reproducible_per_epoch():
     # Each epoch visits distinct examples (a shuffle, not sampling with replacement).
     ids = torch.cat([y for _, y in first])
     assert ids.unique().numel() == 96
-    with pytest.raises(ValueError, match="batch_size"):
+    with pytest.raises(DataError, match="config key 'batch_size'"):
         BatchIterator(dataset, info, 101, train=True, seed=0)
 
 

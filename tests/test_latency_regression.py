@@ -14,9 +14,12 @@ from bench import fixture
 from bench.timing import BackendUnavailable
 
 ATTEMPTS = 3
-FLOPS_SHARE = 0.5          # speed-up >= 1 + 0.5 * (dense MACs / pruned MACs - 1)
+# speed-up >= 1 + share * (dense MACs / pruned MACs - 1). The CPU is compute-bound at batch 1 already; a GPU
+# running this 28x28 ResNet-20 is not, so it is held to a smaller share and only at its large batches
+# (fixture.GPU_BATCHES); batch 1 on a GPU measures launches and copies, not MACs.
+FLOPS_SHARE = {"cpu": 0.5, "cuda": 0.25, "tensorrt": 0.25}
 BASELINE_TOLERANCE = 0.75  # speed-up >= 0.75 * the recorded one
-REFRESH = "python bench/speedup.py --baseline-fixture --write-baseline --backend {backend}"
+REFRESH = "python -m bench.speedup --baseline-fixture --write-baseline --backend {backend}"
 
 _measured: dict[str, list[dict]] = {}
 
@@ -55,7 +58,7 @@ def describe(failed: list[list[str]]) -> str:
 
 @pytest.mark.parametrize("backend", ["cpu", "cuda", "tensorrt"])
 def test_pruned_is_faster_by_a_share_of_its_flops_cut(pair, backend):
-    needed = fixture.required_speedup(pair, FLOPS_SHARE)
+    needed = fixture.required_speedup(pair, FLOPS_SHARE[backend])
 
     def problems_of(measured):
         return [f"batch {batch}: speed-up {r['speedup']:.2f}x < {needed:.2f}x "
@@ -64,13 +67,13 @@ def test_pruned_is_faster_by_a_share_of_its_flops_cut(pair, backend):
 
     failed = first_pass(pair, backend, problems_of)
     assert not failed, (f"pruned model ({pair.pruned_flops / pair.dense_flops:.2f}x MACs) does not realise "
-                        f"{FLOPS_SHARE:.0%} of its ideal speed-up on {backend}:\n{describe(failed)}")
+                        f"{FLOPS_SHARE[backend]:.0%} of its ideal speed-up on {backend}:\n{describe(failed)}")
 
 
 @pytest.mark.parametrize("backend", ["cpu", "cuda", "tensorrt"])
 def test_speedup_holds_against_baseline(pair, backend):
     baseline = fixture.load_baseline()
-    recorded = {batch: fixture.baseline_speedup(baseline, backend, batch) for batch in fixture.BATCHES}
+    recorded = {batch: fixture.baseline_speedup(baseline, backend, batch) for batch in fixture.batches_for(backend)}
     if None in recorded.values():
         next(measurements(pair, backend))  # an absent backend skips with its own reason first
         pytest.skip(f"bench/baseline.json has no {backend} entry; record one with: {REFRESH.format(backend=backend)}")

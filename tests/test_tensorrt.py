@@ -1,5 +1,7 @@
 """TensorRT: version-dependent build plans (pure python, always run); real engine builds only where
 TensorRT and a GPU are present, otherwise skipped with the reason."""
+import re
+
 import pytest
 import torch
 
@@ -24,9 +26,9 @@ def test_tensorrt_10_uses_the_fp16_builder_flag():
 def test_tensorrt_11_takes_fp16_only_from_an_fp16_onnx():
     converted = plan_build("11.1.0", want_fp16=True, fp16_converter_installed=True)
     assert (converted.precision, converted.fp16_builder_flag, converted.fp16_onnx) == ("fp16", False, True)
-    fallback = plan_build("11.1.0", want_fp16=True, fp16_converter_installed=False)
-    assert (fallback.precision, fallback.fp16_builder_flag, fallback.fp16_onnx) == ("fp32", False, False)
-    assert "modelopt" in fallback.note
+    # Without the converter TensorRT 11 would build FP32 silently: the request is refused, naming both ways out.
+    with pytest.raises(EngineError, match=r"nvidia-modelopt.*--engine-fp32"):
+        plan_build("11.1.0", want_fp16=True, fp16_converter_installed=False)
 
 
 def test_fp32_requested_and_too_old_versions():
@@ -58,16 +60,20 @@ def test_engine_matches_onnxruntime(tmp_path):
 
     from export.onnx_export import export_onnx
     from export.surgery import prune
-    from export.tensorrt_build import build_and_check, fp16_converter_installed
+    from export.tensorrt_build import build_and_check, build_facts, fp16_converter_installed
     from export_fixtures import trained_model
 
     model, mask, document = trained_model("resnet20", (16, 16), seed=0, closed_blocks=["layer2.0"])
     pruned = prune(model, document, mask).pruned
     export_onnx(pruned, tmp_path / "pruned.onnx", (1, 16, 16))
-    plan = plan_build(tensorrt.__version__, True, fp16_converter_installed())
+    want_fp16 = major_version(tensorrt.__version__) == 10 or fp16_converter_installed()
+    plan = plan_build(tensorrt.__version__, want_fp16, fp16_converter_installed())
     profile = batch_profile(8)
     images = torch.randn(20, 1, 16, 16).numpy()
     result = build_and_check(tmp_path / "pruned.onnx", tmp_path / "pruned.plan", images, profile, plan,
                              tmp_path / "timing.cache", 1 << 28)
     assert (tmp_path / "pruned.plan").stat().st_size > 0 and (tmp_path / "timing.cache").is_file()
-    assert result["top1_agreement"] >= 0.9
+    assert result["top1_agreement"] >= 0.9 and result["tolerance"] == (5e-2 if want_fp16 else 1e-2)
+    facts = build_facts()
+    assert facts["tensorrt_version"] == tensorrt.__version__
+    assert re.fullmatch(r"\d+\.\d+", facts["compute_capability"])

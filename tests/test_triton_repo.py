@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import importlib.util
+import json
+import re
 import sys
 import types
 from pathlib import Path
@@ -12,10 +14,11 @@ import pytest
 from google.protobuf import json_format
 
 from tiny_onnx import tiny_classifier
-from export.triton_repo import (MANIFEST_NAME, RepositoryError, TritonModelOptions, model_versions,
-                                parse_config, read_onnx_signature, render_config, write_model_version)
+from export.triton_repo import (KNOWN_RELEASES, MANIFEST_NAME, TRITON_RELEASE, RepositoryError,
+                                TritonModelOptions, build_config, model_versions, parse_config, plan_problem,
+                                read_onnx_signature, render_config, write_model_version)
 
-
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -50,24 +53,65 @@ def test_cpu_entry_layout_and_config(tmp_path, onnx_file):
     assert [w.batch_size for w in config.model_warmup] == [1, 64]
 
 
-def test_gpu_configs_parse(tmp_path, onnx_file):
+def test_config_text_is_the_printed_protobuf_message(onnx_file):
+    """render_config prints build_config's message: parsing the text back gives the same message."""
     signature = read_onnx_signature(onnx_file)
-    trt_ep = parse_config(render_config("m", signature, TritonModelOptions(target="gpu", gpu_tensorrt=True)))
-    assert trt_ep.platform == "onnxruntime_onnx"
-    assert trt_ep.instance_group[0].kind == trt_ep.instance_group[0].KIND_GPU
-    accelerator = trt_ep.optimization.execution_accelerators.gpu_execution_accelerator[0]
-    assert accelerator.name == "tensorrt" and accelerator.parameters["precision_mode"] == "FP16"
+    for options in (TritonModelOptions(), TritonModelOptions(target="gpu"),
+                    TritonModelOptions(target="gpu", engine_path="model.plan", engine_tensorrt="10.7.0")):
+        assert parse_config(render_config("m", signature, options), "m") == build_config("m", signature, options)
 
+
+def test_default_gpu_target_lets_the_server_build_and_cache_the_engine(tmp_path, onnx_file):
+    """No prebuilt engine by default: Triton's onnxruntime backend builds one with its own TensorRT."""
+    version_dir = write_model_version(tmp_path / "repo", "m", onnx_file, TritonModelOptions(target="gpu"))
+    config = parse_config((version_dir.parent / "config.pbtxt").read_text(), "m")
+    assert config.platform == "onnxruntime_onnx" and config.default_model_filename == "model.onnx"
+    assert config.instance_group[0].kind == config.instance_group[0].KIND_GPU
+    accelerator = config.optimization.execution_accelerators.gpu_execution_accelerator[0]
+    assert accelerator.name == "tensorrt" and accelerator.parameters["precision_mode"] == "FP16"
+    assert accelerator.parameters["trt_engine_cache_enable"] == "1"
+    cache = accelerator.parameters["trt_engine_cache_path"]
+    assert cache.endswith("/m") and not cache.startswith(str(tmp_path))  # never inside the model folder
+    assert [w.batch_size for w in config.model_warmup] == [1, 64]  # the engine is built at load time
+    assert sorted(p.name for p in version_dir.iterdir()) == ["model.onnx"]
+
+    plain = parse_config(render_config("m", read_onnx_signature(onnx_file),
+                                       TritonModelOptions(target="gpu", gpu_tensorrt=False)))
+    assert not plain.optimization.execution_accelerators.gpu_execution_accelerator
+
+
+def test_plan_entry_records_the_tensorrt_that_built_it(tmp_path, onnx_file):
     engine = tmp_path / "model.plan"
     engine.write_bytes(b"not a real engine; Triton only loads it on a GPU machine")
+    with pytest.raises(RepositoryError, match="TensorRT major.minor.patch"):
+        write_model_version(tmp_path / "repo", "m_plan", onnx_file,
+                            TritonModelOptions(target="gpu", engine_path=str(engine)))
     version_dir = write_model_version(tmp_path / "repo", "m_plan", onnx_file,
-                                      TritonModelOptions(target="gpu", engine_path=str(engine)))
+                                      TritonModelOptions(target="gpu", engine_path=str(engine),
+                                                         engine_tensorrt="10.7.0.post1"))
     plan = parse_config((version_dir.parent / "config.pbtxt").read_text(), "m_plan")
     assert plan.platform == "tensorrt_plan" and plan.default_model_filename == "model.plan"
+    assert not plan.optimization.execution_accelerators.gpu_execution_accelerator
     assert sorted(p.name for p in version_dir.iterdir()) == ["model.plan"]
+    manifest = json.loads((version_dir.parent / MANIFEST_NAME).read_text())
+    assert manifest["versions"]["1"]["options"]["engine_tensorrt"] == "10.7.0.post1"
 
-    onnx_gpu = write_model_version(tmp_path / "repo", "m_onnx", onnx_file, TritonModelOptions(target="gpu"))
-    assert sorted(p.name for p in onnx_gpu.iterdir()) == ["model.onnx"]
+
+def test_a_plan_is_refused_by_a_server_with_another_tensorrt():
+    served = TRITON_RELEASE.triton
+    assert plan_problem("10.7.0.post1", served) is None  # the PyPI wheel of the container's 10.7.0.23
+    assert plan_problem("10.7.0", None, server_tensorrt="10.7.0.23") is None
+    mismatch = plan_problem("10.8.0.43", served)
+    assert "built by TensorRT 10.8.0.43" in mismatch and f"runs TensorRT {TRITON_RELEASE.tensorrt}" in mismatch
+    assert "--server-tensorrt" in plan_problem("10.7.0", "2.99.0")  # unknown server: cannot vouch for it
+    assert "not recorded" in plan_problem(None, served)
+
+
+def test_the_gpu_requirements_pin_the_tensorrt_of_the_named_triton_release():
+    pins = [line.split("#")[0].strip() for line in (ROOT / "requirements-gpu.txt").read_text().splitlines()]
+    tensorrt = [pin for pin in pins if re.match(r"tensorrt\b", pin)]
+    assert tensorrt == [f"tensorrt=={TRITON_RELEASE.tensorrt}"], tensorrt
+    assert KNOWN_RELEASES[TRITON_RELEASE.triton] == TRITON_RELEASE
 
 
 def test_versions_increment_and_old_versions_stay_untouched(tmp_path, onnx_file):
@@ -172,3 +216,28 @@ def test_python_model_batches_requests_and_rejects_bad_ones(tmp_path, onnx_file,
     assert "FP32" in responses[3].error.message
     assert "shape" in responses[4].error.message
     assert "missing input" in responses[5].error.message
+
+
+def test_serving_refuses_a_plan_before_the_server_is_asked_to_load_it(tmp_path, onnx_file):
+    from serving.plans import plan_refusals
+    from serving.probes import served_precision
+
+    repo = tmp_path / "repo"
+    engine = tmp_path / "model.plan"
+    engine.write_bytes(b"not a real engine")
+    write_model_version(repo, "plan", onnx_file, TritonModelOptions(target="gpu", engine_path=str(engine),
+                                                                   engine_tensorrt="10.8.0.43"))
+    write_model_version(repo, "onnx", onnx_file, TritonModelOptions(target="gpu"))
+    write_model_version(repo, "cpu", onnx_file)
+    models = ("plan", "onnx", "cpu")
+    refused = plan_refusals(repo, models, TRITON_RELEASE.triton, None, bundled=False)
+    assert list(refused) == ["plan"] and "built by TensorRT 10.8.0.43" in refused["plan"]
+    assert plan_refusals(repo, models, "2.99.0", "10.8.0", bundled=False) == {}
+    assert "no TensorRT backend" in plan_refusals(repo, models, None, None, bundled=True)["plan"]
+
+    # The served-output bound follows what each model computes in (common/tolerance.py).
+    assert served_precision(repo / "cpu", None)[:2] == ("cpu", "fp32")
+    assert served_precision(repo / "onnx", None)[:2] == ("gpu", "fp16")
+    assert served_precision(repo / "plan", "fp32")[:2] == ("gpu", "fp32")
+    with pytest.raises(ValueError, match="no engine precision"):
+        served_precision(repo / "plan", None)

@@ -16,13 +16,14 @@ from typing import Any, get_args, get_origin, get_type_hints
 import yaml
 
 from .arch import MODEL_NAMES, make_spec, prunable_layers, residual_blocks
+from .data import DATASETS, FolderOptions, dataset_info
+from .errors import TrainingError
 
-DATASETS = ("fashion_mnist", "cifar10", "cifar100", "tiny_imagenet")
 METHODS = ("polarized", "dense", "activation_density", "flipout")
 DEVICES = ("auto", "cpu", "cuda")
 
 
-class ConfigError(ValueError):
+class ConfigError(TrainingError, ValueError):
     """A configuration key that is unknown, of the wrong type, or out of range. `key` names it (None when
     the problem is the file itself), so `load_config` can say where the value came from."""
 
@@ -74,6 +75,15 @@ class TrainConfig:
     prune_freq: int | None = None        # epochs between halvings (None: as far apart as the epochs allow)
     flipout_noise: float = 1.0           # lambda: gradient noise std in units of the layer's RMS gradient
     # --- end of baseline methods ---------------------------------------------------------------------
+    # --- dataset image_folder only (training/data/readers/image_folder.py says what each does) ---------
+    image_size: int = FolderOptions.image_size           # side of the square network input
+    resize: int | None = FolderOptions.resize            # shorter side scaled to this first (None: image_size)
+    crop: str = FolderOptions.crop                       # training window: "center" or "random"
+    horizontal_flip: bool = FolderOptions.horizontal_flip
+    normalize_mean: tuple[float, ...] | None = FolderOptions.normalize_mean  # None: measured on train/
+    normalize_std: tuple[float, ...] | None = FolderOptions.normalize_std
+    skip_bad_images: bool = FolderOptions.skip_bad_images  # leave unreadable images out, counted in metrics.json
+    # --- end of image_folder -----------------------------------------------------------------------------
     # run
     seed: int = 0
     device: str = "auto"
@@ -117,6 +127,8 @@ class TrainConfig:
                     "consensus_weight"):
             need(getattr(self, key) >= 0, key, "must be >= 0")
         need(self.threads is None or self.threads >= 1, "threads", "must be at least 1")
+        for key, why in FolderOptions.from_config(self.to_dict()).problems(self.dataset):  # image_folder's keys
+            need(False, key, why)
         # --- baseline methods (issue 6) --------------------------------------------------------------
         need(self.density_every >= 1, "density_every", "must be at least 1")
         need(0 < self.density_stop <= 1, "density_stop", "must be in (0, 1]")
@@ -133,10 +145,12 @@ class TrainConfig:
                 raise ConfigError(f"config key 'final_sparsity': {error}", "final_sparsity") from None
         # --- end of baseline methods -----------------------------------------------------------------
         if self.method == "polarized":
-            floor, how = flops_floor(self.model, self.dataset, self.round_to)
+            floor, how = flops_floor(self.model, self.dataset, self.round_to, self.image_size)
             need(self.target_flops_ratio + self.flops_tolerance >= floor, "target_flops_ratio",
                  f"{self.model} on {self.dataset} cannot go below {floor:.4f} of its FLOPs ({how}), "
                  f"even with flops_tolerance {self.flops_tolerance:g}")
+            need(not self.dynamic_gates or self.val_size > 0, "val_size",
+                 "dynamic gates need a validation set for their consensus vote: set val_size > 0")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -156,16 +170,18 @@ def flipout_prune_epochs(final_sparsity: float, epochs: int, prune_freq: int | N
 
 
 @functools.lru_cache(maxsize=None)
-def flops_floor(model: str, dataset: str, round_to: int) -> tuple[float, str]:
+def flops_floor(model: str, dataset: str, round_to: int,
+                image_size: int = FolderOptions.image_size) -> tuple[float, str]:
     """The smallest kept-FLOPs ratio a mask can reach, and how: a residual block can close completely,
     a plain layer keeps one group of `round_to` channels (as `mask.finalize_mask` does). Builds the
-    dense network once per (model, dataset, round_to): a few hundred ms at most."""
-    from .data import dataset_info  # torch-heavy: imported only once a config is otherwise valid
+    dense network once per (model, dataset, round_to, image_size): a few hundred ms at most.
+    image_folder counts its classes only when read: the floor here uses 2, a lower bound (the classifier's
+    MACs are kept)."""
     from .flops import layer_costs
     from .mask import Mask, mask_macs
     from .models import build_model
 
-    info = dataset_info(dataset)
+    info = dataset_info(dataset, FolderOptions(image_size=image_size))
     spec = make_spec(model, info.in_channels, info.num_classes, tuple(info.input_size))
     costs = layer_costs(build_model(spec))
     widths, blocks = prunable_layers(spec), residual_blocks(spec)
@@ -208,6 +224,13 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         elif kind is str:
             if isinstance(value, str):
                 return value
+        elif get_origin(kind) is tuple:  # a YAML list, or "a,b,c" from --set
+            items = value.split(",") if isinstance(value, str) else value
+            if isinstance(items, (list, tuple)):
+                try:
+                    return tuple(_coerce(key, item, get_args(kind)[0]) for item in items)
+                except ConfigError:
+                    pass
     names = " or ".join(getattr(t, "__name__", str(t)) for t in allowed)
     raise ConfigError(f"config key {key!r}: expected {names}, got {value!r}", key)
 

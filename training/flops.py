@@ -51,9 +51,10 @@ def measure_layers(model: nn.Module, input_shape: tuple[int, int, int]) -> dict[
             hooks.append(module.register_forward_hook(linear_hook))
     was_training = model.training
     model.eval()
+    weight = next(model.parameters())  # the dummy input lives where the weights do (CUDA, meta) and in their dtype
     try:
         with torch.no_grad():
-            model(torch.zeros(1, *input_shape))
+            model(torch.zeros(1, *input_shape, device=weight.device, dtype=weight.dtype))
     finally:
         model.train(was_training)
         for hook in hooks:

@@ -26,8 +26,9 @@ from common.energy import EnergyMeter, EnergyReading
 from .arch import make_spec
 from .checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from .config import TrainConfig
-from .data import BatchIterator, load_splits
+from .data import BatchIterator, FolderOptions, describe_splits, load_splits
 from .distributed import Cluster, check_consensus, fingerprint, start_cluster, structure_key
+from .errors import TrainingError
 from .flops import count_macs, count_params, layer_costs
 from .mask import mask_document, save_mask
 from .methods import RunContext, make_method
@@ -38,7 +39,7 @@ from .plots import write_plots
 RESUME_FREE_KEYS = {"progress", "device", "threads", "epochs", "out_dir", "name"}  # a moved run folder resumes
 
 
-class RunError(RuntimeError):
+class RunError(TrainingError, RuntimeError):
     """A run directory in a state that the requested action would damage or cannot use."""
 
 
@@ -157,9 +158,10 @@ def _train(cfg: TrainConfig, resume: bool, cluster: Cluster, device: torch.devic
     torch.manual_seed(cfg.seed)
 
     info, train_set, val_set, test_set = load_splits(cfg.dataset, cfg.data_dir, cfg.train_subset,
-                                                     cfg.val_size, cfg.seed)
+                                                     cfg.val_size, cfg.seed, FolderOptions.from_config(cfg.to_dict()))
     if cfg.test_subset:
         test_set = test_set.subset(torch.arange(min(cfg.test_subset, len(test_set))))
+    data_summary = describe_splits(info, train_set, val_set, test_set)
     train_batches = BatchIterator(train_set, info, cfg.batch_size, train=True, seed=cfg.seed, device=device,
                                   shard=cluster.shard)
     val_batches = BatchIterator(val_set, info, cfg.eval_batch_size, train=False, seed=cfg.seed, device=device)
@@ -174,8 +176,9 @@ def _train(cfg: TrainConfig, resume: bool, cluster: Cluster, device: torch.devic
 
     start_epoch, history, train_seconds, energy = 0, [], 0.0, None
     if state is not None:
+        defaults = TrainConfig().to_dict()  # keys newer than the checkpoint: it ran with their defaults
         changed = {k for k in cfg.to_dict() if k not in RESUME_FREE_KEYS
-                   and state["config"].get(k) != getattr(cfg, k)}
+                   and state["config"].get(k, defaults[k]) != getattr(cfg, k)}
         if changed:
             raise RunError(f"--resume with a different config: {', '.join(sorted(changed))} changed")
         lacking = [key for key in ("optimizer", "rng") if key not in state]
@@ -258,7 +261,7 @@ def _train(cfg: TrainConfig, resume: bool, cluster: Cluster, device: torch.devic
         save_checkpoint(checkpoint_path, checkpoint_state(cfg.epochs))
     parallel = {"world_size": cluster.world_size, "backend": cluster.backend, "rank_fingerprints": ranks}
     metrics = finish_run(cfg, run_dir, method, model, test_batches, device, history, train_seconds, spec,
-                         cluster, energy, parallel if cluster.distributed else None)
+                         cluster, energy, parallel if cluster.distributed else None, data_summary)
     cluster.barrier()  # every rank returns once rank 0's artifacts exist
     return metrics
 
@@ -276,7 +279,7 @@ def add_energy(total: EnergyReading | None, epoch: EnergyReading, cluster: Clust
 
 
 def finish_run(cfg, run_dir, method, model, test_batches, device, history, train_seconds, dense_spec,
-               cluster: Cluster = Cluster(), energy: EnergyReading | None = None, parallel=None):
+               cluster: Cluster = Cluster(), energy: EnergyReading | None = None, parallel=None, data=None):
     """Evaluate exactly the static sub-network, and write mask.json, metrics.json and plots (rank 0)."""
     test_accuracy, _ = evaluate(model, test_batches.epoch(0), device, cluster)
     mask = method.final_mask(model)
@@ -295,7 +298,7 @@ def finish_run(cfg, run_dir, method, model, test_batches, device, history, train
         "kept_channels": {name: len(kept) for name, kept in mask.kept_channels.items()},
         "removed_blocks": mask.closed_blocks, "train_seconds": train_seconds,
         "train_energy": energy.to_dict() if energy is not None else None,
-        "device": str(device), "distributed": parallel, **method.summary(),
+        "device": str(device), "distributed": parallel, "data": data, **method.summary(),
     }
     if cluster.is_main:
         save_mask(run_dir / "mask.json", document)
