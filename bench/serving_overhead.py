@@ -34,9 +34,10 @@ from bench.timing import cpu_name, interleaved, ort_session, session_settings, s
 from common.atomicio import write_json
 from export.triton_repo import TritonModelOptions, write_model_versions
 from serving.client import TritonClassifier
+from serving.errors import ServerError
 from serving.probes import ProbeSettings, probe_throughput, server_delta
 from serving.run_artifacts import RunArtifactsMissing, load_run
-from serving.server import LocalTriton, LocalTritonConfig, ServerError
+from serving.server import LocalTriton, LocalTritonConfig
 
 ROLES = ("dense", "pruned")
 BATCHES = (1, 16)

@@ -19,7 +19,9 @@ from bench import check_timing
 from bench.timing import NO_SPINNING, ort_session, summarize
 from export.triton_repo import write_model_version
 from serving.client import InputSpecError, TritonClassifier
-from serving.server import LocalTriton, LocalTritonConfig, TritonNotFound, find_triton_install
+from serving.errors import TritonNotFound
+from serving.server import LocalTriton, LocalTritonConfig
+from serving.triton_install import find_triton_install
 from tiny_onnx import tiny_classifier
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,12 +48,16 @@ def workspace(tmp_path_factory):
     return {"root": root, "repo": root / "repo", "run": run, "onnx": onnx_files, "images": images}
 
 
-@pytest.fixture(scope="module")
-def server(workspace):
+def require_triton() -> None:
     try:
         find_triton_install()
     except TritonNotFound as missing:
         pytest.skip(f"bundled tritonserver unavailable: {missing}")
+
+
+@pytest.fixture(scope="module")
+def server(workspace):
+    require_triton()
     with LocalTriton(LocalTritonConfig(workspace["repo"], tuple(MODELS.values()), startup_timeout_s=60)) as endpoints:
         yield endpoints
 
@@ -88,10 +94,7 @@ def test_shared_memory_path_gives_the_same_logits_and_cleans_up(server, workspac
 
 
 def test_serving_overhead_quick_run_writes_its_figures(workspace, tmp_path):
-    try:
-        find_triton_install()
-    except TritonNotFound as missing:
-        pytest.skip(f"bundled tritonserver unavailable: {missing}")
+    require_triton()
     out = tmp_path / "serving_overhead.json"
     done = subprocess.run([sys.executable, "-m", "bench.serving_overhead", "--run", str(workspace["run"]), "--quick",
                            "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
