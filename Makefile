@@ -61,8 +61,8 @@ serve: venv
 	$(PY) -m serving --repository $(REPO) --run $(RUN_DIR) --report-dir $(REPORTS) $(SERVE_ARGS)
 
 bench: venv
-	$(PY) bench/speedup.py --run $(RUN_DIR) --out $(REPORTS)/speedup.json $(BENCH_ARGS)
-	$(PY) bench/train_overhead.py --config $(CONFIG) --out $(REPORTS)/train_overhead.json $(BENCH_ARGS)
+	$(PY) -m bench.speedup --run $(RUN_DIR) --out $(REPORTS)/speedup.json $(BENCH_ARGS)
+	$(PY) -m bench.train_overhead --config $(CONFIG) --out $(REPORTS)/train_overhead.json $(BENCH_ARGS)
 
 # dense, polarized, activation density, FlipOut and Torch-Pruning on one budget: reports/compare/compare.{json,md,png}
 $(VENV)/.installed-bench: requirements-bench.txt | venv

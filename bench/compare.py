@@ -6,7 +6,7 @@
     make compare [COMPARE_ARGS="--quick"]
 
 Every method trains with `training.loop.train` on the same config (only `method` and the run name differ)
-into <runs>/<method>/ and is exported by export's own entry point (`run_export`; Triton models go to
+into <runs>/<method>/ and is exported by the export library (`export.api.run`; Triton models go to
 <runs>/model_repository, the dense run serving as every run's dense model). Torch-Pruning, the library
 users would pick instead, trains in bench/torch_pruning_peer.py on the same config and prunes to the
 polarized run's kept MACs. The exported ONNX models are timed with onnxruntime CPU in this one process,
@@ -28,11 +28,12 @@ import time
 from pathlib import Path
 
 from bench import torch_pruning_peer as peer
-from bench.timing import cpu_name, interleaved, ort_runner, ort_session, session_settings, summarize
+from bench.timing import cpu_name, time_onnx
 from common.atomicio import write_bytes, write_json, write_text
+from common.cli import EXIT_OK, PolarpruneError, cli_parser, fail
 from common.results import provenance
-from export.__main__ import parse_args as export_args
-from export.__main__ import run_export
+from export.api import ExportOptions
+from export.api import run as run_export
 from training.checkpoint import CheckpointError, load_checkpoint
 from training.config import TrainConfig, load_config, make_config
 from training.loop import train
@@ -50,7 +51,7 @@ QUICK_CONFIG = {"epochs": 2, "batch_size": 64, "train_subset": 256, "val_size": 
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench.compare", description=__doc__.split("\n")[0])
+    parser = cli_parser("python -m bench.compare", __doc__.split("\n")[0])
     parser.add_argument("--config", type=Path, default=Path("configs/fmnist_resnet20.yaml"),
                         help="the shared budget (its method key is replaced per run)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -62,6 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--runs", type=Path, default=Path("runs/compare"), help="run folders go here")
     parser.add_argument("--out", type=Path, default=Path("reports/compare"), help="report folder")
     parser.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads for the timing")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="interleaved timing rounds per batch size (default 300, 10 with --quick)")
     parser.add_argument("--samples", type=int, default=512, help="test images for export's checks")
     parser.add_argument("--reuse", action="store_true",
                         help="keep a finished, exported run whose config is the requested one")
@@ -127,21 +130,16 @@ def train_and_export(cfg: TrainConfig, args: argparse.Namespace, target_flops: f
         train(cfg)
         print(f"== {cfg.method}: export", flush=True)
         # The other runs serve the trained dense run as their dense model (export's --dense-run).
-        dense_run = [] if cfg.method == "dense" else ["--dense-run", str(Path(cfg.out_dir) / "dense")]
-        run_export(export_args(["--run", str(run_dir), "--repository", str(args.runs / "model_repository"),
-                                "--samples", str(args.samples), *dense_run]))
+        dense_run = None if cfg.method == "dense" else Path(cfg.out_dir) / "dense"
+        run_export(ExportOptions(run=run_dir, repository=args.runs / "model_repository", samples=args.samples,
+                                 dense_run=dense_run))
     return json.loads((run_dir / "metrics.json").read_text())
 
 
 def time_models(paths: dict[str, Path], threads: int, settings: dict) -> tuple[dict, dict]:
-    """Per method and batch size: median/p95 ms of its pruned ONNX, all methods interleaved."""
-    sessions = {method: ort_session(path, threads) for method, path in paths.items()}
-    results: dict[str, dict] = {method: {} for method in paths}
-    for batch in BATCHES:
-        times = interleaved({m: ort_runner(s, batch) for m, s in sessions.items()}, **settings)
-        for method, seconds in times.items():
-            results[method][str(batch)] = summarize(seconds)
-    return results, session_settings(next(iter(sessions.values())))
+    """Per method and batch size: median/p95/min ms of its pruned ONNX, all methods interleaved."""
+    summaries, session = time_onnx(paths, threads, BATCHES, **settings)
+    return {method: {str(batch): summaries[batch][method] for batch in BATCHES} for method in paths}, session
 
 
 def row_for(method: str, metrics: dict, latency: dict, dense_latency: dict) -> dict:
@@ -171,10 +169,12 @@ def markdown(report: dict) -> str:
         f"{budget['dataset']}, {budget['model']}, {budget['epochs']} epochs, train_subset {budget['train_subset']}, "
         f"seed {budget['seed']}{' (--quick: a smoke run, not a result)' if report['quick'] else ''}. "
         f"Latency: onnxruntime CPU ({report['timing']['threads']} threads, {report['cpu']}), exported pruned "
-        "ONNX, median over interleaved rounds; speed-up against dense in brackets.",
+        "ONNX, median over interleaved rounds; speed-up against dense in brackets; batch-64 spread (min / p95) "
+        "in the last column.",
         "",
-        "| method | test acc | kept FLOPs | kept params | train s | train J | train FLOPs | batch 1 ms | batch 64 ms |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| method | test acc | kept FLOPs | kept params | train s | train J | train FLOPs | batch 1 ms | batch 64 ms "
+        "| batch 64 min / p95 ms |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in report["rows"]:
         lat, gain = row["latency_ms"], row["speedup"]
@@ -182,7 +182,8 @@ def markdown(report: dict) -> str:
         joules = f"{row['train_energy']['joules']:.0f}" if row["train_energy"] else "n/a"
         lines.append(f"| {row['label']} | {row['test_accuracy']:.4f} | {row['flops_ratio']:.3f} | {params} | "
                      f"{row['train_seconds']:.0f} | {joules} | {row['train_flops_ratio']:.3f} | "
-                     f"{lat['1']:.3f} ({gain['1']:.2f}x) | {lat['64']:.2f} ({gain['64']:.2f}x) |")
+                     f"{lat['1']:.3f} ({gain['1']:.2f}x) | {lat['64']:.2f} ({gain['64']:.2f}x) | "
+                     f"{row['latency']['64']['min_ms']:.2f} / {row['latency']['64']['p95_ms']:.2f} |")
     lines += [
         "",
         "- kept FLOPs: conv + linear MACs of the exported network / dense. kept params: parameters of the exported "
@@ -245,6 +246,8 @@ def run(args: argparse.Namespace) -> dict:
         target = metrics["polarized"]["flops_ratio"] if "polarized" in metrics else None
         metrics[method] = train_and_export(cfg, args, target)
     settings = dict(QUICK_TIMING if args.quick else FULL_TIMING)
+    if args.rounds is not None:  # e.g. --quick --reuse --rounds 300: re-time quick runs properly
+        settings.update(rounds=args.rounds, budget_s=FULL_TIMING["budget_s"])
     print("== timing the exported models, interleaved", flush=True)
     methods = list(configs)
     latency, session = time_models({m: args.runs / m / "pruned.onnx" for m in methods}, args.threads, settings)
@@ -269,12 +272,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         report = run(args)
-    except peer.PeerError as error:
-        print(f"compare: error: {error}", file=sys.stderr)
-        return 2
+    except PolarpruneError as error:  # a bad config, or a run that failed training's or export's checks
+        return fail("python -m bench.compare", error)
     print(markdown(report))
     print(f"wrote {args.out / 'compare.json'}, compare.md, compare.png")
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -1,18 +1,18 @@
 """Synthetic dense/pruned network pairs: pruning shapes at a MAC target, and their ONNX files.
 
 Pruned specs come from the same `training.arch` specs the pipeline uses, so only the shape of the cut
-differs between variants. Weights are random: latency does not depend on their values.
+differs between variants, and the ONNX files come from the export stage's exporter. Weights are random:
+latency does not depend on their values.
 """
 from __future__ import annotations
 
 import copy
-import logging
 import math
-import warnings
 from pathlib import Path
 
 import torch
 
+from export.onnx_export import export_onnx
 from training.arch import Spec, make_spec
 from training.flops import gated_macs, layer_costs
 from training.models import GateOptions, build_model
@@ -109,23 +109,10 @@ def uneven_inner_widths(spec: Spec, target: float, step: int = 1) -> Spec:
 
 
 def write_onnx(spec: Spec, path: str | Path, seed: int = 0) -> Path:
-    """ONNX of the spec's network (random weights, eval mode): input `input` NCHW with a dynamic batch,
-    output `logits`, opset 17. The TorchScript exporter is used: it takes about a second where the
-    dynamo exporter of the export stage takes about fifteen, and onnxruntime optimises both graphs alike."""
+    """ONNX of the spec's network (random weights, eval mode) by the export stage's own exporter, so the
+    graphs timed here are the kind the pipeline serves: input `input` NCHW with a dynamic batch, output
+    `logits`, cleaned and checked."""
     torch.manual_seed(seed)
     model = build_model(spec).eval()
-    example = torch.zeros(1, spec["in_channels"], *spec["input_size"])
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    logger = logging.getLogger("torch.onnx")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # constant-folding notes about the option-A shortcut's Slice
-            torch.onnx.export(model, (example,), str(path), opset_version=17, dynamo=False,
-                              input_names=["input"], output_names=["logits"],
-                              dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
-    finally:
-        logger.setLevel(level)
-    return path
+    export_onnx(model, path, (spec["in_channels"], *spec["input_size"]))
+    return Path(path)

@@ -1,6 +1,6 @@
 """Which pruning shapes turn a MAC cut into a speed-up: synthetic ResNets at about half their MACs.
 
-    python bench/shapes.py [--quick] [--threads 2] [--rounds N] [--models resnet20,resnet56]
+    python -m bench.shapes [--quick] [--threads 2] [--rounds N] [--models resnet20,resnet56]
                            [--inputs 1x28x28,3x32x32] [--out reports/shapes.json]
 
 For each model and input size, onnxruntime CPU times the dense network and five cuts of it, all six
@@ -17,13 +17,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from bench.networks import (MacCounter, close_blocks, dense_spec, halve_inner_widths, uneven_inner_widths,
                             write_onnx)
 from bench.timing import compare, cpu_name, interleaved, ort_runner, ort_session, session_settings
 from common.atomicio import write_json
+from common.cli import EXIT_OK, cli_parser
 from training.arch import CIFAR_RESNET_DEPTHS
 
 TARGET = 0.5
@@ -48,7 +46,7 @@ def parse_shape(text: str) -> tuple[int, int, int]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="bench/shapes.py", description=__doc__.split("\n")[0])
+    parser = cli_parser("python -m bench.shapes", __doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a few rounds only (smoke runs)")
     parser.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds per batch size")
@@ -114,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     write_json(args.out, {"mode": "quick" if args.quick else "full", "threads": args.threads, "cpu": cpu_name(),
                           "target_flops_ratio": TARGET, **settings, "results": results})
     print(f"wrote {args.out}")
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

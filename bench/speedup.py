@@ -1,10 +1,10 @@
 """Dense vs pruned inference speed of one run: onnxruntime CPU (and torch eager for reference).
 
-    python bench/speedup.py --run runs/<name> [--quick] [--threads 2] [--rounds N] [--out PATH]
+    python -m bench.speedup --run runs/<name> [--quick] [--threads 2] [--rounds N] [--out PATH]
                             [--served host:port] [--no-torch]
-    python bench/speedup.py --baseline-fixture [--write-baseline] [--backend cpu|cuda|tensorrt]
+    python -m bench.speedup --baseline-fixture [--write-baseline] [--backend cpu|cuda|tensorrt]
 
-Batch 1 latency (median, p95) and batch 64 throughput, dense and pruned interleaved in this one process.
+Batch 1 latency and batch 64 throughput (median, with min and p95), dense and pruned interleaved in this one process.
 Speed-up = dense time / pruned time; efficiency = speed-up / (dense MACs / pruned MACs).
 `--baseline-fixture` measures the fixed pair of the latency regression test instead of a run, and with
 `--write-baseline` records it in bench/baseline.json.
@@ -16,26 +16,24 @@ import sys
 import tempfile
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import torch
 
-from bench import fixture
-from bench.timing import (BackendUnavailable, cpu_name, efficiency, measure_pair, ort_runner, ort_session,
+from bench import BenchError, fixture
+from bench.timing import (cpu_name, efficiency, measure_pair, ort_runner, ort_session,
                           session_settings, speedup, torch_runner)
 from common.atomicio import write_json
-from training.arch import SpecError
+from common.cli import EXIT_OK, PolarpruneError, cli_parser, fail
 from training.mask import load_mask
 from training.models import build_model
 
+PROG = "python -m bench.speedup"
 BATCHES = (1, 64)
 FULL = {"rounds": 300, "warmup": 5, "budget_s": 20.0}   # per engine and batch size
 QUICK = {"rounds": 20, "warmup": 1, "budget_s": 1.0}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="bench/speedup.py", description=__doc__.split("\n")[0])
+    parser = cli_parser("python -m bench.speedup", __doc__.split("\n")[0])
     parser.add_argument("--run", type=Path, help="run folder holding mask.json, dense.onnx and pruned.onnx")
     parser.add_argument("--quick", action="store_true", help="a few rounds only (smoke runs)")
     parser.add_argument("--threads", type=int, default=2,
@@ -67,7 +65,7 @@ def load_pair(run_dir: Path) -> dict:
     onnx_paths = {role: run_dir / f"{role}.onnx" for role in ("dense", "pruned")}
     missing = [str(p) for p in onnx_paths.values() if not p.is_file()]
     if missing:
-        raise FileNotFoundError(f"missing {', '.join(missing)}: run the export first (make export)")
+        raise BenchError(f"missing {', '.join(missing)}: run the export first (make export)")
     return {"onnx": onnx_paths, "flops": (float(document["dense_flops"]), float(document["pruned_flops"])),
             "dense_spec": document["dense_spec"], "pruned_spec": document["pruned_spec"]}
 
@@ -94,17 +92,17 @@ def measure_run(run_dir: Path, pair: dict, threads: int, settings: dict, with_to
         pruned_model = pruned_torch_model(run_dir, pair["pruned_spec"])
         results += [{"engine": "torch", **r} for r in
                     measure_pair(lambda model, batch: torch_runner(model, shape, batch), dense_model, pruned_model,
-                                 BATCHES, dense_flops, pruned_flops, **settings)]
+                                 BATCHES, dense_flops, pruned_flops, **settings, timing_torch=True)]
     return results, session_settings(sessions["dense"])
 
 
 def probe_served(run_dir: Path, url: str, quick: bool, dense_flops: float, pruned_flops: float) -> dict:
     """Batch-1 latency through a running Triton, by the serving stage's own probe."""
     try:
-        from serving.client import ServingError
+        from serving.errors import ServingStageError
         from serving.probes import ProbeSettings, probe_latency
-        from serving.run_artifacts import RunArtifactsMissing, load_run
-        from serving.server import RemoteTriton, ServerError
+        from serving.run_artifacts import load_run
+        from serving.server import RemoteTriton
     except ImportError as missing:
         return {"skipped": f"the serving stage is not importable ({missing}); use python -m serving"}
     try:
@@ -112,7 +110,7 @@ def probe_served(run_dir: Path, url: str, quick: bool, dense_flops: float, prune
         settings = ProbeSettings.quick() if quick else ProbeSettings()
         with RemoteTriton(url, None, tuple(run.model_names.values())) as endpoints:
             latency = probe_latency(endpoints, run.model_names, run.images, "http", settings)
-    except (RunArtifactsMissing, ServerError, ServingError, ValueError) as problem:
+    except ServingStageError as problem:
         return {"error": str(problem)}
     summary = latency["summary"]
     gain = speedup(summary["dense"]["p50_ms"], summary["pruned"]["p50_ms"])
@@ -120,26 +118,28 @@ def probe_served(run_dir: Path, url: str, quick: bool, dense_flops: float, prune
             "efficiency": efficiency(gain, dense_flops, pruned_flops)}
 
 
+def _spread(stats: dict) -> str:
+    return f"{stats['median_ms']:.3f}/{stats['min_ms']:.3f}/{stats['p95_ms']:.3f}"
+
+
 def format_table(results: list[dict], dense_flops: float, pruned_flops: float) -> str:
     lines = [f"MACs: dense {dense_flops / 1e6:.2f}M, pruned {pruned_flops / 1e6:.2f}M, "
              f"FLOPs ratio {pruned_flops / dense_flops:.3f} (ideal speed-up {dense_flops / pruned_flops:.2f}x)",
-             f"{'engine':<12} {'batch':>5} {'dense ms med/p95':>18} {'pruned ms med/p95':>18} "
-             f"{'dense img/s':>11} {'pruned img/s':>12} {'speed-up':>8} {'efficiency':>10} {'rounds':>6}"]
+             f"{'engine':<12} {'batch':>5} {'dense ms med/min/p95':>26} {'pruned ms med/min/p95':>26} "
+             f"{'dense img/s':>11} {'pruned img/s':>12} {'speed-up':>8} {'efficiency':>10} {'p95/med':>7} "
+             f"{'rounds':>6}"]
     for r in results:
         dense, pruned = r["dense"], r["pruned"]
+        spread = max(dense["p95_over_median"], pruned["p95_over_median"])
         lines.append(
-            f"{r['engine']:<12} {r['batch']:>5} {dense['median_ms']:>9.3f}/{dense['p95_ms']:<8.3f} "
-            f"{pruned['median_ms']:>9.3f}/{pruned['p95_ms']:<8.3f} {r['images_per_s']['dense']:>11.0f} "
-            f"{r['images_per_s']['pruned']:>12.0f} {r['speedup']:>7.2f}x {r['efficiency']:>10.2f} {dense['n']:>6}")
+            f"{r['engine']:<12} {r['batch']:>5} {_spread(dense):>26} {_spread(pruned):>26} "
+            f"{r['images_per_s']['dense']:>11.0f} {r['images_per_s']['pruned']:>12.0f} {r['speedup']:>7.2f}x "
+            f"{r['efficiency']:>10.2f} {spread:>7.2f} {dense['n']:>6}")
     return "\n".join(lines)
 
 
 def run_main(args: argparse.Namespace, settings: dict) -> int:
-    try:
-        pair = load_pair(args.run)
-    except (FileNotFoundError, SpecError) as problem:
-        print(f"error: {problem}", file=sys.stderr)
-        return 2
+    pair = load_pair(args.run)
     dense_flops, pruned_flops = pair["flops"]
     results, session = measure_run(args.run, pair, args.threads, settings, not args.no_torch)
     report = {"run": args.run.name, "mode": "quick" if args.quick else "full",
@@ -159,19 +159,14 @@ def run_main(args: argparse.Namespace, settings: dict) -> int:
     out = args.out or Path("reports") / args.run.name / "speedup.json"
     write_json(out, report)
     print(f"wrote {out}")
-    return 0
+    return EXIT_OK
 
 
 def baseline_main(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory() as directory:
         pair = fixture.build_fixture(directory)
-        measurements = []
-        try:
-            for _ in range(args.attempts if args.write_baseline else 1):
-                measurements.append(fixture.measure_fixture(pair, args.backend))
-        except BackendUnavailable as problem:
-            print(f"error: {problem}", file=sys.stderr)
-            return 2
+        measurements = [fixture.measure_fixture(pair, args.backend)
+                        for _ in range(args.attempts if args.write_baseline else 1)]
     for measurement in measurements:
         results = [{"engine": f"fixture-{args.backend}", **r} for r in measurement["by_batch"].values()]
         print(format_table(results, pair.dense_flops, pair.pruned_flops))
@@ -179,17 +174,18 @@ def baseline_main(args: argparse.Namespace) -> int:
         baseline = fixture.write_baseline(pair, measurements, args.backend)
         print(f"wrote {fixture.BASELINE_PATH}: speed-up {baseline['speedup'][args.backend]} "
               f"(median of {len(measurements)})")
-    return 0
+    return EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.baseline_fixture:
-        return baseline_main(args)
     settings = dict(QUICK if args.quick else FULL)
     if args.rounds is not None:
         settings["rounds"] = args.rounds
-    return run_main(args, settings)
+    try:
+        return baseline_main(args) if args.baseline_fixture else run_main(args, settings)
+    except PolarpruneError as error:  # missing artifacts, a bad mask.json, an absent backend
+        return fail(PROG, error)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from bench import BenchError
 from common.atomicio import write_json, write_text
+from common.cli import EXIT_FAILED, EXIT_OK, PolarpruneError, cli_parser, fail
 from common.energy import EnergyMeter
 from common.results import provenance
 from export.onnx_export import count_onnx_macs, export_onnx, validate_with_onnxruntime
@@ -50,8 +52,13 @@ INSTALL_HINT = "pip install -r requirements-bench.txt (make compare does it)"
 RATIO_GRID = tuple(round(0.01 * i, 2) for i in range(1, 96))  # global pruning ratios tried, 0.01-0.95
 
 
-class PeerError(Exception):
-    """The peer cannot run: Torch-Pruning missing, or no pruning ratio reaches the target."""
+class PeerError(BenchError):
+    """The peer cannot run as asked: Torch-Pruning missing, or a config it cannot follow (exit code 2)."""
+
+
+class PeerCheckError(PeerError):
+    """The pruned network failed a check (exit code 1)."""
+    exit_code = EXIT_FAILED
 
 
 class ChannelMapShortcut(nn.Module):
@@ -211,7 +218,7 @@ def train_peer(cfg: TrainConfig, target_flops: float | None = None) -> dict:
     onnx_diff, _ = validate_with_onnxruntime(onnx_path, model, images)
     pruned_macs, onnx_macs = count_macs(model), count_onnx_macs(onnx_path)
     if onnx_macs != pruned_macs:
-        raise PeerError(f"{onnx_path}: the graph counts {onnx_macs} MACs, the torch network {pruned_macs}")
+        raise PeerCheckError(f"{onnx_path}: the graph counts {onnx_macs} MACs, the torch network {pruned_macs}")
     flops_ratio = pruned_macs / dense_macs
     dense_epochs = prune_epoch
     metrics = {
@@ -232,7 +239,7 @@ def train_peer(cfg: TrainConfig, target_flops: float | None = None) -> dict:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench.torch_pruning_peer", description=__doc__.split("\n")[0])
+    parser = cli_parser("python -m bench.torch_pruning_peer", __doc__.split("\n")[0])
     parser.add_argument("--config", type=Path, default=Path("configs/fmnist_resnet20.yaml"),
                         help="the shared budget (its method key is replaced by dense)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -246,12 +253,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         metrics = train_peer(run_config(args.config, args.overrides, args.runs), args.target_flops)
-    except PeerError as error:
-        print(f"torch_pruning_peer: error: {error}", file=sys.stderr)
-        return 2
+    except PolarpruneError as error:  # Torch-Pruning missing, a bad config, a failed export check
+        return fail("python -m bench.torch_pruning_peer", error)
     print(f"test accuracy {metrics['test_accuracy']:.4f}, kept MACs {metrics['flops_ratio']:.3f}, "
           f"params {metrics['params_ratio']:.3f}")
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Training cost of the gates: time per step of the gated model (polarized method) vs the dense model.
 
-    python bench/train_overhead.py [--config configs/<run>.yaml] [--quick] [--threads 2] [--rounds N]
+    python -m bench.train_overhead [--config configs/<run>.yaml] [--quick] [--threads 2] [--rounds N]
                                    [--batch 128] [--out PATH]
 
 One step = forward, task loss (+ the method's gate losses), backward, optimiser steps, as in
@@ -13,15 +13,13 @@ import argparse
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import torch
 
 from bench.timing import interleaved, summarize
 from common.atomicio import write_json
+from common.cli import EXIT_OK, PolarpruneError, cli_parser, fail
 from training.arch import make_spec
-from training.config import ConfigError, load_config
+from training.config import load_config
 from training.data import FolderOptions, dataset_info
 from training.loop import make_optimizers, train_step
 from training.methods import RunContext, make_method
@@ -34,7 +32,7 @@ PROGRESS = 0.5  # past the warm-up and before the freeze: every gate loss is act
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="bench/train_overhead.py", description=__doc__.split("\n")[0])
+    parser = cli_parser("python -m bench.train_overhead", __doc__.split("\n")[0])
     parser.add_argument("--config", type=Path, default=None, help="training config (model, dataset, batch, "
                         "gate settings); its method is replaced by 'polarized'")
     parser.add_argument("--quick", action="store_true", help="a few steps only (smoke runs)")
@@ -57,9 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, ["method=polarized"])
-    except ConfigError as problem:
-        print(f"error: {problem}", file=sys.stderr)
-        return 2
+    except PolarpruneError as error:
+        return fail("python -m bench.train_overhead", error)
     settings = dict(QUICK if args.quick else FULL)
     if args.rounds is not None:
         settings["rounds"] = args.rounds
@@ -94,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or Path("reports") / name / "train_overhead.json"
     write_json(out, report)
     print(f"wrote {out}")
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -23,12 +23,12 @@ import torch
 from torch import nn
 
 from common.atomicio import atomic_path
+from common.cli import EXIT_FAILED
 
-from . import ExportError, allowed_difference
+from . import TOLERANCE, ExportError, allowed_difference
 
 OPSET = 18
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
-TOLERANCE = 1e-4
 ORT_LEVELS = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
               "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
               "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
@@ -36,6 +36,8 @@ ORT_LEVELS = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
 
 class OnnxExportError(ExportError):
     """An ONNX file that fails to export, check, run, or match torch or mask.json."""
+
+    exit_code = EXIT_FAILED
 
 
 @contextlib.contextmanager

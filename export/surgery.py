@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from common.atomicio import write_bytes
+from common.cli import EXIT_FAILED
 from training.arch import Spec, SpecError, validate_spec
 from training.cuts import cut_batchnorm, cut_conv_in, cut_conv_out, cut_linear_in
 from training.flops import input_shape
@@ -26,11 +27,10 @@ from training.gates import Gate
 from training.mask import Mask
 from training.models import GateOptions, SpecNet, build_model
 
-from . import ExportError, allowed_difference
+from . import TOLERANCE, ExportError, allowed_difference
 from .graph import DependencyGraph, trace_dependencies
 
 PRUNED_FORMAT = "polarprune-pruned-model"
-TOLERANCE = 1e-4
 
 
 class MaskMismatchError(ExportError):
@@ -39,6 +39,8 @@ class MaskMismatchError(ExportError):
 
 class SurgeryError(ExportError):
     """The cut network does not match its spec or does not compute what the gated network computes."""
+
+    exit_code = EXIT_FAILED
 
 
 # -- one cut per layer type (the cuts themselves live in training.cuts) -------------------------------

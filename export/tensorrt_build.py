@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from common.atomicio import write_bytes
+from common.cli import EXIT_FAILED
 from common.tolerance import allowed_difference, tolerance
 
 from . import ExportError
@@ -36,6 +37,8 @@ DEFAULT_WORKSPACE_BYTES = 1 << 30
 
 class EngineError(ExportError):
     """An engine that cannot be built, or does not compute what the ONNX computes."""
+
+    exit_code = EXIT_FAILED
 
 
 @dataclass(frozen=True)

@@ -4,80 +4,78 @@
                       [--url host:port [--grpc-url host:port]] [--protocol http|grpc|both] [--quick]
     python -m serving reload --url host:port --model NAME [--version N]
         (a running server in explicit model-control mode picks up a newly exported version)
+
+A run whose served outputs differ from onnxruntime, or whose load test had failed requests, is a failed
+check: the reports are written, and the exit code is 1.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-from serving.client import InputSpecError, ServingError
+from common.cli import EXIT_FAILED, EXIT_OK, cli_parser, fail
+from serving.admin import TritonAdmin
+from serving.errors import ServerInputError, ServingStageError
 from serving.loadtest import run_load_probes
-from serving.probes import ProbeSettings, run_probes
-from serving.report import write_report
 from serving.plans import plan_refusals
-from serving.run_artifacts import RunArtifactsMissing, load_run
-from serving.server import LocalTriton, LocalTritonConfig, RemoteTriton, ServerError, reload_model
+from serving.probes import ProbeSettings, run_probes
+from serving.reload import reload_model
+from serving.report import write_report
+from serving.run_artifacts import load_run
+from serving.server import LocalTriton, LocalTritonConfig, RemoteTriton
+
+PROG = "python -m serving"
+
+
+def parse_args(argv: list[str] | None = None):
+    arguments = cli_parser(PROG, __doc__.split("\n")[0],
+                       epilog="Also: python -m serving reload --url host:port --model NAME (see reload --help).")
+    arguments.add_argument("--repository", type=Path, default=Path("model_repository"),
+                           help="Triton model repository written by the export stage")
+    arguments.add_argument("--run", type=Path, required=True,
+                           help="run folder holding export_report.json and test_samples.npz")
+    arguments.add_argument("--report-dir", type=Path, default=None, help="default: reports/<run name>")
+    arguments.add_argument("--url", default=None,
+                           help="HTTP host:port of an already running Triton (e.g. NVIDIA's container); "
+                                "default: start the bundled server on free loopback ports")
+    arguments.add_argument("--grpc-url", default=None, help="gRPC host:port with --url (default: HTTP port + 1)")
+    arguments.add_argument("--protocol", choices=("http", "grpc", "both"), default="both",
+                           help="protocols to probe; the first is the headline and throughput protocol")
+    arguments.add_argument("--quick", action="store_true", help="seconds-long probes (smoke tests)")
+    arguments.add_argument("--http-port", type=int, default=0, help="local server HTTP port (0 = free port)")
+    arguments.add_argument("--grpc-port", type=int, default=0, help="local server gRPC port (0 = free port)")
+    arguments.add_argument("--startup-timeout", type=float, default=90.0, help="seconds to wait for readiness")
+    arguments.add_argument("--perf-analyzer", default=None, help="path to the perf_analyzer binary")
+    arguments.add_argument("--no-perf-analyzer", action="store_true", help="skip the perf_analyzer probe")
+    arguments.add_argument("--server-tensorrt", default=None,
+                           help="TensorRT version of the --url server, when its Triton release is not one "
+                                "polarprune knows; TensorRT plans built by another version are refused")
+    return arguments.parse_args(argv)
 
 
 def server_triton_version(url: str) -> str | None:
     """The Triton version a running server reports in its metadata, None if it does not answer."""
-    import tritonclient.http as httpclient
-    try:
-        client = httpclient.InferenceServerClient(url.split("://", 1)[-1].rstrip("/"), connection_timeout=5.0)
-        try:
-            return str(client.get_server_metadata().get("version")) or None
-        finally:
-            client.close()
-    except Exception:  # tritonclient raises its own and socket errors alike: the check then says "unknown"
-        return None
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m serving", description=__doc__.split("\n")[0],
-                                     epilog="Also: python -m serving reload --url host:port --model NAME "
-                                            "(see reload --help).")
-    parser.add_argument("--repository", type=Path, default=Path("model_repository"),
-                        help="Triton model repository written by the export stage")
-    parser.add_argument("--run", type=Path, required=True,
-                        help="run folder holding export_report.json and test_samples.npz")
-    parser.add_argument("--report-dir", type=Path, default=None, help="default: reports/<run name>")
-    parser.add_argument("--url", default=None,
-                        help="HTTP host:port of an already running Triton (e.g. NVIDIA's container); "
-                             "default: start the bundled server on free loopback ports")
-    parser.add_argument("--grpc-url", default=None, help="gRPC host:port with --url (default: HTTP port + 1)")
-    parser.add_argument("--protocol", choices=("http", "grpc", "both"), default="both",
-                        help="protocols to probe; the first is the headline and throughput protocol")
-    parser.add_argument("--quick", action="store_true", help="seconds-long probes (smoke tests)")
-    parser.add_argument("--http-port", type=int, default=0, help="local server HTTP port (0 = free port)")
-    parser.add_argument("--grpc-port", type=int, default=0, help="local server gRPC port (0 = free port)")
-    parser.add_argument("--startup-timeout", type=float, default=90.0, help="seconds to wait for readiness")
-    parser.add_argument("--perf-analyzer", default=None, help="path to the perf_analyzer binary")
-    parser.add_argument("--no-perf-analyzer", action="store_true", help="skip the perf_analyzer probe")
-    parser.add_argument("--server-tensorrt", default=None,
-                        help="TensorRT version of the --url server, when its Triton release is not one "
-                             "polarprune knows; TensorRT plans built by another version are refused")
-    return parser.parse_args(argv)
+    with TritonAdmin(url.split("://", 1)[-1].rstrip("/"), timeout_s=5.0) as admin:
+        return admin.server_version()
 
 
 def reload_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m serving reload",
-                                     description="Load a newly exported model version into a running Triton "
-                                                 "(explicit model control) and wait until it serves.")
-    parser.add_argument("--url", required=True, help="HTTP host:port of the running server")
-    parser.add_argument("--model", required=True, help="model name in the server's repository")
-    parser.add_argument("--version", default=None, help="version to wait for (default: the newest loaded)")
-    parser.add_argument("--timeout", type=float, default=120.0, help="seconds for the load and the switch")
-    args = parser.parse_args(argv)
+    prog = f"{PROG} reload"
+    arguments = cli_parser(prog, "Load a newly exported model version into a running Triton (explicit model "
+                             "control) and wait until it serves.")
+    arguments.add_argument("--url", required=True, help="HTTP host:port of the running server")
+    arguments.add_argument("--model", required=True, help="model name in the server's repository")
+    arguments.add_argument("--version", default=None, help="version to wait for (default: the newest loaded)")
+    arguments.add_argument("--timeout", type=float, default=120.0, help="seconds for the load and the switch")
+    args = arguments.parse_args(argv)
     try:
         url = args.url.split("://", 1)[-1].rstrip("/")
         result = reload_model(url, args.model, args.version, args.timeout)
-    except ServerError as problem:
-        print(f"error: {problem}", file=sys.stderr)
-        return 1
+    except ServingStageError as error:
+        return fail(prog, error)
     print(f"{result.model}: serving version {result.served_version} after {result.seconds:.1f} s "
           f"(ready before {list(result.versions_before)}, now {list(result.versions_after)})")
-    return 0
+    return EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,50 +84,44 @@ def main(argv: list[str] | None = None) -> int:
         return reload_main(argv[1:])
     args = parse_args(argv)
     protocols = ("http", "grpc") if args.protocol == "both" else (args.protocol,)
-    try:
-        run = load_run(args.run)
-    except (RunArtifactsMissing, ValueError) as problem:
-        print(f"error: {problem}", file=sys.stderr)
-        return 2
-    report_dir = args.report_dir or Path("reports") / run.name
     factory = ProbeSettings.quick if args.quick else ProbeSettings
     settings = factory(protocols=protocols, perf_analyzer=not args.no_perf_analyzer,
                        perf_analyzer_path=args.perf_analyzer)
-    models = (run.model_names["dense"], run.model_names["pruned"])
-    refusals = plan_refusals(args.repository, models, server_triton_version(args.url) if args.url else None,
-                             args.server_tensorrt, bundled=not args.url)
-    if refusals:
-        detail = "\n".join(f"  {model}: {why}" for model, why in refusals.items())
-        print(f"error: refusing to serve TensorRT plan(s) the server cannot load:\n{detail}", file=sys.stderr)
-        return 1
-    if args.url:
-        server = RemoteTriton(args.url, args.grpc_url, models, timeout_s=args.startup_timeout)
-    else:
-        server = LocalTriton(LocalTritonConfig(args.repository, models, args.http_port, args.grpc_port,
-                                               startup_timeout_s=args.startup_timeout))
     try:
+        run = load_run(args.run)
+        models = (run.model_names["dense"], run.model_names["pruned"])
+        refusals = plan_refusals(args.repository, models, server_triton_version(args.url) if args.url else None,
+                                 args.server_tensorrt, bundled=not args.url)
+        if refusals:
+            detail = "\n".join(f"  {model}: {why}" for model, why in refusals.items())
+            raise ServerInputError(f"refusing to serve TensorRT plan(s) the server cannot load:\n{detail}")
+        if args.url:
+            server = RemoteTriton(args.url, args.grpc_url, models, timeout_s=args.startup_timeout)
+        else:
+            server = LocalTriton(LocalTritonConfig(args.repository, models, args.http_port, args.grpc_port,
+                                                   startup_timeout_s=args.startup_timeout))
         with server as endpoints:
             print(f"Triton ready: http {endpoints.http_url}, grpc {endpoints.grpc_url}; "
                   f"models {list(models)}")
             results = run_probes(endpoints, args.repository, run, settings)
             server_pid = server.pid if isinstance(server, LocalTriton) else None  # remote: not visible
             results.update(run_load_probes(endpoints, run.model_names, run.images, settings, server_pid))
-    except (ServerError, ServingError, InputSpecError) as problem:
-        print(f"error: {problem}", file=sys.stderr)
-        return 1
+    except ServingStageError as error:
+        return fail(PROG, error)
+    report_dir = args.report_dir or Path("reports") / run.name
     summary, markdown = write_report(results, run, report_dir, "quick" if args.quick else "full")
     print(f"\nwrote {report_dir}/serving.json, serving.md, serving_raw.json, latency.png, throughput.png\n")
     print(markdown)
     failed = [role for role, entry in summary["correctness"].items() if entry.get("ok") is False]
     if failed:
-        print(f"error: served outputs differ from onnxruntime for {failed}", file=sys.stderr)
-        return 3
+        print(f"{PROG}: error: served outputs differ from onnxruntime for {failed}", file=sys.stderr)
+        return EXIT_FAILED
     load = summary["load_test"]
     if load["failures"]:
-        print(f"error: {load['failures']} of {load['requests'] + load['failures']} load-test requests "
+        print(f"{PROG}: error: {load['failures']} of {load['requests'] + load['failures']} load-test requests "
               f"failed, e.g. {load['first_errors'][0]}", file=sys.stderr)
-        return 4
-    return 0
+        return EXIT_FAILED
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from common.energy import EnergyMeter, process_tree, tree_cpu_seconds, tree_rss_bytes
-from serving.probes import ROLES, ProbeSettings, _drive
+from serving.probes import ROLES, ProbeSettings, _drive, longest_drive_s
 from serving.server import Endpoints
 
 MB = 1024 * 1024
@@ -194,6 +194,9 @@ def run_load_probes(endpoints: Endpoints, models: dict[str, str], images: np.nda
 
 
 # ---- load in the background (reloads under load) ---------------------------------------------------
+JOIN_SLACK_S = 5.0  # beyond the longest a drive can take, before its thread counts as hung
+
+
 class BackgroundLoad:
     """`_drive` in a background thread until `stop()`, `max_seconds` being the hard cap:
 
@@ -223,7 +226,7 @@ class BackgroundLoad:
 
     def stop(self) -> dict:
         self._stop.set()
-        self._thread.join(timeout=self.max_seconds + self.timeout_s + 70.0)  # 60 s barrier + slack
+        self._thread.join(timeout=longest_drive_s(self.max_seconds, self.timeout_s) + JOIN_SLACK_S)
         if self._failure is not None:
             raise RuntimeError(f"background load failed to run: {self._failure!r}") from self._failure
         if self.result is None:

@@ -9,7 +9,6 @@ the venv's bin/ (pip download of that one wheel, nothing installed).
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import importlib.util
 import io
@@ -21,6 +20,8 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from common.cli import EXIT_FAILED, EXIT_OK, cli_parser
 
 WHEEL_PIN = "tritonclient==2.41.1"
 _WHEEL_MEMBER = "tritonclient-2.41.1.data/data/bin/perf_analyzer"
@@ -148,11 +149,11 @@ def install_binary(dest_dir: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m serving.perf_analyzer",
-                                     description=__doc__.split("\n")[0])
-    parser.add_argument("--install", action="store_true", help=f"extract perf_analyzer from {WHEEL_PIN}")
-    parser.add_argument("--dest", type=Path, default=Path(sys.executable).parent)
-    args = parser.parse_args(argv)
+    arguments = cli_parser("python -m serving.perf_analyzer", __doc__.split("\n")[0],
+                       epilog="Exits with 1 when no working perf_analyzer is found.")
+    arguments.add_argument("--install", action="store_true", help=f"extract perf_analyzer from {WHEEL_PIN}")
+    arguments.add_argument("--dest", type=Path, default=Path(sys.executable).parent)
+    args = arguments.parse_args(argv)
     installed = None
     if args.install:
         installed = install_binary(args.dest)
@@ -161,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{analyzer.binary}: {note}" if analyzer else note)
     if analyzer:
         analyzer.close()
-    return 0 if analyzer else 1
+    return EXIT_OK if analyzer else EXIT_FAILED
 
 
 if __name__ == "__main__":

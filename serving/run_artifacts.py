@@ -13,13 +13,20 @@ from pathlib import Path
 
 import numpy as np
 
+from common.cli import EXIT_BAD_INPUT
+from serving.errors import ServingStageError
 
-class RunArtifactsMissing(FileNotFoundError):
+
+class RunArtifactsMissing(ServingStageError, FileNotFoundError):
     """The export stage has not (fully) run for this run folder."""
 
+    exit_code = EXIT_BAD_INPUT
 
-class RunArtifactsError(ValueError):
+
+class RunArtifactsError(ServingStageError, ValueError):
     """An export output that is there but cannot be what the export stage wrote."""
+
+    exit_code = EXIT_BAD_INPUT
 
 
 @dataclass(frozen=True)

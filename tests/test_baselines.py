@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from export.__main__ import parse_args as export_args
-from export.__main__ import run_export
+from export.api import ExportOptions
+from export.api import run as run_export
 from export_fixtures import single_torch_thread  # noqa: F401 (autouse fixture)
 from training.arch import make_spec, prunable_layers
 from training.config import ConfigError, flipout_prune_epochs, make_config
@@ -227,8 +227,7 @@ def test_both_methods_are_registered():
 def train_and_export(tmp_path, name, **overrides):
     metrics = train(make_config({**TINY, "out_dir": str(tmp_path), "name": name, **overrides}))
     run_dir = tmp_path / name
-    report = run_export(export_args(["--run", str(run_dir), "--repository", str(tmp_path / "repository"),
-                                     "--samples", "32"]))
+    report = run_export(ExportOptions(run=run_dir, repository=tmp_path / "repository", samples=32))
     return run_dir, metrics, report
 
 
@@ -250,7 +249,7 @@ def test_activation_density_shrinks_while_training_and_exports(tmp_path, model_n
     assert all(len(kept) % 8 == 0 for kept in mask.kept_channels.values())
     assert report["flops_ratio"] == pytest.approx(metrics["flops_ratio"])
     assert report["max_abs_diff_surgery"] <= 1e-4
-    pruned = torch.load(run_dir / "pruned_model.pt", weights_only=False)
+    pruned = torch.load(run_dir / "pruned_model.pt", weights_only=True)
     assert pruned["spec"] == document["pruned_spec"]
 
 
@@ -261,7 +260,7 @@ def test_flipout_trains_to_its_sparsity_and_exports_a_dense_shape(tmp_path):
     assert metrics["flops_ratio"] == 1.0 and report["flops_ratio"] == 1.0   # no structural cut, no claim
     removed = metrics["prunable_weights"] // 2
     assert metrics["nonzero_params"] == pytest.approx(metrics["dense_params"] - removed, abs=1)
-    state = torch.load(run_dir / "pruned_model.pt", weights_only=False)["state_dict"]
+    state = torch.load(run_dir / "pruned_model.pt", weights_only=True)["state_dict"]
     weights = [t for k, t in state.items() if k.endswith("weight") and t.dim() > 1]
     zeros = sum(int((t == 0).sum()) for t in weights)
     assert zeros == pytest.approx(metrics["prunable_weights"] * 0.5, abs=1)

@@ -115,14 +115,15 @@ def tiny_run(tmp_path_factory):
     return run_dir
 
 
-def run_script(script: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, f"bench/{script}", *args], cwd=ROOT, capture_output=True,
+def run_script(module: str, *args: str) -> subprocess.CompletedProcess:
+    """`python -m bench.<module>`, as the Makefile runs it (no sys.path edits in the scripts)."""
+    return subprocess.run([sys.executable, "-m", f"bench.{module}", *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=120)
 
 
 def test_speedup_quick_writes_a_complete_report(tiny_run, tmp_path):
     out = tmp_path / "speedup.json"
-    done = run_script("speedup.py", "--run", str(tiny_run), "--quick", "--threads", "1", "--rounds", "5",
+    done = run_script("speedup", "--run", str(tiny_run), "--quick", "--threads", "1", "--rounds", "5",
                       "--out", str(out))
     assert done.returncode == 0, done.stderr
     assert "efficiency" in done.stdout

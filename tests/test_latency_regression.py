@@ -19,7 +19,7 @@ ATTEMPTS = 3
 # (fixture.GPU_BATCHES); batch 1 on a GPU measures launches and copies, not MACs.
 FLOPS_SHARE = {"cpu": 0.5, "cuda": 0.25, "tensorrt": 0.25}
 BASELINE_TOLERANCE = 0.75  # speed-up >= 0.75 * the recorded one
-REFRESH = "python bench/speedup.py --baseline-fixture --write-baseline --backend {backend}"
+REFRESH = "python -m bench.speedup --baseline-fixture --write-baseline --backend {backend}"
 
 _measured: dict[str, list[dict]] = {}
 

@@ -27,19 +27,35 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 import export.triton_repo as triton_repo
+from bench.compare import main as compare_main
+from bench.shapes import main as shapes_main
+from bench.speedup import main as speedup_main
+from bench.train_overhead import main as train_overhead_main
+from common.cli import EXIT_BAD_INPUT, EXIT_CODES, EXIT_OK
 from export.__main__ import main as export_main
-from export.__main__ import write_triton_models
+from export.api import ExportOptions, write_triton_models
 from export.triton_repo import (RepositoryError, TritonModelOptions, parse_config, read_onnx_signature,
                                 write_model_version, write_model_versions)
 from export_fixtures import make_run, single_torch_thread  # noqa: F401 (autouse fixture)
+from serving.__main__ import main as serving_main
 from serving.client import InputSpecError, ServingError, TritonClassifier
 from serving.run_artifacts import RunArtifactsError, RunArtifactsMissing, load_run
-from serving.server import LocalTriton, LocalTritonConfig, ServerError, TritonNotFound, find_triton_install
+from serving.errors import ServerError, TritonNotFound
+from serving.server import LocalTriton, LocalTritonConfig
+from serving.triton_install import find_triton_install
+from test_checkpoint import WritesAFile
 from tiny_onnx import tiny_classifier
 from training.__main__ import main as training_main
 from training.arch import SpecError
 from training.config import ConfigError, load_config
+from training.data import FMNIST_SEARCH_DIRS
+from training.distributed import Cluster
 from training.mask import load_mask
+
+
+needs_fmnist = pytest.mark.skipif(
+    not any((d / "train-images-idx3-ubyte.gz").is_file() for d in FMNIST_SEARCH_DIRS),
+    reason="Fashion-MNIST not installed (make data)")
 
 
 def tree(root: Path) -> dict[str, bytes | None]:
@@ -114,8 +130,46 @@ def test_training_cli_exits_2_and_writes_nothing(tmp_path, capsys, monkeypatch, 
     code = training_main(["--config", str(config), "--set", f"out_dir={out_dir}",
                           *[arg for pair in overrides for arg in ("--set", pair)]])
     err = capsys.readouterr().err
-    assert code == 2 and err.startswith("error: ") and expected in err and "Traceback" not in err, err
+    assert code == EXIT_BAD_INPUT and err.startswith("python -m training: error: "), (code, err)
+    assert expected in err and "Traceback" not in err, err
     assert not out_dir.exists()
+
+
+# Three ValueErrors that used to escape `python -m training` as tracebacks: now a config key error, exit 2.
+
+def _train_cli(tmp_path, capsys, *overrides: str) -> tuple[int, str]:
+    config = tmp_path / "run.yaml"
+    config.write_text("epochs: 1\nprogress: false\n")
+    code = training_main(["--config", str(config), "--set", f"out_dir={tmp_path / 'runs'}",
+                          *[arg for pair in overrides for arg in ("--set", pair)]])
+    return code, capsys.readouterr().err
+
+
+@needs_fmnist
+def test_train_subset_larger_than_the_dataset_is_a_config_error(tmp_path, capsys):
+    code, err = _train_cli(tmp_path, capsys, "train_subset=60000", "val_size=1000")
+    assert code == EXIT_BAD_INPUT and "Traceback" not in err, (code, err)
+    assert err.startswith("python -m training: error: config key 'train_subset': 60000 must be in [1, 59000]"), err
+    assert "set train_subset <= 59000" in err
+
+
+@needs_fmnist
+def test_global_batch_that_does_not_split_across_processes_is_a_config_error(tmp_path, capsys, monkeypatch):
+    class ThreeRanks(Cluster):  # rank 0 of three, without a process group: it fails before any collective
+        def from_main(self, work):
+            return work()
+    monkeypatch.setattr("training.loop.start_cluster", lambda device: (ThreeRanks(0, 3, 0, "gloo"), device))
+    code, err = _train_cli(tmp_path, capsys, "batch_size=64", "train_subset=256", "val_size=64")
+    assert code == EXIT_BAD_INPUT and "Traceback" not in err, (code, err)
+    assert err.startswith("python -m training: error: config key 'batch_size': 64 (the global batch) must be a "
+                          "multiple of the 3 processes"), err
+
+
+def test_dynamic_gates_without_a_validation_set_is_a_config_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("training.__main__.train", lambda cfg, resume=False: pytest.fail("config accepted"))
+    code, err = _train_cli(tmp_path, capsys, "dynamic_gates=true", "val_size=0")
+    assert code == EXIT_BAD_INPUT and "Traceback" not in err, (code, err)
+    assert "config key 'val_size': dynamic gates need a validation set" in err and "set val_size > 0" in err, err
 
 
 # == checkpoints and mask.json through `python -m export` =================================================
@@ -142,7 +196,7 @@ def exported_before(tmp_path, finished_run):
 
 
 def _state(run_dir):
-    return torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)
+    return torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)
 
 
 def _save_state(run_dir, state):
@@ -192,6 +246,9 @@ CHECKPOINT_CASES = {
     "weights of another size": (lambda d: _edit_weights(d, "layer3.2.conv1.weight", torch.zeros(3, 3, 3, 3)),
                                 "size mismatch for layer3.2.conv1.weight"),
     "a weight missing": (lambda d: _edit_weights(d, "fc.weight"), 'Missing key(s) in state_dict: "fc.weight"'),
+    # Had it run, the payload would have added a file to the run folder, and the tree check would see it.
+    "code in the pickle": (lambda d: _save_state(d, {**_state(d), "config": WritesAFile(d / "ran")}),
+                           "refused: it holds pickled Python objects (io.open)"),
 }
 MASK_CASES = {
     "a float channel index": (_edit_mask(lambda m: m["kept_channels"].update({"layer1.0": [0.5, 1]})),
@@ -214,7 +271,7 @@ def test_export_refuses_bad_run_files_and_leaves_everything_as_it_was(exported_b
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = export_main(["--run", str(run_dir), "--repository", str(repository)])
     message = err.getvalue()
-    assert code == 1 and message.startswith(f"export: error: {file}: "), message
+    assert code == EXIT_BAD_INPUT and message.startswith(f"python -m export: error: {file}: "), (code, message)
     assert expected in message and "Traceback" not in message, message
     assert tree(run_dir) == run_before and tree(repository) == repository_before
     assert not temporaries(run_dir.parent.parent)
@@ -360,9 +417,9 @@ def test_export_adds_both_models_or_neither(tmp_path, tiny_onnx):
     repository = tmp_path / "model_repository"
     write_model_version(repository, "r_dense", tiny_onnx)
     before = tree(repository)
-    args = type("Args", (), {"target": "cpu", "max_batch_size": 16, "repository": repository, "serve_plan": False})
+    options = ExportOptions(run=run_dir, max_batch_size=16, repository=repository)
     with pytest.raises(RepositoryError, match=r"pruned\.onnx is not an ONNX model"):
-        write_triton_models(args, run_dir, {"built": False})
+        write_triton_models(options, run_dir, {"built": False})
     assert tree(repository) == before and not temporaries(repository)
 
 
@@ -438,6 +495,25 @@ def test_malformed_run_artifacts_name_the_file(artifacts, damage, file, expected
     with pytest.raises(RunArtifactsError) as caught:
         load_run(run)
     assert str(run / file) in str(caught.value) and expected in str(caught.value), str(caught.value)
+
+
+def test_serving_cli_exits_2_on_malformed_run_artifacts(artifacts, capsys):
+    run = artifacts[0]
+    (run / "export_report.json").write_text("{truncated")
+    code = serving_main(["--run", str(run), "--quick", "--no-perf-analyzer"])
+    err = capsys.readouterr().err
+    assert code == EXIT_BAD_INPUT and err.startswith(f"python -m serving: error: {run / 'export_report.json'}"), err
+    assert "Traceback" not in err
+
+
+def test_serving_cli_exits_2_when_the_repository_lacks_the_models(artifacts, tmp_path, capsys):
+    run = artifacts[0]
+    (tmp_path / "empty_repository").mkdir()
+    code = serving_main(["--run", str(run), "--repository", str(tmp_path / "empty_repository"), "--quick",
+                         "--no-perf-analyzer"])
+    err = capsys.readouterr().err
+    assert code == EXIT_BAD_INPUT and err.startswith("python -m serving: error: model(s) ['d', 'p'] not found"), err
+    assert "run make export first" in err and "Traceback" not in err
 
 
 def test_half_an_export_is_missing_not_malformed(artifacts):
@@ -660,3 +736,29 @@ def test_raw_http_bodies_that_are_not_requests(server, body, expected):
     assert caught.value.code in (400, 500)
     assert expected in json.loads(caught.value.read())["error"]
     _assert_healthy(triton, session)
+
+
+# == every command line ====================================================================================
+
+CLIS = {"python -m training": (training_main, []), "python -m export": (export_main, []),
+        "python -m serving": (serving_main, []), "python -m serving reload": (serving_main, ["reload"]),
+        "python -m bench.compare": (compare_main, []), "python -m bench.shapes": (shapes_main, []),
+        "python -m bench.speedup": (speedup_main, []), "python -m bench.train_overhead": (train_overhead_main, [])}
+
+
+@pytest.mark.parametrize("prog", CLIS)
+def test_every_cli_help_lists_the_exit_codes(prog, capsys):
+    main, prefix = CLIS[prog]
+    with pytest.raises(SystemExit) as exited:
+        main([*prefix, "--help"])
+    out = capsys.readouterr().out
+    assert exited.value.code == EXIT_OK and out.startswith(f"usage: {prog} ") and EXIT_CODES in out, out
+
+
+@pytest.mark.parametrize("prog", ["python -m export", "python -m serving", "python -m bench.speedup"])
+def test_usage_errors_exit_2(prog, capsys):
+    main, prefix = CLIS[prog]
+    with pytest.raises(SystemExit) as exited:
+        main([*prefix, "--run", "runs/x", "--no-such-flag"])
+    assert exited.value.code == EXIT_BAD_INPUT
+    assert "unrecognized arguments: --no-such-flag" in capsys.readouterr().err

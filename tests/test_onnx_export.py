@@ -11,6 +11,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from common.cli import EXIT_BAD_INPUT, EXIT_FAILED
 from export.__main__ import main
 from export.onnx_export import (INPUT_NAME, OUTPUT_NAME, OnnxExportError, count_onnx_macs, export_onnx,
                                 validate_with_onnxruntime)
@@ -152,11 +153,11 @@ def _listing(run_dir):
     return sorted((p.name, p.stat().st_size) for p in run_dir.iterdir())
 
 
-def _fails(run_dir, *pattern_parts):
+def _fails(run_dir, *pattern_parts, exit_code=EXIT_BAD_INPUT):
     before = _listing(run_dir)
     repository = run_dir.parent.parent / "model_repository"
     code, out, err = run_cli("--run", str(run_dir), "--repository", str(repository))
-    assert code == 1 and err.startswith("export: error: ") and "Traceback" not in err
+    assert code == exit_code and err.startswith("python -m export: error: ") and "Traceback" not in err, (code, err)
     for part in pattern_parts:
         assert part in err, err
     assert _listing(run_dir) == before
@@ -194,7 +195,7 @@ def test_mask_with_bad_indices(small_run):
 
 
 def test_unknown_architecture(small_run):
-    state = torch.load(small_run / "checkpoint.pt", weights_only=False)
+    state = torch.load(small_run / "checkpoint.pt", weights_only=True)
     state["spec"] = {**state["spec"], "family": "transformer"}
     torch.save(state, small_run / "checkpoint.pt")
     _fails(small_run, str(small_run / "checkpoint.pt"), "family")
@@ -202,14 +203,14 @@ def test_unknown_architecture(small_run):
 
 @needs_fmnist
 def test_failure_mid_export_leaves_run_folder_as_it_was(small_run, monkeypatch):
-    import export.__main__ as cli
+    import export.api as cli
 
     def half_written(model, path, input_shape):
         path.write_bytes(b"half an onnx file")
         raise OnnxExportError(f"{path.name}: simulated exporter crash")
 
     monkeypatch.setattr(cli, "export_onnx", half_written)
-    err = _fails(small_run, "simulated exporter crash")
+    err = _fails(small_run, "simulated exporter crash", exit_code=EXIT_FAILED)  # a failed check, not bad input
     assert not [p for p in os.listdir(small_run) if p.startswith(".")]
     assert "earlier export" in (small_run / "export_report.json").read_text()
     assert "dense.onnx" in err

@@ -20,8 +20,10 @@ from tiny_onnx import tiny_classifier
 from serving.__main__ import main as serving_main
 from serving.client import InputSpecError, ServingError, TritonClassifier
 from serving.perf_analyzer import find_perf_analyzer
-from serving.server import (LocalTriton, LocalTritonConfig, ServerError, TritonNotFound,
-                            find_triton_install, leftover_shm_regions)
+from serving.errors import ServerError, TritonNotFound
+from serving.server import LocalTriton, LocalTritonConfig
+from serving.shm import leftover_shm_regions
+from serving.triton_install import find_triton_install
 
 MODELS = {"dense": "tiny_dense", "pruned": "tiny_pruned"}
 

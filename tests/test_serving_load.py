@@ -18,7 +18,9 @@ from serving.client import TritonClassifier
 from serving.loadtest import BackgroundLoad, probe_energy, run_load_test
 from serving.probes import ProbeSettings, _drive
 from serving.report import render_energy, render_load_test, summarize_energy, summarize_load_test
-from serving.server import LocalTriton, LocalTritonConfig, TritonNotFound, find_triton_install
+from serving.errors import TritonNotFound
+from serving.server import LocalTriton, LocalTritonConfig
+from serving.triton_install import find_triton_install
 
 # "heavy" does ~50x the arithmetic of "light" per inference (hidden 65536 vs 8 in a 64 -> h -> 10 MLP).
 PAIR = {"dense": "heavy", "pruned": "light"}

@@ -16,6 +16,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from .errors import TrainingError
+
 Spec = dict[str, Any]
 
 CIFAR_RESNET_DEPTHS = {"resnet20": 3, "resnet32": 5, "resnet56": 9, "resnet110": 18}
@@ -27,7 +29,7 @@ VGG_PLANS = {
 MODEL_NAMES = (*CIFAR_RESNET_DEPTHS, "resnet18", *VGG_PLANS)
 
 
-class SpecError(ValueError):
+class SpecError(TrainingError, ValueError):
     """A spec or mask that does not describe a buildable network."""
 
 

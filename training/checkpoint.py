@@ -3,46 +3,107 @@
 Keys: format, version, config (dict), spec (dense spec), gates (GateOptions as dict, or None for an
 ungated method), model (state dict), optimizers, scheduler, epoch (epochs completed), method_state,
 rng, history (per-epoch log rows).
+
+Loaded with torch's weights-only unpickler: tensors and plain data only, so a checkpoint from someone
+else cannot run code. Version 2 stores numpy's RNG state as a tensor for that; version 1 files (numpy's
+state as a pickled ndarray) still load, with numpy's array reconstructor and nothing else allowed.
 """
 from __future__ import annotations
 
 import io
+import pickle
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from common.atomicio import write_bytes
 
 from .arch import SpecError, check_header, validate_spec
+from .errors import TrainingError
 from .models import GateOptions, SpecNet, build_model
 
 CHECKPOINT_FORMAT = "polarprune-checkpoint"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
+LEGACY_VERSION = 1  # numpy's RNG state pickled as an ndarray
+# What a version-1 file needs beyond plain data, by the names pickle records and as objects to allow.
+# A version-1 file needs numpy's array reconstructor, recorded under numpy 1's or numpy 2's module name.
+_RECONSTRUCT_NAMES = ("numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct")
+LEGACY_GLOBAL_NAMES = {"numpy.ndarray", "numpy.dtype", *_RECONSTRUCT_NAMES}
+LEGACY_GLOBALS = [np.ndarray, np.dtype, type(np.dtype(np.uint32)),  # the state is a uint32 array
+                  *[(np.ndarray.__reduce__(np.zeros(0))[0], name) for name in _RECONSTRUCT_NAMES]]
 
 
-class CheckpointError(ValueError):
+class CheckpointError(TrainingError, ValueError):
     """A checkpoint that is missing, unreadable, or does not fit the model it claims to hold."""
 
 
+def _numpy_rng_to_tensors(state: tuple) -> dict[str, Any]:
+    """np.random.get_state()'s tuple as data the weights-only unpickler reads."""
+    bit_generator, key, position, has_gauss, cached_gaussian = state
+    return {"bit_generator": bit_generator, "key": torch.from_numpy(np.asarray(key, np.int64)),
+            "pos": int(position), "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)}
+
+
+def _numpy_rng_from_tensors(state: dict[str, Any]) -> tuple:
+    return (state["bit_generator"], state["key"].numpy().astype(np.uint32), state["pos"], state["has_gauss"],
+            state["cached_gaussian"])
+
+
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
+    rng = state.get("rng")
+    if isinstance(rng, dict) and isinstance(rng.get("numpy"), tuple):
+        state = {**state, "rng": {**rng, "numpy": _numpy_rng_to_tensors(rng["numpy"])}}
     buffer = io.BytesIO()
     torch.save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **state}, buffer)
     write_bytes(path, buffer.getvalue())
+
+
+def _load_weights_only(path: Path) -> dict[str, Any]:
+    """The pickled dict, read without running any code it carries; CheckpointError for anything else."""
+    try:
+        needed = set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception as error:  # not a zip, or a damaged one
+        raise CheckpointError(f"{path}: unreadable or corrupt checkpoint ({type(error).__name__}: {error})") from None
+    if needed - LEGACY_GLOBAL_NAMES:
+        raise CheckpointError(
+            f"{path}: refused: it holds pickled Python objects ({', '.join(sorted(needed - LEGACY_GLOBAL_NAMES))}), "
+            "and loading those "
+            "could run code. polarprune checkpoints hold tensors and plain data only: use run folders you made "
+            "yourself, or train the run again")
+    try:
+        with torch.serialization.safe_globals(LEGACY_GLOBALS if needed else []):
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:  # torch's reason follows a fixed line, after its generic advice
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        reason = next((lines[i + 1] for i, line in enumerate(lines[:-1]) if "WeightsUnpickler error" in line),
+                      lines[0] if lines else "")
+        raise CheckpointError(f"{path}: refused or corrupt: the weights-only loader stops at it ({reason})") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as error:
+        raise CheckpointError(f"{path}: unreadable or corrupt checkpoint ({type(error).__name__}: {error})") from None
+    if needed and (not isinstance(state, dict) or state.get("version") != LEGACY_VERSION):
+        raise CheckpointError(f"{path}: holds numpy arrays, which only checkpoint version {LEGACY_VERSION} "
+                              "did (for numpy's RNG state); not a checkpoint polarprune wrote")
+    return state
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no checkpoint (train first: make train)")
-    try:
-        # weights_only=False: the checkpoint holds optimizer state and RNG states; only load your own files.
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # torch raises many types for a damaged zip/pickle
-        raise CheckpointError(f"{path}: unreadable or corrupt checkpoint ({type(error).__name__}: {error})") from None
+    state = _load_weights_only(path)
+    if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT and state.get("version") == LEGACY_VERSION:
+        state = {**state, "version": CHECKPOINT_VERSION}  # same keys; its numpy RNG state is already a tuple
     check_header(state, path, "checkpoint", CHECKPOINT_FORMAT, CHECKPOINT_VERSION,
                  ("config", "spec", "model", "epoch"), CheckpointError)
+    rng = state.get("rng")
+    if isinstance(rng, dict) and isinstance(rng.get("numpy"), dict):
+        try:
+            state["rng"] = {**rng, "numpy": _numpy_rng_from_tensors(rng["numpy"])}
+        except (KeyError, TypeError, AttributeError) as error:
+            raise CheckpointError(f"{path}: checkpoint rng['numpy'] is malformed ({error!r})") from None
     # A damaged or hand-made file must fail here, naming itself, not deep inside torch or the loop.
     if not isinstance(state["config"], dict):
         raise CheckpointError(f"{path}: checkpoint config must be a dict, not {type(state['config']).__name__}")

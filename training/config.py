@@ -17,12 +17,13 @@ import yaml
 
 from .arch import MODEL_NAMES, make_spec, prunable_layers, residual_blocks
 from .data import DATASETS, FolderOptions, dataset_info
+from .errors import TrainingError
 
 METHODS = ("polarized", "dense", "activation_density", "flipout")
 DEVICES = ("auto", "cpu", "cuda")
 
 
-class ConfigError(ValueError):
+class ConfigError(TrainingError, ValueError):
     """A configuration key that is unknown, of the wrong type, or out of range. `key` names it (None when
     the problem is the file itself), so `load_config` can say where the value came from."""
 
@@ -148,6 +149,8 @@ class TrainConfig:
             need(self.target_flops_ratio + self.flops_tolerance >= floor, "target_flops_ratio",
                  f"{self.model} on {self.dataset} cannot go below {floor:.4f} of its FLOPs ({how}), "
                  f"even with flops_tolerance {self.flops_tolerance:g}")
+            need(not self.dynamic_gates or self.val_size > 0, "val_size",
+                 "dynamic gates need a validation set for their consensus vote: set val_size > 0")
         return self
 
     def to_dict(self) -> dict[str, Any]:

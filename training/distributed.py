@@ -21,10 +21,12 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from .errors import TrainingError
+
 BN_STATISTICS = ("running_mean", "running_var")
 
 
-class DistributedError(RuntimeError):
+class DistributedError(TrainingError, RuntimeError):
     """The torchrun environment cannot be used as asked, or the ranks disagree."""
 
 

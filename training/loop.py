@@ -29,6 +29,7 @@ from .checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import BatchIterator, DatasetInfo, FolderOptions, describe_splits, load_splits
 from .distributed import Cluster, check_consensus, fingerprint, start_cluster, structure_key
+from .errors import TrainingError
 from .flops import count_macs, count_params, layer_costs
 from .mask import mask_document, save_mask
 from .methods import RunContext, make_method
@@ -39,7 +40,7 @@ from .plots import write_plots
 RESUME_FREE_KEYS = {"progress", "device", "threads", "epochs", "out_dir", "name"}  # a moved run folder resumes
 
 
-class RunError(RuntimeError):
+class RunError(TrainingError, RuntimeError):
     """A run directory in a state that the requested action would damage or cannot use."""
 
 

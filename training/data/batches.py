@@ -42,11 +42,13 @@ class BatchIterator:
         if train and len(data) < batch_size:
             raise DataError(
                 f"config key 'batch_size': train batches drop the last partial batch, and the {len(data)} "
-                f"training examples are fewer than batch_size {batch_size}"
+                f"training examples are fewer than batch_size {batch_size}; set a smaller batch_size or a "
+                f"larger train_subset"
             )
         if train and batch_size % world_size:
             raise DataError(f"config key 'batch_size': {batch_size} (the global batch) must be a multiple of the "
-                            f"{world_size} processes")
+                            f"{world_size} processes; set a multiple of {world_size}, or launch another number of "
+                            f"processes")
         stored = tuple(data.images.shape[2:])
         self.room = crop_room(stored, info.input_size, info.crop_padding if train else 0)
         if not train and self.room:

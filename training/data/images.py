@@ -5,8 +5,10 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import TrainingError
 
-class DataError(ValueError):
+
+class DataError(TrainingError, ValueError):
     """A dataset is missing or malformed, or does not fit the settings; the message names the file or
     config key and says what to do."""
 

@@ -62,11 +62,12 @@ def load_splits(
     n = len(official_train)
     if not 0 <= val_size < n:
         raise DataError(f"config key 'val_size': {val_size} must be in [0, {n}) for {dataset} "
-                        f"({n} official train examples)")
+                        f"({n} official train examples); set a smaller val_size")
     if train_subset is not None and not 0 < train_subset <= n - val_size:
         raise DataError(
             f"config key 'train_subset': {train_subset} must be in [1, {n - val_size}] for {dataset} "
-            f"({n} official train examples minus val_size={val_size})"
+            f"({n} official train examples minus val_size={val_size}); set train_subset <= {n - val_size}, "
+            f"or null for all of them"
         )
     generator = torch.Generator().manual_seed(seed_from("split", dataset, seed))
     order = class_balanced_order(official_train.labels, generator)

@@ -1,0 +1,255 @@
+"""The export stage as a library: `run(ExportOptions(run=Path("runs/<name>")))` returns the report.
+
+Into the run folder: pruned_model.pt, dense.onnx, pruned.onnx, test_samples.npz, export_report.json
+(plus dense.plan/pruned.plan with engine=True on a GPU machine, *.ort-<level>.onnx with ort_optimized).
+All of it is built in a staging folder and moved in only after every check passed, so a failure leaves
+the run folder as it was; export_report.json comes last, once the Triton repository holds
+<name>_dense and <name>_pruned. `python -m export` is this with its options from the command line.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common.atomicio import atomic_path, write_json
+from common.results import provenance
+from training.arch import SpecError
+from training.checkpoint import load_checkpoint, model_from_checkpoint
+from training.data import FolderOptions, load_splits, normalize
+from training.flops import count_macs
+from training.mask import Mask, load_mask
+
+from . import ExportError
+from . import tensorrt_build as trt_build
+from .onnx_export import ORT_LEVELS, count_onnx_macs, export_onnx, save_ort_optimized, validate_with_onnxruntime
+from .report import build_report, network_summary
+from .surgery import MaskMismatchError, Networks, SurgeryError, check_equivalence, prune, save_pruned
+from .triton_repo import RepositoryError, TritonModelOptions, write_model_versions
+
+KINDS = ("dense", "pruned")
+TARGETS = ("cpu", "gpu")
+REPORT_NAME = "export_report.json"
+OPTIONAL_ARTIFACTS = ("*.ort-*.onnx", "dense.plan", "pruned.plan")
+
+
+@dataclass
+class ExportOptions:
+    """What to export and how; the defaults are `python -m export`'s."""
+
+    run: Path                                # run folder (checkpoint.pt, mask.json)
+    target: str = "cpu"                      # Triton deployment target: "cpu" or "gpu"
+    dense_run: Path | None = None            # a dense-method run on the same data and model, served as dense
+    engine: bool = False                     # also build TensorRT engines (GPU machines)
+    repository: Path = Path("model_repository")
+    max_batch_size: int = 64                 # Triton max_batch_size
+    samples: int = 512                       # real test images for the checks and test_samples.npz
+    ort_optimized: str | None = None         # also save onnxruntime's optimised graph at this level
+    engine_opt_batch: int | None = None      # TensorRT profile opt batch (default max/2)
+    engine_max_batch: int | None = None      # TensorRT profile max batch (default max_batch_size)
+    engine_fp32: bool = False                # TensorRT: FP32 instead of FP16
+    serve_plan: bool = False                 # target gpu: serve the engine plans, not model.onnx
+    workspace_mb: int = trt_build.DEFAULT_WORKSPACE_BYTES >> 20
+    timing_cache: Path | None = None         # TensorRT timing cache (default <run>/tensorrt_timing.cache)
+
+    def validate(self) -> None:
+        """ExportError naming the option for a value no export can use."""
+        checks = [(self.target in TARGETS, "target", f"must be one of {', '.join(TARGETS)}"),
+                  (self.max_batch_size >= 1, "max_batch_size", "must be >= 1"),
+                  (self.samples >= 1, "samples", "must be >= 1"),
+                  (self.ort_optimized is None or self.ort_optimized in ORT_LEVELS, "ort_optimized",
+                   f"must be one of {', '.join(ORT_LEVELS)}"),
+                  (self.workspace_mb >= 1, "workspace_mb", "must be >= 1"),
+                  (not self.serve_plan or (self.engine and self.target == "gpu"), "serve_plan",
+                   "needs engine=True and target gpu")]
+        for ok, name, why in checks:
+            if not ok:
+                raise ExportError(f"export option {name}: {why} (got {getattr(self, name)!r})")
+
+
+@dataclass
+class Samples:
+    images: torch.Tensor  # float32 (N, C, H, W), normalised
+    labels: torch.Tensor  # int64 (N,)
+
+
+def load_test_samples(config: dict, spec: dict, count: int, source: Path) -> Samples:
+    """The first `count` images of the run's official test split (image_folder: val/), normalised as in
+    training."""
+    if "dataset" not in config:
+        raise ExportError(f"{source}: checkpoint config names no dataset")
+    info, _, _, test = load_splits(config["dataset"], config.get("data_dir"), None, 0, int(config.get("seed", 0)),
+                                   FolderOptions.from_config(config))
+    expected = (spec["in_channels"], tuple(spec["input_size"]), spec["num_classes"])
+    if (info.in_channels, tuple(info.input_size), info.num_classes) != expected:
+        raise ExportError(f"{source}: the network takes {expected[0]}x{expected[1]} inputs and {expected[2]} "
+                          f"classes, but {info.name} gives {info.in_channels}x{info.input_size}, "
+                          f"{info.num_classes} classes")
+    count = min(count, len(test))
+    return Samples(normalize(test.images[:count], info), test.labels[:count].clone())
+
+
+def _stage_samples(path: Path, samples: Samples) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        np.savez(handle, images=samples.images.numpy().astype(np.float32),
+                 labels=samples.labels.numpy().astype(np.int64))
+
+
+def _engines(options: ExportOptions, staging: Path, samples: Samples, timing_cache: Path) -> dict:
+    if not options.engine:
+        return {"built": False, "reason": "not requested (--engine, on a GPU machine)"}
+    reason = trt_build.unavailable_reason()
+    if reason:
+        print(f"TensorRT: no engine built: {reason}")
+        return {"built": False, "reason": reason}
+    plan = trt_build.plan_build(trt_build.installed_version(), not options.engine_fp32,
+                                trt_build.fp16_converter_installed())
+    profile = trt_build.batch_profile(options.max_batch_size, options.engine_opt_batch, options.engine_max_batch)
+    workspace = options.workspace_mb << 20
+    models = {kind: trt_build.build_and_check(staging / f"{kind}.onnx", staging / f"{kind}.plan",
+                                              samples.images.numpy(), profile, plan, timing_cache, workspace)
+              for kind in KINDS}
+    print(f"TensorRT {plan.trt_version}: {plan.precision} engines built ({plan.note})")
+    return {"built": True, **trt_build.describe_plan(plan, profile, workspace), "models": models}
+
+
+def load_run(run_dir: Path) -> tuple[dict, dict, Mask]:
+    """(checkpoint state, mask.json document, mask), checked to belong to the same network."""
+    if not run_dir.is_dir():
+        raise ExportError(f"{run_dir}: no such run folder")
+    checkpoint_path, mask_path = run_dir / "checkpoint.pt", run_dir / "mask.json"
+    state = load_checkpoint(checkpoint_path)
+    try:
+        document, mask = load_mask(mask_path)
+    except SpecError as error:  # some of load_mask's messages do not name the file
+        raise MaskMismatchError(error if str(mask_path) in str(error) else f"{mask_path}: {error}") from None
+    if document["dense_spec"] != state["spec"]:
+        raise MaskMismatchError(f"{mask_path}: made for a different network than {checkpoint_path} "
+                                f"(its dense_spec differs from the checkpoint's spec)")
+    return state, document, mask
+
+
+def load_dense_reference(dense_run: Path, state: dict):
+    """The trained network of a dense-method run made for the same network and data as `state`."""
+    dense_checkpoint = dense_run / "checkpoint.pt"
+    dense_state = load_checkpoint(dense_checkpoint)
+    if dense_state["config"].get("method") != "dense" or dense_state.get("gates") is not None:
+        raise ExportError(f"{dense_checkpoint}: --dense-run must be a run of method dense "
+                          f"(this one is {dense_state['config'].get('method')!r})")
+    if dense_state["spec"] != state["spec"] or dense_state["config"].get("dataset") != state["config"].get("dataset"):
+        raise ExportError(f"{dense_checkpoint}: --dense-run trained another network or dataset than the run")
+    return model_from_checkpoint(dense_state, dense_checkpoint).eval()
+
+
+def stage_artifacts(options: ExportOptions, staging: Path, networks: Networks, samples: Samples, document: dict,
+                    input_shape: tuple[int, ...], timing_cache: Path) -> dict:
+    """Write and check every artifact in `staging`; the facts the report needs."""
+    facts: dict = {"summaries": {}, "onnx_diffs": {}, "logit_scale": {}, "ort_files": {}}
+    for kind in KINDS:
+        network, onnx_path = getattr(networks, kind), staging / f"{kind}.onnx"
+        proto = export_onnx(network, onnx_path, input_shape)
+        facts["onnx_diffs"][kind], facts["logit_scale"][kind] = validate_with_onnxruntime(
+            onnx_path, network, samples.images)
+        onnx_macs, expected = count_onnx_macs(proto), document[f"{kind}_flops"]
+        if onnx_macs != expected:
+            raise SurgeryError(f"{onnx_path.name}: the ONNX graph has {onnx_macs} MACs, mask.json says {expected}")
+        facts["summaries"][kind] = network_summary(network, onnx_path, onnx_macs)
+        if options.ort_optimized:
+            optimized = staging / f"{kind}.ort-{options.ort_optimized}.onnx"
+            save_ort_optimized(onnx_path, optimized, options.ort_optimized)
+            validate_with_onnxruntime(optimized, network, samples.images)
+            facts["ort_files"][kind] = optimized.name
+    save_pruned(staging / "pruned_model.pt", networks.pruned)
+    facts["summaries"]["pruned"]["pruned_model_file"] = "pruned_model.pt"
+    _stage_samples(staging / "test_samples.npz", samples)
+    facts["engine"] = _engines(options, staging, samples, timing_cache)
+    return facts
+
+
+def commit(staging: Path, run_dir: Path) -> None:
+    """Move the staged artifacts in. The old report goes first (no report = no complete export), and
+    optional artifacts of an earlier export that this one did not make go too, so nothing stale stays."""
+    (run_dir / REPORT_NAME).unlink(missing_ok=True)
+    staged = {path.name for path in staging.iterdir()}
+    for pattern in OPTIONAL_ARTIFACTS:
+        for stale in run_dir.glob(pattern):
+            if stale.name not in staged:
+                stale.unlink()
+    for name in sorted(staged):
+        os.replace(staging / name, run_dir / name)
+
+
+def run(options: ExportOptions) -> dict:
+    """Export the run in `options.run`; its export_report.json (also written into the run folder).
+    ExportError (or a training error for a bad checkpoint/mask/dataset) on any problem, leaving the run
+    folder and the model repository as they were."""
+    options.validate()
+    run_dir = Path(options.run)
+    state, document, mask = load_run(run_dir)
+    checkpoint_path, mask_path = run_dir / "checkpoint.pt", run_dir / "mask.json"
+    model = model_from_checkpoint(state, checkpoint_path)
+    networks = prune(model, document, mask, str(checkpoint_path), str(mask_path))
+    dense_source = "trained" if state.get("gates") is None else "gates_removed"
+    if options.dense_run is not None:
+        networks.dense = load_dense_reference(Path(options.dense_run), state)
+        dense_source = "dense_run"
+    samples = load_test_samples(state["config"], state["spec"], options.samples, checkpoint_path)
+    surgery_diff = check_equivalence(networks.reference, networks.pruned, networks.graph, mask, samples.images)
+    for kind in KINDS:
+        measured, expected = count_macs(getattr(networks, kind)), document[f"{kind}_flops"]
+        if measured != expected:
+            raise SurgeryError(f"{mask_path}: {kind}_flops is {expected} but the {kind} network has {measured} MACs")
+
+    input_shape = (state["spec"]["in_channels"], *state["spec"]["input_size"])
+    staging = Path(tempfile.mkdtemp(prefix=".export-staging-", dir=run_dir))
+    try:
+        facts = stage_artifacts(options, staging, networks, samples, document, input_shape,
+                                Path(options.timing_cache or run_dir / "tensorrt_timing.cache"))
+        commit(staging, run_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+    try:
+        triton = write_triton_models(options, run_dir, facts["engine"])
+    except (RepositoryError, OSError) as error:
+        raise ExportError(f"{error} (the model repository is as it was; the run folder's artifacts are "
+                          "complete, and export_report.json is written once the repository is: fix it and "
+                          "re-run)") from None
+    report = build_report(
+        run_name=run_dir.name, config=state["config"],
+        dense_source=dense_source,
+        dense=facts["summaries"]["dense"], pruned=facts["summaries"]["pruned"], graph=networks.graph,
+        mask=mask, mask_document=document, input_shape=input_shape, num_classes=state["spec"]["num_classes"],
+        max_abs_diff_surgery=surgery_diff, max_abs_diff_onnx=facts["onnx_diffs"],
+        max_abs_logit=facts["logit_scale"],
+        test_samples={"file": "test_samples.npz", "count": len(samples.labels)},
+        engine=facts["engine"], triton=triton, ort_optimized=facts["ort_files"] or None)
+    report["provenance"] = provenance()
+    write_json(run_dir / REPORT_NAME, report)
+    return report
+
+
+def write_triton_models(options: ExportOptions, run_dir: Path, engine: dict) -> dict:
+    """Add a version of <run>_dense and <run>_pruned, both or neither; TensorRT plans are served only on
+    target gpu."""
+    names = {kind: f"{run_dir.name}_{kind}" for kind in KINDS}
+    serve_plan = options.serve_plan
+    if serve_plan and not engine["built"]:
+        raise ExportError(f"--serve-plan: no TensorRT engine was built ({engine['reason']})")
+    entries = []
+    for kind in KINDS:
+        plan = run_dir / f"{kind}.plan" if serve_plan else None
+        model_options = TritonModelOptions(target=options.target, max_batch_size=options.max_batch_size,
+                                           engine_path=str(plan) if plan else None,
+                                           engine_tensorrt=engine.get("tensorrt_version") if plan else None)
+        entries.append((names[kind], run_dir / f"{kind}.onnx", model_options))
+    version_dirs = write_model_versions(Path(options.repository), entries)
+    platform = "python" if options.target == "cpu" else "tensorrt_plan" if serve_plan else "onnxruntime_onnx"
+    return {"repository": str(options.repository), "target": options.target, "platform": platform,
+            "max_batch_size": options.max_batch_size,
+            "model_names": names, "versions": {kind: str(path) for kind, path in zip(KINDS, version_dirs)}}
