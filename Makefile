@@ -27,7 +27,7 @@ STAMP    := $(VENV)/.installed$(if $(GPU),-gpu)
 REQUIREMENTS := $(if $(GPU),requirements-gpu.txt,requirements.txt)
 OTHER_ORT    := $(if $(GPU),onnxruntime,onnxruntime-gpu)
 
-.PHONY: all venv data train export serve test bench compare clean
+.PHONY: all venv data train export serve test bench compare results clean
 all: train export serve
 
 $(STAMP): requirements-common.txt $(REQUIREMENTS)
@@ -64,9 +64,19 @@ bench: venv
 	$(PY) -m bench.speedup --run $(RUN_DIR) --out $(REPORTS)/speedup.json $(BENCH_ARGS)
 	$(PY) -m bench.train_overhead --config $(CONFIG) --out $(REPORTS)/train_overhead.json $(BENCH_ARGS)
 
-# dense, polarized, activation density and FlipOut on one budget: reports/compare/compare.{json,md,png}
-compare: venv data
+# dense, polarized, activation density, FlipOut and Torch-Pruning on one budget: reports/compare/compare.{json,md,png}
+$(VENV)/.installed-bench: requirements-bench.txt | venv
+	$(PY) -m pip install -q -r requirements-bench.txt
+	touch $@
+
+compare: venv data $(VENV)/.installed-bench
 	OMP_WAIT_POLICY=PASSIVE $(PY) -m bench.compare $(COMPARE_ARGS)
+
+# README numbers: copy the run's figures (with the command, commit, date and machine that made them) into
+# docs/results/, then regenerate the README's result tables from them. tests/test_readme_results.py checks.
+results: venv
+	$(PY) -m scripts.collect_results --run $(RUN)
+	$(PY) -m scripts.render_readme
 
 # PASSIVE: OpenMP threads that spin while waiting made torch 10x slower whenever anything else ran.
 test: venv data

@@ -4,7 +4,7 @@
                             [--served host:port] [--no-torch]
     python -m bench.speedup --baseline-fixture [--write-baseline] [--backend cpu|cuda|tensorrt]
 
-Batch 1 latency (median, p95) and batch 64 throughput, dense and pruned interleaved in this one process.
+Batch 1 latency and batch 64 throughput (median, with min and p95), dense and pruned interleaved in this one process.
 Speed-up = dense time / pruned time; efficiency = speed-up / (dense MACs / pruned MACs).
 `--baseline-fixture` measures the fixed pair of the latency regression test instead of a run, and with
 `--write-baseline` records it in bench/baseline.json.
@@ -85,7 +85,7 @@ def measure_run(run_dir: Path, pair: dict, threads: int, settings: dict, with_to
         pruned_model = load_pruned(run_dir / PRUNED_FILE)
         results += [{"engine": "torch", **r} for r in
                     measure_pair(lambda model, batch: torch_runner(model, shape, batch), dense_model, pruned_model,
-                                 BATCHES, dense_flops, pruned_flops, **settings)]
+                                 BATCHES, dense_flops, pruned_flops, **settings, timing_torch=True)]
     return results, session_settings(sessions["dense"])
 
 
@@ -111,17 +111,23 @@ def probe_served(run_dir: Path, url: str, quick: bool, dense_flops: float, prune
             "efficiency": efficiency(gain, dense_flops, pruned_flops)}
 
 
+def _spread(stats: dict) -> str:
+    return f"{stats['median_ms']:.3f}/{stats['min_ms']:.3f}/{stats['p95_ms']:.3f}"
+
+
 def format_table(results: list[dict], dense_flops: float, pruned_flops: float) -> str:
     lines = [f"MACs: dense {dense_flops / 1e6:.2f}M, pruned {pruned_flops / 1e6:.2f}M, "
              f"FLOPs ratio {pruned_flops / dense_flops:.3f} (ideal speed-up {dense_flops / pruned_flops:.2f}x)",
-             f"{'engine':<12} {'batch':>5} {'dense ms med/p95':>18} {'pruned ms med/p95':>18} "
-             f"{'dense img/s':>11} {'pruned img/s':>12} {'speed-up':>8} {'efficiency':>10} {'rounds':>6}"]
+             f"{'engine':<12} {'batch':>5} {'dense ms med/min/p95':>26} {'pruned ms med/min/p95':>26} "
+             f"{'dense img/s':>11} {'pruned img/s':>12} {'speed-up':>8} {'efficiency':>10} {'p95/med':>7} "
+             f"{'rounds':>6}"]
     for r in results:
         dense, pruned = r["dense"], r["pruned"]
+        spread = max(dense["p95_over_median"], pruned["p95_over_median"])
         lines.append(
-            f"{r['engine']:<12} {r['batch']:>5} {dense['median_ms']:>9.3f}/{dense['p95_ms']:<8.3f} "
-            f"{pruned['median_ms']:>9.3f}/{pruned['p95_ms']:<8.3f} {r['images_per_s']['dense']:>11.0f} "
-            f"{r['images_per_s']['pruned']:>12.0f} {r['speedup']:>7.2f}x {r['efficiency']:>10.2f} {dense['n']:>6}")
+            f"{r['engine']:<12} {r['batch']:>5} {_spread(dense):>26} {_spread(pruned):>26} "
+            f"{r['images_per_s']['dense']:>11.0f} {r['images_per_s']['pruned']:>12.0f} {r['speedup']:>7.2f}x "
+            f"{r['efficiency']:>10.2f} {spread:>7.2f} {dense['n']:>6}")
     return "\n".join(lines)
 
 

@@ -1,23 +1,31 @@
-"""Timing helpers shared by the benchmarks and the latency regression test.
+"""The one timing helper of every latency harness (bench/, serving/, the latency regression test).
 
-On a shared machine absolute times drift 15-25% between processes and single calls spike, so two models
-are always timed in one process, interleaved, and compared by the ratio of their medians. Sessions get
-pinned, identical options so that two measurements differ only in the model.
+On a shared machine absolute times drift 15-25% between processes and single calls spike, so models are
+always timed in one process, interleaved, and compared by the ratio of their medians; the spread (p95,
+min) is reported beside the median. Sessions get pinned, identical options so that two measurements
+differ only in the model, and no idle thread pool may steal the cores from the one being timed:
+onnxruntime's pools do not spin (`NO_SPINNING`), torch's pool is cut to one thread while onnxruntime is
+timed (`quiet_torch`), and only one model runs at a time. torch is never imported here (serving uses
+this module and must not pull torch in).
 """
 from __future__ import annotations
 
 import platform
+import sys
 import time
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Iterator, Mapping
 
 import numpy as np
 import onnxruntime as ort
-import torch
 
 from bench import BenchError
 
 ORT_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+# Spinning (onnxruntime's default) keeps a session's idle workers busy-waiting after each run: with several
+# sessions alive in one process, a dense batch-64 run took 28 ms instead of 15 ms on 2 cores.
+NO_SPINNING = {"session.intra_op.allow_spinning": "0", "session.inter_op.allow_spinning": "0"}
 
 Runner = Callable[[], object]
 
@@ -40,6 +48,8 @@ def ort_session(path, threads: int, backend: str = "cpu") -> ort.InferenceSessio
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3  # provider fallbacks are checked below, not read from the log
+    for key, value in NO_SPINNING.items():
+        options.add_session_config_entry(key, value)
     try:
         session = ort.InferenceSession(str(path), options, providers=[provider])
     except Exception as error:  # onnxruntime's own exception types; on the CPU a failure is a real error
@@ -59,7 +69,24 @@ def session_settings(session: ort.InferenceSession) -> dict:
             "graph_optimization_level": str(options.graph_optimization_level).rsplit(".", 1)[-1],
             "execution_mode": str(options.execution_mode).rsplit(".", 1)[-1],
             "intra_op_num_threads": options.intra_op_num_threads,
-            "inter_op_num_threads": options.inter_op_num_threads}
+            "inter_op_num_threads": options.inter_op_num_threads,
+            **{key: options.get_session_config_entry(key) for key in NO_SPINNING}}
+
+
+@contextmanager
+def quiet_torch() -> Iterator[None]:
+    """torch's intra-op pool cut to one thread for the block (when torch is loaded at all): its workers
+    must not compete with the onnxruntime pool being timed."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def cpu_name() -> str:
@@ -90,7 +117,9 @@ def ort_runner(session: ort.InferenceSession, batch: int) -> Runner:
     return lambda: session.run(None, feed)
 
 
-def torch_runner(model: torch.nn.Module, input_shape: tuple[int, ...], batch: int) -> Runner:
+def torch_runner(model, input_shape: tuple[int, ...], batch: int) -> Runner:
+    import torch
+
     model.eval()
     images = torch.from_numpy(random_batch(input_shape, batch))
 
@@ -130,10 +159,11 @@ def percentile(values, q: float) -> float:
 
 
 def summarize(seconds: list[float]) -> dict[str, float]:
-    """Median, p95, min and mean in milliseconds, and the sample count."""
+    """Median, p95, p99, min and mean in milliseconds, the sample count, and the spread p95 / median."""
     ms = np.asarray(seconds, dtype=np.float64) * 1e3
-    return {"n": int(ms.size), "median_ms": percentile(ms, 50), "p95_ms": percentile(ms, 95),
-            "min_ms": float(ms.min()), "mean_ms": float(ms.mean())}
+    median, p95 = percentile(ms, 50), percentile(ms, 95)
+    return {"n": int(ms.size), "median_ms": median, "p95_ms": p95, "p99_ms": percentile(ms, 99),
+            "min_ms": float(ms.min()), "mean_ms": float(ms.mean()), "p95_over_median": p95 / median}
 
 
 def speedup(dense_time: float, pruned_time: float) -> float:
@@ -154,13 +184,32 @@ def compare(times: Mapping[str, list[float]], batch: int, dense_flops: float, pr
             "speedup": gain, "efficiency": efficiency(gain, dense_flops, pruned_flops)}
 
 
+def measure_models(make_runner: Callable[[object, int], Runner], models: Mapping[str, object],
+                   batches: tuple[int, ...], rounds: int, warmup: int = 3, budget_s: float | None = None,
+                   timing_torch: bool = False) -> dict[int, dict[str, list[float]]]:
+    """Seconds per call, per batch size and model, every model interleaved with the others;
+    `make_runner(model, batch)` wraps a session, module or engine. torch's pool is kept to one thread
+    unless torch is what is timed."""
+    with (nullcontext() if timing_torch else quiet_torch()):
+        return {batch: interleaved({name: make_runner(model, batch) for name, model in models.items()},
+                                   rounds, warmup, budget_s)
+                for batch in batches}
+
+
+def time_onnx(paths: Mapping[str, Path], threads: int, batches: tuple[int, ...], rounds: int, warmup: int = 3,
+              budget_s: float | None = None, backend: str = "cpu") -> tuple[dict[int, dict[str, dict]], dict]:
+    """ONNX files timed on onnxruntime, interleaved: ({batch: {name: summarize(...)}}, session settings)."""
+    sessions = {name: ort_session(path, threads, backend) for name, path in paths.items()}
+    times = measure_models(ort_runner, sessions, batches, rounds, warmup, budget_s)
+    summaries = {batch: {name: summarize(seconds) for name, seconds in by_name.items()}
+                 for batch, by_name in times.items()}
+    return summaries, session_settings(next(iter(sessions.values())))
+
+
 def measure_pair(make_runner: Callable[[object, int], Runner], dense: object, pruned: object,
                  batches: tuple[int, ...], dense_flops: float, pruned_flops: float, rounds: int,
-                 warmup: int = 3, budget_s: float | None = None) -> list[dict]:
-    """`compare` results for each batch size; `make_runner(model, batch)` wraps a session or module."""
-    results = []
-    for batch in batches:
-        runners = {"dense": make_runner(dense, batch), "pruned": make_runner(pruned, batch)}
-        times = interleaved(runners, rounds, warmup, budget_s)
-        results.append(compare(times, batch, dense_flops, pruned_flops))
-    return results
+                 warmup: int = 3, budget_s: float | None = None, timing_torch: bool = False) -> list[dict]:
+    """`compare` results for each batch size, dense and pruned interleaved."""
+    times = measure_models(make_runner, {"dense": dense, "pruned": pruned}, batches, rounds, warmup, budget_s,
+                           timing_torch)
+    return [compare(times[batch], batch, dense_flops, pruned_flops) for batch in batches]

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from common.atomicio import atomic_path, write_json
+from common.results import provenance
 from training.arch import SpecError
 from training.checkpoint import load_checkpoint, model_from_checkpoint
 from training.data import FolderOptions, load_splits, normalize
@@ -233,6 +234,7 @@ def run(options: ExportOptions) -> dict:
         max_abs_logit=facts["logit_scale"],
         test_samples={"file": "test_samples.npz", "count": len(samples.labels)},
         engine=facts["engine"], triton=triton, ort_optimized=facts["ort_files"] or None)
+    report["provenance"] = provenance()
     write_json(run_dir / REPORT_NAME, report)
     return report
 

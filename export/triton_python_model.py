@@ -9,9 +9,14 @@ which a classifier would turn into a silent argmax) gets its own INVALID_ARG err
 fails its neighbours or the model. `initialize` refuses a config.pbtxt whose input or output disagrees
 with model.onnx, so the load fails with the reason instead of every request failing later.
 Tunables come from the config's `parameters`:
-  intra_op_thread_count  onnxruntime intra-op threads (0 = onnxruntime decides)
+  intra_op_thread_count  onnxruntime intra-op threads (0 = onnxruntime decides, export's default). With 1
+                         the session has no pool at all: no worker is woken per request (docs/serving.md
+                         has the measured comparison)
   allow_spinning         "0" (default) stops idle ORT threads spinning, which on a small CPU steals
                          cycles from the other loaded model and from the client
+The per-request path is kept short (docs/serving.md): a lone request, the common case at low load, runs
+its own array without a concatenate/split copy, and the NaN/Inf check is one float64 sum (per-image
+detail only when it is not finite).
 """
 from __future__ import annotations
 
@@ -61,12 +66,14 @@ class TritonPythonModel:
         options.inter_op_num_threads = 1
         options.add_session_config_entry(
             "session.intra_op.allow_spinning", _parameter(config, "allow_spinning", "0"))
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
         onnx_path = os.path.join(args["model_repository"], args["model_version"], "model.onnx")
         if not os.path.isfile(onnx_path):
             raise FileNotFoundError(f"{onnx_path} is missing: a version folder needs model.onnx beside model.py")
         self.session = ort.InferenceSession(onnx_path, options, providers=["CPUExecutionProvider"])
         _check_against_onnx(config, self.session, onnx_path)
         self.session_input = self.session.get_inputs()[0].name
+        self.outputs = [self.session.get_outputs()[0].name]
 
     def _checked_batch(self, request) -> np.ndarray:
         """The request's input as float32 (N, *dims); raises ValueError with a readable reason."""
@@ -81,9 +88,10 @@ class TritonPythonModel:
                              f"{', '.join(map(str, self.sample_dims))}], got {list(batch.shape)}")
         if len(batch) == 0:
             raise ValueError(f"input '{self.input_name}' holds no images (batch of 0)")
-        finite = np.isfinite(batch)
-        if not finite.all():  # one pass over the batch; the per-image detail only on failure
-            bad = np.flatnonzero(~finite.reshape(len(batch), -1).all(axis=1))
+        # The float64 sum of float32 values is finite exactly when every value is (it cannot overflow), and
+        # the common path allocates no boolean array; the per-image detail only on failure.
+        if not np.isfinite(batch.sum(dtype=np.float64)):
+            bad = np.flatnonzero(~np.isfinite(batch).reshape(len(batch), -1).all(axis=1))
             raise ValueError(f"input '{self.input_name}' contains NaN or Inf (image(s) "
                              f"{', '.join(map(str, bad[:5]))}{' ...' if len(bad) > 5 else ''} of {len(batch)})")
         return batch
@@ -98,15 +106,16 @@ class TritonPythonModel:
             except ValueError as bad:
                 responses[i] = pb_utils.InferenceResponse(error=_request_error(str(bad)))
         if batches:
+            joined = batches[0] if len(batches) == 1 else np.concatenate(batches)
             try:
-                logits = self.session.run(None, {self.session_input: np.concatenate(batches)})[0]
+                logits = self.session.run(self.outputs, {self.session_input: joined})[0]
             except Exception as failure:  # an ORT failure answers the requests, it must not kill the stub
                 message = f"onnxruntime failed: {failure}"
                 for i in owners:
                     responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(message))
                 return responses
-            bounds = np.cumsum([len(b) for b in batches])[:-1]
-            for i, part in zip(owners, np.split(logits, bounds)):
+            parts = [logits] if len(batches) == 1 else np.split(logits, np.cumsum([len(b) for b in batches])[:-1])
+            for i, part in zip(owners, parts):
                 out = pb_utils.Tensor(self.output_name, np.ascontiguousarray(part, dtype=np.float32))
                 responses[i] = pb_utils.InferenceResponse(output_tensors=[out])
         return responses

@@ -6,14 +6,22 @@
 The model's input/output names, dims, dtype and max batch size are read from the server once; inputs
 are checked against them BEFORE anything is sent (InputSpecError), and a request the server rejects
 is relayed as ServingError with Triton's message.
+
+Tensors always travel as binary data (never JSON lists). With `shared_memory=True` (a client on the
+server's host) they do not travel over the socket at all: the input is written into a POSIX shared-memory
+region registered with Triton (system shared memory) and the logits are read from a second one; only the
+request header goes over HTTP/gRPC.
 """
 from __future__ import annotations
 
+import os
+import uuid
 from dataclasses import dataclass
 
 import numpy as np
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
+import tritonclient.utils.shared_memory as system_shm
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype, triton_to_np_dtype
 
 from common.cli import EXIT_BAD_INPUT
@@ -59,16 +67,51 @@ def _relay(model: str, error: InferenceServerException) -> ServingError:
     return ServingError(model, str(error.status() or "no status"), error.message() or str(error))
 
 
+class _SharedMemoryPair:
+    """An input and an output region sized for one batch of max_batch_size, registered with the server."""
+
+    def __init__(self, classifier: "TritonClassifier"):
+        spec = classifier.spec
+        if spec.max_batch_size < 1:
+            raise ServingError(spec.name, "spec", "shared memory needs a model with max_batch_size >= 1")
+        self.max_batch = spec.max_batch_size
+        self.sample_bytes = {"input": int(np.prod(spec.input_dims)) * spec.dtype.itemsize,
+                             "output": int(np.prod(spec.output_dims)) * np.dtype(np.float32).itemsize}
+        tag = f"polarprune_client_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+        self.names = {kind: f"{tag}_{kind}" for kind in self.sample_bytes}
+        self.handles, self._client = {}, classifier
+        try:
+            for kind, name in self.names.items():
+                size = self.sample_bytes[kind] * self.max_batch
+                self.handles[kind] = system_shm.create_shared_memory_region(name, f"/{name}", size)
+                classifier._call("register_system_shared_memory", name, f"/{name}", size, json_reply=False)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        for kind, handle in list(self.handles.items()):
+            try:
+                self._client._call("unregister_system_shared_memory", self.names[kind], json_reply=False)
+            except ServingError:
+                pass  # the server is gone: its registration went with it
+            system_shm.destroy_shared_memory_region(handle)
+        self.handles = {}
+
+
 class TritonClassifier:
-    """One served classifier over one protocol. Not thread-safe: use one instance per thread."""
+    """One served classifier over one protocol. Not thread-safe: use one instance per thread.
+
+    `shared_memory=True`: tensors pass through system shared memory (client and server on one host)."""
 
     def __init__(self, url: str, model_name: str, protocol: str = "http", model_version: str = "",
-                 timeout_s: float = 60.0):
+                 timeout_s: float = 60.0, shared_memory: bool = False):
         if protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be one of {PROTOCOLS}, not {protocol!r}")
         self.protocol, self.model_name, self.model_version = protocol, model_name, model_version
         self.timeout_s = timeout_s
         self._module = httpclient if protocol == "http" else grpcclient
+        self._shm: _SharedMemoryPair | None = None
         if protocol == "http":
             self._client = httpclient.InferenceServerClient(
                 url, connection_timeout=timeout_s, network_timeout=timeout_s)
@@ -76,13 +119,15 @@ class TritonClassifier:
             self._client = grpcclient.InferenceServerClient(url)
         try:
             self.spec = self._read_spec()
+            if shared_memory:
+                self._shm = _SharedMemoryPair(self)
         except BaseException:
             self.close()
             raise
 
-    def _call(self, method: str, *args, **kwargs):
-        """A metadata/config/statistics call as plain JSON-like dicts for both protocols."""
-        if self.protocol == "grpc":
+    def _call(self, method: str, *args, json_reply: bool = True, **kwargs):
+        """A metadata/config/statistics/admin call; replies as plain JSON-like dicts for both protocols."""
+        if self.protocol == "grpc" and json_reply:
             kwargs["as_json"] = True
         try:
             return getattr(self._client, method)(*args, **kwargs)
@@ -147,13 +192,17 @@ class TritonClassifier:
         # The array's own datatype is declared: if it is wrong, the server says so, not a local guess.
         tensor = self._module.InferInput(spec.input_name, list(batch.shape), np_to_triton_dtype(batch.dtype))
         if self.protocol == "http":  # binary tensors, not JSON lists
-            tensor.set_data_from_numpy(batch, binary_data=True)
             requested = httpclient.InferRequestedOutput(spec.output_name, binary_data=True)
             kwargs = {}
         else:
-            tensor.set_data_from_numpy(batch)
             requested = grpcclient.InferRequestedOutput(spec.output_name)
             kwargs = {"client_timeout": self.timeout_s}
+        if self._shm is not None:
+            self._place_in_shared_memory(batch, tensor, requested)
+        elif self.protocol == "http":
+            tensor.set_data_from_numpy(batch, binary_data=True)
+        else:
+            tensor.set_data_from_numpy(batch)
         try:
             result = self._client.infer(self.model_name, [tensor], model_version=self.model_version,
                                         outputs=[requested], **kwargs)
@@ -163,7 +212,21 @@ class TritonClassifier:
             raise ServingError(self.model_name, "connection", str(failed)) from None
         response = result.get_response()
         version = response.get("model_version", "") if self.protocol == "http" else response.model_version
+        if self._shm is not None:  # a copy: the region is overwritten by the next request
+            logits = system_shm.get_contents_as_numpy(self._shm.handles["output"], np.float32,
+                                                      [len(batch), *spec.output_dims]).copy()
+            return logits, str(version)
         return result.as_numpy(spec.output_name), str(version)
+
+    def _place_in_shared_memory(self, batch: np.ndarray, tensor, requested) -> None:
+        regions = self._shm
+        if len(batch) > regions.max_batch or batch.nbytes > regions.sample_bytes["input"] * regions.max_batch:
+            raise InputSpecError(f"{self.model_name}: a batch of {len(batch)} ({batch.nbytes} bytes) does not fit "
+                                 f"the shared-memory region made for max_batch_size {regions.max_batch}; "
+                                 "use logits(), which splits large batches")
+        system_shm.set_shared_memory_region(regions.handles["input"], [batch])
+        tensor.set_shared_memory(regions.names["input"], batch.nbytes)
+        requested.set_shared_memory(regions.names["output"], regions.sample_bytes["output"] * len(batch))
 
     def logits(self, images) -> np.ndarray:
         """Raw outputs for any number of images (split into requests of at most max_batch_size)."""
@@ -179,19 +242,23 @@ class TritonClassifier:
     def statistics(self) -> dict[str, int]:
         """Cumulative counters for this model (summed over loaded versions): counts and nanoseconds."""
         stats = self._call("get_inference_statistics", self.model_name, self.model_version)
-        totals = dict.fromkeys(("inference_count", "execution_count", "success_count", "fail_count",
+        totals = dict.fromkeys(("inference_count", "execution_count", "success_count", "fail_count", "success_ns",
                                 "queue_ns", "compute_input_ns", "compute_infer_ns", "compute_output_ns"), 0)
         for entry in stats.get("model_stats", []):
             totals["inference_count"] += int(entry.get("inference_count", 0))
             totals["execution_count"] += int(entry.get("execution_count", 0))
             parts = entry.get("inference_stats", {})
             totals["success_count"] += int(parts.get("success", {}).get("count", 0))
+            totals["success_ns"] += int(parts.get("success", {}).get("ns", 0))  # request in, response out
             totals["fail_count"] += int(parts.get("fail", {}).get("count", 0))
             for key in ("queue", "compute_input", "compute_infer", "compute_output"):
                 totals[f"{key}_ns"] += int(parts.get(key, {}).get("ns", 0))
         return totals
 
     def close(self) -> None:
+        regions, self._shm = getattr(self, "_shm", None), None
+        if regions is not None and getattr(self, "_client", None) is not None:
+            regions.close()
         client, self._client = getattr(self, "_client", None), None
         if client is not None:
             client.close()

@@ -2,10 +2,13 @@
 
 Every loop is bounded in request count and in time. Dense and pruned are always measured in the same
 process and interleaved (A B B A ... for latency, alternating order per throughput point), because
-absolute times on a shared small machine drift 15-25% between runs: ratios are what we trust.
+absolute times on a shared small machine drift 15-25% between runs: ratios are what we trust. Latency is
+timed by the benchmarks' one timing helper (bench.timing), and the local onnxruntime reference session
+has the same no-spinning options as every timed session.
 """
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections import Counter
@@ -13,8 +16,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 
+from bench.timing import interleaved, ort_session, percentile, summarize
 from common.tolerance import allowed_difference, tolerance
 from export.triton_repo import ConfigError, parse_config
 from serving.client import TritonClassifier
@@ -68,12 +71,13 @@ class ProbeSettings:
 
 
 def percentiles_ms(samples_ms) -> dict[str, float]:
+    """bench.timing.summarize of millisecond samples, under the keys serving's reports use."""
     values = np.asarray(samples_ms, dtype=np.float64)
     if values.size == 0:
         return {"n": 0}
-    p50, p90, p95, p99 = np.percentile(values, [50, 90, 95, 99])
-    return {"n": int(values.size), "mean_ms": float(values.mean()), "min_ms": float(values.min()),
-            "p50_ms": float(p50), "p90_ms": float(p90), "p95_ms": float(p95), "p99_ms": float(p99),
+    stats = summarize(values / 1e3)
+    return {"n": stats["n"], "mean_ms": stats["mean_ms"], "min_ms": stats["min_ms"], "p50_ms": stats["median_ms"],
+            "p90_ms": percentile(values, 90), "p95_ms": stats["p95_ms"], "p99_ms": stats["p99_ms"],
             "max_ms": float(values.max())}
 
 
@@ -124,7 +128,7 @@ def probe_correctness(endpoints: Endpoints, models: dict[str, str], repository: 
             report[role] = {"skipped": f"{onnx_path} not found here (served version {version or '?'})"}
             continue
         device, precision, basis = served_precision(Path(repository) / name, engine.get("precision"))
-        session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+        session = ort_session(onnx_path, threads=1)
         expected = session.run(None, {session.get_inputs()[0].name: batch})[0]
         bound = tolerance(device, precision)
         entry = {"model": name, "version": version, "samples": int(len(batch)), "reference": str(onnx_path),
@@ -158,6 +162,12 @@ def probe_accuracy(endpoints: Endpoints, models: dict[str, str], images: np.ndar
 
 
 # ---- latency -----------------------------------------------------------------------------------
+def _requests_over(client: TritonClassifier, samples: list[np.ndarray]):
+    """A runner for bench.timing.interleaved: one request per call, cycling through `samples`."""
+    position = itertools.count()
+    return lambda: client.infer_once(samples[next(position) % len(samples)])
+
+
 def probe_latency(endpoints: Endpoints, models: dict[str, str], images: np.ndarray, protocol: str,
                   settings: ProbeSettings) -> dict:
     """Batch-1 round trips, dense and pruned interleaved (A B B A ...); raw samples plus percentiles."""
@@ -166,23 +176,14 @@ def probe_latency(endpoints: Endpoints, models: dict[str, str], images: np.ndarr
     try:
         for role in ROLES:
             clients[role] = TritonClassifier(endpoints.url(protocol), models[role], protocol)
-        for i in range(settings.latency_warmup):
-            for client in clients.values():
-                client.infer_once(samples[i % len(samples)])
-        times = {role: [] for role in clients}
-        deadline = time.monotonic() + settings.latency_budget_s
-        for i in range(settings.latency_requests):
-            if time.monotonic() > deadline:
-                break
-            # A B, then B A: interleaved, and neither model always gets the "second in line" slot
-            for role in (ROLES if i % 2 == 0 else ROLES[::-1]):
-                client = clients[role]
-                start = time.perf_counter_ns()
-                client.infer_once(samples[i % len(samples)])
-                times[role].append((time.perf_counter_ns() - start) / 1e6)
+        # Each model's requests walk through the samples in the same order.
+        runners = {role: _requests_over(client, samples) for role, client in clients.items()}
+        seconds = interleaved(runners, settings.latency_requests, settings.latency_warmup,
+                              settings.latency_budget_s, min_rounds=1)
     finally:
         for client in clients.values():
             client.close()
+    times = {role: [s * 1e3 for s in values] for role, values in seconds.items()}
     rounds = min(len(t) for t in times.values())
     paired = np.asarray(times["dense"][:rounds]) / np.asarray(times["pruned"][:rounds])
     return {"samples_ms": times,
@@ -260,10 +261,13 @@ def _drive(url: str, protocol: str, model: str, batch: np.ndarray, concurrency: 
 
 
 # ---- throughput --------------------------------------------------------------------------------
-def _server_delta(before: dict, after: dict) -> dict:
+def server_delta(before: dict, after: dict) -> dict:
+    """Per-request means between two `TritonClassifier.statistics()` readings: the whole time a request
+    spent in the server, its queueing, its compute (input + infer + output) and the compute_infer part."""
     delta = {k: after[k] - before[k] for k in before}
     requests = max(delta["success_count"], 1)
-    return {"server_queue_us": delta["queue_ns"] / requests / 1e3,
+    return {"requests": delta["success_count"], "server_total_us": delta["success_ns"] / requests / 1e3,
+            "server_queue_us": delta["queue_ns"] / requests / 1e3,
             "server_compute_us": (delta["compute_input_ns"] + delta["compute_infer_ns"]
                                   + delta["compute_output_ns"]) / requests / 1e3,
             "server_compute_infer_us": delta["compute_infer_ns"] / requests / 1e3,
@@ -287,7 +291,8 @@ def probe_throughput(endpoints: Endpoints, models: dict[str, str], images: np.nd
                 for role in order:
                     before = stats[role].statistics()
                     measured = _drive(url, protocol, models[role], batch, concurrency, settings.point_seconds)
-                    measured.update(_server_delta(before, stats[role].statistics()))
+                    measured.update({k: v for k, v in server_delta(before, stats[role].statistics()).items()
+                                    if k != "requests"})
                     records.append({"role": role, "protocol": protocol, "batch_size": batch_size,
                                     "concurrency": concurrency, **measured})
     finally:

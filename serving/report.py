@@ -15,6 +15,7 @@ matplotlib.use("Agg")  # files only, never a display
 import matplotlib.pyplot as plt  # noqa: E402
 
 from common.atomicio import atomic_path, write_json, write_text  # noqa: E402
+from common.results import provenance  # noqa: E402
 from serving.probes import ROLES  # noqa: E402
 from serving.run_artifacts import RunArtifacts  # noqa: E402
 
@@ -268,7 +269,7 @@ def plot_throughput(results: dict, path: Path) -> None:
 def write_report(results: dict, run: RunArtifacts, report_dir: Path, mode: str) -> tuple[dict, str]:
     """Write every report file; returns (serving.json document, Markdown text)."""
     report_dir = Path(report_dir)
-    summary = summarize(results, run, mode)
+    summary = {**summarize(results, run, mode), "provenance": provenance()}
     markdown = render_markdown(summary)
     write_json(report_dir / "serving.json", summary)
     write_json(report_dir / "serving_raw.json", results)

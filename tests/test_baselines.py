@@ -293,8 +293,9 @@ def test_flipout_trains_to_its_sparsity_and_exports_a_dense_shape(tmp_path):
                     reason="about a minute (four trainings and exports): set POLARPRUNE_SLOW_TESTS=1")
 def test_compare_quick_writes_its_report(tmp_path):
     from bench.compare import main
+    # The Torch-Pruning row has its own test (tests/test_torch_pruning_peer.py): it needs a bench-only package.
     assert main(["--quick", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out"), "--samples", "32",
-                 "--set", "device=cpu"]) == 0
+                 "--set", "device=cpu", "--methods", "dense,polarized,activation_density,flipout"]) == 0
     report = json.loads((tmp_path / "out" / "compare.json").read_text())
     assert [row["method"] for row in report["rows"]] == ["dense", "polarized", "activation_density", "flipout"]
     assert (tmp_path / "out" / "compare.png").stat().st_size > 0

@@ -21,11 +21,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common.atomicio import write_json, write_text
+from common.results import provenance
 from common.energy import EnergyMeter, EnergyReading
 
 from .checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from .config import ConfigError, TrainConfig
-from .data import BatchIterator, FolderOptions, describe_splits, load_splits
+from .data import BatchIterator, DatasetInfo, FolderOptions, describe_splits, load_splits
 from .distributed import Cluster, check_consensus, fingerprint, start_cluster, structure_key
 from .errors import TrainingError
 from .flops import count_params
@@ -130,6 +131,36 @@ def evaluate(model, batches, device, cluster: Cluster = Cluster()) -> tuple[floa
     return correct / max(total, 1), loss_sum / max(total, 1)
 
 
+@dataclasses.dataclass
+class RunData:
+    """A run's data as the loop walks it: what the set is, its three batch iterators and their summary."""
+    info: DatasetInfo
+    train: BatchIterator
+    val: BatchIterator
+    test: BatchIterator
+    summary: dict[str, Any]
+
+
+def seed_and_load(cfg: TrainConfig, device: torch.device, shard: tuple[int, int] = (0, 1)) -> RunData:
+    """Seed python, numpy and torch with cfg.seed, then load the splits, in the order every run does: the
+    same config draws the same network and batches (bench/torch_pruning_peer.py starts from the dense run)."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    info, train_set, val_set, test_set = load_splits(cfg.dataset, cfg.data_dir, cfg.train_subset,
+                                                     cfg.val_size, cfg.seed, FolderOptions.from_config(cfg.to_dict()))
+    if cfg.test_subset:
+        test_set = test_set.subset(torch.arange(min(cfg.test_subset, len(test_set))))
+    return RunData(
+        info,
+        BatchIterator(train_set, info, cfg.batch_size, train=True, seed=cfg.seed, device=device, shard=shard),
+        BatchIterator(val_set, info, cfg.eval_batch_size, train=False, seed=cfg.seed, device=device),
+        BatchIterator(test_set, info, cfg.eval_batch_size, train=False, seed=cfg.seed, device=device, shard=shard),
+        describe_splits(info, train_set, val_set, test_set))
+
+
 def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     """Run (or resume) one training run; returns the metrics written to metrics.json (on every rank)."""
     cluster, device = start_cluster(pick_device(cfg.device))
@@ -152,22 +183,8 @@ def _train(cfg: TrainConfig, resume: bool, cluster: Cluster, device: torch.devic
 
     # Rank 0 reads the run folder and hands it to the others: nodes need not share a file system.
     state = cluster.from_main(resume_state)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-
-    info, train_set, val_set, test_set = load_splits(cfg.dataset, cfg.data_dir, cfg.train_subset,
-                                                     cfg.val_size, cfg.seed, FolderOptions.from_config(cfg.to_dict()))
-    if cfg.test_subset:
-        test_set = test_set.subset(torch.arange(min(cfg.test_subset, len(test_set))))
-    data_summary = describe_splits(info, train_set, val_set, test_set)
-    train_batches = BatchIterator(train_set, info, cfg.batch_size, train=True, seed=cfg.seed, device=device,
-                                  shard=cluster.shard)
-    val_batches = BatchIterator(val_set, info, cfg.eval_batch_size, train=False, seed=cfg.seed, device=device)
-    test_batches = BatchIterator(test_set, info, cfg.eval_batch_size, train=False, seed=cfg.seed, device=device,
-                                 shard=cluster.shard)
+    data = seed_and_load(cfg, device, cluster.shard)
+    info, train_batches, val_batches, test_batches = data.info, data.train, data.val, data.test
     network_info = NetworkInfo(cfg.model, info.in_channels, info.num_classes, tuple(info.input_size),
                                cfg.model_args)
     try:
@@ -278,7 +295,7 @@ def _train(cfg: TrainConfig, resume: bool, cluster: Cluster, device: torch.devic
         save_checkpoint(checkpoint_path, checkpoint_state(cfg.epochs))
     parallel = {"world_size": cluster.world_size, "backend": cluster.backend, "rank_fingerprints": ranks}
     metrics = finish_run(cfg, run_dir, method, model, test_batches, device, history, train_seconds, graph,
-                         network_info, cluster, energy, parallel if cluster.distributed else None, data_summary)
+                         network_info, cluster, energy, parallel if cluster.distributed else None, data.summary)
     cluster.barrier()  # every rank returns once rank 0's artifacts exist
     return metrics
 
@@ -343,6 +360,7 @@ def finish_run(cfg, run_dir, method, model, test_batches, device, history, train
         "removed_blocks": mask.closed_blocks, "train_seconds": train_seconds,
         "train_energy": energy.to_dict() if energy is not None else None,
         "device": str(device), "distributed": parallel, "data": data, **method.summary(),
+        "provenance": provenance(),
     }
     if cluster.is_main:
         save_mask(run_dir / "mask.json", document)

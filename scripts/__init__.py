@@ -1,0 +1,1 @@
+"""Repository maintenance commands, run as `python -m scripts.<name>` from the repository root."""

@@ -1,0 +1,140 @@
+"""Copy the figures the README shows from run artifacts into docs/results/*.json, with their provenance.
+
+    python -m scripts.collect_results [--run fmnist_resnet20] [--runs runs] [--reports reports]
+    make results [RUN=...]          # collects, then renders the README tables (scripts.render_readme)
+
+Sources, each stamped by the command that wrote it (common.results): runs/<run>/metrics.json and
+runs/<run>_dense/metrics.json -> default_run.json; runs/<run>/export_report.json -> export.json;
+reports/<run>/serving.json -> serving.json; runs/compare/torch_pruning/metrics.json (the Torch-Pruning
+peer, bench/torch_pruning_peer.py) -> torch_pruning.json; reports/compare/compare.json -> compare.json.
+The training and export sources are required; the others are collected when present. A file without a
+provenance stamp, or a `--quick` comparison, is refused: it cannot back a published number.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from common.results import REPO_ROOT, ResultError, read_source, write_result
+
+RESULTS_DIR = REPO_ROOT / "docs" / "results"
+RUN_KEYS = ("method", "epochs", "test_accuracy", "dense_flops", "pruned_flops", "flops_ratio", "dense_params",
+            "pruned_params", "params_ratio", "removed_blocks", "train_seconds")
+COMPARE_ROW_KEYS = ("method", "label", "test_accuracy", "flops_ratio", "pruned_flops", "kept_params",
+                    "params_ratio", "weight_sparsity", "train_seconds", "train_flops_ratio", "latency_ms", "speedup")
+
+
+def pick(document: dict, keys: tuple[str, ...], source: Path) -> dict:
+    missing = [key for key in keys if key not in document]
+    if missing:
+        raise ResultError(f"{source}: missing {', '.join(missing)} (written by another version of its command?)")
+    return {key: document[key] for key in keys}
+
+
+def default_run(runs: Path, run: str) -> tuple[dict, dict]:
+    """The run and its dense reference; narrowed units are those below the dense run's widths."""
+    paths = {"polarized": runs / run / "metrics.json", "dense": runs / f"{run}_dense" / "metrics.json"}
+    documents, stamps = {}, {}
+    for role, path in paths.items():
+        documents[role], stamps[str(path)] = read_source(path)
+    widths = documents["dense"].get("kept_channels", {})
+    rows = []
+    for role, document in documents.items():
+        row = {"role": role, "run": paths[role].parent.name, **pick(document, RUN_KEYS, paths[role])}
+        row["narrowed"] = {unit: [kept, widths[unit]] for unit, kept in document.get("kept_channels", {}).items()
+                           if unit in widths and kept < widths[unit] and unit not in row["removed_blocks"]}
+        rows.append(row)
+    return {"run": run, "rows": rows}, stamps
+
+
+def export_result(runs: Path, run: str) -> tuple[dict, dict]:
+    path = runs / run / "export_report.json"
+    report, stamp = read_source(path)
+    data = pick(report, ("run", "dense_source", "max_abs_diff_surgery", "max_abs_diff_onnx", "flops_ratio",
+                         "params_ratio"), path)
+    data["onnx_macs"] = {kind: report[kind]["onnx_macs"] for kind in ("dense", "pruned")}
+    data["mask_pruned_flops"] = report["mask_flops"]["pruned_flops"]
+    return data, {str(path): stamp}
+
+
+def serving_result(reports: Path, run: str) -> tuple[dict, dict]:
+    path = reports / run / "serving.json"
+    summary, stamp = read_source(path)
+    data = pick(summary, ("run", "headline_protocol", "flops_ratio", "top1_agreement", "accuracy_samples",
+                          "speedup_throughput"), path)
+    for role in ("dense", "pruned"):
+        entry = summary[role]
+        data[role] = {"model": entry["model"], "accuracy": entry["accuracy"],
+                      "peak_throughput": entry["peak_throughput"],
+                      "latency": {protocol: {key: values.get(key) for key in ("p50_ms", "p99_ms")}
+                                  for protocol, values in entry["latency"].items()}}
+    load = summary.get("load_test") or {}
+    data["load_test"] = {"requests": load.get("requests"), "failures": load.get("failures")}
+    return data, {str(path): stamp}
+
+
+def peer_result(runs: Path) -> tuple[dict, dict]:
+    """The Torch-Pruning peer alone (python -m bench.torch_pruning_peer), same budget as the default run."""
+    path = runs / "compare" / "torch_pruning" / "metrics.json"
+    metrics, stamp = read_source(path)
+    data = pick(metrics, ("method", "epochs", "test_accuracy", "dense_flops", "pruned_flops", "flops_ratio",
+                          "pruned_params", "params_ratio", "train_seconds", "train_flops_ratio", "pruning",
+                          "torch_pruning", "widths"), path)
+    return data, {str(path): stamp}
+
+
+def compare_result(reports: Path) -> tuple[dict, dict]:
+    path = reports / "compare" / "compare.json"
+    report, stamp = read_source(path)
+    if report.get("quick"):
+        raise ResultError(f"{path}: a --quick smoke run, not a result; run `make compare` at the default budget")
+    data = pick(report, ("budget", "cpu", "timing", "wall_seconds"), path)
+    data["timing"] = {key: data["timing"][key] for key in ("threads", "batches", "rounds")}
+    data["rows"] = [pick(row, COMPARE_ROW_KEYS, path) for row in report["rows"]]
+    return data, {str(path): stamp}
+
+
+def collect(run: str, runs: Path, reports: Path, out: Path = RESULTS_DIR) -> list[Path]:
+    """Write every result whose sources exist; training and export sources are required."""
+    written = []
+    jobs = [("default_run", lambda: default_run(runs, run), True),
+            ("export", lambda: export_result(runs, run), True),
+            ("serving", lambda: serving_result(reports, run), False),
+            ("torch_pruning", lambda: peer_result(runs), False),
+            ("compare", lambda: compare_result(reports), False)]
+    for name, job, required in jobs:
+        try:
+            try:
+                data, sources = job()
+            except (KeyError, TypeError) as error:  # a source from another version of its command
+                raise ResultError(f"{name}: a source lacks the entry {error} (re-run the command that wrote it)") from None
+        except ResultError as error:
+            if required or "not found" not in str(error):
+                raise
+            print(f"{name}: skipped ({error})")
+            continue
+        write_result(out / f"{name}.json", data, sources)
+        written.append(out / f"{name}.json")
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m scripts.collect_results", description=__doc__.splitlines()[0])
+    parser.add_argument("--run", default="fmnist_resnet20", help="the run the README reports")
+    parser.add_argument("--runs", type=Path, default=Path("runs"), help="folder of run folders")
+    parser.add_argument("--reports", type=Path, default=Path("reports"), help="folder of serving/compare reports")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="result files go here")
+    args = parser.parse_args(argv)
+    try:
+        written = collect(args.run, args.runs, args.reports, args.out)
+    except ResultError as error:
+        print(f"collect_results: error: {error}", file=sys.stderr)
+        return 2
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

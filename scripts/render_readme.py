@@ -1,0 +1,194 @@
+"""Render the README's result tables from docs/results/*.json, between marker comments.
+
+    python -m scripts.render_readme            # rewrite README.md in place
+    python -m scripts.render_readme --check    # exit 1 if README.md differs from what the files render
+
+A block is `<!-- results:NAME -->` ... `<!-- /results:NAME -->`; its body is generated from
+docs/results/NAME.json (tests/test_readme_results.py fails when it was edited by hand). Each table ends
+with the command, commit, date and machine that produced its numbers. A missing file renders as a line
+saying which command produces it, never as old numbers.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+from common.atomicio import write_text
+from common.results import REPO_ROOT
+
+README = REPO_ROOT / "README.md"
+RESULTS_DIR = REPO_ROOT / "docs" / "results"
+BLOCK = re.compile(r"(<!-- results:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /results:(?P=name) -->)", re.S)
+PRODUCERS = {  # what to run when a file is missing
+    "default-run": "`make train export`, then `make results`",
+    "export": "`make export`, then `make results`",
+    "serving": "`make serve`, then `make results`",
+    "torch-pruning": "`python -m bench.torch_pruning_peer` or `make compare`, then `make results`",
+    "compare": "`make compare`, then `make results`",
+}
+
+
+class RenderError(Exception):
+    """A marker names no known table, or a result file cannot be read."""
+
+
+def file_name(block: str) -> str:
+    return block.replace("-", "_") + ".json"
+
+
+def provenance_line(document: dict, path: str) -> str:
+    parts = []
+    for stamp in document.get("sources", {}).values():
+        machine = stamp["machine"]
+        dirty = ", uncommitted changes" if stamp.get("dirty") else ""
+        part = (f"`{stamp['command']}` (commit {str(stamp['commit'])[:10]}{dirty}, {stamp['date'][:10]}, "
+                f"{machine['cpu']}, {machine['cores']} cores)")
+        if part not in parts:
+            parts.append(part)
+    return f"Source: [`{path}`]({path}), from " + "; ".join(parts) + "."
+
+
+def units(row: dict) -> str:
+    closed = ", ".join(row["removed_blocks"]) or "none"
+    narrowed = ", ".join(f"{unit} at {kept} of {width}" for unit, (kept, width) in row["narrowed"].items())
+    return closed + (f" (+ {narrowed})" if narrowed else "")
+
+
+def default_run_table(document: dict) -> list[str]:
+    lines = ["| run | method | epochs | test accuracy | kept MACs | kept params | removed blocks | training s |",
+             "|---|---|---:|---:|---:|---:|---|---:|"]
+    for row in document["rows"]:
+        lines.append(f"| `{row['run']}` | {row['method']} | {row['epochs']} | {row['test_accuracy']:.4f} "
+                     f"| {row['flops_ratio']:.3f} ({row['pruned_flops'] / 1e6:.2f}M) | {row['params_ratio']:.3f} "
+                     f"({row['pruned_params'] / 1e3:.1f}k) | {units(row)} | {row['train_seconds']:.0f} |")
+    dense = next((r for r in document["rows"] if r["role"] == "dense"), None)
+    ours = next((r for r in document["rows"] if r["role"] == "polarized"), None)
+    if dense and ours:
+        gap = 100 * (dense["test_accuracy"] - ours["test_accuracy"])
+        lines += ["", f"Accuracy gap to dense: {gap:.2f} points (one seed)."]
+    return lines
+
+
+def export_table(document: dict) -> list[str]:
+    onnx, macs = document["max_abs_diff_onnx"], document["onnx_macs"]
+    return ["| check | value |", "|---|---:|",
+            f"| max abs logit difference: pruned vs gated network / onnxruntime vs torch, dense / pruned | "
+            f"{document['max_abs_diff_surgery']:.2g} / {onnx['dense']:.2g} / {onnx['pruned']:.2g} |",
+            f"| MACs in the ONNX graphs, dense / pruned (training's mask.json: pruned) | {macs['dense']:,} / "
+            f"{macs['pruned']:,} ({document['mask_pruned_flops']:,}) |",
+            f"| kept MACs / kept params of the exported networks | {document['flops_ratio']:.3f} / "
+            f"{document['params_ratio']:.3f} |"]
+
+
+def ratio(numerator, denominator) -> str:
+    return f"{numerator / denominator:.2f}x" if numerator and denominator else "-"
+
+
+def number(value, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def serving_table(document: dict) -> list[str]:
+    dense, pruned = document["dense"], document["pruned"]
+    lines = ["| metric | dense | pruned | pruned speed-up |", "|---|---:|---:|---:|",
+             f"| top-1 accuracy ({document['accuracy_samples']} test images) | {number(dense['accuracy'], 4)} "
+             f"| {number(pruned['accuracy'], 4)} | agreement {number(document['top1_agreement'], 4)} |"]
+    for protocol, latency in dense["latency"].items():
+        for key in ("p50_ms", "p99_ms"):
+            d, p = latency.get(key), pruned["latency"].get(protocol, {}).get(key)
+            lines.append(f"| {key[:3]} latency, {protocol}, batch 1 (ms) | {number(d)} | {number(p)} | {ratio(d, p)} |")
+    lines.append(f"| peak throughput (inf/s) | {number(dense['peak_throughput'], 0)} "
+                 f"| {number(pruned['peak_throughput'], 0)} | {ratio(pruned['peak_throughput'], dense['peak_throughput'])} |")
+    load = document["load_test"]
+    if load.get("requests") is not None:
+        lines.append(f"| load test: requests / failed (both models) | | | {load['requests']} / {load['failures']} |")
+    return lines
+
+
+def torch_pruning_table(document: dict) -> list[str]:
+    step = document["pruning"]
+    return ["| method | epochs | test accuracy | kept MACs | kept params | training s | training MACs |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+            f"| Torch-Pruning (`requirements-bench.txt`), L1 global, round_to 16 | {document['epochs']} "
+            f"| {document['test_accuracy']:.4f} | {document['flops_ratio']:.3f} ({document['pruned_flops'] / 1e6:.2f}M) "
+            f"| {document['params_ratio']:.3f} ({document['pruned_params'] / 1e3:.1f}k) "
+            f"| {document['train_seconds']:.0f} | {document['train_flops_ratio']:.3f} |",
+            "", f"Dense for {step['epoch']} of {document['epochs']} epochs, then one prune (global ratio "
+            f"{step['pruning_ratio']:.2f}) to kept MACs {step['flops_ratio']:.3f} against a target of "
+            f"{step['target_flops_ratio']:.3f}, then fine-tuned; conv widths after pruning: "
+            + ", ".join(str(width) for width in document["widths"].values()) + "."]
+
+
+def compare_table(document: dict) -> list[str]:
+    budget = document["budget"]
+    lines = [f"{budget['dataset']}, {budget['model']}, {budget['epochs']} epochs, train_subset "
+             f"{budget['train_subset']}, seed {budget['seed']}; onnxruntime CPU, {document['timing']['threads']} "
+             f"threads, exported networks timed interleaved in one process ({document['cpu']}).", "",
+             "| method | test acc | kept MACs | kept params | train s | train MACs | batch 1 ms | batch 64 ms |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in document["rows"]:
+        lat, gain = row["latency_ms"], row["speedup"]
+        lines.append(f"| {row['label']} | {row['test_accuracy']:.4f} | {row['flops_ratio']:.3f} "
+                     f"| {row['kept_params'] / 1e3:.1f}k ({row['params_ratio']:.2f}) | {row['train_seconds']:.0f} "
+                     f"| {row['train_flops_ratio']:.3f} | {lat['1']:.3f} ({gain['1']:.2f}x) "
+                     f"| {lat['64']:.2f} ({gain['64']:.2f}x) |")
+    return lines
+
+
+TABLES = {"default-run": default_run_table, "export": export_table, "serving": serving_table,
+          "torch-pruning": torch_pruning_table, "compare": compare_table}
+
+
+def render_block(name: str, results_dir: Path = RESULTS_DIR) -> str:
+    if name not in TABLES:
+        raise RenderError(f"README marker results:{name} names no table; known: {', '.join(TABLES)}")
+    path = results_dir / file_name(name)
+    shown = f"docs/results/{path.name}"
+    if not path.is_file():
+        return f"*Not measured yet: `{shown}` does not exist; {PRODUCERS[name]} writes it.*\n"
+    try:
+        document = json.loads(path.read_text())
+        lines = TABLES[name](document)
+        source = provenance_line(document, shown)
+        if lines[-2] == "" and not lines[-1].startswith("|"):  # a closing sentence: the source joins it
+            lines[-1] += " " + source
+        else:
+            lines += ["", source]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise RenderError(f"{path}: cannot render table {name} ({type(error).__name__}: {error}); "
+                          "re-create it with make results") from None
+    return "\n".join(lines) + "\n"
+
+
+def render(text: str, results_dir: Path = RESULTS_DIR) -> str:
+    """`text` with every results block regenerated."""
+    return BLOCK.sub(lambda m: m.group(1) + render_block(m.group("name"), results_dir) + m.group(4), text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m scripts.render_readme", description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="only check; exit 1 when README.md is stale")
+    parser.add_argument("--readme", type=Path, default=README)
+    args = parser.parse_args(argv)
+    try:
+        text = args.readme.read_text()
+        rendered = render(text)
+    except (OSError, RenderError) as error:
+        print(f"render_readme: error: {error}", file=sys.stderr)
+        return 2
+    if args.check:
+        if rendered != text:
+            print(f"{args.readme}: result tables differ from docs/results/ (run make results)", file=sys.stderr)
+            return 1
+        return 0
+    if rendered != text:
+        write_text(args.readme, rendered)
+        print(f"rewrote the result tables in {args.readme}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""README result tables are generated from docs/results/*.json: a hand edit, a stampless source or a
+table with no file behind it fails here (regenerate with `make results`)."""
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from common.results import REPO_ROOT, ResultError, command_line, provenance, read_source, write_result
+from scripts import render_readme
+from scripts.collect_results import collect
+
+STAMP = {"command": "python -m training --config configs/fmnist_resnet20.yaml", "commit": "0123456789abcdef",
+         "dirty": False, "date": "2026-12-01T12:00:00+00:00", "machine": {"cpu": "Test CPU", "cores": 2}}
+
+
+def readme() -> str:
+    return render_readme.README.read_text()
+
+
+def test_readme_tables_are_what_the_result_files_render():
+    text = readme()
+    assert render_readme.BLOCK.search(text), "README.md has no <!-- results:NAME --> blocks"
+    assert render_readme.render(text) == text, (
+        "README.md's result tables differ from docs/results/*.json: numbers are never edited by hand; "
+        "re-run the command that measures them, then `make results`")
+
+
+def test_a_hand_edited_number_is_caught():
+    text = readme()
+    blocks = [m for m in render_readme.BLOCK.finditer(text) if re.search(r"\d\.\d", m.group("body"))]
+    assert blocks, "no rendered table with numbers in README.md"
+    body = blocks[0].group("body")
+    digit = re.search(r"\d\.(\d)", body)
+    changed = body[:digit.start(1)] + str((int(digit.group(1)) + 1) % 10) + body[digit.end(1):]
+    edited = text.replace(body, changed, 1)
+    assert edited != text and render_readme.render(edited) != edited
+
+
+def test_every_result_file_has_a_readme_block_and_every_block_a_table():
+    names = {m.group("name") for m in render_readme.BLOCK.finditer(readme())}
+    assert names <= set(render_readme.TABLES)
+    # Files written by `make results` (they carry "sources"); benchmarks may keep other result files here.
+    collected = {p.name for p in (REPO_ROOT / "docs" / "results").glob("*.json")
+                 if "sources" in json.loads(p.read_text())}
+    assert collected <= {render_readme.file_name(name) for name in names}, "a result file the README does not show"
+
+
+def test_missing_result_file_says_how_to_produce_it(tmp_path):
+    text = "a\n<!-- results:serving -->\nold numbers 1.23\n<!-- /results:serving -->\nb\n"
+    rendered = render_readme.render(text, tmp_path)
+    assert "old numbers" not in rendered and "Not measured yet" in rendered and "make serve" in rendered
+
+
+def test_unknown_block_is_refused():
+    with pytest.raises(render_readme.RenderError, match="results:nonsense"):
+        render_readme.render("<!-- results:nonsense -->\n<!-- /results:nonsense -->\n")
+
+
+def test_source_without_provenance_is_refused(tmp_path):
+    path = tmp_path / "metrics.json"
+    path.write_text(json.dumps({"test_accuracy": 0.9}))
+    with pytest.raises(ResultError, match=r"metrics\.json: no provenance"):
+        read_source(path)
+    with pytest.raises(ResultError, match="not found"):
+        read_source(tmp_path / "absent.json")
+
+
+def test_provenance_names_command_commit_date_and_machine():
+    stamp = provenance()
+    assert set(stamp) >= {"command", "commit", "dirty", "date", "machine"}
+    assert stamp["machine"]["cores"] >= 1 and stamp["machine"]["cpu"]
+    assert command_line([str(REPO_ROOT / "training" / "__main__.py"), "--set", "a=b c"]) == \
+        "python -m training --set 'a=b c'"
+    assert command_line([str(REPO_ROOT / "bench" / "compare.py"), "--quick"]) == "python -m bench.compare --quick"
+
+
+def metrics(method: str, accuracy: float, kept: dict, removed: list[str]) -> dict:
+    return {"method": method, "epochs": 4, "test_accuracy": accuracy, "dense_flops": 1000, "pruned_flops": 500,
+            "flops_ratio": 0.5, "dense_params": 100, "pruned_params": 60, "params_ratio": 0.6,
+            "removed_blocks": removed, "train_seconds": 12.0, "kept_channels": kept, "provenance": STAMP}
+
+
+def test_collect_then_render_a_run(tmp_path):
+    runs, out = tmp_path / "runs", tmp_path / "results"
+    for name, doc in {"r": metrics("polarized", 0.87, {"layer1.0": 16, "layer2.0": 16}, ["layer1.1"]),
+                      "r_dense": metrics("dense", 0.88, {"layer1.0": 16, "layer1.1": 16, "layer2.0": 32}, [])}.items():
+        (runs / name).mkdir(parents=True)
+        (runs / name / "metrics.json").write_text(json.dumps(doc))
+    report = {"run": "r", "dense_source": "dense run", "max_abs_diff_surgery": 1e-6,
+              "max_abs_diff_onnx": {"dense": 2e-6, "pruned": 3e-6}, "flops_ratio": 0.5, "params_ratio": 0.6,
+              "dense": {"onnx_macs": 1000}, "pruned": {"onnx_macs": 500}, "mask_flops": {"pruned_flops": 500},
+              "provenance": STAMP}
+    (runs / "r" / "export_report.json").write_text(json.dumps(report))
+    written = collect("r", runs, tmp_path / "reports", out)
+    assert sorted(p.name for p in written) == ["default_run.json", "export.json"]
+    stored = json.loads((out / "default_run.json").read_text())
+    assert stored["sources"][str(runs / "r" / "metrics.json")] == STAMP
+    assert stored["rows"][0]["narrowed"] == {"layer2.0": [16, 32]}
+    table = render_readme.render_block("default-run", out)
+    assert "| 0.8700 |" in table and "layer1.1 (+ layer2.0 at 16 of 32)" in table
+    assert "Accuracy gap to dense: 1.00 points (one seed). Source:" in table
+    assert "commit 0123456789" in table and "Test CPU, 2 cores" in table
+    assert "| 1,000 / 500 (500) |" in render_readme.render_block("export", out)
+
+
+def test_collect_then_render_the_torch_pruning_peer(tmp_path):
+    runs, out = tmp_path / "runs", tmp_path / "results"
+    peer = {"method": "torch_pruning", "epochs": 4, "test_accuracy": 0.85, "dense_flops": 1000, "pruned_flops": 480,
+            "flops_ratio": 0.48, "pruned_params": 50, "params_ratio": 0.5, "train_seconds": 9.0,
+            "train_flops_ratio": 0.74, "torch_pruning": "1.6.1", "widths": {"stem.conv": 16, "layer1.0.conv1": 16},
+            "pruning": {"epoch": 2, "pruning_ratio": 0.42, "flops_ratio": 0.48, "target_flops_ratio": 0.5},
+            "provenance": STAMP}
+    (runs / "compare" / "torch_pruning").mkdir(parents=True)
+    (runs / "compare" / "torch_pruning" / "metrics.json").write_text(json.dumps(peer))
+    from scripts.collect_results import peer_result
+    data, sources = peer_result(runs)
+    write_result(out / "torch_pruning.json", data, sources)
+    table = render_readme.render_block("torch-pruning", out)
+    assert "| 0.8500 | 0.480 (0.00M) | 0.500 (0.1k) | 9 | 0.740 |" in table
+    assert "Dense for 2 of 4 epochs" in table and "widths after pruning: 16, 16" in table
+
+
+def test_collect_refuses_incomplete_sources_and_a_quick_comparison(tmp_path):
+    runs, reports = tmp_path / "runs", tmp_path / "reports"
+    for name in ("r", "r_dense"):
+        (runs / name).mkdir(parents=True)
+        (runs / name / "metrics.json").write_text(json.dumps(metrics("dense", 0.9, {}, [])))
+    (runs / "r" / "export_report.json").write_text(json.dumps({"provenance": STAMP}))
+    with pytest.raises(ResultError, match=r"export_report\.json: missing run, dense_source"):
+        collect("r", runs, reports, tmp_path / "out")
+    (reports / "compare").mkdir(parents=True)
+    (reports / "compare" / "compare.json").write_text(json.dumps({"quick": True, "provenance": STAMP}))
+    with pytest.raises(ResultError, match="--quick"):
+        from scripts.collect_results import compare_result
+        compare_result(reports)
+
+
+def test_write_result_is_atomic_and_keeps_sources(tmp_path):
+    document = write_result(tmp_path / "x.json", {"value": 1}, {"a.json": STAMP})
+    assert json.loads((tmp_path / "x.json").read_text()) == document == {"value": 1, "sources": {"a.json": STAMP}}
+    assert not list(tmp_path.glob(".x.json.*"))
