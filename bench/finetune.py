@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from common.atomicio import write_json
+from common.results import provenance, write_result
 from training.config import ConfigError, load_config
 from training.loop import train
 
@@ -53,14 +53,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     dense = json.loads(dense_metrics.read_text())
-    report = {"command": "python -m bench.finetune " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "dense": {k: dense.get(k) for k in KEYS},
+    report = {"dense": {k: dense.get(k) for k in KEYS},
               **{name: {k: metrics.get(k) for k in KEYS} for name, metrics in results.items()}}
     for name in CONFIGS:
         gap = report["dense"]["test_accuracy"] - report[name]["test_accuracy"]
         print(f"{name:>12}: accuracy {report[name]['test_accuracy']:.4f} ({gap * 100:+.2f} pt below dense), "
               f"kept FLOPs {report[name]['flops_ratio']:.3f}, {report[name]['train_seconds']:.0f} s")
-    write_json(args.out, report)
+    write_result(args.out, report, {"python -m bench.finetune": provenance()})
     print(f"wrote {args.out}")
     return 0
 

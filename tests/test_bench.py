@@ -159,3 +159,23 @@ def test_train_overhead_quick_writes_a_complete_report(tmp_path):
     assert report["dense"]["n"] == 2 and report["gated"]["n"] == 2
     assert report["dense"]["median_ms"] > 0 and report["gated"]["median_ms"] > 0
     assert math.isfinite(report["overhead_percent"]) and report["goal_percent"] == 10.0
+
+
+def test_seeds_summary_from_finished_runs(tmp_path):
+    """bench.seeds on run folders laid out as the seed runs leave them: per-seed gaps, mean and spread."""
+    from bench.seeds import main as seeds_main
+
+    runs = tmp_path / "runs"
+    for seed, (polarized, dense) in enumerate([(0.86, 0.875), (0.87, 0.872), (0.85, 0.87)]):
+        for name, accuracy in ((f"fmnist_resnet20_seed{seed}", polarized), (f"fmnist_resnet20_dense_seed{seed}", dense)):
+            (runs / name).mkdir(parents=True)
+            (runs / name / "metrics.json").write_text(json.dumps(
+                {"test_accuracy": accuracy, "flops_ratio": 0.49, "train_seconds": 10.0,
+                 "projection": {"learned_flops_ratio": 0.53}}))
+    out = tmp_path / "seeds.json"
+    assert seeds_main(["--runs", str(runs), "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert [round(r["gap_points"], 6) for r in result["seeds"]] == [1.5, 0.2, 2.0]
+    assert result["mean_gap_points"] == pytest.approx(1.2333333) and result["stdev_gap_points"] > 0
+    assert "python -m bench.seeds" in result["sources"]
+    assert seeds_main(["--runs", str(runs), "--seeds", "0,7", "--out", str(out)]) == 2  # seed 7 never ran
