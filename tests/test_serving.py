@@ -49,7 +49,8 @@ def workspace(tmp_path_factory):
     return {"root": root, "repo": root / "repo", "run": run, "onnx": onnx_files, "images": images}
 
 
-def _require_triton():
+def require_triton() -> None:
+    """Skip, saying why, where the bundled Triton server is not installed."""
     try:
         find_triton_install()
     except TritonNotFound as missing:
@@ -58,7 +59,7 @@ def _require_triton():
 
 @pytest.fixture(scope="module")
 def server(workspace):
-    _require_triton()
+    require_triton()
     triton = LocalTriton(LocalTritonConfig(workspace["repo"], tuple(MODELS.values()), startup_timeout_s=60))
     triton.start()
     yield triton
@@ -144,7 +145,7 @@ def test_missing_export_outputs_say_run_make_export(tmp_path, capsys):
 
 
 def test_requested_port_in_use_fails_clearly(workspace):
-    _require_triton()
+    require_triton()
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -155,7 +156,7 @@ def test_requested_port_in_use_fails_clearly(workspace):
 
 
 def test_model_that_fails_to_load_is_reported_with_tritons_reason(workspace, tmp_path):
-    _require_triton()
+    require_triton()
     repo = tmp_path / "repo"
     version = write_model_version(repo, "broken", workspace["onnx"]["dense"])
     (version / "model.onnx").write_bytes(b"this is not an onnx file")

@@ -19,9 +19,8 @@ from bench import check_timing
 from bench.timing import NO_SPINNING, ort_session, summarize
 from export.triton_repo import write_model_version
 from serving.client import InputSpecError, TritonClassifier
-from serving.errors import TritonNotFound
 from serving.server import LocalTriton, LocalTritonConfig
-from serving.triton_install import find_triton_install
+from test_serving import require_triton
 from tiny_onnx import tiny_classifier
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,13 +45,6 @@ def workspace(tmp_path_factory):
     for role in MODELS:  # bench/check_timing.py reads <run>/dense.onnx and pruned.onnx
         (run / f"{role}.onnx").write_bytes(onnx_files[role].read_bytes())
     return {"root": root, "repo": root / "repo", "run": run, "onnx": onnx_files, "images": images}
-
-
-def require_triton() -> None:
-    try:
-        find_triton_install()
-    except TritonNotFound as missing:
-        pytest.skip(f"bundled tritonserver unavailable: {missing}")
 
 
 @pytest.fixture(scope="module")
