@@ -11,7 +11,8 @@ from export.api import ExportOptions
 from export.api import run as run_export
 from export_fixtures import single_torch_thread  # noqa: F401 (autouse fixture)
 from export.surgery import load_pruned
-from training.config import ConfigError, flipout_prune_epochs, make_config
+from training.config import ConfigError, make_config
+from training.methods.flipout import flipout_prune_epochs
 from training.flops import count_macs
 from training.gating import cut, embed, full_mask, mask_problem
 from training.graph import trace_network

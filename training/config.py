@@ -18,7 +18,6 @@ from .arch import MODEL_NAMES
 from .data import DATASETS, FolderOptions
 from .errors import TrainingError
 
-METHODS = ("polarized", "dense", "activation_density", "flipout")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -114,7 +113,8 @@ class TrainConfig:
              f"must be a built-in network ({', '.join(MODEL_NAMES)}) or an import path 'package.module:Callable'")
         need(not self.model_args or self.model not in MODEL_NAMES, "model_args",
              "built-in networks take no arguments (the data set sets their input and classes)")
-        need(self.method in METHODS, "method", f"must be one of {', '.join(METHODS)}")
+        from .methods import REGISTRY  # the one registry of methods (they import this module)
+        need(self.method in REGISTRY, "method", f"must be one of {', '.join(REGISTRY)}")
         need(self.polarization_center in ("threshold", "mean"), "polarization_center",
              "must be 'threshold' or 'mean'")
         need(self.device in DEVICES, "device", f"must be one of {', '.join(DEVICES)}")
@@ -145,40 +145,17 @@ class TrainConfig:
         need(self.threads is None or self.threads >= 1, "threads", "must be at least 1")
         for key, why in FolderOptions.from_config(self.to_dict()).problems(self.dataset):  # image_folder's keys
             need(False, key, why)
-        # --- baseline methods (issue 6) --------------------------------------------------------------
         need(self.density_every >= 1, "density_every", "must be at least 1")
         need(0 < self.density_stop <= 1, "density_stop", "must be in (0, 1]")
-        need(self.method != "activation_density" or self.density_every < self.density_stop * self.epochs,
-             "density_every", f"no resize fits: resizes happen at multiples of density_every below "
-             f"density_stop x epochs = {self.density_stop * self.epochs:g}")
         need(0 < self.final_sparsity < 1, "final_sparsity", "must be in (0, 1)")
         need(self.prune_freq is None or self.prune_freq >= 1, "prune_freq", "must be at least 1")
-        need(self.flipout_noise >= 0 and math.isfinite(self.flipout_noise), "flipout_noise", "must be >= 0")
-        if self.method == "flipout":
-            try:
-                flipout_prune_epochs(self.final_sparsity, self.epochs, self.prune_freq)
-            except ValueError as error:
-                raise ConfigError(f"config key 'final_sparsity': {error}", "final_sparsity") from None
-        # --- end of baseline methods -----------------------------------------------------------------
-        if self.method == "polarized":
-            need(not self.dynamic_gates or self.val_size > 0, "val_size",
-                 "dynamic gates need a validation set for their consensus vote: set val_size > 0")
+        need(self.flipout_noise >= 0, "flipout_noise", "must be >= 0")
+        for key, why in REGISTRY[self.method].config_problems(self):  # what only the chosen method needs
+            need(False, key, why)
         return self
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-def flipout_prune_epochs(final_sparsity: float, epochs: int, prune_freq: int | None) -> list[int]:
-    """The epochs (0-based; pruning happens as each starts) at which FlipOut halves the remaining weights:
-    enough halvings to reach `final_sparsity` (the last one stops there), each followed by training."""
-    halvings = math.ceil(math.log(1 - final_sparsity, 0.5) - 1e-9)
-    every = prune_freq or (epochs - 1) // halvings
-    if every < 1 or halvings * every > epochs - 1:
-        raise ValueError(f"{final_sparsity:g} sparsity takes {halvings} halvings of the remaining weights, one "
-                         f"every prune_freq={max(every, 1)} epochs, each followed by training: that needs "
-                         f"epochs >= {halvings * max(every, 1) + 1} (got {epochs})")
-    return [every * i for i in range(1, halvings + 1)]
 
 
 def _coerce(key: str, value: Any, annotation: Any) -> Any:

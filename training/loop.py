@@ -12,6 +12,7 @@ import json
 import math
 import random
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -161,6 +162,48 @@ def seed_and_load(cfg: TrainConfig, device: torch.device, shard: tuple[int, int]
         describe_splits(info, train_set, val_set, test_set))
 
 
+def train_epoch(step, batches, done_steps: int, total_steps: int) -> tuple[float, int, int, dict[str, float]]:
+    """One pass over `batches` with `step(images, labels, progress)` (a bound `train_step`); the summed task
+    loss, correct predictions and examples of this rank, and the method's logs of the last step."""
+    loss_sum, correct, seen, logs = 0.0, 0, 0, {}
+    for index, (images, labels) in enumerate(batches):
+        loss, logits, logs = step(images, labels, (done_steps + index) / total_steps)
+        loss_sum += float(loss) * labels.numel()
+        correct += int((logits.argmax(1) == labels).sum())
+        seen += labels.numel()
+        if hasattr(batches, "set_postfix"):
+            batches.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}",
+                                kept_flops=f"{logs.get('kept_flops', 1.0):.3f}")
+    return loss_sum, correct, seen, logs
+
+
+def swap_optimizers(old_model, new_model, sgd, method, cfg: TrainConfig, total_steps: int, done_steps: int):
+    """Optimisers for the network a method handed back mid-run, the schedule where it was and, where the
+    method can map them (`Method.carry_momentum`), the momentum of the weights it kept."""
+    momentum = {name: sgd.state[p]["momentum_buffer"] for name, p in old_model.named_parameters()
+                if "momentum_buffer" in sgd.state.get(p, {})}
+    sgd, gate_sgd, scheduler = make_optimizers(new_model, cfg, total_steps, done_steps)
+    carried = method.carry_momentum(momentum)
+    for name, p in new_model.named_parameters():
+        if name in carried:
+            sgd.state[p]["momentum_buffer"] = carried[name].to(p.device).clone()
+    return sgd, gate_sgd, scheduler
+
+
+def check_resumable(cfg: TrainConfig, state: dict[str, Any], checkpoint_path: Path) -> None:
+    """RunError unless `state` can be resumed with `cfg`: the same result-changing keys, optimiser and RNG
+    states present."""
+    defaults = TrainConfig().to_dict()  # keys newer than the checkpoint: it ran with their defaults
+    changed = {k for k in cfg.to_dict() if k not in RESUME_FREE_KEYS
+               and state["config"].get(k, defaults[k]) != getattr(cfg, k)}
+    if changed:
+        raise RunError(f"--resume with a different config: {', '.join(sorted(changed))} changed")
+    lacking = [key for key in ("optimizer", "rng") if key not in state]
+    if lacking:
+        raise RunError(f"--resume: {checkpoint_path} holds no {' or '.join(lacking)} state; it can be "
+                       "exported but not resumed")
+
+
 def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     """Run (or resume) one training run; returns the metrics written to metrics.json (on every rank)."""
     cluster, device = start_cluster(pick_device(cfg.device))
@@ -204,15 +247,7 @@ def _train(cfg: TrainConfig, resume: bool, cluster: Cluster, device: torch.devic
 
     start_epoch, history, train_seconds, energy = 0, [], 0.0, None
     if state is not None:
-        defaults = TrainConfig().to_dict()  # keys newer than the checkpoint: it ran with their defaults
-        changed = {k for k in cfg.to_dict() if k not in RESUME_FREE_KEYS
-                   and state["config"].get(k, defaults[k]) != getattr(cfg, k)}
-        if changed:
-            raise RunError(f"--resume with a different config: {', '.join(sorted(changed))} changed")
-        lacking = [key for key in ("optimizer", "rng") if key not in state]
-        if lacking:
-            raise RunError(f"--resume: {checkpoint_path} holds no {' or '.join(lacking)} state; it can be "
-                           "exported but not resumed")
+        check_resumable(cfg, state, checkpoint_path)
         method.load_state_dict(state.get("method_state", {}))
         model = method.restore_model()
         model.load_state_dict(state["model"], strict=True)
@@ -244,32 +279,17 @@ def _train(cfg: TrainConfig, resume: bool, cluster: Cluster, device: torch.devic
         meter.start()
         new_model = method.start_epoch(model, epoch, ctx)
         if new_model is not model:  # the method resized the network: fresh optimisers for the new shapes
-            momentum = {name: sgd.state[p]["momentum_buffer"] for name, p in model.named_parameters()
-                        if "momentum_buffer" in sgd.state.get(p, {})}
-            model = new_model.to(device)
+            old_model, model = model, new_model.to(device)
             method.prepare(model, ctx)
-            sgd, gate_sgd, scheduler = make_optimizers(model, cfg, total_steps, epoch * steps_per_epoch)
-            carried = method.carry_momentum(momentum)  # the kept weights keep their momentum
-            for name, p in model.named_parameters():
-                if name in carried:
-                    sgd.state[p]["momentum_buffer"] = carried[name].to(p.device).clone()
+            sgd, gate_sgd, scheduler = swap_optimizers(old_model, model, sgd, method, cfg, total_steps,
+                                                       epoch * steps_per_epoch)
         if structure_key(model) != forward_key:  # a new network or newly frozen gates: DDP must re-wrap
             forward, forward_key = cluster.wrap(model, device), structure_key(model)
         model.train()
-        loss_sum, correct, seen = 0.0, 0, 0
-        logs: dict[str, float] = {}
         bar = tqdm(train_batches.epoch(epoch), total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                    disable=not show, leave=False)
-        for step, (images, labels) in enumerate(bar):
-            progress = (epoch * steps_per_epoch + step) / total_steps
-            loss, logits, logs = train_step(model, method, sgd, gate_sgd, scheduler, images, labels, progress,
-                                            task_loss=task_loss,
-                                            forward=forward)
-            loss_sum += float(loss) * labels.numel()
-            correct += int((logits.argmax(1) == labels).sum())
-            seen += labels.numel()
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}",
-                            kept_flops=f"{logs.get('kept_flops', 1.0):.3f}")
+        step = partial(train_step, model, method, sgd, gate_sgd, scheduler, forward=forward, task_loss=task_loss)
+        loss_sum, correct, seen, logs = train_epoch(step, bar, epoch * steps_per_epoch, total_steps)
         method.end_epoch(model, epoch, ctx)
         cluster.sync_buffers(model)
         train_seconds += time.perf_counter() - started

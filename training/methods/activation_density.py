@@ -81,6 +81,13 @@ def most_active(channel_density: torch.Tensor, count: int) -> list[int]:
 
 
 class ActivationDensityMethod(Method):
+    @classmethod
+    def config_problems(cls, cfg) -> list[tuple[str, str]]:
+        if cfg.density_every < cfg.density_stop * cfg.epochs:
+            return []
+        return [("density_every", f"no resize fits: resizes happen at multiples of density_every below "
+                                  f"density_stop x epochs = {cfg.density_stop * cfg.epochs:g}")]
+
     def __init__(self, cfg, graph):
         super().__init__(cfg, graph)
         self.dense_widths = {name: group.width for name, group in graph.prunable().items()}

@@ -37,6 +37,12 @@ class RunContext:
 class Method:
     uses_gates = False
 
+    @classmethod
+    def config_problems(cls, cfg: TrainConfig) -> list[tuple[str, str]]:
+        """(key, why) for each setting this method cannot run with, beyond the per-key checks of
+        `TrainConfig.validate` (which calls this for the configured method)."""
+        return []
+
     def __init__(self, cfg: TrainConfig, graph: NetworkGraph):
         self.cfg, self.graph = cfg, graph
 

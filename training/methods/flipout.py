@@ -2,7 +2,7 @@
 
 A weight that keeps changing sign is not doing much: saliency = |w|^2 / (sign flips since training began
 + 1), ranked globally over every conv and linear weight (batch norm is left alone). At the start of each
-pruning epoch (`training.config.flipout_prune_epochs`) the least salient half of the remaining weights
+pruning epoch (`flipout_prune_epochs`) the least salient half of the remaining weights
 goes, the last time only down to `final_sparsity`. Each layer's gradient gets Gaussian noise of std
 `flipout_noise` x that layer's RMS gradient before the optimiser step, so weights near zero flip more.
 
@@ -11,12 +11,12 @@ channel, and no runtime used here runs it faster. metrics.json reports the weigh
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..config import flipout_prune_epochs
 from ..flops import count_params
 from .base import Method, RunContext
 
@@ -59,7 +59,27 @@ def prune_to(saliencies: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]
     return new_masks
 
 
+def flipout_prune_epochs(final_sparsity: float, epochs: int, prune_freq: int | None) -> list[int]:
+    """The epochs (0-based; pruning happens as each starts) at which FlipOut halves the remaining weights:
+    enough halvings to reach `final_sparsity` (the last one stops there), each followed by training."""
+    halvings = math.ceil(math.log(1 - final_sparsity, 0.5) - 1e-9)
+    every = prune_freq or (epochs - 1) // halvings
+    if every < 1 or halvings * every > epochs - 1:
+        raise ValueError(f"{final_sparsity:g} sparsity takes {halvings} halvings of the remaining weights, one "
+                         f"every prune_freq={max(every, 1)} epochs, each followed by training: that needs "
+                         f"epochs >= {halvings * max(every, 1) + 1} (got {epochs})")
+    return [every * i for i in range(1, halvings + 1)]
+
+
 class FlipOutMethod(Method):
+    @classmethod
+    def config_problems(cls, cfg) -> list[tuple[str, str]]:
+        try:
+            flipout_prune_epochs(cfg.final_sparsity, cfg.epochs, cfg.prune_freq)
+        except ValueError as error:
+            return [("final_sparsity", str(error))]
+        return []
+
     def __init__(self, cfg, graph):
         super().__init__(cfg, graph)
         self.masks: dict[str, torch.Tensor] | None = None    # bool, True = weight kept

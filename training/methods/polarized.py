@@ -38,6 +38,12 @@ def flops_floor(graph, round_to: int) -> tuple[float, str]:
 class PolarizedMethod(Method):
     uses_gates = True
 
+    @classmethod
+    def config_problems(cls, cfg) -> list[tuple[str, str]]:
+        if cfg.dynamic_gates and cfg.val_size == 0:
+            return [("val_size", "dynamic gates need a validation set for their consensus vote: set val_size > 0")]
+        return []
+
     def __init__(self, cfg, graph):
         super().__init__(cfg, graph)
         if not graph.prunable() and not graph.blocks:
