@@ -36,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.finetune", description=__doc__.splitlines()[0])
     parser.add_argument("--dense-run", type=Path, default=ROOT / "runs" / "fmnist_resnet20_dense",
                         help="finished dense reference run whose weights the fine-tune starts from")
+    parser.add_argument("--init-weights", type=Path,
+                        help="the weights the fine-tune starts from (default: the dense run's checkpoint.pt)")
     parser.add_argument("--out-dir", type=Path, default=ROOT / "runs" / "finetune_bench")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "finetune.json")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -47,8 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         results = {"from_scratch": run("from_scratch", args.overrides, args.out_dir),
-                   "fine_tune": run("fine_tune", [*args.overrides, f"init_weights={args.dense_run / 'checkpoint.pt'}"],
-                                    args.out_dir)}
+                   "fine_tune": run("fine_tune", [*args.overrides, "init_weights="
+                                                  f"{args.init_weights or args.dense_run / 'checkpoint.pt'}"], args.out_dir)}
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
