@@ -228,15 +228,7 @@ def _train(cfg: TrainConfig, resume: bool, cluster: Cluster, device: torch.devic
     state = cluster.from_main(resume_state)
     data = seed_and_load(cfg, device, cluster.shard)
     info, train_batches, val_batches, test_batches = data.info, data.train, data.val, data.test
-    network_info = NetworkInfo(cfg.model, info.in_channels, info.num_classes, tuple(info.input_size),
-                               cfg.model_args)
-    try:
-        graph = trace_network(_network(cfg, network_info, state, cluster), network_info.example_input())
-    except GraphError as error:
-        raise ConfigError(f"config key 'model': {error}", "model") from None
-    if graph.output_shape != (info.num_classes,):
-        raise ConfigError(f"config key 'model_args': {cfg.model} outputs {list(graph.output_shape)} per image, "
-                          f"but {info.name} has {info.num_classes} classes", "model_args")
+    network_info, graph = traced_network(cfg, info, state, cluster)
     method = make_method(cfg, graph)
     model = method.build_model()
     task_loss = TaskLoss(cfg.label_smoothing, _teacher(cfg, network_info, cluster, device),
@@ -330,6 +322,22 @@ def add_energy(total: EnergyReading | None, epoch: EnergyReading, cluster: Clust
     epoch = dataclasses.replace(epoch, joules=sum(joules), cpu_seconds=cpu_seconds,
                                 component_joules=dict(zip(parts, joules)))
     return epoch if total is None else total + epoch
+
+
+def traced_network(cfg: TrainConfig, info: DatasetInfo, state: dict | None,
+                   cluster: Cluster) -> tuple[NetworkInfo, NetworkGraph]:
+    """The run's network for this data (built, with `init_weights` on a fresh run) and its trace; a network
+    that cannot be traced or does not output one logit per class is a config error."""
+    network_info = NetworkInfo(cfg.model, info.in_channels, info.num_classes, tuple(info.input_size),
+                               cfg.model_args)
+    try:
+        graph = trace_network(_network(cfg, network_info, state, cluster), network_info.example_input())
+    except GraphError as error:
+        raise ConfigError(f"config key 'model': {error}", "model") from None
+    if graph.output_shape != (info.num_classes,):
+        raise ConfigError(f"config key 'model_args': {cfg.model} outputs {list(graph.output_shape)} per image, "
+                          f"but {info.name} has {info.num_classes} classes", "model_args")
+    return network_info, graph
 
 
 def _network(cfg: TrainConfig, network_info: NetworkInfo, state: dict | None, cluster: Cluster):
