@@ -1,7 +1,7 @@
-"""Render the README's result tables from docs/results/*.json, between marker comments.
+"""Render the result tables of README.md and docs/accuracy.md from docs/results/*.json, between marker comments.
 
-    python -m scripts.render_readme            # rewrite README.md in place
-    python -m scripts.render_readme --check    # exit 1 if README.md differs from what the files render
+    python -m scripts.render_readme            # rewrite the documents in place
+    python -m scripts.render_readme --check    # exit 1 if a document differs from what the files render
 
 A block is `<!-- results:NAME -->` ... `<!-- /results:NAME -->`; its body is generated from
 docs/results/NAME.json (tests/test_readme_results.py fails when it was edited by hand). Each table ends
@@ -20,6 +20,7 @@ from common.atomicio import write_text
 from common.results import REPO_ROOT
 
 README = REPO_ROOT / "README.md"
+DOCUMENTS = (README, REPO_ROOT / "docs" / "accuracy.md")  # every document with result blocks
 RESULTS_DIR = REPO_ROOT / "docs" / "results"
 BLOCK = re.compile(r"(<!-- results:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /results:(?P=name) -->)", re.S)
 PRODUCERS = {  # what to run when a file is missing
@@ -28,6 +29,8 @@ PRODUCERS = {  # what to run when a file is missing
     "serving": "`make serve`, then `make results`",
     "torch-pruning": "`python -m bench.torch_pruning_peer` or `make compare`, then `make results`",
     "compare": "`make compare`, then `make results`",
+    "seeds": "the seed runs, then `python -m bench.seeds`",
+    "finetune": "`python -m bench.finetune`",
 }
 
 
@@ -138,8 +141,41 @@ def compare_table(document: dict) -> list[str]:
     return lines
 
 
+def runs_line(document: dict) -> str:
+    made = document.get("runs_made_by") or {}
+    if "commit" in made:
+        return f"The runs: `{made['command']}` (commit {made['commit'][:10]}, {made['date']}, {made['machine']})."
+    return " ".join(f"{key}: {value}." for key, value in made.items())
+
+
+def seeds_table(document: dict) -> list[str]:
+    rows = ["| seed | polarized | dense | gap (points) | kept MACs | learned kept MACs |",
+            "|---:|---:|---:|---:|---:|---:|"]
+    for row in document["seeds"]:
+        learned = number(row["learned_flops_ratio"]) if row.get("learned_flops_ratio") is not None else "-"
+        rows.append(f"| {row['seed']} | {row['polarized_accuracy']:.4f} | {row['dense_accuracy']:.4f} | "
+                    f"{row['gap_points']:.2f} | {row['flops_ratio']:.3f} | {learned} |")
+    spread = document.get("stdev_gap_points")
+    return rows + ["", f"Mean gap {document['mean_gap_points']:.2f} points"
+                       + (f" (standard deviation {spread:.2f} over the seeds)." if spread is not None else ".")
+                       + " " + runs_line(document)]
+
+
+def finetune_table(document: dict) -> list[str]:
+    dense = document["dense"]["test_accuracy"]
+    rows = ["| start | test accuracy | vs dense | kept MACs | kept params | epochs |",
+            "|---|---:|---:|---:|---:|---:|"]
+    for key, label in (("from_scratch", "random weights (the default run)"),
+                       ("fine_tune", "the dense run's weights (`configs/fmnist_resnet20_finetune.yaml`)")):
+        run = document[key]
+        rows.append(f"| {label} | {run['test_accuracy']:.4f} | {100 * (run['test_accuracy'] - dense):+.2f} points | "
+                    f"{run['flops_ratio']:.3f} | {run['params_ratio']:.3f} | {run['epochs']} |")
+    return rows + ["", f"Dense reference: {dense:.4f}. " + runs_line(document)]
+
+
 TABLES = {"default-run": default_run_table, "export": export_table, "serving": serving_table,
-          "torch-pruning": torch_pruning_table, "compare": compare_table}
+          "torch-pruning": torch_pruning_table, "compare": compare_table, "seeds": seeds_table,
+          "finetune": finetune_table}
 
 
 def render_block(name: str, results_dir: Path = RESULTS_DIR) -> str:
@@ -170,24 +206,28 @@ def render(text: str, results_dir: Path = RESULTS_DIR) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m scripts.render_readme", description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="only check; exit 1 when README.md is stale")
-    parser.add_argument("--readme", type=Path, default=README)
+    parser.add_argument("--check", action="store_true", help="only check; exit 1 when a document is stale")
+    parser.add_argument("--readme", type=Path, action="append",
+                        help="a document to render (repeatable; default: README.md and docs/accuracy.md)")
     args = parser.parse_args(argv)
-    try:
-        text = args.readme.read_text()
-        rendered = render(text)
-    except (OSError, RenderError) as error:
-        print(f"render_readme: error: {error}", file=sys.stderr)
-        return 2
-    if args.check:
-        if rendered != text:
-            print(f"{args.readme}: result tables differ from docs/results/ (run make results)", file=sys.stderr)
-            return 1
-        return 0
-    if rendered != text:
-        write_text(args.readme, rendered)
-        print(f"rewrote the result tables in {args.readme}")
-    return 0
+    stale = []
+    for document in args.readme or DOCUMENTS:
+        try:
+            text = document.read_text()
+            rendered = render(text)
+        except (OSError, RenderError) as error:
+            print(f"render_readme: error: {error}", file=sys.stderr)
+            return 2
+        if rendered == text:
+            continue
+        if args.check:
+            stale.append(document)
+        else:
+            write_text(document, rendered)
+            print(f"rewrote the result tables in {document}")
+    for document in stale:
+        print(f"{document}: result tables differ from docs/results/ (run make results)", file=sys.stderr)
+    return 1 if stale else 0
 
 
 if __name__ == "__main__":

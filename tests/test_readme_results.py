@@ -19,11 +19,12 @@ def readme() -> str:
     return render_readme.README.read_text()
 
 
-def test_readme_tables_are_what_the_result_files_render():
-    text = readme()
-    assert render_readme.BLOCK.search(text), "README.md has no <!-- results:NAME --> blocks"
+@pytest.mark.parametrize("document", render_readme.DOCUMENTS, ids=lambda path: path.name)
+def test_result_tables_are_what_the_result_files_render(document):
+    text = document.read_text()
+    assert render_readme.BLOCK.search(text), f"{document.name} has no <!-- results:NAME --> blocks"
     assert render_readme.render(text) == text, (
-        "README.md's result tables differ from docs/results/*.json: numbers are never edited by hand; "
+        f"{document.name}'s result tables differ from docs/results/*.json: numbers are never edited by hand; "
         "re-run the command that measures them, then `make results`")
 
 
@@ -38,13 +39,14 @@ def test_a_hand_edited_number_is_caught():
     assert edited != text and render_readme.render(edited) != edited
 
 
-def test_every_result_file_has_a_readme_block_and_every_block_a_table():
-    names = {m.group("name") for m in render_readme.BLOCK.finditer(readme())}
+def test_every_result_file_has_a_block_and_every_block_a_table():
+    names = {m.group("name") for document in render_readme.DOCUMENTS
+             for m in render_readme.BLOCK.finditer(document.read_text())}
     assert names <= set(render_readme.TABLES)
     # Files written by `make results` (they carry "sources"); benchmarks may keep other result files here.
     collected = {p.name for p in (REPO_ROOT / "docs" / "results").glob("*.json")
                  if "sources" in json.loads(p.read_text())}
-    assert collected <= {render_readme.file_name(name) for name in names}, "a result file the README does not show"
+    assert collected <= {render_readme.file_name(name) for name in names}, "a result file no document shows"
 
 
 def test_missing_result_file_says_how_to_produce_it(tmp_path):
