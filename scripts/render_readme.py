@@ -1,4 +1,4 @@
-"""Render the result tables of README.md and docs/accuracy.md from docs/results/*.json, between marker comments.
+"""Render the result tables of README.md and docs/{accuracy,compare}.md from docs/results/*.json, between markers.
 
     python -m scripts.render_readme            # rewrite the documents in place
     python -m scripts.render_readme --check    # exit 1 if a document differs from what the files render
@@ -20,7 +20,7 @@ from common.atomicio import write_text
 from common.results import REPO_ROOT
 
 README = REPO_ROOT / "README.md"
-DOCUMENTS = (README, REPO_ROOT / "docs" / "accuracy.md")  # every document with result blocks
+DOCUMENTS = (README, REPO_ROOT / "docs" / "accuracy.md", REPO_ROOT / "docs" / "compare.md")  # with result blocks
 RESULTS_DIR = REPO_ROOT / "docs" / "results"
 BLOCK = re.compile(r"(<!-- results:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /results:(?P=name) -->)", re.S)
 PRODUCERS = {  # what to run when a file is missing
@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m scripts.render_readme", description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="only check; exit 1 when a document is stale")
     parser.add_argument("--readme", type=Path, action="append",
-                        help="a document to render (repeatable; default: README.md and docs/accuracy.md)")
+                        help="a document to render (repeatable; default: README.md, docs/accuracy.md, docs/compare.md)")
     args = parser.parse_args(argv)
     stale = []
     for document in args.readme or DOCUMENTS:
