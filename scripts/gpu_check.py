@@ -155,7 +155,7 @@ class GpuCheck:
             {"comparisons": results}
 
     def triton(self, pull: bool):
-        from export.triton_repo import TRITON_RELEASE
+        from common.model_repository import TRITON_RELEASE
 
         names = self.steps["export"]["triton"]["model_names"]
         models = [names["dense"], names["pruned"]]

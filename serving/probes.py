@@ -19,7 +19,7 @@ import numpy as np
 
 from bench.timing import interleaved, ort_session, percentile, summarize
 from common.tolerance import allowed_difference, tolerance
-from export.triton_repo import ConfigError, parse_config
+from common.model_repository import ConfigError, parse_config
 from serving.client import TritonClassifier
 from serving.perf_analyzer import find_perf_analyzer
 from serving.run_artifacts import RunArtifacts

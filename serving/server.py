@@ -45,7 +45,7 @@ class Endpoints:
 
 def config_problem(config_path: Path) -> str | None:
     """Why Triton could not use this config.pbtxt (protobuf's line:column message), or None."""
-    from export.triton_repo import ConfigError, parse_config  # torch-free: the exporter's own check
+    from common.model_repository import ConfigError, parse_config  # torch-free: the exporter's own check
     try:
         parse_config(config_path.read_text(errors="replace"))
     except ConfigError as error:

@@ -34,8 +34,8 @@ from bench.train_overhead import main as train_overhead_main
 from common.cli import EXIT_BAD_INPUT, EXIT_CODES, EXIT_OK
 from export.__main__ import main as export_main
 from export.api import ExportOptions, write_triton_models
-from export.triton_repo import (RepositoryError, TritonModelOptions, parse_config, read_onnx_signature,
-                                write_model_version, write_model_versions)
+from common.model_repository import RepositoryError, parse_config
+from export.triton_repo import TritonModelOptions, read_onnx_signature, write_model_version, write_model_versions
 from export_fixtures import make_run, single_torch_thread  # noqa: F401 (autouse fixture)
 from serving.__main__ import main as serving_main
 from serving.client import InputSpecError, ServingError, TritonClassifier

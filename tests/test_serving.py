@@ -7,6 +7,9 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -184,3 +187,14 @@ def test_shutdown_leaves_no_process_and_no_shared_memory(server):
     with pytest.raises(ProcessLookupError):
         os.killpg(pid, 0)  # the stubs lived in the server's process group
     assert leftover_shm_regions(prefix) == []
+
+
+def test_serving_imports_no_torch_training_or_export():
+    """Serving works from the model repository and run folder alone: a fresh interpreter importing every
+    serving module loads none of torch, training, export or onnx."""
+    code = ("import sys, serving.__main__, serving.plans, serving.probes, serving.server, serving.loadtest; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'training', 'export', 'onnx'}))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

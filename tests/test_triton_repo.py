@@ -14,9 +14,9 @@ import pytest
 from google.protobuf import json_format
 
 from tiny_onnx import tiny_classifier
-from export.triton_repo import (KNOWN_RELEASES, MANIFEST_NAME, TRITON_RELEASE, RepositoryError,
-                                TritonModelOptions, build_config, model_versions, parse_config, plan_problem,
-                                read_onnx_signature, render_config, write_model_version)
+from common.model_repository import (KNOWN_RELEASES, MANIFEST_NAME, TRITON_RELEASE, RepositoryError,
+                                     model_versions, parse_config, plan_problem)
+from export.triton_repo import TritonModelOptions, build_config, read_onnx_signature, render_config, write_model_version
 
 ROOT = Path(__file__).resolve().parents[1]
 
