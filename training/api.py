@@ -23,7 +23,7 @@ from torch import nn
 
 from common.atomicio import write_bytes
 
-from .gates import kept_target, polarizer
+from .gates import kept_target, polarized_penalty
 from .gating import GatedNetwork, cut, mask_macs
 from .graph import trace_network
 from .mask import Mask
@@ -72,9 +72,8 @@ class PolarizedNetwork(GatedNetwork):
             return ratio * 0.0
         channel_probs, block_probs = self.gate_probs()
         target = kept_target(progress, s.target_flops, s.warmup_fraction, s.ramp_fraction)
-        return (s.flops_weight * (ratio - target) ** 2
-                + s.polarization_weight * polarizer(channel_probs, block_probs, s.polarization_t,
-                                                    s.polarization_center))
+        return polarized_penalty(ratio, channel_probs, block_probs, target, s.flops_weight,
+                                 s.polarization_weight, s.polarization_t, s.polarization_center)
 
     def flops_ratio(self, mask: Mask | None = None) -> float:
         """Kept MACs / dense MACs of `mask` (default: `final_mask()`)."""

@@ -110,6 +110,16 @@ def polarizer(channel_probs: list[torch.Tensor], block_probs: list[torch.Tensor]
     return total
 
 
+def polarized_penalty(ratio: torch.Tensor, channel_probs: list[torch.Tensor], block_probs: list[torch.Tensor],
+                      target: float, flops_weight: float, polarization_weight: float, t: float,
+                      center: str = "threshold") -> torch.Tensor:
+    """The polarized method's gate loss: flops_weight * (kept MACs ratio - target)^2 plus the polarizer.
+    Squared: the push fades as the ratio tracks the ramped target, so near it the task loss decides which
+    gates close (with abs, the constant push closed gates regardless of their use)."""
+    return (flops_weight * (ratio - target) ** 2
+            + polarization_weight * polarizer(channel_probs, block_probs, t, center))
+
+
 def kept_target(progress: float, final: float, warmup_fraction: float, ramp_fraction: float) -> float:
     """The kept-FLOPs target at `progress` (share of all steps): 1 until warm-up ends, then linearly down
     to `final` at `ramp_fraction`. Closing everything at once overshoots, and the polarizer then locks

@@ -127,14 +127,10 @@ class NetworkGraph:
                 if set(g.producers + g.members + g.consumers) <= inside]
 
 
-class _Tracer(fx.Tracer):
-    """Norms stay single calls like the other torch.nn layers; user modules are traced through."""
-
-
 def trace_network(model: nn.Module, example_input: torch.Tensor) -> NetworkGraph:
     """Trace `model` (plain, no gates) once; `example_input` is one batch (N, C, H, W) on its device."""
     try:
-        graph = _Tracer().trace(model)
+        graph = fx.Tracer().trace(model)  # torch.nn layers stay single calls; user modules are traced through
     except Exception as error:  # fx raises several types for data-dependent control flow
         raise GraphError(f"{type(model).__name__} cannot be traced by torch.fx ({type(error).__name__}: "
                          f"{str(error).splitlines()[0] if str(error) else ''}); the forward pass must not branch "

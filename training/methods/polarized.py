@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..config import ConfigError
-from ..gates import consensus_disagreement, kept_target, polarizer
+from ..gates import consensus_disagreement, kept_target, polarized_penalty
 from ..gating import GatedNetwork, cut, embed, mask_macs, mask_problem
 from ..mask import GateDecision, Mask, choose_mask, projection_report
 from .base import Method, RunContext
@@ -82,11 +82,8 @@ class PolarizedMethod(Method):
             return None, {"kept_flops": self.last_ratio}
         cfg = self.cfg
         channel_probs, block_probs = model.gate_probs()
-        # Squared: the push fades as the ratio tracks the ramped target, so near it the task loss decides
-        # which gates close (with abs, the constant push closed gates regardless of their use).
-        loss = (cfg.flops_weight * (ratio - self.target_at(progress)) ** 2
-                + cfg.polarization_weight * polarizer(channel_probs, block_probs, cfg.polarization_t,
-                                                      cfg.polarization_center))
+        loss = polarized_penalty(ratio, channel_probs, block_probs, self.target_at(progress), cfg.flops_weight,
+                                 cfg.polarization_weight, cfg.polarization_t, cfg.polarization_center)
         if cfg.dynamic_gates:
             disagreement = [consensus_disagreement(p) for p in channel_probs + block_probs]
             loss = loss + cfg.consensus_weight * torch.stack(disagreement).mean()
