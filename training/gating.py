@@ -253,8 +253,8 @@ class GatedNetwork(nn.Module):
         channels = {name: GateDecision((self.channel_gate(name).score > 0).cpu(),
                                        torch.sigmoid(self.channel_gate(name).score).cpu())
                     for name in self.graph.prunable()}
-        blocks = {name: (bool(self.block_gate(name).score[0] > 0), float(torch.sigmoid(self.block_gate(name).score[0])))
-                  for name in self.graph.blocks}
+        scores = {name: self.block_gate(name).score[0] for name in self.graph.blocks}
+        blocks = {name: (bool(score > 0), float(torch.sigmoid(score))) for name, score in scores.items()}
         return channels, blocks
 
     def mask_problem(self) -> MaskProblem:

@@ -426,7 +426,8 @@ class _Analysis:
                     continue  # used elsewhere too (the identity path): removing it is not removing a branch
                 nodes = _branch(operand, node)
                 modules = [n.target for n in nodes if n.op == "call_module"]
-                macs = sum(_layer_macs(self.layers[m]) for m in modules if m in self.layers and self.layers[m].kind != "norm")
+                layers = [self.layers[m] for m in modules if m in self.layers]
+                macs = sum(_layer_macs(layer) for layer in layers if layer.kind != "norm")
                 if macs > 0 and all(n.op != "placeholder" for n in nodes):
                     candidates.append((macs, operand, nodes, modules))
             if not candidates:
