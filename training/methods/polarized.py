@@ -10,16 +10,44 @@ trace of the network puts them (`training.gating`), built-in network or the user
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from ..gates import consensus_disagreement, kept_target, polarized_penalty
 from ..gating import GatedNetwork, cut, embed, mask_macs, mask_problem
 from ..mask import GateDecision, Mask, choose_mask, projection_report
-from .base import Method, RunContext
+from .base import Method, RunContext, failed
+
+
+PROJECTIONS = ("band", "none")
+POLARIZATION_CENTERS = ("threshold", "mean")
+LOSS_WEIGHTS = ("flops_weight", "polarization_weight", "polarization_t", "consensus_weight")
+
+
+@dataclass
+class PolarizedSettings:
+    """This method's config keys. `TrainConfig` inherits them, so they stay flat keys in YAML and --set."""
+    target_flops_ratio: float = 0.5      # kept MACs / dense MACs
+    flops_tolerance: float = 0.02        # the final mask lands within this of the target (if widths allow)
+    projection: str = "band"             # "band": move the learned mask into the target band; "none": keep
+                                         # it as the gates chose (rounded), and report the miss
+    flops_weight: float = 20.0
+    polarization_weight: float = 1.0
+    polarization_t: float = 0.0          # extra closing push; the FLOPs term already sets how much closes
+    polarization_center: str = "threshold"  # "threshold" (p = 0.5, default) or "mean" (Zhuang et al.)
+    consensus_weight: float = 1.0        # dynamic gates: pull inputs towards one consensus sub-network
+    gate_init: float = 2.0               # initial gate score: all gates open, sigmoid = 0.88
+    gate_lr: float = 1.0                 # SGD with momentum on gate scores (see loop.make_optimizers)
+    dynamic_gates: bool = False
+    warmup_fraction: float = 0.1         # of all steps, before gate losses start
+    ramp_fraction: float = 0.5           # of all steps, when the kept-FLOPs target reaches its final value;
+                                         # it falls linearly from 1 after warm-up, so gates close gradually
+    freeze_fraction: float = 0.75        # of all epochs, when the mask is fixed; the rest fine-tunes it
+    cut_after_freeze: bool = True        # fine-tune the physically cut network (cheaper); false: the gated one
 
 
 def flops_floor(graph, round_to: int) -> tuple[float, str]:
@@ -38,11 +66,26 @@ def flops_floor(graph, round_to: int) -> tuple[float, str]:
 class PolarizedMethod(Method):
     uses_gates = True
 
+    settings = PolarizedSettings
+
     @classmethod
-    def config_problems(cls, cfg) -> list[tuple[str, str]]:
-        if cfg.dynamic_gates and cfg.val_size == 0:
-            return [("val_size", "dynamic gates need a validation set for their consensus vote: set val_size > 0")]
-        return []
+    def config_problems(cls, cfg, chosen: bool) -> list[tuple[str, str]]:
+        found = failed(
+            (0 < cfg.target_flops_ratio <= 1, "target_flops_ratio", "must be in (0, 1]"),
+            (0 <= cfg.flops_tolerance < 1, "flops_tolerance", "must be in [0, 1)"),
+            (cfg.projection in PROJECTIONS, "projection", f"must be one of {', '.join(PROJECTIONS)}"),
+            (cfg.polarization_center in POLARIZATION_CENTERS, "polarization_center",
+             f"must be one of {', '.join(POLARIZATION_CENTERS)}"),
+            (cfg.gate_init > 0, "gate_init", "must be > 0: gates start open, so training starts from the network"),
+            (cfg.gate_lr > 0, "gate_lr", "must be a positive number"),
+            (0 <= cfg.warmup_fraction < 1, "warmup_fraction", "must be in [0, 1)"),
+            (0 < cfg.freeze_fraction <= 1, "freeze_fraction", "must be in (0, 1]"),
+            (cfg.warmup_fraction < cfg.freeze_fraction, "warmup_fraction", "must be below freeze_fraction"),
+            (cfg.warmup_fraction <= cfg.ramp_fraction <= 1, "ramp_fraction", "must be in [warmup_fraction, 1]"),
+            *((getattr(cfg, key) >= 0, key, "must be >= 0") for key in LOSS_WEIGHTS))
+        if chosen and cfg.dynamic_gates and cfg.val_size == 0:
+            found.append(("val_size", "dynamic gates need a validation set for their consensus vote: set val_size > 0"))
+        return found
 
     def __init__(self, cfg, graph):
         super().__init__(cfg, graph)
@@ -147,7 +190,8 @@ class PolarizedMethod(Method):
         return channels, blocks
 
     def _vote(self, model: GatedNetwork, ctx: RunContext) -> dict[str, torch.Tensor]:
-        """Per gate, the share of validation inputs that opened each unit; sets `agreement`."""
+        """Per gate, the share of validation inputs that opened each unit; sets `agreement`. (The config
+        refuses dynamic gates without a validation set, so there is at least one input.)"""
         gates = model.gates()
         was_training = model.training
         model.eval()
@@ -163,9 +207,6 @@ class PolarizedMethod(Method):
                 decisions_per_batch[path].append(hard.cpu())
             count += images.shape[0]
         model.train(was_training)
-        if count == 0:
-            raise ConfigError("config key 'val_size': dynamic gates need a validation set for the consensus "
-                              "vote: set val_size > 0", "val_size")
         share = {p: (opened[p] / count).cpu() for p in gates}
         agree = [(torch.cat(decisions_per_batch[p]) == (share[p] > 0.5).float()).float().mean() for p in gates]
         self.agreement = float(torch.stack(agree).mean())
