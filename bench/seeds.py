@@ -1,12 +1,16 @@
-"""Accuracy over seeds: the default polarized run against its dense reference, mean gap and spread.
+"""Accuracy over seeds: ways of training the polarized run (arms) against the dense reference of each seed.
 
     for s in 0 1 2; do python -m training --config configs/fmnist_resnet20.yaml --set seed=$s --set name=fmnist_resnet20_seed$s
                        python -m training --config configs/fmnist_resnet20_dense.yaml --set seed=$s --set name=fmnist_resnet20_dense_seed$s; done
     python -m bench.seeds --runs runs [--out docs/results/seeds.json]
+    python -m bench.seeds --dense 'runs/dense_s{seed}' --arm 'from scratch=runs/base_s{seed}' \\
+                          --arm 'from the dense weights=runs/ft_s{seed}' [--seeds 0,1,2]
 
-Reads the finished run folders `<run>_seed<s>` and `<run>_dense_seed<s>` and writes, per seed, test
-accuracy, kept FLOPs (before and after the move into the target band) and training time of both, with
-the mean accuracy gap and its standard deviation over seeds.
+Reads finished run folders (`{seed}` in a pattern is the seed) and writes, per arm and seed, test accuracy,
+the gap to that seed's dense run, kept FLOPs (before and after the move into the target band), training
+time, and the epochs of compute (an arm that starts from a dense run's weights also paid for that run);
+per arm the mean gap and its standard deviation over seeds. Without --arm: the default run's layout
+(`<runs>/<run>_seed<s>` against `<runs>/<run>_dense_seed<s>`).
 """
 from __future__ import annotations
 
@@ -18,53 +22,95 @@ from pathlib import Path
 from bench import BenchError
 from common.cli import EXIT_OK, PolarpruneError, cli_parser, fail
 from common.results import provenance, write_result
+from training.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _metrics(path: Path) -> dict:
+def finished_run(pattern: str, seed: int) -> tuple[Path, dict]:
+    """The run folder of `pattern` at `seed`, and its metrics.json."""
+    folder = Path(pattern.format(seed=seed))
+    path = folder / "metrics.json"
     if not path.is_file():
         raise BenchError(f"{path} not found: that run has not finished (see python -m bench.seeds --help)")
-    return json.loads(path.read_text())
+    return folder, json.loads(path.read_text())
 
 
-def collect(runs: Path, run: str, seeds: list[int]) -> dict:
-    rows = []
-    for seed in seeds:
-        polarized = _metrics(runs / f"{run}_seed{seed}" / "metrics.json")
-        dense = _metrics(runs / f"{run}_dense_seed{seed}" / "metrics.json")
-        projection = polarized.get("projection") or {}
-        rows.append({"seed": seed, "polarized_accuracy": polarized["test_accuracy"],
-                     "dense_accuracy": dense["test_accuracy"],
-                     "gap_points": 100 * (dense["test_accuracy"] - polarized["test_accuracy"]),
-                     "flops_ratio": polarized["flops_ratio"],
-                     "learned_flops_ratio": projection.get("learned_flops_ratio"),
-                     "polarized_train_seconds": polarized["train_seconds"],
-                     "dense_train_seconds": dense["train_seconds"]})
-    gaps = [row["gap_points"] for row in rows]
-    return {"run": run, "seeds": rows, "mean_gap_points": statistics.mean(gaps),
-            "stdev_gap_points": statistics.stdev(gaps) if len(gaps) > 1 else None,
-            "mean_polarized_accuracy": statistics.mean(r["polarized_accuracy"] for r in rows),
-            "mean_dense_accuracy": statistics.mean(r["dense_accuracy"] for r in rows)}
+def run_config(folder: Path, metrics: dict) -> dict:
+    """What the run trained: metrics.json's config, or (runs made before it held one) the checkpoint's."""
+    if "config" in metrics:
+        return metrics["config"]
+    return load_checkpoint(folder / "checkpoint.pt")["config"]
+
+
+def arm_row(seed: int, folder: Path, metrics: dict, dense: dict) -> dict:
+    config = run_config(folder, metrics)
+    projection = metrics.get("projection") or {}
+    starts_dense = bool(config.get("init_weights"))
+    return {"seed": seed, "accuracy": metrics["test_accuracy"], "dense_accuracy": dense["test_accuracy"],
+            "gap_points": 100 * (dense["test_accuracy"] - metrics["test_accuracy"]),
+            "flops_ratio": metrics["flops_ratio"], "learned_flops_ratio": projection.get("learned_flops_ratio"),
+            "train_seconds": metrics["train_seconds"], "epochs": metrics["epochs"],
+            "compute_epochs": metrics["epochs"] + (dense["epochs"] if starts_dense else 0),
+            "init_weights": config.get("init_weights"), "distill_from": config.get("distill_from"),
+            "label_smoothing": config.get("label_smoothing", 0.0),
+            "run": (metrics.get("provenance") or {}).get("command"),
+            "commit": (metrics.get("provenance") or {}).get("commit")}
+
+
+def collect(dense_pattern: str, arms: dict[str, str], seeds: list[int]) -> dict:
+    dense = {seed: finished_run(dense_pattern, seed)[1] for seed in seeds}
+    out = []
+    for label, pattern in arms.items():
+        rows = [arm_row(seed, *finished_run(pattern, seed), dense[seed]) for seed in seeds]
+        gaps = [row["gap_points"] for row in rows]
+        out.append({"label": label, "pattern": pattern, "seeds": rows,
+                    "mean_accuracy": statistics.fmean(r["accuracy"] for r in rows),
+                    "mean_gap_points": statistics.fmean(gaps),
+                    "stdev_gap_points": statistics.stdev(gaps) if len(gaps) > 1 else None,
+                    "mean_flops_ratio": statistics.fmean(r["flops_ratio"] for r in rows),
+                    "mean_train_seconds": statistics.fmean(r["train_seconds"] for r in rows),
+                    "compute_epochs": sorted({r["compute_epochs"] for r in rows})})
+    return {"dense": {"pattern": dense_pattern,
+                      "seeds": [{"seed": s, "accuracy": m["test_accuracy"], "train_seconds": m["train_seconds"],
+                                 "epochs": m["epochs"], "run": (m.get("provenance") or {}).get("command")}
+                                for s, m in dense.items()],
+                      "mean_accuracy": statistics.fmean(m["test_accuracy"] for m in dense.values())},
+            "arms": out}
+
+
+def parse_arm(text: str) -> tuple[str, str]:
+    label, sep, pattern = text.partition("=")
+    if not sep or not label.strip() or "{seed}" not in pattern:
+        raise BenchError(f"--arm expects LABEL=PATTERN with {{seed}} in the pattern, got {text!r}")
+    return label.strip(), pattern
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = cli_parser("python -m bench.seeds", __doc__.splitlines()[0])
-    parser.add_argument("--runs", type=Path, default=ROOT / "runs")
-    parser.add_argument("--run", default="fmnist_resnet20")
+    parser.add_argument("--runs", type=Path, default=ROOT / "runs", help="folder of the default layout")
+    parser.add_argument("--run", default="fmnist_resnet20", help="run name of the default layout")
+    parser.add_argument("--dense", help="dense run folder pattern, e.g. 'runs/dense_s{seed}'")
+    parser.add_argument("--arm", action="append", default=[], metavar="LABEL=PATTERN",
+                        help="one way of training the polarized run; repeat for several")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "seeds.json")
     args = parser.parse_args(argv)
     try:
-        result = collect(args.runs, args.run, [int(s) for s in args.seeds.split(",")])
+        arms = dict(map(parse_arm, args.arm)) or {"from scratch (the default run)":
+                                                  str(args.runs / f"{args.run}_seed{{seed}}")}
+        dense = args.dense or str(args.runs / f"{args.run}_dense_seed{{seed}}")
+        result = collect(dense, arms, [int(s) for s in args.seeds.split(",")])
     except (PolarpruneError, KeyError, ValueError) as error:
         return fail("python -m bench.seeds", error if isinstance(error, PolarpruneError) else BenchError(str(error)))
     write_result(args.out, result, {"python -m bench.seeds": provenance()})
-    for row in result["seeds"]:
-        print(f"seed {row['seed']}: polarized {row['polarized_accuracy']:.4f}, dense {row['dense_accuracy']:.4f}, "
-              f"gap {row['gap_points']:.2f} pt, kept FLOPs {row['flops_ratio']:.3f}")
-    spread = f" (sd {result['stdev_gap_points']:.2f})" if result["stdev_gap_points"] is not None else ""
-    print(f"mean gap {result['mean_gap_points']:.2f} points{spread}; wrote {args.out}")
+    print(f"dense: mean accuracy {result['dense']['mean_accuracy']:.4f}")
+    for arm in result["arms"]:
+        spread = f" (sd {arm['stdev_gap_points']:.2f})" if arm["stdev_gap_points"] is not None else ""
+        gaps = ", ".join(f"{row['gap_points']:.2f}" for row in arm["seeds"])
+        print(f"{arm['label']}: mean accuracy {arm['mean_accuracy']:.4f}, gap {arm['mean_gap_points']:.2f} "
+              f"points{spread} (per seed {gaps}), kept FLOPs {arm['mean_flops_ratio']:.3f}")
+    print(f"wrote {args.out}")
     return EXIT_OK
 
 

@@ -31,7 +31,6 @@ PRODUCERS = {  # what to run when a file is missing
     "torch-pruning": "`python -m bench.torch_pruning_peer`, then `make results`",
     "compare": "`make compare`, then `make results`",
     "seeds": "the seed runs, then `python -m bench.seeds`",
-    "finetune": "`python -m bench.finetune`",
 }
 
 
@@ -141,41 +140,31 @@ def compare_table(document: dict) -> list[str]:
             "Torch-Pruning prunes to the kept MACs the polarized run reached at its target and seed."]
 
 
-def runs_line(document: dict) -> str:
-    made = document.get("runs_made_by") or {}
-    if "commit" in made:
-        return f"The runs: `{made['command']}` (commit {made['commit'][:10]}, {made['date']}, {made['machine']})."
-    return " ".join(f"{key}: {value}." for key, value in made.items())
-
-
 def seeds_table(document: dict) -> list[str]:
-    rows = ["| seed | polarized | dense | gap (points) | kept MACs | learned kept MACs |",
-            "|---:|---:|---:|---:|---:|---:|"]
-    for row in document["seeds"]:
-        learned = number(row["learned_flops_ratio"]) if row.get("learned_flops_ratio") is not None else "-"
-        rows.append(f"| {row['seed']} | {row['polarized_accuracy']:.4f} | {row['dense_accuracy']:.4f} | "
-                    f"{row['gap_points']:.2f} | {row['flops_ratio']:.3f} | {learned} |")
-    spread = document.get("stdev_gap_points")
-    return rows + ["", f"Mean gap {document['mean_gap_points']:.2f} points"
-                       + (f" (standard deviation {spread:.2f} over the seeds)." if spread is not None else ".")
-                       + " " + runs_line(document)]
-
-
-def finetune_table(document: dict) -> list[str]:
-    dense = document["dense"]["test_accuracy"]
-    rows = ["| start | test accuracy | vs dense | kept MACs | kept params | epochs |",
-            "|---|---:|---:|---:|---:|---:|"]
-    for key, label in (("from_scratch", "random weights (the default run)"),
-                       ("fine_tune", "the dense run's weights (`configs/fmnist_resnet20_finetune.yaml`)")):
-        run = document[key]
-        rows.append(f"| {label} | {run['test_accuracy']:.4f} | {100 * (run['test_accuracy'] - dense):+.2f} points | "
-                    f"{run['flops_ratio']:.3f} | {run['params_ratio']:.3f} | {run['epochs']} |")
-    return rows + ["", f"Dense reference: {dense:.4f}. " + runs_line(document)]
+    seeds = [row["seed"] for row in document["dense"]["seeds"]]
+    rows = ["| training | accuracy (mean) | gap to dense, points | gap per seed | kept MACs | learned kept MACs "
+            "| epochs of compute | train s (mean) |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    runs = []
+    for arm in document["arms"]:
+        spread = f" ± {arm['stdev_gap_points']:.2f}" if arm["stdev_gap_points"] is not None else ""
+        learned = [row["learned_flops_ratio"] for row in arm["seeds"] if row["learned_flops_ratio"] is not None]
+        learned_text = "/".join(f"{value:.3f}" for value in learned) if learned else "-"
+        rows.append(f"| {arm['label']} | {arm['mean_accuracy']:.4f} | {arm['mean_gap_points']:.2f}{spread} | "
+                    + " / ".join(f"{row['gap_points']:.2f}" for row in arm["seeds"])
+                    + f" | {arm['mean_flops_ratio']:.3f} | {learned_text} | "
+                    + "/".join(map(str, arm["compute_epochs"])) + f" | {arm['mean_train_seconds']:.0f} |")
+        commits = sorted({str(row["commit"])[:10] for row in arm["seeds"]})
+        runs.append(f"{arm['label']}: `{arm['seeds'][0]['run']}` (seed {arm['seeds'][0]['seed']}; "
+                    f"commit {', '.join(commits)})")
+    dense = document["dense"]
+    return rows + ["", f"Seeds {', '.join(map(str, seeds))}; gap: mean ± standard deviation over the seeds. Dense "
+                       f"reference: mean accuracy {dense['mean_accuracy']:.4f} (`{dense['seeds'][0]['run']}`, per "
+                       "seed). The runs: " + "; ".join(runs) + "."]
 
 
 TABLES = {"default-run": default_run_table, "export": export_table, "serving": serving_table,
-          "torch-pruning": torch_pruning_table, "compare": compare_table, "seeds": seeds_table,
-          "finetune": finetune_table}
+          "torch-pruning": torch_pruning_table, "compare": compare_table, "seeds": seeds_table}
 
 
 def render_block(name: str, results_dir: Path = RESULTS_DIR) -> str:

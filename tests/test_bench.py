@@ -161,21 +161,46 @@ def test_train_overhead_quick_writes_a_complete_report(tmp_path):
     assert math.isfinite(report["overhead_percent"]) and report["goal_percent"] == 5.0
 
 
+def _finished_run(folder, accuracy, **config):
+    folder.mkdir(parents=True)
+    (folder / "metrics.json").write_text(json.dumps(
+        {"test_accuracy": accuracy, "flops_ratio": 0.49, "train_seconds": 10.0, "epochs": 4,
+         "projection": {"learned_flops_ratio": 0.53}, "config": {"epochs": 4, **config}}))
+
+
 def test_seeds_summary_from_finished_runs(tmp_path):
     """bench.seeds on run folders laid out as the seed runs leave them: per-seed gaps, mean and spread."""
     from bench.seeds import main as seeds_main
 
     runs = tmp_path / "runs"
     for seed, (polarized, dense) in enumerate([(0.86, 0.875), (0.87, 0.872), (0.85, 0.87)]):
-        for name, accuracy in ((f"fmnist_resnet20_seed{seed}", polarized), (f"fmnist_resnet20_dense_seed{seed}", dense)):
-            (runs / name).mkdir(parents=True)
-            (runs / name / "metrics.json").write_text(json.dumps(
-                {"test_accuracy": accuracy, "flops_ratio": 0.49, "train_seconds": 10.0,
-                 "projection": {"learned_flops_ratio": 0.53}}))
+        _finished_run(runs / f"fmnist_resnet20_seed{seed}", polarized)
+        _finished_run(runs / f"fmnist_resnet20_dense_seed{seed}", dense)
     out = tmp_path / "seeds.json"
     assert seeds_main(["--runs", str(runs), "--out", str(out)]) == 0
     result = json.loads(out.read_text())
-    assert [round(r["gap_points"], 6) for r in result["seeds"]] == [1.5, 0.2, 2.0]
-    assert result["mean_gap_points"] == pytest.approx(1.2333333) and result["stdev_gap_points"] > 0
+    (arm,) = result["arms"]
+    assert [round(r["gap_points"], 6) for r in arm["seeds"]] == [1.5, 0.2, 2.0]
+    assert arm["mean_gap_points"] == pytest.approx(1.2333333)
+    assert arm["stdev_gap_points"] == pytest.approx(0.9291573)  # sample standard deviation of the gaps
+    assert arm["compute_epochs"] == [4]
     assert "python -m bench.seeds" in result["sources"]
     assert seeds_main(["--runs", str(runs), "--seeds", "0,7", "--out", str(out)]) == 2  # seed 7 never ran
+
+
+def test_seeds_arms_count_the_dense_run_a_fine_tune_started_from(tmp_path):
+    from bench.seeds import main as seeds_main
+
+    for seed in (0, 1):
+        _finished_run(tmp_path / f"dense{seed}", 0.87)
+        _finished_run(tmp_path / f"scratch{seed}", 0.86)
+        _finished_run(tmp_path / f"ft{seed}", 0.88, init_weights=str(tmp_path / f"dense{seed}" / "checkpoint.pt"))
+    out = tmp_path / "levers.json"
+    assert seeds_main(["--dense", str(tmp_path / "dense{seed}"), "--seeds", "0,1", "--out", str(out),
+                       "--arm", f"scratch={tmp_path}/scratch{{seed}}", "--arm", f"fine-tune={tmp_path}/ft{{seed}}"]) == 0
+    scratch, fine_tune = json.loads(out.read_text())["arms"]
+    assert (scratch["label"], scratch["compute_epochs"], round(scratch["mean_gap_points"], 6)) == ("scratch", [4], 1.0)
+    assert (fine_tune["label"], fine_tune["compute_epochs"], round(fine_tune["mean_gap_points"], 6)) == \
+        ("fine-tune", [8], -1.0)
+    assert fine_tune["stdev_gap_points"] == 0.0
+    assert seeds_main(["--arm", "no pattern", "--out", str(out)]) == 2

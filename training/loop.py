@@ -388,6 +388,7 @@ def finish_run(cfg, run_dir, method, model, test_batches, device, history, train
         "removed_blocks": mask.closed_blocks, "train_seconds": train_seconds,
         "train_energy": energy.to_dict() if energy is not None else None,
         "device": str(device), "distributed": parallel, "data": data, **method.summary(),
+        "config": cfg.to_dict(),  # what was trained, readable without loading the checkpoint
         "provenance": provenance(),
     }
     if cluster.is_main:
