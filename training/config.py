@@ -73,6 +73,15 @@ class TrainConfig:
                                          # it falls linearly from 1 after warm-up, so gates close gradually
     freeze_fraction: float = 0.75        # of all epochs, when the mask is fixed; the rest fine-tunes it
     cut_after_freeze: bool = True        # fine-tune the physically cut network (cheaper); false: the gated one
+    # --- the polarized gates' cost (training/latency.py): kept MACs, or latency measured on the runtime ---
+    cost: str = "flops"                  # "flops": kept MACs; "latency": a per-layer latency table
+    target_latency_ratio: float | None = None  # cost=latency: kept / dense latency (0.5 = "2x faster"); the
+                                         # band around it is flops_tolerance wide, whichever the cost
+    latency_batch: int = 1               # batch the table is timed at
+    latency_threads: int = 2             # onnxruntime intra-op threads, no spinning
+    latency_runtime: str = "onnxruntime-cpu"  # or "onnxruntime-cuda" (onnxruntime's CUDA provider, real GPU)
+    latency_cache: str = "~/.cache/polarprune/latency"  # tables by runtime, machine, batch, threads, network
+    # --- end of the cost keys ------------------------------------------------------------------------
     # --- baseline methods (issue 6) ------------------------------------------------------------------
     # activation density (Foldy-Porto et al.): the network physically shrinks while it trains
     density_every: int = 1               # epochs between resizes to (activation density x width)
@@ -137,6 +146,7 @@ class TrainConfig:
         need(0 < self.freeze_fraction <= 1, "freeze_fraction", "must be in (0, 1]")
         need(self.warmup_fraction < self.freeze_fraction, "warmup_fraction", "must be below freeze_fraction")
         need(self.warmup_fraction <= self.ramp_fraction <= 1, "ramp_fraction", "must be in [warmup_fraction, 1]")
+        self._validate_cost(need)
         for key in ("lr", "gate_lr"):
             need(getattr(self, key) > 0 and math.isfinite(getattr(self, key)), key, "must be a positive number")
         for key in ("momentum", "weight_decay", "flops_weight", "polarization_weight", "polarization_t",
@@ -153,6 +163,22 @@ class TrainConfig:
         for key, why in REGISTRY[self.method].config_problems(self):  # what only the chosen method needs
             need(False, key, why)
         return self
+
+    def _validate_cost(self, need) -> None:
+        need(self.cost in ("flops", "latency"), "cost", "must be 'flops' or 'latency'")
+        need(self.latency_batch >= 1, "latency_batch", "must be at least 1")
+        need(self.latency_threads >= 1, "latency_threads", "must be at least 1")
+        need(bool(self.latency_cache.strip()), "latency_cache", "must name a folder")
+        if self.cost != "latency":
+            return
+        need(self.method == "polarized", "cost", f"'latency' is a cost of the polarized gates; method "
+             f"{self.method!r} prunes by its own rule: use cost: flops")
+        need(self.target_latency_ratio is not None, "target_latency_ratio",
+             "is required with cost: latency (kept / dense latency, e.g. 0.5 for 2x faster)")
+        need(0 < self.target_latency_ratio <= 1, "target_latency_ratio", "must be in (0, 1]")
+        from .latency import runtime_problem  # loads onnxruntime: only when the latency cost is used
+        problem = runtime_problem(self.latency_runtime)
+        need(problem is None, "latency_runtime", problem or "")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

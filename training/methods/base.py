@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 import copy
+from pathlib import Path
 
 from torch import nn
 
@@ -26,12 +27,13 @@ from ..mask import Mask
 @dataclass
 class RunContext:
     """What the loop lends a method: the device, a way to walk the (whole, unsharded) validation set,
-    and the cluster of a data-parallel run."""
+    the cluster of a data-parallel run, and the run folder (rank 0 writes there; None outside a run)."""
     device: torch.device
     val_batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]
     total_epochs: int
     steps_per_epoch: int
     cluster: Cluster = Cluster()
+    run_dir: Path | None = None
 
 
 class Method:

@@ -1,7 +1,10 @@
 """Polarized gates (Zhi et al., arXiv 2302.10798): one pass learns the weights and a static sub-network.
 
-Loss = task + flops_weight * (kept MACs ratio - target)^2 + polarization_weight * polarizer
+Loss = task + flops_weight * (kept cost ratio - target)^2 + polarization_weight * polarizer
        (+ consensus_weight * disagreement for dynamic gates).
+The cost is the kept MACs (`cost: flops`, target `target_flops_ratio`) or the latency predicted by a table
+measured on the deployment runtime (`cost: latency`, target `target_latency_ratio`, `training.latency`):
+one cost object, chosen once, prices the loss, the rounding into the target band and the floor check.
 Schedule over one run: warm-up (gates open, weights settle) -> gates learn -> at `freeze_fraction` of the
 epochs the decisions become a deployable mask (rounded widths, target met) and the gates are frozen ->
 the remaining epochs fine-tune exactly the network that export will cut out. The gates sit wherever the
@@ -15,24 +18,26 @@ from typing import Any
 import torch
 from torch import nn
 
+from common.atomicio import write_json
+
 from ..config import ConfigError
 from ..gates import consensus_disagreement, kept_target, polarized_penalty
-from ..gating import GatedNetwork, cut, embed, mask_macs, mask_problem
+from ..gating import Cost, GatedNetwork, MacsCost, cut, embed, mask_cost, mask_problem
 from ..mask import GateDecision, Mask, choose_mask, projection_report
 from .base import Method, RunContext
 
 
-def flops_floor(graph, round_to: int) -> tuple[float, str]:
-    """The smallest kept-FLOPs ratio a mask can reach, and how: every residual block closed, every other
-    group at one step of `round_to` channels (as `choose_mask` allows)."""
-    problem = mask_problem(graph)
+def cost_floor(graph, round_to: int, cost: Cost | None = None) -> tuple[float, str]:
+    """The smallest kept-cost ratio (default: FLOPs) a mask can reach, and how: every residual block
+    closed, every other group at one step of `round_to` channels (as `choose_mask` allows)."""
+    problem = mask_problem(graph, cost)
     gone = {g for groups in problem.block_groups.values() for g in groups}
     smallest = Mask({n: list(range(min(round_to, w))) for n, w in problem.widths.items() if n not in gone},
                     list(problem.block_groups))
-    dense = problem.macs(Mask({n: list(range(w)) for n, w in problem.widths.items()}, []))
+    dense = problem.cost(Mask({n: list(range(w)) for n, w in problem.widths.items()}, []))
     how = (f"{len(problem.block_groups)} residual blocks closed, every other group at "
            f"{round_to} channels")
-    return problem.macs(smallest) / dense, how
+    return problem.cost(smallest) / dense, how
 
 
 class PolarizedMethod(Method):
@@ -50,19 +55,57 @@ class PolarizedMethod(Method):
             raise ConfigError(f"config key 'model': {cfg.model} has nothing the gates can prune (every channel "
                               "group is pinned and there is no residual block); see the pin reasons with "
                               "training.graph.trace_network", "model")
-        floor, how = flops_floor(graph, cfg.round_to)
-        if cfg.target_flops_ratio + cfg.flops_tolerance < floor:
-            raise ConfigError(f"config key 'target_flops_ratio': {cfg.model} cannot go below {floor:.4f} of its "
-                              f"FLOPs ({how}), even with flops_tolerance {cfg.flops_tolerance:g} (got "
-                              f"{cfg.target_flops_ratio!r})", "target_flops_ratio")
-        self.dense_macs = float(mask_macs(graph, Mask({n: list(range(g.width)) for n, g in graph.prunable().items()})))
+        self.flops = MacsCost(graph)  # always reported; the cost the gates pay unless cost: latency
+        self.latency_table = None      # cost: latency: the table (measured or cached) the run prices masks by
+        self.latency_report: dict | None = None  # predicted vs measured latency of the final mask
+        self.cost: Cost | None = None
+        if cfg.cost == "flops":
+            self._use_cost(self.flops)
         self.mask: Mask | None = None
         self.projection: dict | None = None  # what the move into the target band changed
         self.cut_at_freeze = cfg.cut_after_freeze  # this run trains the cut network after the freeze
         self.finished = False
         self._cut_momentum = None  # maps the gated network's momentum onto the cut network's
+        self._table_written = False
         self.agreement: float | None = None
-        self.last_ratio = 1.0
+        self.last_ratio = self.last_flops = 1.0
+
+    @property
+    def target(self) -> float:
+        """The final kept-cost ratio the gates aim for."""
+        return self.cfg.target_latency_ratio if self.cfg.cost == "latency" else self.cfg.target_flops_ratio
+
+    def _use_cost(self, cost: Cost) -> None:
+        """Price everything with `cost` from now on, once it is known that the target can be reached."""
+        floor, how = cost_floor(self.graph, self.cfg.round_to, cost)
+        key = f"target_{cost.name}_ratio"
+        if self.target + self.cfg.flops_tolerance < floor:
+            what = "FLOPs" if cost.name == "flops" else "predicted latency (latency_table.json)"
+            raise ConfigError(f"config key {key!r}: {self.cfg.model} cannot go below {floor:.4f} of its {what} "
+                              f"({how}), even with flops_tolerance {self.cfg.flops_tolerance:g} (got "
+                              f"{self.target!r})", key)
+        self.cost = cost
+
+    def _use_table(self, table) -> None:
+        from ..latency import LatencyCost  # onnxruntime and onnx load only for cost: latency
+        self.latency_table = table
+        self._use_cost(LatencyCost(self.graph, table))
+
+    def prepare(self, model: nn.Module, ctx: RunContext) -> None:
+        """cost: latency: the table of this runtime, machine and network (rank 0 measures or reads it, every
+        rank prices masks by the same one), copied into the run folder."""
+        if self.cfg.cost != "latency":
+            return
+        if self.cost is None:
+            from ..latency import LatencySettings, load_or_measure
+            settings = LatencySettings.from_config(self.cfg)
+            table, _ = ctx.cluster.from_main(
+                lambda: load_or_measure(self.graph, self.cfg.round_to, settings,
+                                        print if self.cfg.progress else lambda _: None))
+            self._use_table(table)
+        if not self._table_written and ctx.cluster.is_main and ctx.run_dir is not None:
+            write_json(ctx.run_dir / "latency_table.json", self.latency_table.to_dict())
+            self._table_written = True
 
     def build_model(self) -> GatedNetwork:
         return GatedNetwork(self.graph, self.cfg.gate_init, self.cfg.dynamic_gates)
@@ -75,11 +118,12 @@ class PolarizedMethod(Method):
     # --- during training -------------------------------------------------------------------------
     def extra_loss(self, model: GatedNetwork, progress: float):
         if self.mask is not None:  # frozen: the sub-network is fixed, only the weights train
-            return None, {"kept_flops": self.last_ratio}
-        ratio = model.kept_ratio()
+            return None, self._logs()
+        ratio = model.kept_ratio(self.cost)
         self.last_ratio = float(ratio.detach())
+        self.last_flops = self.last_ratio if self.cost is self.flops else float(model.kept_ratio(self.flops).detach())
         if progress < self.cfg.warmup_fraction:
-            return None, {"kept_flops": self.last_ratio}
+            return None, self._logs()
         cfg = self.cfg
         channel_probs, block_probs = model.gate_probs()
         loss = polarized_penalty(ratio, channel_probs, block_probs, self.target_at(progress), cfg.flops_weight,
@@ -87,12 +131,16 @@ class PolarizedMethod(Method):
         if cfg.dynamic_gates:
             disagreement = [consensus_disagreement(p) for p in channel_probs + block_probs]
             loss = loss + cfg.consensus_weight * torch.stack(disagreement).mean()
-        return loss, {"kept_flops": self.last_ratio}
+        return loss, self._logs()
+
+    def _logs(self) -> dict[str, float]:
+        return {"kept_flops": self.last_flops, **({"kept_latency": self.last_ratio} if self.cfg.cost == "latency"
+                                                  else {})}
 
     def target_at(self, progress: float) -> float:
-        """The kept-FLOPs target of this step (`training.gates.kept_target`)."""
+        """The kept-cost target of this step (`training.gates.kept_target`)."""
         cfg = self.cfg
-        return kept_target(progress, cfg.target_flops_ratio, cfg.warmup_fraction, cfg.ramp_fraction)
+        return kept_target(progress, self.target, cfg.warmup_fraction, cfg.ramp_fraction)
 
     def start_epoch(self, model: nn.Module, epoch: int, ctx: RunContext) -> nn.Module:
         freeze_epoch = min(ctx.total_epochs, max(1, round(self.cfg.freeze_fraction * ctx.total_epochs)))
@@ -126,6 +174,8 @@ class PolarizedMethod(Method):
         if self.mask is None:
             self._freeze(model, ctx)
         self.finished = True  # also when the mask froze only now: the saved model is the gated one
+        if self.cfg.cost == "latency" and self.latency_report is None:  # rank 0 times, every rank reports
+            self.latency_report = ctx.cluster.from_main(self._measure_latency)
         if isinstance(model, GatedNetwork):
             return model
         # the cut network back in the dense shape, gates frozen: what checkpoints and export expect
@@ -175,21 +225,38 @@ class PolarizedMethod(Method):
         """The gates' decisions, rounded to round_to (the learned mask), then moved into the target band
         unless `projection: none`; what the move changed is reported, never hidden."""
         channels, blocks = self.decisions(model, ctx)
-        problem, cfg = mask_problem(self.graph), self.cfg
+        problem, cfg = mask_problem(self.graph, self.cost), self.cfg
         learned = choose_mask(problem, channels, blocks, cfg.round_to, None, cfg.flops_tolerance)
         self.mask = learned if cfg.projection == "none" else choose_mask(
-            problem, channels, blocks, cfg.round_to, cfg.target_flops_ratio, cfg.flops_tolerance)
-        self.projection = {"mode": cfg.projection, **projection_report(problem, learned, self.mask),
-                           "target_flops_ratio": cfg.target_flops_ratio}
-        self.projection["target_miss"] = self.projection["final_flops_ratio"] - cfg.target_flops_ratio
+            problem, channels, blocks, cfg.round_to, self.target, cfg.flops_tolerance)
+        name = self.cost.name
+        self.projection = {"mode": cfg.projection, **projection_report(mask_problem(self.graph), learned, self.mask),
+                           **projection_report(problem, learned, self.mask, name), f"target_{name}_ratio": self.target}
+        self.projection["target_miss"] = self.projection[f"final_{name}_ratio"] - self.target
         model.freeze(self.mask)
-        self.last_ratio = mask_macs(self.graph, self.mask) / self.dense_macs
+        self.last_ratio = mask_cost(self.cost, self.mask) / self.cost.dense
+        self.last_flops = mask_cost(self.flops, self.mask) / self.flops.dense
+
+    def _measure_latency(self) -> dict[str, Any]:
+        """The dense and the final cut network exported and timed interleaved with the table's settings:
+        what the table predicted for the mask beside what the runtime measured."""
+        from ..latency import LatencySettings, measure_networks
+        settings = LatencySettings.from_config(self.cfg)
+        pruned = cut(self.graph, self.mask, self.graph.module)  # timing does not depend on the weights
+        times = measure_networks(self.graph.module, pruned, tuple(self.graph.input_shape), settings)
+        return {"predicted_ratio": mask_cost(self.cost, self.mask) / self.cost.dense, **times,
+                "batch": settings.batch, "threads": settings.threads, "runtime": settings.runtime,
+                "table": "latency_table.json"}
 
     def final_mask(self, model: GatedNetwork) -> Mask:
         return self.mask
 
     def summary(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"dynamic_gates": self.cfg.dynamic_gates, "projection": self.projection}
+        out: dict[str, Any] = {"dynamic_gates": self.cfg.dynamic_gates, "projection": self.projection,
+                               "cost": self.cfg.cost}
+        if self.cfg.cost == "latency":
+            out.update(target_flops_ratio=None, target_latency_ratio=self.cfg.target_latency_ratio,
+                       latency=self.latency_report)
         if self.agreement is not None:
             out["consensus_agreement"] = self.agreement
         return out
@@ -199,7 +266,9 @@ class PolarizedMethod(Method):
                                                "closed_blocks": self.mask.closed_blocks}
         return {"mask": mask, "agreement": self.agreement, "last_ratio": self.last_ratio,
                 "projection": self.projection, "cut_at_freeze": self.cut_at_freeze, "finished": self.finished,
-                "gate_state": getattr(self, "gate_state", None)}
+                "gate_state": getattr(self, "gate_state", None), "last_flops": self.last_flops,
+                "latency_table": self.latency_table.to_dict() if self.latency_table is not None else None,
+                "latency_report": self.latency_report}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         mask = state.get("mask")
@@ -212,3 +281,8 @@ class PolarizedMethod(Method):
         if self.mask is not None and self.cut_at_freeze and not self.finished and self.gate_state is not None:
             self._cut_momentum = None  # a resumed cut network already holds its own momentum
         self.last_ratio = state.get("last_ratio", 1.0)
+        self.last_flops = state.get("last_flops", self.last_ratio)
+        self.latency_report = state.get("latency_report")
+        if state.get("latency_table") is not None:  # a resume prices masks by the table the run began with
+            from ..latency import LatencyTable
+            self._use_table(LatencyTable.from_dict(state["latency_table"], "checkpoint latency_table"))
