@@ -66,7 +66,7 @@ class LatencySettings:
     batch: int = 1
     threads: int = 2
     cache: str = "~/.cache/polarprune/latency"
-    rounds: int = 400          # interleaved rounds; the median of each graph's times is its entry
+    rounds: int = 600          # interleaved rounds; the median of each graph's times is its entry
     budget_s: float = 40.0     # the rounds stop early after this (never before 20 rounds)
 
     @classmethod
@@ -456,7 +456,7 @@ class LatencyCost:
 
 
 def measure_networks(dense: nn.Module, pruned: nn.Module, input_shape: tuple[int, ...],
-                     settings: LatencySettings, rounds: int = 1000, blocks: int = 5) -> dict[str, Any]:
+                     settings: LatencySettings, rounds: int = 3000, blocks: int = 5) -> dict[str, Any]:
     """The dense and the pruned network timed interleaved with the table's settings: medians in ms, their
     ratio, and the ratio within each of `blocks` consecutive stretches of the rounds and of the fastest
     calls (how much the machine's load moved it; under load the fastest calls are the least disturbed)."""
