@@ -17,6 +17,7 @@ from training.loop import train
 from training.mask import Mask
 from training.methods import RunContext, make_method
 from training.networks import NetworkInfo, build_network
+from user_networks import MobileNetV2
 
 INFO = NetworkInfo("resnet20", 1, 10, (8, 8))
 INFO_28 = NetworkInfo("resnet20", 1, 10, (28, 28))  # Fashion-MNIST's
@@ -102,6 +103,19 @@ def test_table_grid_points_and_masks_price_as_the_table_says(graph, built):
     dense, thin, gone = (mask_cost(cost, m) for m in (Mask(full), Mask(narrower), Mask(closed, ["layer3.1"])))
     assert dense == pytest.approx(table.dense_ms)
     assert gone <= thin <= dense  # monotone entries: a narrower or closed block never costs more
+
+
+def test_depthwise_layers_are_priced_by_their_one_width(tmp_path):
+    graph = trace_network(MobileNetV2(width=0.25, in_channels=1), torch.zeros(2, 1, 16, 16))
+    table, _ = load_or_measure(graph, 16, LatencySettings(cache=str(tmp_path), **QUICK_TIMING), log=lambda _: None)
+    depthwise = [layer for layer in costed_layers(graph).values() if layer.kind == "depthwise"]
+    assert depthwise
+    for layer in depthwise:
+        entry = table.layers[layer.path]
+        assert len(entry["out_widths"]) == 1
+        for i, width in enumerate(entry["in_widths"]):
+            assert table.layer_ms(layer, width, width) == pytest.approx(entry["ms"][i][0])
+    assert LatencyCost(graph, table).dense == pytest.approx(table.dense_ms)
 
 
 def test_latency_cost_gives_the_gate_scores_gradients(graph, built):

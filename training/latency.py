@@ -47,7 +47,7 @@ from common.ort_timing import ProviderUnavailable, interleaved, provider_problem
 from common.results import cpu_flags, cpu_model
 
 from .config import ConfigError
-from .gating import Number, costed_layers, layer_sum, mask_widths
+from .gating import Number, costed_layers, cut, layer_sum, mask_widths
 from .graph import Layer, Layout, NetworkGraph
 from .mask import Mask
 
@@ -95,9 +95,11 @@ def machine_fingerprint() -> dict[str, Any]:
 
 # -- what gets timed ------------------------------------------------------------------------------------
 
-def _node_input_shape(graph: NetworkGraph, layer: Layer) -> tuple[int, ...]:
+def _shapes(graph: NetworkGraph, layer: Layer) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The shapes of one example's input and output of a layer, as the trace propagated them."""
     node = next(n for n in graph.module.graph.nodes if n.name == layer.node)
-    return tuple(int(d) for d in node.all_input_nodes[0].meta["tensor_meta"].shape[1:])
+    return tuple(tuple(int(d) for d in tensor.meta["tensor_meta"].shape[1:])
+                 for tensor in (node.all_input_nodes[0], node))
 
 
 def layer_spec(graph: NetworkGraph, layer: Layer) -> dict[str, Any]:
@@ -108,7 +110,7 @@ def layer_spec(graph: NetworkGraph, layer: Layer) -> dict[str, Any]:
         return {"kind": "linear", "bias": module.bias is not None}
     return {"kind": layer.kind, "kernel": list(module.kernel_size), "stride": list(module.stride),
             "padding": module.padding if isinstance(module.padding, str) else list(module.padding),
-            "dilation": list(module.dilation), "input_size": list(_node_input_shape(graph, layer)[1:])}
+            "dilation": list(module.dilation), "input_size": list(_shapes(graph, layer)[0][1:])}
 
 
 def axis_widths(graph: NetworkGraph, layout: Layout, round_to: int) -> list[int]:
@@ -296,13 +298,6 @@ def table_key(graph: NetworkGraph, round_to: int, settings: LatencySettings) -> 
             "network": network_key(graph, round_to)}
 
 
-def _pixels(graph: NetworkGraph, layer: Layer) -> tuple[int, int]:
-    """Elements per channel of a layer's input and of its output (1 and 1 for a linear)."""
-    node = next(n for n in graph.module.graph.nodes if n.name == layer.node)
-    shapes = [node.all_input_nodes[0].meta["tensor_meta"].shape, node.meta["tensor_meta"].shape]
-    return tuple(int(np.prod([int(d) for d in shape[2:]])) for shape in shapes)
-
-
 def calibration_masks(graph: NetworkGraph, round_to: int, count: int = 6, seed: int = 0) -> list[Mask]:
     """Masks whose cut networks calibrate the table: every group at its narrowest, every block closed, and
     `count` random ones (each group at a random width of its grid, each block closed with p = 0.3)."""
@@ -348,23 +343,20 @@ def fit_in_network(deltas: list[tuple[float, float, float]]) -> tuple[float, flo
     return 1.0, 0.0
 
 
-def measure_table(graph: NetworkGraph, round_to: int, settings: LatencySettings) -> LatencyTable:
-    """Time every layer at its grid widths, the floor, the dense network and the calibration networks,
-    interleaved, then fit the layers' in-network cost (`fit_in_network`; module docstring)."""
-    from .gating import cut  # the surgery, for the calibration networks only
-
-    started = time.perf_counter()
-    key = table_key(graph, round_to, settings)
+def _graphs_to_time(graph: NetworkGraph, round_to: int, settings: LatencySettings,
+                    masks: list[Mask]) -> tuple[dict[str, dict], dict[str, bytes]]:
+    """(per layer: spec, width grid and activation elements at each grid point; serialized graphs by name:
+    "floor", one per distinct layer point, "dense", "calibration<i>" per mask)."""
     layers, graphs = {}, {"floor": _empty_graph(settings.batch)}
-    masks = calibration_masks(graph, round_to)
     with torch.random.fork_rng(devices=[]):  # random layer weights must not move the run's random stream
         for path, layer in costed_layers(graph).items():
-            spec, input_shape = layer_spec(graph, layer), _node_input_shape(graph, layer)
+            spec, (input_shape, output_shape) = layer_spec(graph, layer), _shapes(graph, layer)
             widths_in, widths_out = layer_grid(graph, layer, round_to)
-            pixels_in, pixels_out = _pixels(graph, layer)
+            pixels_in, pixels_out = (int(np.prod(shape[1:])) for shape in (input_shape, output_shape))
+            depthwise = layer.kind == "depthwise"  # its output is as wide as its input
             layers[path] = {"spec": spec, "in_widths": widths_in, "out_widths": widths_out,
-                            "elements": [[settings.batch * (w_in * pixels_in + w_out * pixels_out)
-                                          for w_out in widths_out] for w_in in widths_in]}
+                            "elements": [[settings.batch * (w_in * pixels_in + (w_in if depthwise else w_out) *
+                                                            pixels_out) for w_out in widths_out] for w_in in widths_in]}
             for w_in in widths_in:
                 for w_out in widths_out:
                     point = _point_key(spec, w_in, w_out)
@@ -375,6 +367,16 @@ def measure_table(graph: NetworkGraph, round_to: int, settings: LatencySettings)
         for index, mask in enumerate(masks):
             graphs[f"calibration{index}"] = onnx_bytes(cut(graph, mask, graph.module), tuple(graph.input_shape),
                                                        settings.batch)
+    return layers, graphs
+
+
+def measure_table(graph: NetworkGraph, round_to: int, settings: LatencySettings) -> LatencyTable:
+    """Time every layer at its grid widths, the floor, the dense network and the calibration networks,
+    interleaved, then fit the layers' in-network cost (`fit_in_network`; module docstring)."""
+    started = time.perf_counter()
+    key = table_key(graph, round_to, settings)
+    masks = calibration_masks(graph, round_to)
+    layers, graphs = _graphs_to_time(graph, round_to, settings, masks)
     medians = median_ms(graphs, settings)
     floor, dense = medians["floor"], medians["dense"]
     for entry in layers.values():
