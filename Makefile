@@ -20,6 +20,8 @@ EXPORT_ARGS ?=
 SERVE_ARGS  ?=
 BENCH_ARGS  ?=
 COMPARE_ARGS ?=
+TARGETS  ?=
+SEEDS    ?=
 FMNIST   := data/fashion-mnist/train-images-idx3-ubyte.gz
 STAMP    := $(VENV)/.installed$(if $(GPU),-gpu)
 # One stack per venv: GPU=1 installs requirements-gpu.txt (onnxruntime-gpu, TensorRT) INSTEAD of
@@ -64,13 +66,16 @@ bench: venv
 	$(PY) -m bench.speedup --run $(RUN_DIR) --out $(REPORTS)/speedup.json $(BENCH_ARGS)
 	$(PY) -m bench.train_overhead --config $(CONFIG) --out $(REPORTS)/train_overhead.json $(BENCH_ARGS)
 
-# dense, polarized, activation density, FlipOut and Torch-Pruning on one budget: reports/compare/compare.{json,md,png}
+# dense, polarized, Torch-Pruning, activation density and FlipOut on one budget, polarized and Torch-Pruning at
+# every kept-FLOPs target (TARGETS=0.3,0.5,0.7 by default), per seed (SEEDS=0 by default; SEEDS=0,1,2 for a
+# spread, about 25 min per seed on 2 cores): reports/compare/compare.{json,md,png}
 $(VENV)/.installed-bench: requirements-bench.txt | venv
 	$(PY) -m pip install -q -r requirements-bench.txt
 	touch $@
 
 compare: venv data $(VENV)/.installed-bench
-	OMP_WAIT_POLICY=PASSIVE $(PY) -m bench.compare $(COMPARE_ARGS)
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m bench.compare $(if $(TARGETS),--targets $(TARGETS)) \
+	  $(if $(SEEDS),--seeds $(SEEDS)) $(COMPARE_ARGS)
 
 # README numbers: copy the run's figures (with the command, commit, date and machine that made them) into
 # docs/results/, then regenerate the README's result tables from them. tests/test_readme_results.py checks.

@@ -79,19 +79,25 @@ def check_speedup(report_path: Path, run_dir: Path, threads: int, rounds: int, t
 
 
 def check_compare(report_path: Path, threads: int, rounds: int, tolerance: float) -> dict:
-    """make compare's per-method latencies: each method's speed-up over the dense run, harness vs plain."""
+    """make compare's latencies: each run's speed-up over its seed's dense run, harness vs plain (the runs
+    of one seed timed together, as the harness did). Keyed by run folder."""
     report = json.loads(report_path.read_text())
-    paths = {row["method"]: Path(report["runs"][row["method"]]) / "pruned.onnx" for row in report["rows"]}
-    out = {"report": str(report_path), "onnx": {k: str(v) for k, v in paths.items()}, "by_batch": {}}
-    for batch in BATCHES:
-        plain = plain_medians(paths, threads, batch, rounds)
-        entry = {"plain": plain, "speedup": {}}
-        for row in report["rows"]:
-            method = row["method"]
-            if method != "dense":
-                entry["speedup"][method] = agreement(
-                    row["speedup"][str(batch)], plain["dense"]["median_ms"] / plain[method]["median_ms"], tolerance)
-        out["by_batch"][str(batch)] = entry
+    out = {"report": str(report_path), "onnx": {},
+           "by_batch": {str(batch): {"plain": {}, "speedup": {}} for batch in BATCHES}}
+    for seed in sorted({row["seed"] for row in report["rows"]}):
+        rows = [row for row in report["rows"] if row["seed"] == seed]
+        paths = {row["run"]: Path(row["run"]) / "pruned.onnx" for row in rows}
+        dense = next(row["run"] for row in rows if row["method"] == "dense")
+        out["onnx"].update({run: str(path) for run, path in paths.items()})
+        for batch in BATCHES:
+            plain = plain_medians(paths, threads, batch, rounds)
+            entry = out["by_batch"][str(batch)]
+            entry["plain"].update(plain)
+            for row in rows:
+                if row["method"] != "dense":
+                    entry["speedup"][row["run"]] = agreement(
+                        row["speedup"][str(batch)], plain[dense]["median_ms"] / plain[row["run"]]["median_ms"],
+                        tolerance)
     return out
 
 
@@ -138,8 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.compare:
         result["compare"] = check_compare(args.compare, args.threads, args.rounds, args.tolerance)
         for batch, entry in result["compare"]["by_batch"].items():
-            for method, s in entry["speedup"].items():
-                print(f"make compare, batch {batch}, {method}: harness {s['harness']:.3f}x, plain {s['plain']:.3f}x, "
+            for run, s in entry["speedup"].items():
+                print(f"make compare, batch {batch}, {run}: harness {s['harness']:.3f}x, plain {s['plain']:.3f}x, "
                       f"ratio {s['ratio']:.3f} ({'agrees' if s['agrees'] else 'DISAGREES'})")
     result["load_average_at_end"] = list(os.getloadavg())
     if args.out:

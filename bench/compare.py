@@ -1,35 +1,38 @@
-"""Side by side on one budget: dense, polarized (ours), activation density, FlipOut and Torch-Pruning.
+"""Trade-off curves on one budget: dense, polarized (ours), Torch-Pruning, activation density and FlipOut.
 
-    python -m bench.compare [--quick] [--config configs/fmnist_resnet20.yaml] [--set key=value ...]
-                            [--methods dense,polarized,...] [--runs runs/compare] [--out reports/compare]
-                            [--threads 2] [--reuse]
-    make compare [COMPARE_ARGS="--quick"]
+    python -m bench.compare [--quick] [--targets 0.3,0.5,0.7] [--seeds 0] [--config configs/fmnist_resnet20.yaml]
+                            [--set key=value ...] [--methods dense,polarized,...] [--runs runs/compare]
+                            [--out reports/compare] [--threads 2] [--rounds N] [--reuse]
+    make compare [TARGETS=0.3,0.5,0.7] [SEEDS=0,1,2] [COMPARE_ARGS="--quick"]
 
-Every method trains with `training.loop.train` on the same config (only `method` and the run name differ)
-into <runs>/<method>/ and is exported by the export library (`export.api.run`; Triton models go to
-<runs>/model_repository, the dense run serving as every run's dense model). Torch-Pruning, the library
-users would pick instead, trains in bench/torch_pruning_peer.py on the same config and prunes to the
-polarized run's kept MACs. The exported ONNX models are timed with onnxruntime CPU in this one process,
-interleaved (`bench.timing`), at batch 1 and 64. Out: <out>/compare.json, compare.md and compare.png
-(accuracy against kept FLOPs and against measured latency).
+Every run trains with `training.loop.train` on the same config (only `method`, `seed`, the kept-FLOPs
+target and the run name differ) into <runs>/seed<S>/<name>/ and is exported by the export library
+(`export.api.run`; Triton models go to <runs>/seed<S>/model_repository, that seed's dense run serving
+as every run's dense model). Per seed: dense once (the reference); polarized and Torch-Pruning at every
+target (<method>_t<target>); activation density and FlipOut once, with their own knobs (they have no
+kept-FLOPs target). Torch-Pruning, the library users would pick instead, trains in
+bench/torch_pruning_peer.py and prunes to the kept MACs the polarized run reached at the same target and
+seed. All exported ONNX models of one seed are timed with onnxruntime CPU in one call, interleaved
+(`bench.timing`), at batch 1 and 64. Out: <out>/compare.json, compare.md and compare.png (bench/compare_report.py).
 
+Time of the default (3 targets, 1 seed) on 2 quiet cores: 9 trainings of ~2-2.6 min, 6 exports of ~20 s
+and ~1.5 min of timing (4 s per model and batch size), about 21-27 min. Each further seed adds as much.
 Training times come from runs made one after another in this process: on a shared machine they drift
-with its load, so read them as rough; the latencies are interleaved and comparable.
+with its load, so read them as rough; the latencies of one seed are interleaved and comparable.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import io
 import json
 import shutil
 import sys
 import time
 from pathlib import Path
 
+from bench import compare_report as report_io
 from bench import torch_pruning_peer as peer
 from bench.timing import cpu_name, time_onnx
-from common.atomicio import write_bytes, write_json, write_text
 from common.cli import EXIT_OK, PolarpruneError, cli_parser, fail
 from common.results import provenance
 from export.api import ExportOptions
@@ -38,28 +41,60 @@ from training.checkpoint import CheckpointError, load_checkpoint
 from training.config import TrainConfig, load_config, make_config
 from training.loop import train
 
-TRAINED = ("dense", "polarized", "activation_density", "flipout")  # methods of training.loop
-METHODS = (*TRAINED, peer.NAME)
-LABELS = {"dense": "dense", "polarized": "polarized (ours)", "activation_density": "activation density",
-          "flipout": "FlipOut", peer.NAME: peer.LABEL}
+METHODS = ("dense", "polarized", peer.NAME, "activation_density", "flipout")  # row order
+LABELS = {"dense": "dense", "polarized": "polarized (ours)", peer.NAME: peer.LABEL,
+          "activation_density": "activation density", "flipout": "FlipOut"}
+PER_TARGET = ("polarized", peer.NAME)  # trained at every kept-FLOPs target; the others once per seed
+DEFAULT_TARGETS = (0.3, 0.5, 0.7)
 BATCHES = (1, 64)
-FULL_TIMING = {"rounds": 300, "warmup": 5, "budget_s": 20.0}  # per batch size, all four models together
-QUICK_TIMING = {"rounds": 10, "warmup": 1, "budget_s": 1.0}
+# Per batch size, every model of a seed interleaved; the time budget grows with the number of models so
+# that each gets about as many batch-64 rounds however many are compared.
+FULL_TIMING = {"rounds": 300, "warmup": 5, "budget_s_per_model": 4.0}
+QUICK_TIMING = {"rounds": 10, "warmup": 1, "budget_s_per_model": 0.2}
 # --quick: a smoke run (minutes on a test machine), not a result. FlipOut's 0.75 needs a third epoch.
 QUICK_CONFIG = {"epochs": 2, "batch_size": 64, "train_subset": 256, "val_size": 64, "test_subset": 200,
                 "final_sparsity": 0.5, "progress": False}
 
 
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One training run: a method at a kept-FLOPs target (None: the method has no target) and a seed."""
+
+    method: str
+    target: float | None
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return self.method if self.target is None else f"{self.method}_t{self.target:g}"
+
+    def folder(self, runs: Path) -> Path:
+        return seed_folder(runs, self.seed) / self.name
+
+    def identity(self, runs: Path) -> dict:
+        """What a report row says about the run itself."""
+        return {"method": self.method, "label": LABELS[self.method], "target": self.target, "seed": self.seed,
+                "run": str(self.folder(runs))}
+
+
+def seed_folder(runs: Path, seed: int) -> Path:
+    return runs / f"seed{seed}"
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = cli_parser("python -m bench.compare", __doc__.split("\n")[0])
     parser.add_argument("--config", type=Path, default=Path("configs/fmnist_resnet20.yaml"),
-                        help="the shared budget (its method key is replaced per run)")
+                        help="the shared budget (its method, seed and target are replaced per run)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key for every method")
+                        help="override a config key for every run")
     parser.add_argument("--quick", action="store_true", help="tiny budget and few timing rounds (smoke runs)")
     parser.add_argument("--methods", type=method_list, default=METHODS, metavar="A,B,...",
                         help=f"which rows (dense is always trained: it is the reference); default all of "
                              f"{','.join(METHODS)}")
+    parser.add_argument("--targets", type=target_list, default=DEFAULT_TARGETS, metavar="T,T,...",
+                        help="kept-FLOPs targets of polarized and Torch-Pruning (default 0.3,0.5,0.7)")
+    parser.add_argument("--seeds", type=seed_list, default=(0,), metavar="S,S,...",
+                        help="seeds; each trains every run again (default 0; 0,1,2 for a spread)")
     parser.add_argument("--runs", type=Path, default=Path("runs/compare"), help="run folders go here")
     parser.add_argument("--out", type=Path, default=Path("reports/compare"), help="report folder")
     parser.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads for the timing")
@@ -79,14 +114,48 @@ def method_list(text: str) -> tuple[str, ...]:
     return tuple(m for m in METHODS if m == "dense" or m in chosen)
 
 
-def method_configs(args: argparse.Namespace) -> dict[str, TrainConfig]:
-    """Per row, its training config. The peer's is the dense one under its own name (it starts dense)."""
+def number_list(text: str, kind: type, what: str) -> list:
+    try:
+        values = sorted({kind(part) for part in text.split(",") if part.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{what}: {text!r} is not a comma-separated list of numbers") from None
+    if not values:
+        raise argparse.ArgumentTypeError(f"{what}: give at least one value")
+    return values
+
+
+def target_list(text: str) -> tuple[float, ...]:
+    targets = number_list(text, float, "--targets")
+    if not all(0 < target <= 1 for target in targets):
+        raise argparse.ArgumentTypeError(f"--targets {text}: kept-FLOPs targets must be in (0, 1]")
+    return tuple(targets)
+
+
+def seed_list(text: str) -> tuple[int, ...]:
+    seeds = number_list(text, int, "--seeds")
+    if seeds[0] < 0:
+        raise argparse.ArgumentTypeError(f"--seeds {text}: seeds must be >= 0")
+    return tuple(seeds)
+
+
+def planned_runs(methods: tuple[str, ...], targets: tuple[float, ...], seed: int) -> list[Run]:
+    """The runs of one seed in training order: each polarized run before the peer that matches it."""
+    return [Run(method, target, seed) for method in METHODS if method in methods
+            for target in (targets if method in PER_TARGET else (None,))]
+
+
+def base_config(args: argparse.Namespace) -> dict:
     base = load_config(args.config, args.overrides).to_dict()
-    if args.quick:
-        base.update(QUICK_CONFIG)
-    return {method: make_config({**base, "method": "dense" if method == peer.NAME else method, "name": method,
-                                 "out_dir": str(args.runs)})
-            for method in args.methods}
+    return {**base, **QUICK_CONFIG} if args.quick else base
+
+
+def run_config(base: dict, run: Run, runs: Path) -> TrainConfig:
+    """The run's training config. The peer's is the dense one under its own name (it starts dense)."""
+    values = {**base, "method": "dense" if run.method == peer.NAME else run.method, "seed": run.seed,
+              "name": run.name, "out_dir": str(seed_folder(runs, run.seed))}
+    if run.target is not None:
+        values["target_flops_ratio"] = run.target
+    return make_config(values)
 
 
 REUSE_FREE_KEYS = {"name", "out_dir", "progress"}  # they do not change what is trained
@@ -102,12 +171,15 @@ def same_training(recorded: dict | None, cfg: TrainConfig) -> bool:
                for key, value in cfg.to_dict().items() if key not in REUSE_FREE_KEYS)
 
 
-def finished_with(run_dir: Path, cfg: TrainConfig) -> bool:
-    """A complete, exported run trained with this config (a run folder copied from `make train` counts)."""
+def finished_with(run_dir: Path, cfg: TrainConfig, prune_to: float | None = None) -> bool:
+    """A complete, exported run trained with this config (a run folder copied from `make train` counts);
+    the peer's must also have pruned to `prune_to`."""
     if not (run_dir / "metrics.json").is_file():
         return False
-    if cfg.name == peer.NAME:  # the peer records its config in metrics.json
-        return same_training(json.loads((run_dir / "metrics.json").read_text()).get("config"), cfg)
+    if prune_to is not None:  # the peer records its config and its pruning in metrics.json
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        return (same_training(metrics.get("config"), cfg)
+                and (metrics.get("pruning") or {}).get("target_flops_ratio") == prune_to)
     if not (run_dir / "export_report.json").is_file():
         return False
     try:
@@ -116,155 +188,85 @@ def finished_with(run_dir: Path, cfg: TrainConfig) -> bool:
         return False
 
 
-def train_and_export(cfg: TrainConfig, args: argparse.Namespace, target_flops: float | None = None) -> dict:
-    """metrics.json of the run (trained and exported here unless --reuse found it done)."""
-    run_dir = Path(cfg.out_dir) / cfg.name
-    if cfg.name == peer.NAME:
-        if not (args.reuse and finished_with(run_dir, cfg)):
-            shutil.rmtree(run_dir, ignore_errors=True)
-            print(f"== {peer.NAME}: dense half, prune to kept MACs {target_flops}, fine-tune, export", flush=True)
-            peer.train_peer(cfg, target_flops)
-    elif not (args.reuse and finished_with(run_dir, cfg)):
-        shutil.rmtree(run_dir, ignore_errors=True)  # this folder belongs to the comparison
-        print(f"== {cfg.method}: training", flush=True)
+def train_and_export(run: Run, cfg: TrainConfig, args: argparse.Namespace, prune_to: float | None = None) -> dict:
+    """metrics.json of the run (trained and exported here unless --reuse found it done). `prune_to`: the
+    kept MACs the peer prunes to."""
+    run_dir = run.folder(args.runs)
+    if args.reuse and finished_with(run_dir, cfg, prune_to):
+        print(f"== seed {run.seed}, {run.name}: reused", flush=True)
+        return json.loads((run_dir / "metrics.json").read_text())
+    shutil.rmtree(run_dir, ignore_errors=True)  # this folder belongs to the comparison
+    if run.method == peer.NAME:
+        print(f"== seed {run.seed}, {run.name}: dense half, prune to kept MACs {prune_to:.4f}, fine-tune, export",
+              flush=True)
+        peer.train_peer(cfg, prune_to)
+    else:
+        print(f"== seed {run.seed}, {run.name}: training", flush=True)
         train(cfg)
-        print(f"== {cfg.method}: export", flush=True)
-        # The other runs serve the trained dense run as their dense model (export's --dense-run).
-        dense_run = None if cfg.method == "dense" else Path(cfg.out_dir) / "dense"
-        run_export(ExportOptions(run=run_dir, repository=args.runs / "model_repository", samples=args.samples,
-                                 dense_run=dense_run))
+        print(f"== seed {run.seed}, {run.name}: export", flush=True)
+        # The seed's other runs serve its trained dense run as their dense model (export's --dense-run).
+        dense_run = None if run.method == "dense" else Run("dense", None, run.seed).folder(args.runs)
+        run_export(ExportOptions(run=run_dir, repository=seed_folder(args.runs, run.seed) / "model_repository",
+                                 samples=args.samples, dense_run=dense_run))
     return json.loads((run_dir / "metrics.json").read_text())
 
 
+def timing_settings(args: argparse.Namespace) -> dict:
+    settings = dict(QUICK_TIMING if args.quick else FULL_TIMING)
+    if args.rounds is not None:  # e.g. --quick --reuse --rounds 300: re-time quick runs properly
+        settings.update(rounds=args.rounds, budget_s_per_model=FULL_TIMING["budget_s_per_model"])
+    return settings
+
+
 def time_models(paths: dict[str, Path], threads: int, settings: dict) -> tuple[dict, dict]:
-    """Per method and batch size: median/p95/min ms of its pruned ONNX, all methods interleaved."""
-    summaries, session = time_onnx(paths, threads, BATCHES, **settings)
-    return {method: {str(batch): summaries[batch][method] for batch in BATCHES} for method in paths}, session
+    """Per model and batch size: timing.summarize of its pruned ONNX, all models interleaved in one call."""
+    summaries, session = time_onnx(paths, threads, BATCHES, rounds=settings["rounds"], warmup=settings["warmup"],
+                                   budget_s=settings["budget_s_per_model"] * len(paths))
+    return {name: {str(batch): summaries[batch][name] for batch in BATCHES} for name in paths}, session
 
 
-def row_for(method: str, metrics: dict, latency: dict, dense_latency: dict) -> dict:
-    """One line of the comparison. Keys a method does not report take the dense-shaped meaning: every
-    weight is a parameter, training runs the full network."""
-    return {
-        "method": method, "label": LABELS[method], "test_accuracy": metrics["test_accuracy"],
-        "flops_ratio": metrics["flops_ratio"], "pruned_flops": metrics["pruned_flops"],
-        "kept_params": metrics.get("nonzero_params", metrics["pruned_params"]),
-        "params_ratio": metrics.get("nonzero_params", metrics["pruned_params"]) / metrics["dense_params"],
-        "weight_sparsity": metrics.get("weight_sparsity"),
-        "train_seconds": metrics["train_seconds"], "train_flops_ratio": metrics.get("train_flops_ratio", 1.0),
-        "train_seconds_ratio_vs_dense_pace": metrics.get("train_seconds_ratio_vs_dense_pace"),
-        "train_energy": metrics.get("train_energy"),
-        "latency_ms": {batch: stats["median_ms"] for batch, stats in latency.items()},
-        "latency": latency,
-        "speedup": {batch: dense_latency[batch]["median_ms"] / stats["median_ms"] for batch, stats in latency.items()},
-        "pruning": metrics.get("pruning"),
-    }
+def compare_seed(seed: int, base: dict, args: argparse.Namespace, settings: dict) -> tuple[list[dict], dict]:
+    """Train and export every run of one seed, time them together; (its rows, the session settings)."""
+    metrics: dict[Run, dict] = {}
+    for run in planned_runs(args.methods, args.targets, seed):
+        prune_to = None
+        if run.method == peer.NAME:  # the kept MACs polarized reached (the target itself without that row)
+            matched = metrics.get(Run("polarized", run.target, seed))
+            prune_to = matched["flops_ratio"] if matched else run.target
+        metrics[run] = train_and_export(run, run_config(base, run, args.runs), args, prune_to)
+    print(f"== seed {seed}: timing {len(metrics)} exported models, interleaved", flush=True)
+    latency, session = time_models({run.name: run.folder(args.runs) / "pruned.onnx" for run in metrics},
+                                   args.threads, settings)
+    dense = Run("dense", None, seed)
+    rows = [report_io.row_for(run.identity(args.runs), metrics[run], latency[run.name], latency[dense.name],
+                              metrics[dense]["test_accuracy"])
+            for run in metrics]
+    return rows, session
 
 
-def markdown(report: dict) -> str:
-    budget = report["budget"]
-    lines = [
-        "# Pruning methods side by side",
-        "",
-        f"{budget['dataset']}, {budget['model']}, {budget['epochs']} epochs, train_subset {budget['train_subset']}, "
-        f"seed {budget['seed']}{' (--quick: a smoke run, not a result)' if report['quick'] else ''}. "
-        f"Latency: onnxruntime CPU ({report['timing']['threads']} threads, {report['cpu']}), exported pruned "
-        "ONNX, median over interleaved rounds; speed-up against dense in brackets; batch-64 spread (min / p95) "
-        "in the last column.",
-        "",
-        "| method | test acc | kept FLOPs | kept params | train s | train J | train FLOPs | batch 1 ms | batch 64 ms "
-        "| batch 64 min / p95 ms |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for row in report["rows"]:
-        lat, gain = row["latency_ms"], row["speedup"]
-        params = f"{row['kept_params'] / 1e3:.1f}k ({row['params_ratio']:.2f})"
-        joules = f"{row['train_energy']['joules']:.0f}" if row["train_energy"] else "n/a"
-        lines.append(f"| {row['label']} | {row['test_accuracy']:.4f} | {row['flops_ratio']:.3f} | {params} | "
-                     f"{row['train_seconds']:.0f} | {joules} | {row['train_flops_ratio']:.3f} | "
-                     f"{lat['1']:.3f} ({gain['1']:.2f}x) | {lat['64']:.2f} ({gain['64']:.2f}x) | "
-                     f"{row['latency']['64']['min_ms']:.2f} / {row['latency']['64']['p95_ms']:.2f} |")
-    lines += [
-        "",
-        "- kept FLOPs: conv + linear MACs of the exported network / dense. kept params: parameters of the exported "
-        "network; for FlipOut the non-zero ones (its network keeps the dense shape, so its FLOPs stay 1).",
-        "- train FLOPs: forward MACs x examples x 3 summed over training, relative to dense. Only activation density "
-        "trains a smaller network as it goes; the others train a dense-shaped one (gates and masks multiply zeros).",
-        "- train J: energy of the training steps (metrics.json `train_energy`: RAPL/NVML where readable, "
-        "else an estimate from CPU time; its assumptions are in compare.json).",
-        "- train s: the loop's training time. The runs ran one after another in one process, so machine load "
-        "moves them; latencies are interleaved and comparable.",
-    ]
-    for row in report["rows"]:
-        if row["train_seconds_ratio_vs_dense_pace"] is not None:
-            lines.append(f"- {row['label']}: its training took {row['train_seconds_ratio_vs_dense_pace']:.2f}x the "
-                         "time its own dense epochs (before the first resize) would have taken, measured in one run.")
-    for row in (r for r in report["rows"] if r.get("pruning")):
-        step = row["pruning"]
-        lines.append(f"- {row['label']}: dense for {step['epoch']} of {report['budget']['epochs']} epochs, then one "
-                     f"global L1 prune (ratio {step['pruning_ratio']:.2f}, channel counts multiples of 16) to kept "
-                     f"MACs {step['flops_ratio']:.3f} against a target of {step['target_flops_ratio']:.3f} (finding "
-                     f"that ratio took {step['seconds']:.0f} s of its train s), then fine-tuned with the "
-                     "learning-rate schedule continuing.")
-    for row in (r for r in report["rows"] if r["weight_sparsity"] is not None):
-        lines.append(f"- {row['label']}: {row['weight_sparsity']:.1%} of conv/linear weights are zero, in dense "
-                     "kernels: onnxruntime does every MAC, so no speed-up is expected or claimed.")
-    return "\n".join(lines) + "\n"
-
-
-def plot(report: dict, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (by_flops, by_latency) = plt.subplots(1, 2, figsize=(12, 4), gridspec_kw={"wspace": 0.3})
-    for row in report["rows"]:
-        for axis, x in ((by_flops, row["flops_ratio"]), (by_latency, row["latency_ms"]["1"])):
-            axis.scatter(x, row["test_accuracy"], s=50)
-            axis.annotate(row["label"], (x, row["test_accuracy"]), textcoords="offset points", xytext=(6, 4),
-                          fontsize=8)
-    by_flops.set(xlabel="kept FLOPs (exported / dense)", ylabel="test accuracy", title="accuracy vs FLOPs")
-    by_latency.set(xlabel="onnxruntime CPU latency, batch 1 (ms, median)", ylabel="test accuracy",
-                   title="accuracy vs measured latency")
-    for axis in (by_flops, by_latency):
-        axis.grid(alpha=0.3)
-        axis.margins(x=0.15, y=0.1)  # room for the labels
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    write_bytes(path, buffer.getvalue())
+BUDGET_KEYS = ("dataset", "model", "epochs", "batch_size", "train_subset", "test_subset", "round_to",
+               "final_sparsity")
 
 
 def run(args: argparse.Namespace) -> dict:
     if peer.NAME in args.methods:
         peer.require_torch_pruning()  # before hours of training, not after
-    configs = method_configs(args)
+    base = base_config(args)
+    settings = timing_settings(args)
     started = time.perf_counter()
-    metrics = {}
-    for method, cfg in configs.items():
-        # The peer prunes to the kept MACs the polarized run reached (its target when that row is not run).
-        target = metrics["polarized"]["flops_ratio"] if "polarized" in metrics else None
-        metrics[method] = train_and_export(cfg, args, target)
-    settings = dict(QUICK_TIMING if args.quick else FULL_TIMING)
-    if args.rounds is not None:  # e.g. --quick --reuse --rounds 300: re-time quick runs properly
-        settings.update(rounds=args.rounds, budget_s=FULL_TIMING["budget_s"])
-    print("== timing the exported models, interleaved", flush=True)
-    methods = list(configs)
-    latency, session = time_models({m: args.runs / m / "pruned.onnx" for m in methods}, args.threads, settings)
-    budget = {k: configs["dense"].to_dict()[k] for k in ("dataset", "model", "epochs", "batch_size",
-                                                         "train_subset", "test_subset", "seed", "round_to",
-                                                         "target_flops_ratio", "final_sparsity")}
+    rows, session = [], {}
+    for seed in args.seeds:
+        seed_rows, session = compare_seed(seed, base, args, settings)
+        rows += seed_rows
     report = {
-        "quick": args.quick, "budget": budget, "cpu": cpu_name(),
+        "quick": args.quick,
+        "budget": {**{key: base[key] for key in BUDGET_KEYS}, "targets": list(args.targets), "seeds": list(args.seeds)},
+        "cpu": cpu_name(),
         "timing": {**settings, "threads": args.threads, "batches": list(BATCHES), "onnxruntime_session": session},
-        "rows": [row_for(m, metrics[m], latency[m], latency["dense"]) for m in methods],
-        "runs": {m: str(args.runs / m) for m in methods},
-        "wall_seconds": time.perf_counter() - started,
-        "provenance": provenance(),
+        "rows": rows, "summary": report_io.seed_summary(rows),
+        "wall_seconds": time.perf_counter() - started, "provenance": provenance(),
     }
-    write_json(args.out / "compare.json", report)
-    write_text(args.out / "compare.md", markdown(report))
-    plot(report, args.out / "compare.png")
+    report_io.write_report(report, args.out)
     return report
 
 
@@ -274,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         report = run(args)
     except PolarpruneError as error:  # a bad config, or a run that failed training's or export's checks
         return fail("python -m bench.compare", error)
-    print(markdown(report))
+    print(report_io.markdown(report))
     print(f"wrote {args.out / 'compare.json'}, compare.md, compare.png")
     return EXIT_OK
 

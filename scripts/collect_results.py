@@ -5,8 +5,9 @@
 
 Sources, each stamped by the command that wrote it (common.results): runs/<run>/metrics.json and
 runs/<run>_dense/metrics.json -> default_run.json; runs/<run>/export_report.json -> export.json;
-reports/<run>/serving.json -> serving.json; runs/compare/torch_pruning/metrics.json (the Torch-Pruning
-peer, bench/torch_pruning_peer.py) -> torch_pruning.json; reports/compare/compare.json -> compare.json.
+reports/<run>/serving.json -> serving.json; runs/compare/torch_pruning/metrics.json (the standalone
+Torch-Pruning peer, python -m bench.torch_pruning_peer) -> torch_pruning.json; reports/compare/compare.json
+(make compare: its summary over seeds, rendered, and its rows) -> compare.json.
 The training and export sources are required; the others are collected when present. A file without a
 provenance stamp, or a `--quick` comparison, is refused: it cannot back a published number.
 """
@@ -21,8 +22,9 @@ from common.results import REPO_ROOT, ResultError, read_source, write_result
 RESULTS_DIR = REPO_ROOT / "docs" / "results"
 RUN_KEYS = ("method", "epochs", "test_accuracy", "dense_flops", "pruned_flops", "flops_ratio", "dense_params",
             "pruned_params", "params_ratio", "removed_blocks", "train_seconds")
-COMPARE_ROW_KEYS = ("method", "label", "test_accuracy", "flops_ratio", "pruned_flops", "kept_params",
-                    "params_ratio", "weight_sparsity", "train_seconds", "train_flops_ratio", "latency_ms", "speedup")
+COMPARE_ROW_KEYS = ("method", "label", "target", "seed", "test_accuracy", "gap_points", "flops_ratio", "pruned_flops",
+                    "kept_params", "params_ratio", "weight_sparsity", "train_seconds", "train_flops_ratio",
+                    "latency_ms", "speedup")
 
 
 def pick(document: dict, keys: tuple[str, ...], source: Path) -> dict:
@@ -89,7 +91,7 @@ def compare_result(reports: Path) -> tuple[dict, dict]:
     report, stamp = read_source(path)
     if report.get("quick"):
         raise ResultError(f"{path}: a --quick smoke run, not a result; run `make compare` at the default budget")
-    data = pick(report, ("budget", "cpu", "timing", "wall_seconds"), path)
+    data = pick(report, ("budget", "cpu", "timing", "summary", "wall_seconds"), path)
     data["timing"] = {key: data["timing"][key] for key in ("threads", "batches", "rounds")}
     data["rows"] = [pick(row, COMPARE_ROW_KEYS, path) for row in report["rows"]]
     return data, {str(path): stamp}

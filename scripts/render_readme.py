@@ -16,6 +16,7 @@ import re
 import sys
 from pathlib import Path
 
+from bench.compare_report import summary_table
 from common.atomicio import write_text
 from common.results import REPO_ROOT
 
@@ -27,7 +28,7 @@ PRODUCERS = {  # what to run when a file is missing
     "default-run": "`make train export`, then `make results`",
     "export": "`make export`, then `make results`",
     "serving": "`make serve`, then `make results`",
-    "torch-pruning": "`python -m bench.torch_pruning_peer` or `make compare`, then `make results`",
+    "torch-pruning": "`python -m bench.torch_pruning_peer`, then `make results`",
     "compare": "`make compare`, then `make results`",
     "seeds": "the seed runs, then `python -m bench.seeds`",
     "finetune": "`python -m bench.finetune`",
@@ -126,19 +127,18 @@ def torch_pruning_table(document: dict) -> list[str]:
 
 
 def compare_table(document: dict) -> list[str]:
-    budget = document["budget"]
-    lines = [f"{budget['dataset']}, {budget['model']}, {budget['epochs']} epochs, train_subset "
-             f"{budget['train_subset']}, seed {budget['seed']}; onnxruntime CPU, {document['timing']['threads']} "
-             f"threads, exported networks timed interleaved in one process ({document['cpu']}).", "",
-             "| method | test acc | kept MACs | kept params | train s | train MACs | batch 1 ms | batch 64 ms |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for row in document["rows"]:
-        lat, gain = row["latency_ms"], row["speedup"]
-        lines.append(f"| {row['label']} | {row['test_accuracy']:.4f} | {row['flops_ratio']:.3f} "
-                     f"| {row['kept_params'] / 1e3:.1f}k ({row['params_ratio']:.2f}) | {row['train_seconds']:.0f} "
-                     f"| {row['train_flops_ratio']:.3f} | {lat['1']:.3f} ({gain['1']:.2f}x) "
-                     f"| {lat['64']:.2f} ({gain['64']:.2f}x) |")
-    return lines
+    """make compare's summary per method and target (bench/compare_report.py's table, from its JSON)."""
+    budget, seeds = document["budget"], document["budget"]["seeds"]
+    spread = (f"Accuracy and gap: mean ± standard deviation over {len(seeds)} seeds; the rest: means."
+              if len(seeds) > 1 else "One seed: no spread.")
+    return [f"{budget['dataset']}, {budget['model']}, {budget['epochs']} epochs, train_subset "
+            f"{budget['train_subset']}; kept-FLOPs targets {', '.join(f'{t:g}' for t in budget['targets'])}; "
+            f"seed{'s' if len(seeds) > 1 else ''} {', '.join(str(s) for s in seeds)}. onnxruntime CPU, "
+            f"{document['timing']['threads']} threads, the exported networks of one seed timed interleaved in one "
+            f"process ({document['cpu']}); speed-up against the same seed's dense run.", "",
+            *summary_table(document["summary"]), "",
+            f"{spread} Activation density and FlipOut run once per seed with their own knobs (target -); "
+            "Torch-Pruning prunes to the kept MACs the polarized run reached at its target and seed."]
 
 
 def runs_line(document: dict) -> str:

@@ -291,13 +291,21 @@ def test_flipout_trains_to_its_sparsity_and_exports_a_dense_shape(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not os.environ.get("POLARPRUNE_SLOW_TESTS"),
-                    reason="about a minute (four trainings and exports): set POLARPRUNE_SLOW_TESTS=1")
+                    reason="about a minute (five trainings and exports): set POLARPRUNE_SLOW_TESTS=1")
 def test_compare_quick_writes_its_report(tmp_path):
     from bench.compare import main
     # The Torch-Pruning row has its own test (tests/test_torch_pruning_peer.py): it needs a bench-only package.
-    assert main(["--quick", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out"), "--samples", "32",
-                 "--set", "device=cpu", "--methods", "dense,polarized,activation_density,flipout"]) == 0
+    runs = tmp_path / "runs"
+    assert main(["--quick", "--runs", str(runs), "--out", str(tmp_path / "out"), "--samples", "32",
+                 "--set", "device=cpu", "--methods", "dense,polarized,activation_density,flipout",
+                 "--targets", "0.3,0.5"]) == 0
     report = json.loads((tmp_path / "out" / "compare.json").read_text())
-    assert [row["method"] for row in report["rows"]] == ["dense", "polarized", "activation_density", "flipout"]
+    assert [(row["method"], row["target"], row["seed"]) for row in report["rows"]] == [
+        ("dense", None, 0), ("polarized", 0.3, 0), ("polarized", 0.5, 0), ("activation_density", None, 0),
+        ("flipout", None, 0)]
+    assert report["rows"][1]["run"] == str(runs / "seed0" / "polarized_t0.3")
+    assert report["rows"][1]["flops_ratio"] < report["rows"][2]["flops_ratio"] < 1
+    assert (runs / "seed0" / "model_repository" / "polarized_t0.5_pruned").is_dir()
+    assert [entry["seeds"] for entry in report["summary"]] == [[0]] * 5
     assert (tmp_path / "out" / "compare.png").stat().st_size > 0
-    assert "| FlipOut |" in (tmp_path / "out" / "compare.md").read_text()
+    assert "| FlipOut | - | 0 |" in (tmp_path / "out" / "compare.md").read_text()

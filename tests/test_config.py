@@ -33,6 +33,12 @@ def test_shipped_configs_load():
     ({"round_to": 0}, "round_to"),
     ({"dynamic_gates": "maybe"}, "dynamic_gates"),
     ({"epochs": 2.5}, "epochs"),
+    # each method validates its own keys, whichever method the run uses
+    ({"method": "dense", "ramp_fraction": 0.05}, "ramp_fraction"),
+    ({"method": "dense", "projection": "snap"}, "projection"),
+    ({"method": "polarized", "density_stop": 0}, "density_stop"),
+    ({"method": "polarized", "final_sparsity": 1.0}, "final_sparsity"),
+    ({"method": "flipout", "flops_weight": -1}, "flops_weight"),
 ])
 def test_bad_values_are_refused_naming_the_key(values, key):
     with pytest.raises(ConfigError, match=key):
@@ -48,3 +54,26 @@ def test_bad_files_are_refused(tmp_path):
         load_config(bad)
     with pytest.raises(ConfigError, match="key=value"):
         load_config(None, ["epochs"])
+
+
+def test_a_method_checks_the_rest_of_the_run_only_when_it_runs():
+    # dynamic gates vote on the validation set: polarized needs one, a dense run does not care
+    assert make_config({"method": "dense", "dynamic_gates": True, "val_size": 0}).val_size == 0
+    with pytest.raises(ConfigError, match="config key 'val_size': dynamic gates need a validation set"):
+        make_config({"method": "polarized", "dynamic_gates": True, "val_size": 0})
+    # FlipOut's halvings must fit its epochs; a polarized run with the same keys is fine
+    assert make_config({"method": "polarized", "final_sparsity": 0.875, "epochs": 3}).epochs == 3
+    with pytest.raises(ConfigError, match="config key 'final_sparsity'.*needs epochs >= 4"):
+        make_config({"method": "flipout", "final_sparsity": 0.875, "epochs": 3})
+
+
+def test_every_method_key_belongs_to_one_method():
+    """The config is the common keys plus each method's settings dataclass; no key is declared twice."""
+    import dataclasses
+    from training.config import TrainConfig
+    from training.methods import REGISTRY
+    owned = [f.name for m in REGISTRY.values() if m.settings for f in dataclasses.fields(m.settings)]
+    assert len(owned) == len(set(owned))
+    common = set(TrainConfig.__dataclass_fields__) - set(owned)
+    assert {"target_flops_ratio", "density_every", "final_sparsity"} <= set(owned)
+    assert {"epochs", "lr", "round_to", "method"} <= common

@@ -138,7 +138,7 @@ BASE = dict(dataset="fashion_mnist", model="resnet20", method="polarized", devic
     ({"cost": "latency", "target_latency_ratio": 0.5, "latency_runtime": "tensorrt"}, "latency_runtime",
      "onnxruntime-cpu"),
     ({"cost": "latency", "target_latency_ratio": 0.5, "method": "dense"}, "cost", "polarized"),
-    ({"cost": "speed"}, "cost", "'flops' or 'latency'"),
+    ({"cost": "speed"}, "cost", "one of flops, latency"),
     ({"latency_threads": 0}, "latency_threads", "at least 1"),
 ])
 def test_config_errors_name_the_key(settings, key, words):

@@ -124,6 +124,56 @@ def test_collect_then_render_the_torch_pruning_peer(tmp_path):
     assert "Dense for 2 of 4 epochs" in table and "widths after pruning: 16, 16" in table
 
 
+def compare_report(seeds: list[int]) -> dict:
+    """compare.json as bench/compare.py writes it (its rows and summary from bench/compare_report.py)."""
+    from bench.compare_report import row_for, seed_summary
+
+    def latency(ms: float) -> dict:
+        return {b: {"median_ms": ms * int(b), "p95_ms": 2 * ms * int(b), "min_ms": ms * int(b)} for b in ("1", "64")}
+
+    rows = []
+    for seed in seeds:
+        for method, target, accuracy, ms in (("dense", None, 0.9, 1.0), ("polarized", 0.5, 0.88 - 0.02 * seed, 0.5)):
+            metrics = {"test_accuracy": accuracy, "flops_ratio": 1.0 if target is None else 0.49,
+                       "pruned_flops": 100, "pruned_params": 80, "dense_params": 100, "train_seconds": 60.0}
+            rows.append(row_for({"method": method, "label": method, "target": target, "seed": seed,
+                                 "run": f"runs/compare/seed{seed}/{method}"}, metrics, latency(ms), latency(1.0), 0.9))
+    return {"quick": False, "cpu": "Test CPU", "wall_seconds": 600.0, "provenance": STAMP,
+            "timing": {"threads": 2, "batches": [1, 64], "rounds": 300, "warmup": 5},
+            "budget": {"dataset": "fashion_mnist", "model": "resnet20", "epochs": 4, "train_subset": 20000,
+                       "targets": [0.5], "seeds": seeds},
+            "rows": rows, "summary": seed_summary(rows)}
+
+
+@pytest.mark.parametrize("seeds", [[0], [0, 1, 2]], ids=["one seed", "three seeds"])
+def test_collect_then_render_the_comparison(tmp_path, seeds):
+    from scripts.collect_results import compare_result
+    (tmp_path / "compare").mkdir()
+    (tmp_path / "compare" / "compare.json").write_text(json.dumps(compare_report(seeds)))
+    data, sources = compare_result(tmp_path)
+    assert [(row["method"], row["target"], row["seed"]) for row in data["rows"]][:2] == [("dense", None, 0),
+                                                                                        ("polarized", 0.5, 0)]
+    write_result(tmp_path / "compare.json", data, sources)
+    table = render_readme.render_block("compare", tmp_path)
+    if len(seeds) == 1:
+        assert "| polarized | 0.5 | 1 | 0.8800 | 2.00 | 0.490 | 0.80 | 60 | 0.500 (2.00x) | 32.00 (2.00x) |" in table
+        assert "One seed: no spread." in table and "±" not in table
+    else:  # 0.88, 0.86, 0.84: mean 0.86, standard deviation 0.02; gap 4 +- 2 points
+        assert "| polarized | 0.5 | 3 | 0.8600 ± 0.0200 | 4.00 ± 2.00 | 0.490 |" in table
+        assert "mean ± standard deviation over 3 seeds" in table
+    assert "Source: [`docs/results/compare.json`]" in table
+
+
+def test_an_old_comparison_without_a_summary_is_refused(tmp_path):
+    from scripts.collect_results import compare_result
+    old = compare_report([0])
+    del old["summary"]
+    (tmp_path / "compare").mkdir()
+    (tmp_path / "compare" / "compare.json").write_text(json.dumps(old))
+    with pytest.raises(ResultError, match="missing summary"):
+        compare_result(tmp_path)
+
+
 def test_collect_refuses_incomplete_sources_and_a_quick_comparison(tmp_path):
     runs, reports = tmp_path / "runs", tmp_path / "reports"
     for name in ("r", "r_dense"):

@@ -23,27 +23,30 @@ from torch import nn
 
 from common.atomicio import write_bytes
 
+from .config import TrainConfig
 from .gates import kept_target, polarized_penalty
 from .gating import GatedNetwork, cut, mask_macs
 from .graph import trace_network
 from .mask import Mask
+from .methods.polarized import PolarizedSettings
 
 EQUIVALENCE_TOLERANCE = 1e-4
 
 
 @dataclass(frozen=True)
 class Polarization:
-    """How the gates learn (defaults: the project's default run, `configs/fmnist_resnet20.yaml`)."""
-    target_flops: float = 0.5          # kept MACs / dense MACs
-    round_to: int = 16                 # kept widths are multiples of this (onnxruntime's fast conv path)
-    tolerance: float = 0.02            # the final mask lands within this of the target where widths allow
-    flops_weight: float = 20.0
-    polarization_weight: float = 1.0
-    polarization_t: float = 0.0
-    polarization_center: str = "threshold"
-    warmup_fraction: float = 0.1       # of training, before the gate losses start
+    """How the gates learn. Defaults: the training method's (`PolarizedSettings`), except the ramp, which
+    is the default run's (`configs/fmnist_resnet20.yaml`) short-budget schedule."""
+    target_flops: float = PolarizedSettings.target_flops_ratio   # kept MACs / dense MACs
+    round_to: int = TrainConfig.round_to  # kept widths are multiples of this (onnxruntime's fast conv path)
+    tolerance: float = PolarizedSettings.flops_tolerance  # the final mask lands within this of the target
+    flops_weight: float = PolarizedSettings.flops_weight
+    polarization_weight: float = PolarizedSettings.polarization_weight
+    polarization_t: float = PolarizedSettings.polarization_t
+    polarization_center: str = PolarizedSettings.polarization_center
+    warmup_fraction: float = PolarizedSettings.warmup_fraction   # of training, before the gate losses start
     ramp_fraction: float = 0.4         # of training, when the target reaches its final value
-    init_score: float = 2.0            # gates start open: the gated network equals the network
+    init_score: float = PolarizedSettings.gate_init  # gates start open: the gated network equals the network
 
     def __post_init__(self) -> None:
         if not 0 < self.target_flops <= 1:

@@ -16,22 +16,19 @@ import yaml
 
 from .arch import MODEL_NAMES
 from .data import DATASETS, FolderOptions
-from .errors import TrainingError
+from .errors import ConfigError
+from .methods import REGISTRY
+from .methods.activation_density import ActivationDensitySettings
+from .methods.flipout import FlipOutSettings
+from .methods.polarized import PolarizedSettings
 
 DEVICES = ("auto", "cpu", "cuda")
 
 
-class ConfigError(TrainingError, ValueError):
-    """A configuration key that is unknown, of the wrong type, or out of range. `key` names it (None when
-    the problem is the file itself), so `load_config` can say where the value came from."""
-
-    def __init__(self, message: str, key: str | None = None):
-        super().__init__(message)
-        self.key = key
-
-
 @dataclass
-class TrainConfig:
+class TrainConfig(PolarizedSettings, ActivationDensitySettings, FlipOutSettings):
+    """Every key of a training run: the ones below, and each method's own (its `*Settings` dataclass, in
+    training/methods/<method>.py, with the method's `config_problems` validating them)."""
     # what to train
     dataset: str = "fashion_mnist"
     data_dir: str | None = None          # None: the embedded Fashion-MNIST (data/fashion-mnist or Debian's copy)
@@ -54,43 +51,9 @@ class TrainConfig:
     distill_from: str | None = None      # a finished run (e.g. runs/<name>_dense) whose logits the run learns from
     distill_weight: float = 0.5          # (1 - w) * cross-entropy + w * distillation
     distill_temperature: float = 4.0
-    gate_lr: float = 1.0                # SGD with momentum on gate scores (see loop.make_optimizers)
-    # the method: polarized gates
-    target_flops_ratio: float = 0.5      # kept MACs / dense MACs
-    flops_tolerance: float = 0.02        # the final mask lands within this of the target (if widths allow)
-    projection: str = "band"             # "band": move the learned mask into the target band; "none": keep
-                                         # it as the gates chose (rounded), and report the miss
-    round_to: int = 16                   # kept widths are multiples of this (onnxruntime's fast conv path)
-    flops_weight: float = 20.0
-    polarization_weight: float = 1.0
-    polarization_t: float = 0.0          # extra closing push; the FLOPs term already sets how much closes
-    polarization_center: str = "threshold"  # "threshold" (p = 0.5, default) or "mean" (Zhuang et al.)
-    consensus_weight: float = 1.0        # dynamic gates: pull inputs towards one consensus sub-network
-    gate_init: float = 2.0               # initial gate score: all gates open, sigmoid = 0.88
-    dynamic_gates: bool = False
-    warmup_fraction: float = 0.1         # of all steps, before gate losses start
-    ramp_fraction: float = 0.5           # of all steps, when the kept-FLOPs target reaches its final value;
-                                         # it falls linearly from 1 after warm-up, so gates close gradually
-    freeze_fraction: float = 0.75        # of all epochs, when the mask is fixed; the rest fine-tunes it
-    cut_after_freeze: bool = True        # fine-tune the physically cut network (cheaper); false: the gated one
-    # --- the polarized gates' cost (training/latency.py): kept MACs, or latency measured on the runtime ---
-    cost: str = "flops"                  # "flops": kept MACs; "latency": a per-layer latency table
-    target_latency_ratio: float | None = None  # cost=latency: kept / dense latency (0.5 = "2x faster"); the
-                                         # band around it is flops_tolerance wide, whichever the cost
-    latency_batch: int = 1               # batch the table is timed at
-    latency_threads: int = 2             # onnxruntime intra-op threads, no spinning
-    latency_runtime: str = "onnxruntime-cpu"  # or "onnxruntime-cuda" (onnxruntime's CUDA provider, real GPU)
-    latency_cache: str = "~/.cache/polarprune/latency"  # tables by runtime, machine, batch, threads, network
-    # --- end of the cost keys ------------------------------------------------------------------------
-    # --- baseline methods (issue 6) ------------------------------------------------------------------
-    # activation density (Foldy-Porto et al.): the network physically shrinks while it trains
-    density_every: int = 1               # epochs between resizes to (activation density x width)
-    density_stop: float = 0.75           # of all epochs, after which widths stay fixed (the rest fine-tunes)
-    # FlipOut (Apostol et al.): unstructured; halves the remaining conv/linear weights every prune_freq epochs
-    final_sparsity: float = 0.75         # share of conv/linear weights zeroed at the end
-    prune_freq: int | None = None        # epochs between halvings (None: as far apart as the epochs allow)
-    flipout_noise: float = 1.0           # lambda: gradient noise std in units of the layer's RMS gradient
-    # --- end of baseline methods ---------------------------------------------------------------------
+    round_to: int = 16                   # pruned widths are multiples of this (onnxruntime's fast conv path)
+    # The pruning methods' own keys come from their settings classes (below the class name): polarized
+    # (target_flops_ratio, flops_weight, the gate schedule, ...), activation_density, flipout.
     # --- dataset image_folder only (training/data/readers/image_folder.py says what each does) ---------
     image_size: int = FolderOptions.image_size           # side of the square network input
     resize: int | None = FolderOptions.resize            # shorter side scaled to this first (None: image_size)
@@ -122,10 +85,7 @@ class TrainConfig:
              f"must be a built-in network ({', '.join(MODEL_NAMES)}) or an import path 'package.module:Callable'")
         need(not self.model_args or self.model not in MODEL_NAMES, "model_args",
              "built-in networks take no arguments (the data set sets their input and classes)")
-        from .methods import REGISTRY  # the one registry of methods (they import this module)
         need(self.method in REGISTRY, "method", f"must be one of {', '.join(REGISTRY)}")
-        need(self.polarization_center in ("threshold", "mean"), "polarization_center",
-             "must be 'threshold' or 'mean'")
         need(self.device in DEVICES, "device", f"must be one of {', '.join(DEVICES)}")
         need(self.epochs >= 1, "epochs", "must be at least 1")
         need(self.batch_size >= 1, "batch_size", "must be at least 1")
@@ -134,51 +94,20 @@ class TrainConfig:
              "must be at least batch_size")
         need(self.val_size >= 0, "val_size", "must be >= 0")
         need(self.test_subset is None or self.test_subset >= 1, "test_subset", "must be at least 1")
-        need(0 < self.target_flops_ratio <= 1, "target_flops_ratio", "must be in (0, 1]")
-        need(0 <= self.flops_tolerance < 1, "flops_tolerance", "must be in [0, 1)")
-        need(self.projection in ("band", "none"), "projection", "must be 'band' or 'none'")
         need(0 <= self.label_smoothing < 1, "label_smoothing", "must be in [0, 1)")
-        need(self.gate_init > 0, "gate_init", "must be > 0: gates start open, so training starts from the network")
         need(0 <= self.distill_weight <= 1, "distill_weight", "must be in [0, 1]")
         need(self.distill_temperature > 0, "distill_temperature", "must be > 0")
         need(self.round_to >= 1, "round_to", "must be at least 1")
-        need(0 <= self.warmup_fraction < 1, "warmup_fraction", "must be in [0, 1)")
-        need(0 < self.freeze_fraction <= 1, "freeze_fraction", "must be in (0, 1]")
-        need(self.warmup_fraction < self.freeze_fraction, "warmup_fraction", "must be below freeze_fraction")
-        need(self.warmup_fraction <= self.ramp_fraction <= 1, "ramp_fraction", "must be in [warmup_fraction, 1]")
-        self._validate_cost(need)
-        for key in ("lr", "gate_lr"):
-            need(getattr(self, key) > 0 and math.isfinite(getattr(self, key)), key, "must be a positive number")
-        for key in ("momentum", "weight_decay", "flops_weight", "polarization_weight", "polarization_t",
-                    "consensus_weight"):
+        need(self.lr > 0, "lr", "must be a positive number")
+        for key in ("momentum", "weight_decay"):
             need(getattr(self, key) >= 0, key, "must be >= 0")
         need(self.threads is None or self.threads >= 1, "threads", "must be at least 1")
         for key, why in FolderOptions.from_config(self.to_dict()).problems(self.dataset):  # image_folder's keys
             need(False, key, why)
-        need(self.density_every >= 1, "density_every", "must be at least 1")
-        need(0 < self.density_stop <= 1, "density_stop", "must be in (0, 1]")
-        need(0 < self.final_sparsity < 1, "final_sparsity", "must be in (0, 1)")
-        need(self.prune_freq is None or self.prune_freq >= 1, "prune_freq", "must be at least 1")
-        need(self.flipout_noise >= 0, "flipout_noise", "must be >= 0")
-        for key, why in REGISTRY[self.method].config_problems(self):  # what only the chosen method needs
-            need(False, key, why)
+        for name, method in REGISTRY.items():  # each method checks its own keys
+            for key, why in method.config_problems(self, chosen=name == self.method):
+                need(False, key, why)
         return self
-
-    def _validate_cost(self, need) -> None:
-        need(self.cost in ("flops", "latency"), "cost", "must be 'flops' or 'latency'")
-        need(self.latency_batch >= 1, "latency_batch", "must be at least 1")
-        need(self.latency_threads >= 1, "latency_threads", "must be at least 1")
-        need(bool(self.latency_cache.strip()), "latency_cache", "must name a folder")
-        if self.cost != "latency":
-            return
-        need(self.method == "polarized", "cost", f"'latency' is a cost of the polarized gates; method "
-             f"{self.method!r} prunes by its own rule: use cost: flops")
-        need(self.target_latency_ratio is not None, "target_latency_ratio",
-             "is required with cost: latency (kept / dense latency, e.g. 0.5 for 2x faster)")
-        need(0 < self.target_latency_ratio <= 1, "target_latency_ratio", "must be in (0, 1]")
-        from .latency import runtime_problem  # loads onnxruntime: only when the latency cost is used
-        problem = runtime_problem(self.latency_runtime)
-        need(problem is None, "latency_runtime", problem or "")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

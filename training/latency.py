@@ -46,7 +46,7 @@ from common.atomicio import write_json
 from common.ort_timing import ProviderUnavailable, interleaved, provider_problem, quiet_torch, start_session
 from common.results import cpu_flags, cpu_model
 
-from .config import ConfigError
+from .errors import ConfigError
 from .gating import Number, costed_layers, cut, layer_sum, mask_widths
 from .graph import Layer, Layout, NetworkGraph
 from .mask import Mask

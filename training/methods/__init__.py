@@ -1,13 +1,17 @@
 """Pruning methods behind one small interface (`base.Method`) that the training loop calls."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ..graph import NetworkGraph
-from ..config import TrainConfig
 from .activation_density import ActivationDensityMethod
 from .base import Method, RunContext
 from .dense import DenseMethod
 from .flipout import FlipOutMethod
 from .polarized import PolarizedMethod
+
+if TYPE_CHECKING:
+    from ..config import TrainConfig
 
 REGISTRY: dict[str, type[Method]] = {
     "dense": DenseMethod,

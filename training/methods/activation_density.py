@@ -13,6 +13,7 @@ export cuts.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -21,7 +22,14 @@ from torch import nn
 from ..gating import GatedNetwork, cut, embed, full_mask, mask_macs
 from ..graph import example_for, trace_network
 from ..mask import Mask
-from .base import Method, RunContext
+from .base import Method, RunContext, failed
+
+
+@dataclass
+class ActivationDensitySettings:
+    """This method's config keys (flat in YAML and --set: `TrainConfig` inherits them)."""
+    density_every: int = 1               # epochs between resizes to (activation density x width)
+    density_stop: float = 0.75           # of all epochs, after which widths stay fixed (the rest fine-tunes)
 
 
 class DensityMeter:
@@ -81,12 +89,16 @@ def most_active(channel_density: torch.Tensor, count: int) -> list[int]:
 
 
 class ActivationDensityMethod(Method):
+    settings = ActivationDensitySettings
+
     @classmethod
-    def config_problems(cls, cfg) -> list[tuple[str, str]]:
-        if cfg.density_every < cfg.density_stop * cfg.epochs:
-            return []
-        return [("density_every", f"no resize fits: resizes happen at multiples of density_every below "
-                                  f"density_stop x epochs = {cfg.density_stop * cfg.epochs:g}")]
+    def config_problems(cls, cfg, chosen: bool) -> list[tuple[str, str]]:
+        found = failed((cfg.density_every >= 1, "density_every", "must be at least 1"),
+                       (0 < cfg.density_stop <= 1, "density_stop", "must be in (0, 1]"))
+        if chosen and not found and cfg.density_every >= cfg.density_stop * cfg.epochs:
+            found.append(("density_every", f"no resize fits: resizes happen at multiples of density_every below "
+                                           f"density_stop x epochs = {cfg.density_stop * cfg.epochs:g}"))
+        return found
 
     def __init__(self, cfg, graph):
         super().__init__(cfg, graph)

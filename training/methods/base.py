@@ -7,21 +7,26 @@ trace of the run's network (`training.graph.NetworkGraph`): built-in or the user
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import torch
-
-import copy
-from pathlib import Path
-
 from torch import nn
 
 from ..distributed import Cluster
-from ..config import TrainConfig
 from ..gating import full_mask
 from ..graph import NetworkGraph
 from ..mask import Mask
+
+if TYPE_CHECKING:  # the config inherits every method's settings, so it imports the methods, not the reverse
+    from ..config import TrainConfig
+
+
+def failed(*rules: tuple[bool, str, str]) -> list[tuple[str, str]]:
+    """(key, why) of each (holds, key, why) rule that does not hold."""
+    return [(key, why) for holds, key, why in rules if not holds]
 
 
 @dataclass
@@ -38,11 +43,13 @@ class RunContext:
 
 class Method:
     uses_gates = False
+    settings: type | None = None  # the dataclass of this method's config keys (TrainConfig inherits it)
 
     @classmethod
-    def config_problems(cls, cfg: TrainConfig) -> list[tuple[str, str]]:
-        """(key, why) for each setting this method cannot run with, beyond the per-key checks of
-        `TrainConfig.validate` (which calls this for the configured method)."""
+    def config_problems(cls, cfg: TrainConfig, chosen: bool) -> list[tuple[str, str]]:
+        """(key, why) for each of this method's settings that cannot work. `TrainConfig.validate` asks every
+        method (a bad value is an error whichever method runs); `chosen`: `cfg.method` is this one, so the
+        checks that involve the rest of the run apply too."""
         return []
 
     def __init__(self, cfg: TrainConfig, graph: NetworkGraph):

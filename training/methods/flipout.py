@@ -12,13 +12,22 @@ channel, and no runtime used here runs it faster. metrics.json reports the weigh
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..flops import count_params
-from .base import Method, RunContext
+from .base import Method, RunContext, failed
+
+
+@dataclass
+class FlipOutSettings:
+    """This method's config keys (flat in YAML and --set: `TrainConfig` inherits them)."""
+    final_sparsity: float = 0.75         # share of conv/linear weights zeroed at the end
+    prune_freq: int | None = None        # epochs between halvings (None: as far apart as the epochs allow)
+    flipout_noise: float = 1.0           # lambda: gradient noise std in units of the layer's RMS gradient
 
 
 def prunable_weights(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -72,13 +81,19 @@ def flipout_prune_epochs(final_sparsity: float, epochs: int, prune_freq: int | N
 
 
 class FlipOutMethod(Method):
+    settings = FlipOutSettings
+
     @classmethod
-    def config_problems(cls, cfg) -> list[tuple[str, str]]:
-        try:
-            flipout_prune_epochs(cfg.final_sparsity, cfg.epochs, cfg.prune_freq)
-        except ValueError as error:
-            return [("final_sparsity", str(error))]
-        return []
+    def config_problems(cls, cfg, chosen: bool) -> list[tuple[str, str]]:
+        found = failed((0 < cfg.final_sparsity < 1, "final_sparsity", "must be in (0, 1)"),
+                       (cfg.prune_freq is None or cfg.prune_freq >= 1, "prune_freq", "must be at least 1"),
+                       (cfg.flipout_noise >= 0, "flipout_noise", "must be >= 0"))
+        if chosen and not found:
+            try:
+                flipout_prune_epochs(cfg.final_sparsity, cfg.epochs, cfg.prune_freq)
+            except ValueError as error:
+                found.append(("final_sparsity", str(error)))
+        return found
 
     def __init__(self, cfg, graph):
         super().__init__(cfg, graph)

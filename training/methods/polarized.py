@@ -13,6 +13,7 @@ trace of the network puts them (`training.gating`), built-in network or the user
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -20,11 +21,47 @@ from torch import nn
 
 from common.atomicio import write_json
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from ..gates import consensus_disagreement, kept_target, polarized_penalty
 from ..gating import Cost, GatedNetwork, MacsCost, cut, embed, mask_cost, mask_problem
 from ..mask import GateDecision, Mask, choose_mask, projection_report
-from .base import Method, RunContext
+from .base import Method, RunContext, failed
+
+
+PROJECTIONS = ("band", "none")
+POLARIZATION_CENTERS = ("threshold", "mean")
+COSTS = ("flops", "latency")
+LOSS_WEIGHTS = ("flops_weight", "polarization_weight", "polarization_t", "consensus_weight")
+
+
+@dataclass
+class PolarizedSettings:
+    """This method's config keys. `TrainConfig` inherits them, so they stay flat keys in YAML and --set."""
+    target_flops_ratio: float = 0.5      # kept MACs / dense MACs
+    flops_tolerance: float = 0.02        # the final mask lands within this of the target (if widths allow)
+    projection: str = "band"             # "band": move the learned mask into the target band; "none": keep
+                                         # it as the gates chose (rounded), and report the miss
+    flops_weight: float = 20.0
+    polarization_weight: float = 1.0
+    polarization_t: float = 0.0          # extra closing push; the FLOPs term already sets how much closes
+    polarization_center: str = "threshold"  # "threshold" (p = 0.5, default) or "mean" (Zhuang et al.)
+    consensus_weight: float = 1.0        # dynamic gates: pull inputs towards one consensus sub-network
+    gate_init: float = 2.0               # initial gate score: all gates open, sigmoid = 0.88
+    gate_lr: float = 1.0                 # SGD with momentum on gate scores (see loop.make_optimizers)
+    dynamic_gates: bool = False
+    warmup_fraction: float = 0.1         # of all steps, before gate losses start
+    ramp_fraction: float = 0.5           # of all steps, when the kept-FLOPs target reaches its final value;
+                                         # it falls linearly from 1 after warm-up, so gates close gradually
+    freeze_fraction: float = 0.75        # of all epochs, when the mask is fixed; the rest fine-tunes it
+    cut_after_freeze: bool = True        # fine-tune the physically cut network (cheaper); false: the gated one
+    # the gates' cost (training/latency.py): kept MACs, or latency measured on the deployment runtime
+    cost: str = "flops"                  # "flops": kept MACs; "latency": a per-layer latency table
+    target_latency_ratio: float | None = None  # cost=latency: kept / dense latency (0.5 = "2x faster"); the
+                                         # band around it is flops_tolerance wide, whichever the cost
+    latency_batch: int = 1               # batch the table is timed at
+    latency_threads: int = 2             # onnxruntime intra-op threads, no spinning
+    latency_runtime: str = "onnxruntime-cpu"  # or "onnxruntime-cuda" (onnxruntime's CUDA provider, real GPU)
+    latency_cache: str = "~/.cache/polarprune/latency"  # tables by runtime, machine, batch, threads, network
 
 
 def cost_floor(graph, round_to: int, cost: Cost | None = None) -> tuple[float, str]:
@@ -43,11 +80,45 @@ def cost_floor(graph, round_to: int, cost: Cost | None = None) -> tuple[float, s
 class PolarizedMethod(Method):
     uses_gates = True
 
+    settings = PolarizedSettings
+
     @classmethod
-    def config_problems(cls, cfg) -> list[tuple[str, str]]:
-        if cfg.dynamic_gates and cfg.val_size == 0:
-            return [("val_size", "dynamic gates need a validation set for their consensus vote: set val_size > 0")]
-        return []
+    def config_problems(cls, cfg, chosen: bool) -> list[tuple[str, str]]:
+        found = failed(
+            (0 < cfg.target_flops_ratio <= 1, "target_flops_ratio", "must be in (0, 1]"),
+            (0 <= cfg.flops_tolerance < 1, "flops_tolerance", "must be in [0, 1)"),
+            (cfg.projection in PROJECTIONS, "projection", f"must be one of {', '.join(PROJECTIONS)}"),
+            (cfg.polarization_center in POLARIZATION_CENTERS, "polarization_center",
+             f"must be one of {', '.join(POLARIZATION_CENTERS)}"),
+            (cfg.gate_init > 0, "gate_init", "must be > 0: gates start open, so training starts from the network"),
+            (cfg.gate_lr > 0, "gate_lr", "must be a positive number"),
+            (0 <= cfg.warmup_fraction < 1, "warmup_fraction", "must be in [0, 1)"),
+            (0 < cfg.freeze_fraction <= 1, "freeze_fraction", "must be in (0, 1]"),
+            (cfg.warmup_fraction < cfg.freeze_fraction, "warmup_fraction", "must be below freeze_fraction"),
+            (cfg.warmup_fraction <= cfg.ramp_fraction <= 1, "ramp_fraction", "must be in [warmup_fraction, 1]"),
+            *((getattr(cfg, key) >= 0, key, "must be >= 0") for key in LOSS_WEIGHTS),
+            (cfg.cost in COSTS, "cost", f"must be one of {', '.join(COSTS)}"),
+            (cfg.latency_batch >= 1, "latency_batch", "must be at least 1"),
+            (cfg.latency_threads >= 1, "latency_threads", "must be at least 1"),
+            (bool(cfg.latency_cache.strip()), "latency_cache", "must name a folder"))
+        if cfg.cost == "latency":
+            found += cls._latency_problems(cfg, chosen)
+        if chosen and cfg.dynamic_gates and cfg.val_size == 0:
+            found.append(("val_size", "dynamic gates need a validation set for their consensus vote: set val_size > 0"))
+        return found
+
+    @staticmethod
+    def _latency_problems(cfg, chosen: bool) -> list[tuple[str, str]]:
+        if not chosen:
+            return [("cost", f"'latency' is a cost of the polarized gates; method {cfg.method!r} prunes by its "
+                             "own rule: use cost: flops")]
+        if cfg.target_latency_ratio is None:
+            return [("target_latency_ratio", "is required with cost: latency (kept / dense latency, e.g. 0.5 "
+                                             "for 2x faster)")]
+        from ..latency import runtime_problem  # loads onnxruntime: only when the latency cost is used
+        problem = runtime_problem(cfg.latency_runtime)
+        return failed((0 < cfg.target_latency_ratio <= 1, "target_latency_ratio", "must be in (0, 1]"),
+                      (problem is None, "latency_runtime", problem or ""))
 
     def __init__(self, cfg, graph):
         super().__init__(cfg, graph)
@@ -197,7 +268,8 @@ class PolarizedMethod(Method):
         return channels, blocks
 
     def _vote(self, model: GatedNetwork, ctx: RunContext) -> dict[str, torch.Tensor]:
-        """Per gate, the share of validation inputs that opened each unit; sets `agreement`."""
+        """Per gate, the share of validation inputs that opened each unit; sets `agreement`. (The config
+        refuses dynamic gates without a validation set, so there is at least one input.)"""
         gates = model.gates()
         was_training = model.training
         model.eval()
@@ -213,9 +285,6 @@ class PolarizedMethod(Method):
                 decisions_per_batch[path].append(hard.cpu())
             count += images.shape[0]
         model.train(was_training)
-        if count == 0:
-            raise ConfigError("config key 'val_size': dynamic gates need a validation set for the consensus "
-                              "vote: set val_size > 0", "val_size")
         share = {p: (opened[p] / count).cpu() for p in gates}
         agree = [(torch.cat(decisions_per_batch[p]) == (share[p] > 0.5).float()).float().mean() for p in gates]
         self.agreement = float(torch.stack(agree).mean())

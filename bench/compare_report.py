@@ -1,0 +1,236 @@
+"""What `make compare` (bench/compare.py) writes: its rows, the summary over seeds, compare.md and compare.png.
+
+Light on purpose (no torch): scripts/render_readme.py renders the README's comparison table with
+`summary_table` from the summary stored in docs/results/compare.json.
+"""
+from __future__ import annotations
+
+import io
+import statistics
+from pathlib import Path
+
+from common.atomicio import write_bytes, write_json, write_text
+
+BATCH_KEYS = ("1", "64")  # the timed batch sizes, as JSON keys
+
+
+def row_for(identity: dict, metrics: dict, latency: dict, dense_latency: dict, dense_accuracy: float) -> dict:
+    """One run of the comparison. `identity`: method, label, target, seed and run folder. Keys a method
+    does not report take the dense-shaped meaning: every weight is a parameter, training runs the full
+    network."""
+    kept_params = metrics.get("nonzero_params", metrics["pruned_params"])
+    return {
+        **identity, "test_accuracy": metrics["test_accuracy"],
+        "gap_points": 100 * (dense_accuracy - metrics["test_accuracy"]),  # below the same seed's dense run
+        "flops_ratio": metrics["flops_ratio"], "pruned_flops": metrics["pruned_flops"],
+        "kept_params": kept_params, "params_ratio": kept_params / metrics["dense_params"],
+        "weight_sparsity": metrics.get("weight_sparsity"),
+        "train_seconds": metrics["train_seconds"], "train_flops_ratio": metrics.get("train_flops_ratio", 1.0),
+        "train_seconds_ratio_vs_dense_pace": metrics.get("train_seconds_ratio_vs_dense_pace"),
+        "train_energy": metrics.get("train_energy"),
+        "latency_ms": {batch: stats["median_ms"] for batch, stats in latency.items()},
+        "latency": latency,
+        "speedup": {batch: dense_latency[batch]["median_ms"] / stats["median_ms"] for batch, stats in latency.items()},
+        "pruning": metrics.get("pruning"),
+    }
+
+
+def spread(values: list[float]) -> dict:
+    """Mean and sample standard deviation (n - 1); one value has no spread (std None)."""
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else None}
+
+
+def seed_summary(rows: list[dict]) -> list[dict]:
+    """Per method and target (in the rows' order), over its seeds: spread of accuracy, of the gap to the
+    same seed's dense run (points), of kept FLOPs and params, training time, latency and speed-up."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["method"], row["target"]), []).append(row)
+
+    def over(group: list[dict], key: str) -> dict:
+        return spread([row[key] for row in group])
+
+    return [{"method": method, "label": group[0]["label"], "target": target, "seeds": [r["seed"] for r in group],
+             **{key: over(group, key) for key in ("test_accuracy", "gap_points", "flops_ratio", "params_ratio",
+                                                  "train_seconds")},
+             "latency_ms": {b: spread([r["latency_ms"][b] for r in group]) for b in BATCH_KEYS},
+             "speedup": {b: spread([r["speedup"][b] for r in group]) for b in BATCH_KEYS}}
+            for (method, target), group in groups.items()]
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The (cost, accuracy) points no other point beats on both (lower cost, higher accuracy), by cost."""
+    front = []
+    for cost, accuracy in sorted(points, key=lambda p: (p[0], -p[1])):
+        if not front or accuracy > front[-1][1]:
+            front.append((cost, accuracy))
+    return front
+
+
+def target_text(target: float | None) -> str:
+    return "-" if target is None else f"{target:g}"
+
+
+def plus_minus(stat: dict, digits: int) -> str:
+    text = f"{stat['mean']:.{digits}f}"
+    return text if stat["std"] is None else f"{text} ± {stat['std']:.{digits}f}"
+
+
+def summary_table(summary: list[dict]) -> list[str]:
+    """Per method and target: accuracy and gap to dense as mean ± standard deviation over seeds (no ± for
+    one seed), the rest as means."""
+    lines = ["| method | target | seeds | test acc | gap to dense (points) | kept FLOPs | kept params | train s "
+             "| batch 1 ms (speed-up) | batch 64 ms (speed-up) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for entry in summary:
+        lat, gain = entry["latency_ms"], entry["speedup"]
+        lines.append(f"| {entry['label']} | {target_text(entry['target'])} | {len(entry['seeds'])} "
+                     f"| {plus_minus(entry['test_accuracy'], 4)} | {plus_minus(entry['gap_points'], 2)} "
+                     f"| {entry['flops_ratio']['mean']:.3f} | {entry['params_ratio']['mean']:.2f} "
+                     f"| {entry['train_seconds']['mean']:.0f} "
+                     f"| {lat['1']['mean']:.3f} ({gain['1']['mean']:.2f}x) "
+                     f"| {lat['64']['mean']:.2f} ({gain['64']['mean']:.2f}x) |")
+    return lines
+
+
+def runs_table(rows: list[dict]) -> list[str]:
+    lines = ["| method | target | seed | test acc | gap to dense (points) | kept FLOPs | kept params | train s "
+             "| train J | train FLOPs | batch 1 ms (speed-up) | batch 1 min / p95 | batch 64 ms (speed-up) "
+             "| batch 64 min / p95 |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        params = f"{row['kept_params'] / 1e3:.1f}k ({row['params_ratio']:.2f})"
+        joules = f"{row['train_energy']['joules']:.0f}" if row["train_energy"] else "n/a"
+        lines.append(f"| {row['label']} | {target_text(row['target'])} | {row['seed']} | {row['test_accuracy']:.4f} "
+                     f"| {row['gap_points']:.2f} | {row['flops_ratio']:.3f} | {params} | {row['train_seconds']:.0f} "
+                     f"| {joules} | {row['train_flops_ratio']:.3f} | {latency_cells(row, '1', 3)} "
+                     f"| {latency_cells(row, '64', 2)} |")
+    return lines
+
+
+def latency_cells(row: dict, batch: str, digits: int) -> str:
+    """`median (speed-up) | min / p95` of one batch size, in ms."""
+    stats = row["latency"][batch]
+    return (f"{stats['median_ms']:.{digits}f} ({row['speedup'][batch]:.2f}x) "
+            f"| {stats['min_ms']:.{digits}f} / {stats['p95_ms']:.{digits}f}")
+
+
+def run_name(row: dict) -> str:
+    target = "" if row["target"] is None else f", target {row['target']:g}"
+    return f"{row['label']}{target}, seed {row['seed']}"
+
+
+def notes(report: dict) -> list[str]:
+    rows, epochs = report["rows"], report["budget"]["epochs"]
+    lines = [
+        "- target: the kept-FLOPs target of polarized and Torch-Pruning runs. Activation density and FlipOut are "
+        "baselines with their own knobs (activation density sizes layers by their measured activation density, "
+        f"FlipOut zeroes {report['budget']['final_sparsity']:.0%} of the weights): they run once per seed, not "
+        "per target (-).",
+        "- Torch-Pruning prunes to the kept MACs the polarized run reached at the same target and seed: dense for "
+        "half the epochs, one global L1 prune (channel counts multiples of 16), then fine-tuning with the "
+        "learning-rate schedule continuing. Where round_to 16 cannot get that low it stops at the closest it "
+        "can: read its kept FLOPs column, not its target.",
+        "- gap to dense: the same seed's dense accuracy minus the row's, in points (negative: above dense).",
+        "- kept FLOPs: conv + linear MACs of the exported network / dense. kept params: parameters of the exported "
+        "network; for FlipOut the non-zero ones (its network keeps the dense shape, so its FLOPs stay 1).",
+        "- train FLOPs: forward MACs x examples x 3 summed over training, relative to dense. Only activation density "
+        "trains a smaller network as it goes (and Torch-Pruning after its prune); the others train a dense-shaped "
+        "one (gates and masks multiply zeros).",
+        "- train J: energy of the training steps (metrics.json `train_energy`: RAPL/NVML where readable, "
+        "else an estimate from CPU time; its assumptions are in compare.json).",
+        "- train s: the loop's training time. The runs ran one after another in one process, so machine load "
+        "moves them. Latencies of one seed were timed in one call, interleaved, and are comparable; "
+        "different seeds were timed in different calls.",
+    ]
+    for row in rows:
+        if row["train_seconds_ratio_vs_dense_pace"] is not None:
+            lines.append(f"- {run_name(row)}: its training took {row['train_seconds_ratio_vs_dense_pace']:.2f}x the "
+                         "time its own dense epochs (before the first resize) would have taken, measured in one run.")
+    for row in (r for r in rows if r.get("pruning")):
+        step = row["pruning"]
+        lines.append(f"- {run_name(row)}: dense for {step['epoch']} of {epochs} epochs, global ratio "
+                     f"{step['pruning_ratio']:.2f}, kept MACs {step['flops_ratio']:.3f} against "
+                     f"{step['target_flops_ratio']:.3f} (finding the ratio took {step['seconds']:.0f} s of its "
+                     "train s).")
+    for row in (r for r in rows if r["weight_sparsity"] is not None):
+        lines.append(f"- {run_name(row)}: {row['weight_sparsity']:.1%} of conv/linear weights are zero, in dense "
+                     "kernels: onnxruntime does every MAC, so no speed-up is expected or claimed.")
+    return lines
+
+
+def markdown(report: dict) -> str:
+    budget, seeds = report["budget"], report["budget"]["seeds"]
+    lines = [
+        "# Pruning methods side by side",
+        "",
+        f"{budget['dataset']}, {budget['model']}, {budget['epochs']} epochs, train_subset {budget['train_subset']}; "
+        f"targets {', '.join(f'{t:g}' for t in budget['targets'])}; seed{'s' if len(seeds) > 1 else ''} "
+        f"{', '.join(str(s) for s in seeds)}{' (--quick: a smoke run, not a result)' if report['quick'] else ''}. "
+        f"Latency: onnxruntime CPU ({report['timing']['threads']} threads, {report['cpu']}), exported pruned "
+        "ONNX, median over interleaved rounds (the models of one seed in one call); speed-up against the same "
+        "seed's dense run in brackets; min / p95 beside.",
+        "",
+    ]
+    if len(seeds) > 1:
+        lines += [f"## Over {len(seeds)} seeds", "",
+                  "Mean ± sample standard deviation over the seeds for accuracy and gap; means for the rest.", "",
+                  *summary_table(report["summary"]), "", "## Every run", ""]
+    lines += [*runs_table(report["rows"]), "", *notes(report)]
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, path: Path) -> None:
+    """Accuracy against kept FLOPs and against batch-1 latency: a curve per method across its targets
+    (error bars: standard deviation over seeds), dense as a star, the Pareto front dashed."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary, seeds = report["summary"], len(report["budget"]["seeds"])
+    panels = (("flops_ratio", "kept FLOPs (exported / dense)", "accuracy vs FLOPs"),
+              ("latency_ms", "onnxruntime CPU latency, batch 1 (ms, median)", "accuracy vs measured latency"))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"wspace": 0.25})
+    for axis, (key, xlabel, title) in zip(axes, panels):
+        def x_of(entry: dict, key: str = key) -> dict:  # the spread plotted on this axis
+            return entry[key]["1"] if key == "latency_ms" else entry[key]
+
+        by_method: dict[str, list[dict]] = {}
+        for entry in summary:
+            by_method.setdefault(entry["method"], []).append(entry)
+        for method, entries in by_method.items():
+            entries = sorted(entries, key=lambda e: x_of(e)["mean"])
+            xs, ys = [x_of(e)["mean"] for e in entries], [e["test_accuracy"]["mean"] for e in entries]
+            xerr = [x_of(e)["std"] or 0.0 for e in entries] if seeds > 1 else None
+            yerr = [e["test_accuracy"]["std"] or 0.0 for e in entries] if seeds > 1 else None
+            if method == "dense":
+                axis.errorbar(xs, ys, xerr=xerr, yerr=yerr, fmt="*", color="black", markersize=14, capsize=3,
+                              label="dense (reference)", zorder=3)
+                axis.axhline(ys[0], color="black", linewidth=0.6, linestyle=":")
+                continue
+            axis.errorbar(xs, ys, xerr=xerr, yerr=yerr, fmt="o-", capsize=3, label=entries[0]["label"])
+            for entry, x, y in zip(entries, xs, ys):
+                if entry["target"] is not None:
+                    axis.annotate(f"{entry['target']:g}", (x, y), textcoords="offset points", xytext=(5, -11),
+                                  fontsize=7)
+        front = pareto_front([(x_of(e)["mean"], e["test_accuracy"]["mean"]) for e in summary])
+        axis.step([x for x, _ in front], [y for _, y in front], where="post", color="grey", linestyle="--",
+                  linewidth=1, label="Pareto front")
+        axis.set(xlabel=xlabel, ylabel="test accuracy", title=title)
+        axis.grid(alpha=0.3)
+        axis.margins(x=0.1, y=0.1)
+    spread_note = f"mean ± std over {seeds} seeds" if seeds > 1 else "one seed"
+    fig.suptitle(f"{report['budget']['model']} on {report['budget']['dataset']}, {spread_note}; "
+                 "numbers beside the points: kept-FLOPs targets", fontsize=10)
+    handles, labels = axes[1].get_legend_handles_labels()  # below the panels: no curve hidden under it
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=3, fontsize=8, frameon=False)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    write_bytes(path, buffer.getvalue())
+
+
+def write_report(report: dict, out: Path) -> None:
+    write_json(out / "compare.json", report)
+    write_text(out / "compare.md", markdown(report))
+    plot(report, out / "compare.png")
