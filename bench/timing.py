@@ -2,64 +2,40 @@
 
 On a shared machine absolute times drift 15-25% between processes and single calls spike, so models are
 always timed in one process, interleaved, and compared by the ratio of their medians; the spread (p95,
-min) is reported beside the median. Sessions get pinned, identical options so that two measurements
-differ only in the model, and no idle thread pool may steal the cores from the one being timed:
-onnxruntime's pools do not spin (`NO_SPINNING`), torch's pool is cut to one thread while onnxruntime is
-timed (`quiet_torch`), and only one model runs at a time. torch is never imported here (serving uses
-this module and must not pull torch in).
+min) is reported beside the median. Session options, spinning, torch's pool and the interleaving itself
+live in `common.ort_timing` (training's latency cost uses them too and may not import bench): pinned
+identical options, no spinning, torch's pool cut to one thread while onnxruntime is timed, and only one
+model runs at a time. torch is never imported here (serving uses this module and must not pull torch in).
 """
 from __future__ import annotations
 
-import platform
-import sys
-import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
-from typing import Callable, Iterator, Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 import onnxruntime as ort
 
 from bench import BenchError
+from common.ort_timing import (NO_SPINNING, ProviderUnavailable, Runner, interleaved, quiet_torch,  # noqa: F401
+                               start_session)
+from common.results import cpu_flags, cpu_model
 
 ORT_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
-# Spinning (onnxruntime's default) keeps a session's idle workers busy-waiting after each run: with several
-# sessions alive in one process, a dense batch-64 run took 28 ms instead of 15 ms on 2 cores.
-NO_SPINNING = {"session.intra_op.allow_spinning": "0", "session.inter_op.allow_spinning": "0"}
-
-Runner = Callable[[], object]
 
 
-class BackendUnavailable(BenchError, RuntimeError):
+class BackendUnavailable(BenchError, ProviderUnavailable):
     """The requested backend (onnxruntime execution provider, TensorRT) is not usable on this machine."""
 
 
 def ort_session(path, threads: int, backend: str = "cpu") -> ort.InferenceSession:
-    """A session with the same pinned options for every model; raises BackendUnavailable when onnxruntime
-    lacks the provider, cannot start it, or silently falls back to the CPU (as when CUDA libraries are
-    missing)."""
-    provider = ORT_PROVIDERS[backend]
-    if provider not in ort.get_available_providers():
-        raise BackendUnavailable(f"onnxruntime {ort.__version__} has no {provider} "
-                                 f"(available: {', '.join(ort.get_available_providers())})")
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3  # provider fallbacks are checked below, not read from the log
-    for key, value in NO_SPINNING.items():
-        options.add_session_config_entry(key, value)
+    """A session with the same pinned options for every model (`common.ort_timing.start_session`);
+    raises BackendUnavailable when onnxruntime lacks the provider, cannot start it, or silently falls back
+    to the CPU (as when CUDA libraries are missing)."""
     try:
-        session = ort.InferenceSession(str(path), options, providers=[provider])
-    except Exception as error:  # onnxruntime's own exception types; on the CPU a failure is a real error
-        if backend == "cpu":
-            raise
-        raise BackendUnavailable(f"onnxruntime could not start {provider}: {str(error).splitlines()[0]}") from None
-    if session.get_providers()[0] != provider:
-        raise BackendUnavailable(f"onnxruntime could not start {provider} (it fell back to "
-                                 f"{session.get_providers()[0]})")
-    return session
+        return start_session(str(path), threads, ORT_PROVIDERS[backend])
+    except ProviderUnavailable as error:
+        raise BackendUnavailable(str(error)) from None
 
 
 def session_settings(session: ort.InferenceSession) -> dict:
@@ -73,37 +49,11 @@ def session_settings(session: ort.InferenceSession) -> dict:
             **{key: options.get_session_config_entry(key) for key in NO_SPINNING}}
 
 
-@contextmanager
-def quiet_torch() -> Iterator[None]:
-    """torch's intra-op pool cut to one thread for the block (when torch is loaded at all): its workers
-    must not compete with the onnxruntime pool being timed."""
-    torch = sys.modules.get("torch")
-    if torch is None:
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def cpu_name() -> str:
     """The CPU model and its widest vector extension (onnxruntime's blocked conv path depends on it)."""
-    name, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                name = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
-                break
-    except OSError:
-        pass
+    flags = cpu_flags()
     widest = next((f for f in ("avx512f", "avx2", "avx") if f in flags), None)
-    return f"{name}, {widest}" if widest else name
+    return f"{cpu_model()}, {widest}" if widest else cpu_model()
 
 
 def random_batch(shape: tuple[int, ...], batch: int) -> np.ndarray:
@@ -127,27 +77,6 @@ def torch_runner(model, input_shape: tuple[int, ...], batch: int) -> Runner:
         with torch.inference_mode():
             return model(images)
     return run
-
-
-def interleaved(runners: Mapping[str, Runner], rounds: int, warmup: int = 3, budget_s: float | None = None,
-                min_rounds: int = 5, clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
-    """Seconds per call of each runner. Every round calls each runner once; the order reverses every
-    round (A B, B A, A B ...) so that neither model always runs right after the other. After `budget_s`
-    the measurement stops early, but not before `min_rounds` rounds."""
-    names = list(runners)
-    for _ in range(warmup):
-        for name in names:
-            runners[name]()
-    times: dict[str, list[float]] = {name: [] for name in names}
-    deadline = None if budget_s is None else clock() + budget_s
-    for round_index in range(rounds):
-        for name in (names if round_index % 2 == 0 else names[::-1]):
-            start = clock()
-            runners[name]()
-            times[name].append(clock() - start)
-        if deadline is not None and round_index + 1 >= min_rounds and clock() > deadline:
-            break
-    return times
 
 
 def percentile(values, q: float) -> float:

@@ -55,15 +55,25 @@ def git_commit(root: Path = REPO_ROOT) -> dict:
 CODE_COMMIT = git_commit()
 
 
-def cpu_model() -> str:
+def _cpuinfo_field(name: str) -> str | None:
+    """The first value of `name` in /proc/cpuinfo (None off Linux)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             key, _, value = line.partition(":")
-            if key.strip() == "model name":
+            if key.strip() == name:
                 return value.strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return None
+
+
+def cpu_model() -> str:
+    return _cpuinfo_field("model name") or platform.processor() or platform.machine()
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (avx2, avx512f, ...); empty when the system does not list them."""
+    return set((_cpuinfo_field("flags") or "").split())
 
 
 def machine() -> dict:

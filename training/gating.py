@@ -7,14 +7,15 @@ block gate. The user's modules keep their paths and state-dict keys. All gates s
 `init_score` > 0, hard value 1), so before the first step the gated network computes exactly what the
 network computed.
 
-The cost is the kept MACs of every conv and linear as a function of gate values (`kept_macs`): widths are
-sums of gate values, a closed block switches its layers off, so hard gates give the exact kept cost and
-the straight-through estimator its gradient. `cut` turns a mask into the physically smaller network.
+The cost is a sum over conv and linear layers of a per-layer cost of the kept widths (`layer_sum`): their
+MACs (`kept_macs`, `MacsCost`) or their measured latency (`training.latency.LatencyCost`). Widths are sums
+of gate values, a closed block switches its layers off, so hard gates give the exact kept cost and the
+straight-through estimator its gradient. `cut` turns a mask into the physically smaller network.
 """
 from __future__ import annotations
 
 import copy
-from typing import Mapping
+from typing import Callable, Mapping, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -106,36 +107,82 @@ def _per_input(values: torch.Tensor) -> torch.Tensor:
     return values.mean(dim=0) if values.dim() > 1 else values
 
 
-def kept_macs(graph: NetworkGraph, widths: Mapping[str, Number], blocks_open: Mapping[str, Number]) -> Number:
-    """MACs of conv and linear layers given kept widths of prunable groups (absent: full width) and block
-    values (absent: open). Tensors in, tensor out (differentiable); numbers in, number out."""
+LayerCost = Callable[[Layer, Number, Number], Number]
+
+
+def costed_layers(graph: NetworkGraph) -> dict[str, Layer]:
+    """The layers a cost model prices: convs, depthwise convs and linears (norms fold into them)."""
+    return {path: layer for path, layer in graph.layers.items() if layer.kind != "norm"}
+
+
+def layer_sum(graph: NetworkGraph, widths: Mapping[str, Number], blocks_open: Mapping[str, Number],
+              layer_cost: LayerCost) -> Number:
+    """Sum over costed layers of `layer_cost(layer, in_width, out_width)`, each times the values of the
+    blocks holding it, given kept widths of prunable groups (absent: full width) and block values (absent:
+    open). Tensors in, tensor out (differentiable); numbers in, number out."""
     total: Number = 0.0
 
     def width(layout: Layout) -> Number:
         return sum((widths.get(graph.group_of_space[s.space], s.width) for s in layout), 0.0)
 
-    for layer in graph.layers.values():
-        if layer.kind == "norm":
-            continue
-        term = layer.unit_macs * width(layer.in_layout)
-        if layer.kind != "depthwise":
-            term = term * width(layer.out_layout)
+    for layer in costed_layers(graph).values():
+        term = layer_cost(layer, width(layer.in_layout), width(layer.out_layout))
         for block in layer.blocks:
             term = term * blocks_open.get(block, 1.0)
         total = total + term
     return total
 
 
+def layer_macs(layer: Layer, in_width: Number, out_width: Number) -> Number:
+    return layer.unit_macs * in_width * (out_width if layer.kind != "depthwise" else 1.0)
+
+
+def kept_macs(graph: NetworkGraph, widths: Mapping[str, Number], blocks_open: Mapping[str, Number]) -> Number:
+    """MACs of conv and linear layers (`layer_sum` of `layer_macs`)."""
+    return layer_sum(graph, widths, blocks_open, layer_macs)
+
+
+def mask_widths(mask: Mask) -> tuple[dict[str, float], dict[str, float]]:
+    """A mask as `layer_sum` arguments: kept widths of its groups, its closed blocks at 0."""
+    return {name: float(len(kept)) for name, kept in mask.kept_channels.items()}, \
+        {block: 0.0 for block in mask.closed_blocks}
+
+
 def mask_macs(graph: NetworkGraph, mask: Mask) -> float:
-    widths = {name: float(len(kept)) for name, kept in mask.kept_channels.items()}
-    return float(kept_macs(graph, widths, {block: 0.0 for block in mask.closed_blocks}))
+    return float(kept_macs(graph, *mask_widths(mask)))
 
 
-def mask_problem(graph: NetworkGraph) -> MaskProblem:
-    """What a mask of this network chooses among, and its MACs."""
+class Cost(Protocol):
+    """What the gates' cost model provides (`MacsCost`, `training.latency.LatencyCost`): `kept` of expected
+    widths and block values (differentiable, like `kept_macs`), its dense value, and a name for metrics."""
+    name: str
+    dense: float
+
+    def kept(self, widths: Mapping[str, Number], blocks_open: Mapping[str, Number]) -> Number: ...
+
+
+class MacsCost:
+    """Kept MACs of conv and linear layers: the `cost: flops` model."""
+    name = "flops"
+
+    def __init__(self, graph: NetworkGraph):
+        self.graph = graph
+        self.dense = float(kept_macs(graph, {}, {}))
+
+    def kept(self, widths: Mapping[str, Number], blocks_open: Mapping[str, Number]) -> Number:
+        return kept_macs(self.graph, widths, blocks_open)
+
+
+def mask_cost(cost: Cost, mask: Mask) -> float:
+    return float(cost.kept(*mask_widths(mask)))
+
+
+def mask_problem(graph: NetworkGraph, cost: Cost | None = None) -> MaskProblem:
+    """What a mask of this network chooses among, and its cost (default: MACs)."""
+    cost = cost or MacsCost(graph)
     return MaskProblem({n: g.width for n, g in graph.prunable().items()},
                        {name: graph.groups_inside(name) for name in graph.blocks},
-                       lambda mask: mask_macs(graph, mask))
+                       lambda mask: mask_cost(cost, mask))
 
 
 def full_mask(graph: NetworkGraph) -> Mask:
@@ -231,11 +278,17 @@ class GatedNetwork(nn.Module):
     def block_gate(self, block: str) -> Gate:
         return self.block_gates[_key(block)]
 
-    def kept_ratio(self) -> torch.Tensor:
-        """Kept MACs / dense MACs from the gate values of the last forward pass (carries STE gradients)."""
-        widths = {name: _per_input(self.channel_gate(name).last_values).sum() for name in self.graph.prunable()}
-        blocks = {name: _per_input(self.block_gate(name).last_values).sum() for name in self.graph.blocks}
-        return kept_macs(self.graph, widths, blocks) / self.dense_macs
+    def expected_widths(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Kept width of every group and value of every block from the gate values of the last forward
+        pass (averaged over inputs for dynamic gates); they carry the STE gradients."""
+        return ({name: _per_input(self.channel_gate(name).last_values).sum() for name in self.graph.prunable()},
+                {name: _per_input(self.block_gate(name).last_values).sum() for name in self.graph.blocks})
+
+    def kept_ratio(self, cost: Cost | None = None) -> torch.Tensor:
+        """Kept / dense cost (default: MACs) from the gate values of the last forward pass (carries STE
+        gradients)."""
+        cost = cost or MacsCost(self.graph)
+        return cost.kept(*self.expected_widths()) / cost.dense
 
     @property
     def dense_macs(self) -> float:

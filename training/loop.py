@@ -41,7 +41,8 @@ from .networks import NetworkError, NetworkInfo, build_network, load_weights, re
 from .plots import write_plots
 
 # Keys that may differ between the interrupted run and its resume (they do not change the result).
-RESUME_FREE_KEYS = {"progress", "device", "threads", "epochs", "out_dir", "name"}  # a moved run folder resumes
+RESUME_FREE_KEYS = {"progress", "device", "threads", "epochs", "out_dir", "name",  # a moved run folder resumes
+                    "latency_cache"}  # the run's latency table travels in its checkpoint
 
 
 class RunError(TrainingError, RuntimeError):
@@ -235,7 +236,7 @@ def _train(cfg: TrainConfig, resume: bool, cluster: Cluster, device: torch.devic
                          cfg.distill_weight, cfg.distill_temperature)
     steps_per_epoch = len(train_batches)
     total_steps = cfg.epochs * steps_per_epoch
-    ctx = RunContext(device, lambda: val_batches.epoch(0), cfg.epochs, steps_per_epoch, cluster)
+    ctx = RunContext(device, lambda: val_batches.epoch(0), cfg.epochs, steps_per_epoch, cluster, run_dir)
 
     start_epoch, history, train_seconds, energy = 0, [], 0.0, None
     if state is not None:
@@ -292,6 +293,7 @@ def _train(cfg: TrainConfig, resume: bool, cluster: Cluster, device: torch.devic
                                             device, cluster)
         row = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1),
                "test_loss": test_loss, "test_accuracy": test_accuracy, "kept_flops": logs.get("kept_flops", 1.0),
+               **({"kept_latency": logs["kept_latency"]} if "kept_latency" in logs else {}),
                "lr": scheduler.get_last_lr()[0], "seconds": time.perf_counter() - started}
         history.append(row)
         if cluster.is_main:

@@ -6,7 +6,7 @@ must satisfy; `training.gating` applies one to a network.
 
 `choose_mask` turns gate decisions into a deployable mask: widths rounded to `round_to` (onnxruntime's
 fast conv path wants multiples of 16 on AVX-512), never narrower than one group, then moved one group or
-one block at a time until the kept MACs sit within the tolerance of the target.
+one block at a time until the kept cost (MACs, or predicted latency) sits within the tolerance of the target.
 """
 from __future__ import annotations
 
@@ -71,10 +71,10 @@ class GateDecision:
 @dataclass
 class MaskProblem:
     """What a mask chooses among: prunable channel groups and their widths, residual blocks with the groups
-    that go when they close, and the kept MACs of a mask."""
+    that go when they close, and the kept cost of a mask (MACs, or predicted latency with `cost: latency`)."""
     widths: dict[str, int]
     block_groups: dict[str, list[str]]
-    macs: Callable[[Mask], float]
+    cost: Callable[[Mask], float]
 
 
 def choose_mask(problem: MaskProblem, decisions: dict[str, GateDecision], blocks: dict[str, tuple[bool, float]],
@@ -100,10 +100,10 @@ def choose_mask(problem: MaskProblem, decisions: dict[str, GateDecision], blocks
         kept = sum(confidence(group, 0, widths[group]) for group in inside[block])
         return blocks[block][1] * (kept if inside[block] else 1.0)
 
-    dense = problem.macs(to_mask(dict(layers), frozenset()))
+    dense = problem.cost(to_mask(dict(layers), frozenset()))
 
     def ratio(widths: dict[str, int], closed: frozenset[str]) -> float:
-        return problem.macs(to_mask(widths, closed)) / dense
+        return problem.cost(to_mask(widths, closed)) / dense
 
     kept: dict[str, int] = {}
     for name, width in layers.items():
@@ -133,7 +133,7 @@ def choose_mask(problem: MaskProblem, decisions: dict[str, GateDecision], blocks
             reopened = {**kept, **{group: step(group) for group in inside[block]}}
             yield reopened, closed - {block}, block_confidence(block, reopened)
 
-    # Shrink: least confidence lost per MAC saved, preferring moves that stay inside the band.
+    # Shrink: least confidence lost per unit of cost saved, preferring moves that stay inside the band.
     while (current := ratio(kept, closed)) > target_ratio + tolerance:
         candidates = []
         for widths, blocks_closed, conf in shrink_moves():
@@ -143,7 +143,7 @@ def choose_mask(problem: MaskProblem, decisions: dict[str, GateDecision], blocks
         if not candidates:
             break
         *_, kept, closed = min(candidates, key=lambda c: c[:3])
-    # Grow back where gates or rounding overshot: most confidence gained per MAC, never past the band.
+    # Grow back where gates or rounding overshot: most confidence gained per unit of cost, never past the band.
     while (current := ratio(kept, closed)) < target_ratio - tolerance:
         candidates = []
         for widths, blocks_closed, conf in grow_moves():
@@ -156,17 +156,19 @@ def choose_mask(problem: MaskProblem, decisions: dict[str, GateDecision], blocks
     return to_mask(kept, closed)
 
 
-def projection_report(problem: MaskProblem, learned: Mask, final: Mask) -> dict:
-    """What moving the learned mask into the target band changed: kept FLOPs before and after, and per
-    group and block the gates it flipped (channel indices opened or closed, blocks closed or reopened)."""
-    dense = problem.macs(Mask({n: list(range(w)) for n, w in problem.widths.items()}, []))
+def projection_report(problem: MaskProblem, learned: Mask, final: Mask, cost_name: str = "flops") -> dict:
+    """What moving the learned mask into the target band changed: the kept cost ratio before and after
+    (`learned_<cost_name>_ratio`, `final_<cost_name>_ratio`), and per group and block the gates it flipped
+    (channel indices opened or closed, blocks closed or reopened)."""
+    dense = problem.cost(Mask({n: list(range(w)) for n, w in problem.widths.items()}, []))
     flipped = {}
     for name in problem.widths:
         before, after = set(learned.kept_channels.get(name, [])), set(final.kept_channels.get(name, []))
         if before != after:
             flipped[name] = {"kept_before": len(before), "kept_after": len(after),
                              "opened": sorted(after - before), "closed": sorted(before - after)}
-    return {"learned_flops_ratio": problem.macs(learned) / dense, "final_flops_ratio": problem.macs(final) / dense,
+    return {f"learned_{cost_name}_ratio": problem.cost(learned) / dense,
+            f"final_{cost_name}_ratio": problem.cost(final) / dense,
             "flipped_groups": flipped,
             "closed_blocks": sorted(set(final.closed_blocks) - set(learned.closed_blocks)),
             "reopened_blocks": sorted(set(learned.closed_blocks) - set(final.closed_blocks))}
@@ -175,8 +177,8 @@ def projection_report(problem: MaskProblem, learned: Mask, final: Mask) -> dict:
 def mask_document(mask: Mask, problem: MaskProblem, network: dict, round_to: int) -> dict:
     """mask.json: the mask, what it chose among (group widths, each block's groups), the network it was made
     for (`network`: model, model_args, input shape) and its MACs."""
-    dense = problem.macs(Mask({n: list(range(w)) for n, w in problem.widths.items()}, []))
-    pruned = problem.macs(mask)
+    dense = problem.cost(Mask({n: list(range(w)) for n, w in problem.widths.items()}, []))
+    pruned = problem.cost(mask)
     return {
         "format": MASK_FORMAT, "version": MASK_VERSION, "network": network, "round_to": round_to,
         "group_widths": problem.widths, "block_groups": problem.block_groups,

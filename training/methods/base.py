@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import torch
@@ -31,12 +32,13 @@ def failed(*rules: tuple[bool, str, str]) -> list[tuple[str, str]]:
 @dataclass
 class RunContext:
     """What the loop lends a method: the device, a way to walk the (whole, unsharded) validation set,
-    and the cluster of a data-parallel run."""
+    the cluster of a data-parallel run, and the run folder (rank 0 writes there; None outside a run)."""
     device: torch.device
     val_batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]
     total_epochs: int
     steps_per_epoch: int
     cluster: Cluster = Cluster()
+    run_dir: Path | None = None
 
 
 class Method:

@@ -1,7 +1,10 @@
 """Polarized gates (Zhi et al., arXiv 2302.10798): one pass learns the weights and a static sub-network.
 
-Loss = task + flops_weight * (kept MACs ratio - target)^2 + polarization_weight * polarizer
+Loss = task + flops_weight * (kept cost ratio - target)^2 + polarization_weight * polarizer
        (+ consensus_weight * disagreement for dynamic gates).
+The cost is the kept MACs (`cost: flops`, target `target_flops_ratio`) or the latency predicted by a table
+measured on the deployment runtime (`cost: latency`, target `target_latency_ratio`, `training.latency`):
+one cost object, chosen once, prices the loss, the rounding into the target band and the floor check.
 Schedule over one run: warm-up (gates open, weights settle) -> gates learn -> at `freeze_fraction` of the
 epochs the decisions become a deployable mask (rounded widths, target met) and the gates are frozen ->
 the remaining epochs fine-tune exactly the network that export will cut out. The gates sit wherever the
@@ -16,15 +19,18 @@ from typing import Any
 import torch
 from torch import nn
 
+from common.atomicio import write_json
+
 from ..errors import ConfigError
 from ..gates import consensus_disagreement, kept_target, polarized_penalty
-from ..gating import GatedNetwork, cut, embed, mask_macs, mask_problem
+from ..gating import Cost, GatedNetwork, MacsCost, cut, embed, mask_cost, mask_problem
 from ..mask import GateDecision, Mask, choose_mask, projection_report
 from .base import Method, RunContext, failed
 
 
 PROJECTIONS = ("band", "none")
 POLARIZATION_CENTERS = ("threshold", "mean")
+COSTS = ("flops", "latency")
 LOSS_WEIGHTS = ("flops_weight", "polarization_weight", "polarization_t", "consensus_weight")
 
 
@@ -48,19 +54,27 @@ class PolarizedSettings:
                                          # it falls linearly from 1 after warm-up, so gates close gradually
     freeze_fraction: float = 0.75        # of all epochs, when the mask is fixed; the rest fine-tunes it
     cut_after_freeze: bool = True        # fine-tune the physically cut network (cheaper); false: the gated one
+    # the gates' cost (training/latency.py): kept MACs, or latency measured on the deployment runtime
+    cost: str = "flops"                  # "flops": kept MACs; "latency": a per-layer latency table
+    target_latency_ratio: float | None = None  # cost=latency: kept / dense latency (0.5 = "2x faster"); the
+                                         # band around it is flops_tolerance wide, whichever the cost
+    latency_batch: int = 1               # batch the table is timed at
+    latency_threads: int = 2             # onnxruntime intra-op threads, no spinning
+    latency_runtime: str = "onnxruntime-cpu"  # or "onnxruntime-cuda" (onnxruntime's CUDA provider, real GPU)
+    latency_cache: str = "~/.cache/polarprune/latency"  # tables by runtime, machine, batch, threads, network
 
 
-def flops_floor(graph, round_to: int) -> tuple[float, str]:
-    """The smallest kept-FLOPs ratio a mask can reach, and how: every residual block closed, every other
-    group at one step of `round_to` channels (as `choose_mask` allows)."""
-    problem = mask_problem(graph)
+def cost_floor(graph, round_to: int, cost: Cost | None = None) -> tuple[float, str]:
+    """The smallest kept-cost ratio (default: FLOPs) a mask can reach, and how: every residual block
+    closed, every other group at one step of `round_to` channels (as `choose_mask` allows)."""
+    problem = mask_problem(graph, cost)
     gone = {g for groups in problem.block_groups.values() for g in groups}
     smallest = Mask({n: list(range(min(round_to, w))) for n, w in problem.widths.items() if n not in gone},
                     list(problem.block_groups))
-    dense = problem.macs(Mask({n: list(range(w)) for n, w in problem.widths.items()}, []))
+    dense = problem.cost(Mask({n: list(range(w)) for n, w in problem.widths.items()}, []))
     how = (f"{len(problem.block_groups)} residual blocks closed, every other group at "
            f"{round_to} channels")
-    return problem.macs(smallest) / dense, how
+    return problem.cost(smallest) / dense, how
 
 
 class PolarizedMethod(Method):
@@ -82,10 +96,29 @@ class PolarizedMethod(Method):
             (0 < cfg.freeze_fraction <= 1, "freeze_fraction", "must be in (0, 1]"),
             (cfg.warmup_fraction < cfg.freeze_fraction, "warmup_fraction", "must be below freeze_fraction"),
             (cfg.warmup_fraction <= cfg.ramp_fraction <= 1, "ramp_fraction", "must be in [warmup_fraction, 1]"),
-            *((getattr(cfg, key) >= 0, key, "must be >= 0") for key in LOSS_WEIGHTS))
+            *((getattr(cfg, key) >= 0, key, "must be >= 0") for key in LOSS_WEIGHTS),
+            (cfg.cost in COSTS, "cost", f"must be one of {', '.join(COSTS)}"),
+            (cfg.latency_batch >= 1, "latency_batch", "must be at least 1"),
+            (cfg.latency_threads >= 1, "latency_threads", "must be at least 1"),
+            (bool(cfg.latency_cache.strip()), "latency_cache", "must name a folder"))
+        if cfg.cost == "latency":
+            found += cls._latency_problems(cfg, chosen)
         if chosen and cfg.dynamic_gates and cfg.val_size == 0:
             found.append(("val_size", "dynamic gates need a validation set for their consensus vote: set val_size > 0"))
         return found
+
+    @staticmethod
+    def _latency_problems(cfg, chosen: bool) -> list[tuple[str, str]]:
+        if not chosen:
+            return [("cost", f"'latency' is a cost of the polarized gates; method {cfg.method!r} prunes by its "
+                             "own rule: use cost: flops")]
+        if cfg.target_latency_ratio is None:
+            return [("target_latency_ratio", "is required with cost: latency (kept / dense latency, e.g. 0.5 "
+                                             "for 2x faster)")]
+        from ..latency import runtime_problem  # loads onnxruntime: only when the latency cost is used
+        problem = runtime_problem(cfg.latency_runtime)
+        return failed((0 < cfg.target_latency_ratio <= 1, "target_latency_ratio", "must be in (0, 1]"),
+                      (problem is None, "latency_runtime", problem or ""))
 
     def __init__(self, cfg, graph):
         super().__init__(cfg, graph)
@@ -93,19 +126,57 @@ class PolarizedMethod(Method):
             raise ConfigError(f"config key 'model': {cfg.model} has nothing the gates can prune (every channel "
                               "group is pinned and there is no residual block); see the pin reasons with "
                               "training.graph.trace_network", "model")
-        floor, how = flops_floor(graph, cfg.round_to)
-        if cfg.target_flops_ratio + cfg.flops_tolerance < floor:
-            raise ConfigError(f"config key 'target_flops_ratio': {cfg.model} cannot go below {floor:.4f} of its "
-                              f"FLOPs ({how}), even with flops_tolerance {cfg.flops_tolerance:g} (got "
-                              f"{cfg.target_flops_ratio!r})", "target_flops_ratio")
-        self.dense_macs = float(mask_macs(graph, Mask({n: list(range(g.width)) for n, g in graph.prunable().items()})))
+        self.flops = MacsCost(graph)  # always reported; the cost the gates pay unless cost: latency
+        self.latency_table = None      # cost: latency: the table (measured or cached) the run prices masks by
+        self.latency_report: dict | None = None  # predicted vs measured latency of the final mask
+        self.cost: Cost | None = None
+        if cfg.cost == "flops":
+            self._use_cost(self.flops)
         self.mask: Mask | None = None
         self.projection: dict | None = None  # what the move into the target band changed
         self.cut_at_freeze = cfg.cut_after_freeze  # this run trains the cut network after the freeze
         self.finished = False
         self._cut_momentum = None  # maps the gated network's momentum onto the cut network's
+        self._table_written = False
         self.agreement: float | None = None
-        self.last_ratio = 1.0
+        self.last_ratio = self.last_flops = 1.0
+
+    @property
+    def target(self) -> float:
+        """The final kept-cost ratio the gates aim for."""
+        return self.cfg.target_latency_ratio if self.cfg.cost == "latency" else self.cfg.target_flops_ratio
+
+    def _use_cost(self, cost: Cost) -> None:
+        """Price everything with `cost` from now on, once it is known that the target can be reached."""
+        floor, how = cost_floor(self.graph, self.cfg.round_to, cost)
+        key = f"target_{cost.name}_ratio"
+        if self.target + self.cfg.flops_tolerance < floor:
+            what = "FLOPs" if cost.name == "flops" else "predicted latency (latency_table.json)"
+            raise ConfigError(f"config key {key!r}: {self.cfg.model} cannot go below {floor:.4f} of its {what} "
+                              f"({how}), even with flops_tolerance {self.cfg.flops_tolerance:g} (got "
+                              f"{self.target!r})", key)
+        self.cost = cost
+
+    def _use_table(self, table) -> None:
+        from ..latency import LatencyCost  # onnxruntime and onnx load only for cost: latency
+        self.latency_table = table
+        self._use_cost(LatencyCost(self.graph, table))
+
+    def prepare(self, model: nn.Module, ctx: RunContext) -> None:
+        """cost: latency: the table of this runtime, machine and network (rank 0 measures or reads it, every
+        rank prices masks by the same one), copied into the run folder."""
+        if self.cfg.cost != "latency":
+            return
+        if self.cost is None:
+            from ..latency import LatencySettings, load_or_measure
+            settings = LatencySettings.from_config(self.cfg)
+            table, _ = ctx.cluster.from_main(
+                lambda: load_or_measure(self.graph, self.cfg.round_to, settings,
+                                        print if self.cfg.progress else lambda _: None))
+            self._use_table(table)
+        if not self._table_written and ctx.cluster.is_main and ctx.run_dir is not None:
+            write_json(ctx.run_dir / "latency_table.json", self.latency_table.to_dict())
+            self._table_written = True
 
     def build_model(self) -> GatedNetwork:
         return GatedNetwork(self.graph, self.cfg.gate_init, self.cfg.dynamic_gates)
@@ -118,11 +189,12 @@ class PolarizedMethod(Method):
     # --- during training -------------------------------------------------------------------------
     def extra_loss(self, model: GatedNetwork, progress: float):
         if self.mask is not None:  # frozen: the sub-network is fixed, only the weights train
-            return None, {"kept_flops": self.last_ratio}
-        ratio = model.kept_ratio()
+            return None, self._logs()
+        ratio = model.kept_ratio(self.cost)
         self.last_ratio = float(ratio.detach())
+        self.last_flops = self.last_ratio if self.cost is self.flops else float(model.kept_ratio(self.flops).detach())
         if progress < self.cfg.warmup_fraction:
-            return None, {"kept_flops": self.last_ratio}
+            return None, self._logs()
         cfg = self.cfg
         channel_probs, block_probs = model.gate_probs()
         loss = polarized_penalty(ratio, channel_probs, block_probs, self.target_at(progress), cfg.flops_weight,
@@ -130,12 +202,16 @@ class PolarizedMethod(Method):
         if cfg.dynamic_gates:
             disagreement = [consensus_disagreement(p) for p in channel_probs + block_probs]
             loss = loss + cfg.consensus_weight * torch.stack(disagreement).mean()
-        return loss, {"kept_flops": self.last_ratio}
+        return loss, self._logs()
+
+    def _logs(self) -> dict[str, float]:
+        return {"kept_flops": self.last_flops, **({"kept_latency": self.last_ratio} if self.cfg.cost == "latency"
+                                                  else {})}
 
     def target_at(self, progress: float) -> float:
-        """The kept-FLOPs target of this step (`training.gates.kept_target`)."""
+        """The kept-cost target of this step (`training.gates.kept_target`)."""
         cfg = self.cfg
-        return kept_target(progress, cfg.target_flops_ratio, cfg.warmup_fraction, cfg.ramp_fraction)
+        return kept_target(progress, self.target, cfg.warmup_fraction, cfg.ramp_fraction)
 
     def start_epoch(self, model: nn.Module, epoch: int, ctx: RunContext) -> nn.Module:
         freeze_epoch = min(ctx.total_epochs, max(1, round(self.cfg.freeze_fraction * ctx.total_epochs)))
@@ -169,6 +245,8 @@ class PolarizedMethod(Method):
         if self.mask is None:
             self._freeze(model, ctx)
         self.finished = True  # also when the mask froze only now: the saved model is the gated one
+        if self.cfg.cost == "latency" and self.latency_report is None:  # rank 0 times, every rank reports
+            self.latency_report = ctx.cluster.from_main(self._measure_latency)
         if isinstance(model, GatedNetwork):
             return model
         # the cut network back in the dense shape, gates frozen: what checkpoints and export expect
@@ -216,21 +294,38 @@ class PolarizedMethod(Method):
         """The gates' decisions, rounded to round_to (the learned mask), then moved into the target band
         unless `projection: none`; what the move changed is reported, never hidden."""
         channels, blocks = self.decisions(model, ctx)
-        problem, cfg = mask_problem(self.graph), self.cfg
+        problem, cfg = mask_problem(self.graph, self.cost), self.cfg
         learned = choose_mask(problem, channels, blocks, cfg.round_to, None, cfg.flops_tolerance)
         self.mask = learned if cfg.projection == "none" else choose_mask(
-            problem, channels, blocks, cfg.round_to, cfg.target_flops_ratio, cfg.flops_tolerance)
-        self.projection = {"mode": cfg.projection, **projection_report(problem, learned, self.mask),
-                           "target_flops_ratio": cfg.target_flops_ratio}
-        self.projection["target_miss"] = self.projection["final_flops_ratio"] - cfg.target_flops_ratio
+            problem, channels, blocks, cfg.round_to, self.target, cfg.flops_tolerance)
+        name = self.cost.name
+        self.projection = {"mode": cfg.projection, **projection_report(mask_problem(self.graph), learned, self.mask),
+                           **projection_report(problem, learned, self.mask, name), f"target_{name}_ratio": self.target}
+        self.projection["target_miss"] = self.projection[f"final_{name}_ratio"] - self.target
         model.freeze(self.mask)
-        self.last_ratio = mask_macs(self.graph, self.mask) / self.dense_macs
+        self.last_ratio = mask_cost(self.cost, self.mask) / self.cost.dense
+        self.last_flops = mask_cost(self.flops, self.mask) / self.flops.dense
+
+    def _measure_latency(self) -> dict[str, Any]:
+        """The dense and the final cut network exported and timed interleaved with the table's settings:
+        what the table predicted for the mask beside what the runtime measured."""
+        from ..latency import LatencySettings, measure_networks
+        settings = LatencySettings.from_config(self.cfg)
+        pruned = cut(self.graph, self.mask, self.graph.module)  # timing does not depend on the weights
+        times = measure_networks(self.graph.module, pruned, tuple(self.graph.input_shape), settings)
+        return {"predicted_ratio": mask_cost(self.cost, self.mask) / self.cost.dense, **times,
+                "batch": settings.batch, "threads": settings.threads, "runtime": settings.runtime,
+                "table": "latency_table.json"}
 
     def final_mask(self, model: GatedNetwork) -> Mask:
         return self.mask
 
     def summary(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"dynamic_gates": self.cfg.dynamic_gates, "projection": self.projection}
+        out: dict[str, Any] = {"dynamic_gates": self.cfg.dynamic_gates, "projection": self.projection,
+                               "cost": self.cfg.cost}
+        if self.cfg.cost == "latency":
+            out.update(target_flops_ratio=None, target_latency_ratio=self.cfg.target_latency_ratio,
+                       latency=self.latency_report)
         if self.agreement is not None:
             out["consensus_agreement"] = self.agreement
         return out
@@ -240,7 +335,9 @@ class PolarizedMethod(Method):
                                                "closed_blocks": self.mask.closed_blocks}
         return {"mask": mask, "agreement": self.agreement, "last_ratio": self.last_ratio,
                 "projection": self.projection, "cut_at_freeze": self.cut_at_freeze, "finished": self.finished,
-                "gate_state": getattr(self, "gate_state", None)}
+                "gate_state": getattr(self, "gate_state", None), "last_flops": self.last_flops,
+                "latency_table": self.latency_table.to_dict() if self.latency_table is not None else None,
+                "latency_report": self.latency_report}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         mask = state.get("mask")
@@ -253,3 +350,8 @@ class PolarizedMethod(Method):
         if self.mask is not None and self.cut_at_freeze and not self.finished and self.gate_state is not None:
             self._cut_momentum = None  # a resumed cut network already holds its own momentum
         self.last_ratio = state.get("last_ratio", 1.0)
+        self.last_flops = state.get("last_flops", self.last_ratio)
+        self.latency_report = state.get("latency_report")
+        if state.get("latency_table") is not None:  # a resume prices masks by the table the run began with
+            from ..latency import LatencyTable
+            self._use_table(LatencyTable.from_dict(state["latency_table"], "checkpoint latency_table"))
