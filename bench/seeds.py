@@ -4,7 +4,8 @@
                        python -m training --config configs/fmnist_resnet20_dense.yaml --set seed=$s --set name=fmnist_resnet20_dense_seed$s; done
     python -m bench.seeds --runs runs [--out docs/results/seeds.json]
     python -m bench.seeds --dense 'runs/dense_s{seed}' --arm 'from scratch=runs/base_s{seed}' \\
-                          --arm 'from the dense weights=runs/ft_s{seed}' [--seeds 0,1,2]
+                          --arm 'from the dense weights=runs/ft_s{seed}' --arm 'distillation@0=runs/kd_s{seed}'
+                          [--seeds 0,1,2]
 
 Reads finished run folders (`{seed}` in a pattern is the seed) and writes, per arm and seed, test accuracy,
 the gap to that seed's dense run, kept FLOPs (before and after the move into the target band), training
@@ -58,11 +59,15 @@ def arm_row(seed: int, folder: Path, metrics: dict, dense: dict) -> dict:
             "commit": (metrics.get("provenance") or {}).get("commit")}
 
 
-def collect(dense_pattern: str, arms: dict[str, str], seeds: list[int]) -> dict:
+def collect(dense_pattern: str, arms: dict[str, tuple[str, list[int] | None]], seeds: list[int]) -> dict:
+    """`arms`: label -> (folder pattern, its seeds or None for all of `seeds`)."""
     dense = {seed: finished_run(dense_pattern, seed)[1] for seed in seeds}
     out = []
-    for label, pattern in arms.items():
-        rows = [arm_row(seed, *finished_run(pattern, seed), dense[seed]) for seed in seeds]
+    for label, (pattern, arm_seeds) in arms.items():
+        unknown = sorted(set(arm_seeds or seeds) - set(seeds))
+        if unknown:
+            raise BenchError(f"--arm {label!r}: seeds {unknown} are not among --seeds {seeds} (no dense run to compare)")
+        rows = [arm_row(seed, *finished_run(pattern, seed), dense[seed]) for seed in arm_seeds or seeds]
         gaps = [row["gap_points"] for row in rows]
         out.append({"label": label, "pattern": pattern, "seeds": rows,
                     "mean_accuracy": statistics.fmean(r["accuracy"] for r in rows),
@@ -79,11 +84,18 @@ def collect(dense_pattern: str, arms: dict[str, str], seeds: list[int]) -> dict:
             "arms": out}
 
 
-def parse_arm(text: str) -> tuple[str, str]:
-    label, sep, pattern = text.partition("=")
+def parse_arm(text: str) -> tuple[str, tuple[str, list[int] | None]]:
+    """LABEL=PATTERN (every seed of --seeds) or LABEL@0,1=PATTERN (those seeds only)."""
+    head, sep, pattern = text.partition("=")
+    label, at, seeds = head.partition("@")
     if not sep or not label.strip() or "{seed}" not in pattern:
-        raise BenchError(f"--arm expects LABEL=PATTERN with {{seed}} in the pattern, got {text!r}")
-    return label.strip(), pattern
+        raise BenchError(f"--arm expects LABEL=PATTERN or LABEL@SEEDS=PATTERN with {{seed}} in the pattern, "
+                         f"got {text!r}")
+    try:
+        chosen = [int(seed) for seed in seeds.split(",")] if at else None
+    except ValueError:
+        raise BenchError(f"--arm {text!r}: the seeds after @ must be integers, e.g. 'distillation@0=runs/d_s{{seed}}'")
+    return label.strip(), (pattern, chosen)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,14 +103,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=Path, default=ROOT / "runs", help="folder of the default layout")
     parser.add_argument("--run", default="fmnist_resnet20", help="run name of the default layout")
     parser.add_argument("--dense", help="dense run folder pattern, e.g. 'runs/dense_s{seed}'")
-    parser.add_argument("--arm", action="append", default=[], metavar="LABEL=PATTERN",
-                        help="one way of training the polarized run; repeat for several")
+    parser.add_argument("--arm", action="append", default=[], metavar="LABEL[@SEEDS]=PATTERN",
+                        help="one way of training the polarized run (on SEEDS only, e.g. 'x@0=...'); repeat")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "seeds.json")
     args = parser.parse_args(argv)
     try:
         arms = dict(map(parse_arm, args.arm)) or {"from scratch (the default run)":
-                                                  str(args.runs / f"{args.run}_seed{{seed}}")}
+                                                  (str(args.runs / f"{args.run}_seed{{seed}}"), None)}
         dense = args.dense or str(args.runs / f"{args.run}_dense_seed{{seed}}")
         result = collect(dense, arms, [int(s) for s in args.seeds.split(",")])
     except (PolarpruneError, KeyError, ValueError) as error:

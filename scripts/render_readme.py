@@ -142,7 +142,7 @@ def compare_table(document: dict) -> list[str]:
 
 def seeds_table(document: dict) -> list[str]:
     seeds = [row["seed"] for row in document["dense"]["seeds"]]
-    rows = ["| training | accuracy (mean) | gap to dense, points | gap per seed | kept MACs | learned kept MACs "
+    rows = ["| training | accuracy (mean) | gap to dense, points | seed: gap | kept MACs | learned kept MACs "
             "| epochs of compute | train s (mean) |",
             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     runs = []
@@ -151,7 +151,7 @@ def seeds_table(document: dict) -> list[str]:
         learned = [row["learned_flops_ratio"] for row in arm["seeds"] if row["learned_flops_ratio"] is not None]
         learned_text = "/".join(f"{value:.3f}" for value in learned) if learned else "-"
         rows.append(f"| {arm['label']} | {arm['mean_accuracy']:.4f} | {arm['mean_gap_points']:.2f}{spread} | "
-                    + " / ".join(f"{row['gap_points']:.2f}" for row in arm["seeds"])
+                    + ", ".join(f"{row['seed']}: {row['gap_points']:.2f}" for row in arm["seeds"])
                     + f" | {arm['mean_flops_ratio']:.3f} | {learned_text} | "
                     + "/".join(map(str, arm["compute_epochs"])) + f" | {arm['mean_train_seconds']:.0f} |")
         commits = sorted({str(row["commit"])[:10] for row in arm["seeds"]})

@@ -203,4 +203,10 @@ def test_seeds_arms_count_the_dense_run_a_fine_tune_started_from(tmp_path):
     assert (fine_tune["label"], fine_tune["compute_epochs"], round(fine_tune["mean_gap_points"], 6)) == \
         ("fine-tune", [8], -1.0)
     assert fine_tune["stdev_gap_points"] == 0.0
+    assert seeds_main(["--dense", str(tmp_path / "dense{seed}"), "--seeds", "0,1", "--out", str(out),
+                       "--arm", f"one seed@1={tmp_path}/ft{{seed}}"]) == 0
+    (arm,) = json.loads(out.read_text())["arms"]
+    assert [row["seed"] for row in arm["seeds"]] == [1] and arm["stdev_gap_points"] is None
     assert seeds_main(["--arm", "no pattern", "--out", str(out)]) == 2
+    assert seeds_main(["--dense", str(tmp_path / "dense{seed}"), "--seeds", "0,1", "--out", str(out),
+                       "--arm", f"seed 5@5={tmp_path}/ft{{seed}}"]) == 2  # no dense run of seed 5

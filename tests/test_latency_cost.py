@@ -4,6 +4,7 @@ import dataclasses
 import json
 
 import onnxruntime as ort
+import numpy as np
 import pytest
 import torch
 
@@ -116,6 +117,14 @@ def test_depthwise_layers_are_priced_by_their_one_width(tmp_path):
         for i, width in enumerate(entry["in_widths"]):
             assert table.layer_ms(layer, width, width) == pytest.approx(entry["ms"][i][0])
     assert LatencyCost(graph, table).dense == pytest.approx(table.dense_ms)
+
+
+def test_monotone_entries_rise_strictly_so_noise_never_removes_a_gradient():
+    from training.latency import monotone
+    noisy = [[1.0, 2.0, 1.9], [2.0, 1.5, 4.0], [3.0, 3.0, 3.0]]  # dips and flat steps, as noise makes them
+    fixed = np.asarray(monotone(noisy))
+    assert (np.diff(fixed, axis=0) > 0).all() and (np.diff(fixed, axis=1) > 0).all()
+    assert (fixed >= np.asarray(noisy)).all() and fixed[0, 0] == 1.0 and fixed[1, 2] == 4.0
 
 
 def test_latency_cost_gives_the_gate_scores_gradients(graph, built):

@@ -51,7 +51,7 @@ from .gating import Number, costed_layers, cut, layer_sum, mask_widths
 from .graph import Layer, Layout, NetworkGraph
 from .mask import Mask
 
-TABLE_FORMAT, TABLE_VERSION = "polarprune-latency-table", 1
+TABLE_FORMAT, TABLE_VERSION = "polarprune-latency-table", 2  # 2: strictly rising entries
 RUNTIMES = {"onnxruntime-cpu": "CPUExecutionProvider", "onnxruntime-cuda": "CUDAExecutionProvider"}
 # ISA extensions that change which kernels onnxruntime picks (its blocked conv path follows the widest)
 KERNEL_FLAGS = ("avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni", "amx_tile")
@@ -276,10 +276,22 @@ def _cell(grid: list[int], width: Number) -> tuple[int, Number]:
     return k, (width - grid[k - 1]) / (grid[k] - grid[k - 1])
 
 
+MIN_STEP_SHARE = 0.05  # of a layer's mean step per grid point: what a flattened (noisy) step still rises
+
+
 def monotone(grid: list[list[float]]) -> list[list[float]]:
-    """The running maximum along both axes: noise must not make a wider layer look cheaper (a gradient
-    that rewards growing). Timings themselves are stored beside it, untouched."""
-    values = np.maximum.accumulate(np.maximum.accumulate(np.asarray(grid, dtype=np.float64), axis=0), axis=1)
+    """Strictly rising along both axes: noise must not make a wider layer look cheaper (a gradient that
+    rewards growing) nor as cheap (no gradient at all, so the gates of that group would feel no cost). Each
+    step rises by at least MIN_STEP_SHARE of the layer's mean step; timings are stored beside it, untouched."""
+    values = np.asarray(grid, dtype=np.float64)
+    rows, cols = values.shape
+    mean_step = (values.max() - values.min()) / max(rows + cols - 2, 1)
+    least = MIN_STEP_SHARE * max(mean_step, 1e-6)
+    for i in range(rows):
+        for j in range(cols):
+            below = values[i - 1, j] + least if i else -np.inf
+            left = values[i, j - 1] + least if j else -np.inf
+            values[i, j] = max(values[i, j], below, left)
     return values.tolist()
 
 
