@@ -3,8 +3,8 @@ errors, and a short run that reports predicted beside measured latency. No asser
 import dataclasses
 import json
 
-import onnxruntime as ort
 import numpy as np
+import onnxruntime as ort
 import pytest
 import torch
 
@@ -17,6 +17,7 @@ from training.latency import (LatencyCost, LatencySettings, LatencyTable, cache_
 from training.loop import train
 from training.mask import Mask
 from training.methods import RunContext, make_method
+from training.methods.polarized import PolarizedSettings
 from training.networks import NetworkInfo, build_network
 from user_networks import MobileNetV2
 
@@ -165,8 +166,12 @@ def test_cuda_runtime_without_its_provider_is_refused():
 
 
 def test_a_target_below_the_smallest_mask_is_refused(graph, built):
+    from training.methods.polarized import cost_floor
     settings, table, _ = built
-    cfg = make_config({**BASE, "cost": "latency", "target_latency_ratio": 0.01, "latency_cache": settings.cache})
+    floor, _ = cost_floor(graph, 16, LatencyCost(graph, table))  # what this table says the smallest mask keeps
+    below = (floor - PolarizedSettings.flops_tolerance) / 2
+    assert below > 0, f"the measured table gives a floor of {floor:.3f}: no target lies below it"
+    cfg = make_config({**BASE, "cost": "latency", "target_latency_ratio": below, "latency_cache": settings.cache})
     method = make_method(cfg, graph)
     with pytest.raises(ConfigError) as error:
         method.prepare(None, RunContext(torch.device("cpu"), lambda: [], 1, 1))
