@@ -78,7 +78,8 @@ def collect(dense_pattern: str, arms: dict[str, tuple[str, list[int] | None]], s
                     "compute_epochs": sorted({r["compute_epochs"] for r in rows})})
     return {"dense": {"pattern": dense_pattern,
                       "seeds": [{"seed": s, "accuracy": m["test_accuracy"], "train_seconds": m["train_seconds"],
-                                 "epochs": m["epochs"], "run": (m.get("provenance") or {}).get("command")}
+                                 "epochs": m["epochs"], "run": (m.get("provenance") or {}).get("command"),
+                                 "commit": (m.get("provenance") or {}).get("commit")}
                                 for s, m in dense.items()],
                       "mean_accuracy": statistics.fmean(m["test_accuracy"] for m in dense.values())},
             "arms": out}

@@ -21,7 +21,7 @@ from common.atomicio import write_text
 from common.results import REPO_ROOT
 
 README = REPO_ROOT / "README.md"
-DOCUMENTS = (README, REPO_ROOT / "docs" / "accuracy.md", REPO_ROOT / "docs" / "compare.md")  # with result blocks
+DOCUMENTS = (README, *(REPO_ROOT / "docs" / f"{name}.md" for name in ("accuracy", "compare", "speed")))  # with blocks
 RESULTS_DIR = REPO_ROOT / "docs" / "results"
 BLOCK = re.compile(r"(<!-- results:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /results:(?P=name) -->)", re.S)
 PRODUCERS = {  # what to run when a file is missing
@@ -31,6 +31,7 @@ PRODUCERS = {  # what to run when a file is missing
     "torch-pruning": "`python -m bench.torch_pruning_peer`, then `make results`",
     "compare": "`make compare`, then `make results`",
     "seeds": "the seed runs, then `python -m bench.seeds`",
+    "latency-target": "`python -m bench.latency_target`",
 }
 
 
@@ -140,6 +141,19 @@ def compare_table(document: dict) -> list[str]:
             "Torch-Pruning prunes to the kept MACs the polarized run reached at its target and seed."]
 
 
+def recorded_runs(rows: list[dict]) -> str:
+    """The command of the first run that recorded one, and which seeds' runs did not (made before runs
+    stamped their metrics.json with their command and commit)."""
+    stamped = [row for row in rows if row.get("run")]
+    text = (f"`{stamped[0]['run']}` (seed {stamped[0]['seed']}, commit "
+            f"{', '.join(sorted({str(row.get('commit'))[:10] for row in stamped}))})" if stamped else "")
+    missing = [str(row["seed"]) for row in rows if not row.get("run")]
+    if missing:
+        text += (" and seed" if stamped else "seed") + f"{'s' if len(missing) > 1 else ''} {', '.join(missing)} " \
+                "from before runs recorded their command"
+    return text
+
+
 def seeds_table(document: dict) -> list[str]:
     seeds = [row["seed"] for row in document["dense"]["seeds"]]
     rows = ["| training | accuracy (mean) | gap to dense, points | seed: gap | kept MACs | learned kept MACs "
@@ -154,17 +168,32 @@ def seeds_table(document: dict) -> list[str]:
                     + ", ".join(f"{row['seed']}: {row['gap_points']:.2f}" for row in arm["seeds"])
                     + f" | {arm['mean_flops_ratio']:.3f} | {learned_text} | "
                     + "/".join(map(str, arm["compute_epochs"])) + f" | {arm['mean_train_seconds']:.0f} |")
-        commits = sorted({str(row["commit"])[:10] for row in arm["seeds"]})
-        runs.append(f"{arm['label']}: `{arm['seeds'][0]['run']}` (seed {arm['seeds'][0]['seed']}; "
-                    f"commit {', '.join(commits)})")
+        runs.append(f"{arm['label']}: {recorded_runs(arm['seeds'])}")
     dense = document["dense"]
     return rows + ["", f"Seeds {', '.join(map(str, seeds))}; gap: mean ± standard deviation over the seeds. Dense "
-                       f"reference: mean accuracy {dense['mean_accuracy']:.4f} (`{dense['seeds'][0]['run']}`, per "
-                       "seed). The runs: " + "; ".join(runs) + "."]
+                       f"reference: mean accuracy {dense['mean_accuracy']:.4f}, {recorded_runs(dense['seeds'])}. "
+                       "The runs: " + "; ".join(runs) + "."]
+
+
+def latency_target_table(document: dict) -> list[str]:
+    rows = ["| run | target | test accuracy | kept MACs | predicted latency ratio | measured latency ratio |",
+            "|---|---|---:|---:|---:|---:|"]
+    for key, label, target in (("flops", "FLOPs-targeted", f"kept MACs {document['target_flops_ratio']:.3f}"),
+                               ("latency", "latency-targeted", f"latency {document['target_latency_ratio']:.4f}")):
+        run = document["runs"][key]
+        rows.append(f"| {label} | {target} | {run['test_accuracy']:.4f} | {run['flops_ratio']:.3f} | "
+                    f"{run['predicted_latency_ratio']:.3f} | {run['measured_latency_ratio']:.3f} |")
+    in_run = document["runs"]["latency"].get("in_run_latency") or {}
+    note = (f" The latency run measured {in_run['measured_ratio']:.3f} itself at its end ({in_run['rounds']} rounds)."
+            if in_run else "")
+    return rows + ["", f"onnxruntime CPU, batch {document['batch']}, {document['threads']} threads, "
+                       f"{document['rounds']} interleaved rounds (medians); the latency target is the FLOPs run's "
+                       f"first measured ratio.{note}"]
 
 
 TABLES = {"default-run": default_run_table, "export": export_table, "serving": serving_table,
-          "torch-pruning": torch_pruning_table, "compare": compare_table, "seeds": seeds_table}
+          "torch-pruning": torch_pruning_table, "compare": compare_table, "seeds": seeds_table,
+          "latency-target": latency_target_table}
 
 
 def render_block(name: str, results_dir: Path = RESULTS_DIR) -> str:
