@@ -50,9 +50,28 @@ def test_table_prices_every_costed_layer_on_its_round_to_grid(graph, built):
         assert len(entry["ms"]) == shape[0] and all(len(row) == shape[1] for row in entry["ms"])
         assert all(v >= 0 for row in entry["ms"] for v in row)
     assert table.other_ms == pytest.approx(table.dense_ms - sum(e["ms"][-1][-1] for e in table.layers.values()))
+    assert table.other_ms >= table.floor_ms - 1e-9  # the layers never claim more than the network's time
     assert {"runtime", "onnxruntime", "provider", "machine", "batch", "threads", "network"} <= set(table.key)
     assert table.key["machine"]["logical_cores"] >= 1 and table.key["threads"] == 2
     assert len(table.calibration["measured_ratios"]) == table.calibration["networks"]
+
+
+def test_layers_timed_slower_than_the_network_are_scaled_into_it(graph, monkeypatch):
+    """Under load a layer timed alone can read slower than the whole network; the table must still predict
+    every mask above the runtime's per-call floor, never below zero."""
+    import training.latency as latency
+
+    def loaded_medians(graphs, settings):  # every layer 0.2 ms alone, the network 1.0 ms, masks 0.3-0.9 ms
+        return {name: {"floor": 0.05, "dense": 1.0}.get(name, 0.3 if name.startswith("calibration") else 0.25)
+                for name in graphs}
+    monkeypatch.setattr(latency, "median_ms", loaded_medians)
+    table = latency.measure_table(graph, 16, LatencySettings(**QUICK_TIMING))
+    assert table.calibration["capped_to_dense_minus_floor"]
+    assert table.other_ms == pytest.approx(table.floor_ms)
+    cost = LatencyCost(graph, table)
+    full = {name: list(range(g.width)) for name, g in graph.prunable().items()}
+    narrowest = Mask({name: kept[:16] for name, kept in full.items()})
+    assert 0 < mask_cost(cost, narrowest) <= mask_cost(cost, Mask(full)) == pytest.approx(table.dense_ms)
 
 
 def test_second_build_hits_the_cache_and_a_new_fingerprint_misses(graph, built, monkeypatch):

@@ -51,7 +51,7 @@ from .gating import Number, costed_layers, cut, layer_sum, mask_widths
 from .graph import Layer, Layout, NetworkGraph
 from .mask import Mask
 
-TABLE_FORMAT, TABLE_VERSION = "polarprune-latency-table", 2  # 2: strictly rising entries
+TABLE_FORMAT, TABLE_VERSION = "polarprune-latency-table", 3  # 2: strictly rising; 3: layers fit in the network
 RUNTIMES = {"onnxruntime-cpu": "CPUExecutionProvider", "onnxruntime-cuda": "CUDAExecutionProvider"}
 # ISA extensions that change which kernels onnxruntime picks (its blocked conv path follows the widest)
 KERNEL_FLAGS = ("avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni", "amx_tile")
@@ -406,10 +406,20 @@ def measure_table(graph: NetworkGraph, round_to: int, settings: LatencySettings)
     for entry in layers.values():
         in_place = np.asarray(entry["measured_ms"]) * scale - np.asarray(entry["elements"]) * per_element
         entry["ms"] = monotone(np.maximum(in_place, 0.0).tolist())
+    # The layers cannot take more than the network minus the runtime's per-call floor. A fit on noisy
+    # calibration times (a loaded machine) can say they do; then every prediction shifts down by the excess
+    # and a small mask is predicted below zero. Scale the entries into that room instead.
+    full_width = sum(entry["ms"][-1][-1] for entry in layers.values())
+    room = max(dense - floor, 0.0)
+    capped = full_width > room > 0
+    if capped:
+        for entry in layers.values():
+            entry["ms"] = (np.asarray(entry["ms"]) * (room / full_width)).tolist()
     table = LatencyTable(key, layers, floor, dense, 0.0, time.perf_counter() - started)
     table.other_ms = dense - sum(entry["ms"][-1][-1] for entry in layers.values())
     predicted = [table.other_ms + total("ms", mask) for mask in masks]
     table.calibration = {"networks": len(masks), "scale": scale, "ms_per_element": per_element,
+                         "capped_to_dense_minus_floor": capped,
                          "measured_ratios": [medians[f"calibration{i}"] / dense for i in range(len(masks))],
                          "predicted_ratios": [p / dense for p in predicted]}
     table.build_seconds = time.perf_counter() - started
