@@ -23,7 +23,7 @@ from torch import fx, nn
 
 from .cuts import CUTS
 from .gates import Gate
-from .graph import Layer, Layout, NetworkGraph
+from .graph import Layer, Layout, NetworkGraph, layer_macs
 from .mask import GateDecision, Mask, MaskError, MaskProblem, choose_mask
 from .mask import check_mask as check_fits
 
@@ -131,10 +131,6 @@ def layer_sum(graph: NetworkGraph, widths: Mapping[str, Number], blocks_open: Ma
             term = term * blocks_open.get(block, 1.0)
         total = total + term
     return total
-
-
-def layer_macs(layer: Layer, in_width: Number, out_width: Number) -> Number:
-    return layer.unit_macs * in_width * (out_width if layer.kind != "depthwise" else 1.0)
 
 
 def kept_macs(graph: NetworkGraph, widths: Mapping[str, Number], blocks_open: Mapping[str, Number]) -> Number:

@@ -427,7 +427,7 @@ class _Analysis:
                 nodes = _branch(operand, node)
                 modules = [n.target for n in nodes if n.op == "call_module"]
                 layers = [self.layers[m] for m in modules if m in self.layers]
-                macs = sum(_layer_macs(layer) for layer in layers if layer.kind != "norm")
+                macs = sum(layer_macs(layer) for layer in layers if layer.kind != "norm")
                 if macs > 0 and all(n.op != "placeholder" for n in nodes):
                     candidates.append((macs, operand, nodes, modules))
             if not candidates:
@@ -444,9 +444,12 @@ def _is_zero(args) -> bool:
     return any(isinstance(a, (int, float)) and a == 0 for a in args)
 
 
-def _layer_macs(layer: Layer) -> int:
-    width_in, width_out = sum(s.width for s in layer.in_layout), sum(s.width for s in layer.out_layout)
-    return layer.unit_macs * width_in if layer.kind == "depthwise" else layer.unit_macs * width_in * width_out
+def layer_macs(layer: Layer, in_width=None, out_width=None):
+    """MACs of a conv or linear at these widths (default: its full widths); numbers or tensors. The one
+    formula behind the trace's block costs and the gates' MACs cost (`training.gating.kept_macs`)."""
+    in_width = sum(s.width for s in layer.in_layout) if in_width is None else in_width
+    out_width = sum(s.width for s in layer.out_layout) if out_width is None else out_width
+    return layer.unit_macs * in_width * (out_width if layer.kind != "depthwise" else 1)
 
 
 def _branch(operand: fx.Node, add: fx.Node) -> list[fx.Node]:
