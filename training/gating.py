@@ -192,6 +192,7 @@ class GatedNetwork(nn.Module):
     def __init__(self, graph: NetworkGraph, init_score: float = 2.0, dynamic: bool = False):
         super().__init__()
         self.graph, self.dynamic = graph, dynamic
+        self.macs_cost = MacsCost(graph)  # the default cost of `kept_ratio`, priced every step: built once
         template = copy.deepcopy(graph.module)  # the trace stays as it was: a template, not the weights
         network = fx.GraphModule(template, template.graph, class_name="GatedNetwork")
         nodes = {node.name: node for node in network.graph.nodes}
@@ -283,12 +284,12 @@ class GatedNetwork(nn.Module):
     def kept_ratio(self, cost: Cost | None = None) -> torch.Tensor:
         """Kept / dense cost (default: MACs) from the gate values of the last forward pass (carries STE
         gradients)."""
-        cost = cost or MacsCost(self.graph)
+        cost = cost or self.macs_cost
         return cost.kept(*self.expected_widths()) / cost.dense
 
     @property
     def dense_macs(self) -> float:
-        return float(kept_macs(self.graph, {}, {}))
+        return self.macs_cost.dense
 
     def gate_probs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """(channel gate probabilities per group, block gate probabilities) of the last forward pass."""
