@@ -6,8 +6,8 @@ import torch
 
 from training.gating import full_mask, mask_macs, mask_problem
 from training.graph import trace_network
-from training.mask import (GateDecision, MaskError, choose_mask, load_mask, mask_document, projection_report,
-                           save_mask)
+from training.mask import (GateDecision, Mask, MaskError, choose_mask, closed_by, flipped_cost, load_mask,
+                           mask_document, projection_report, save_mask, unit_sizes)
 from training.networks import NetworkInfo, build_network
 
 
@@ -16,11 +16,13 @@ def traced(model: str, in_channels: int, size: int):
     return info, trace_network(build_network(info), info.example_input())
 
 
-def decisions_for(graph, open_share, block_open=True, seed=0):
+def decisions_for(graph, open_share, block_open=True, seed=0, round_to=16):
     generator = torch.Generator().manual_seed(seed)
     channels = {}
     for name, group in graph.prunable().items():
-        conf = torch.rand(group.width, generator=generator)
+        conf = torch.rand(len(unit_sizes(group.width, round_to)), generator=generator)
+        if len(conf) == 1:  # a single unit has no gate that learns: always open
+            conf[:] = 0.0
         channels[name] = GateDecision(conf < open_share, 1 - conf)
     blocks = {name: (block_open, 0.9) for name in graph.blocks}
     return channels, blocks
@@ -40,7 +42,7 @@ def ratio(graph, mask):
 def test_final_mask_lands_in_the_band_with_rounded_widths(resnet, target, open_share):
     _, graph = resnet
     channels, blocks = decisions_for(graph, open_share)
-    mask = choose_mask(mask_problem(graph), channels, blocks, 16, target, 0.02)
+    mask = choose_mask(mask_problem(graph, round_to=16), channels, blocks, target, 0.02)
     assert abs(ratio(graph, mask) - target) <= 0.03
     assert all(len(kept) % 16 == 0 and len(kept) >= 16 for kept in mask.kept_channels.values())
     gone = {g for b in mask.closed_blocks for g in graph.groups_inside(b)}
@@ -51,20 +53,18 @@ def test_without_a_target_the_gates_decide(resnet):
     _, graph = resnet
     channels, blocks = decisions_for(graph, 0.6)
     blocks["layer2.1"] = (False, 0.1)
-    channels["layer3.0.conv1"].channel_open[:] = False  # every channel shut: the block goes
-    mask = choose_mask(mask_problem(graph), channels, blocks, 16, None, 0.02)
+    channels["layer3.0.conv1"].unit_open[:] = False  # every unit shut (a dynamic gates' vote): the block goes
+    channels["layer3.1.conv1"] = GateDecision(torch.tensor([True, False, True, False]), torch.tensor([.9, .2, .8, .4]))
+    mask = choose_mask(mask_problem(graph, round_to=16), channels, blocks, None, 0.02)
     assert mask.closed_blocks == ["layer2.1", "layer3.0"]
-    # 64 * 0.6 open rounds to a multiple of 16, and the most confident channels are the kept ones
-    kept = mask.kept_channels["layer3.1.conv1"]
-    assert len(kept) == 16 * round(int(channels["layer3.1.conv1"].channel_open.sum()) / 16)
-    opened = set(torch.nonzero(channels["layer3.1.conv1"].channel_open).flatten().tolist())
-    assert set(kept) <= opened or opened <= set(kept)  # rounding down drops, rounding up adds
+    # the open units, whole: channels 0-15 and 32-47 of the 64
+    assert mask.kept_channels["layer3.1.conv1"] == [*range(16), *range(32, 48)]
 
 
-def test_plain_layers_keep_at_least_one_group():
+def test_plain_layers_keep_at_least_one_unit():
     _, graph = traced("vgg16", 3, 32)
     channels, blocks = decisions_for(graph, 0.0)
-    mask = choose_mask(mask_problem(graph), channels, blocks, 16, None, 0.02)
+    mask = choose_mask(mask_problem(graph, round_to=16), channels, blocks, None, 0.02)
     assert mask.closed_blocks == []
     assert all(len(kept) == 16 for kept in mask.kept_channels.values())
 
@@ -72,7 +72,7 @@ def test_plain_layers_keep_at_least_one_group():
 def test_mask_json_round_trip_and_tampering(tmp_path, resnet):
     info, graph = resnet
     channels, blocks = decisions_for(graph, 0.5)
-    mask = choose_mask(mask_problem(graph), channels, blocks, 16, 0.5, 0.02)
+    mask = choose_mask(mask_problem(graph, round_to=16), channels, blocks, 0.5, 0.02)
     path = tmp_path / "mask.json"
     save_mask(path, mask_document(mask, mask_problem(graph), info.describe(), 16))
     document, loaded = load_mask(path)
@@ -104,9 +104,9 @@ def test_mask_json_round_trip_and_tampering(tmp_path, resnet):
 def test_projection_report_lists_what_the_move_into_the_band_changed(resnet):
     _, graph = resnet
     channels, blocks = decisions_for(graph, 0.95)  # the gates kept almost everything: far above 0.3
-    problem = mask_problem(graph)
-    learned = choose_mask(problem, channels, blocks, 16, None, 0.02)
-    final = choose_mask(problem, channels, blocks, 16, 0.3, 0.02)
+    problem = mask_problem(graph, round_to=16)
+    learned = choose_mask(problem, channels, blocks, None, 0.02)
+    final = choose_mask(problem, channels, blocks, 0.3, 0.02)
     report = projection_report(problem, learned, final)
     assert report["learned_flops_ratio"] == pytest.approx(ratio(graph, learned)) and report["learned_flops_ratio"] > 0.8
     assert report["final_flops_ratio"] == pytest.approx(ratio(graph, final))
@@ -116,3 +116,28 @@ def test_projection_report_lists_what_the_move_into_the_band_changed(resnet):
         assert flip["kept_after"] == len(final.kept_channels.get(name, []))
         assert set(flip["closed"]) == set(learned.kept_channels.get(name, [])) - set(final.kept_channels.get(name, []))
     assert projection_report(problem, learned, learned)["flipped_groups"] == {}
+
+
+@pytest.mark.parametrize("width, round_to, sizes", [(64, 16, [16] * 4), (32, 16, [16, 16]), (16, 16, [16]),
+                                                    (40, 16, [16, 24]), (8, 16, [8]), (3, 1, [1, 1, 1])])
+def test_groups_shrink_in_whole_units_of_round_to(width, round_to, sizes):
+    assert unit_sizes(width, round_to) == sizes
+
+
+def test_flipped_share_and_what_blocks_and_channels_closed(resnet):
+    _, graph = resnet
+    problem = mask_problem(graph, round_to=16)
+    full = problem.full()
+    assert flipped_cost(problem, full, full) == 0
+    one_block = Mask({n: k for n, k in full.kept_channels.items() if n not in graph.groups_inside("layer3.2")},
+                     ["layer3.2"])
+    share = 1 - problem.ratio(one_block)
+    assert flipped_cost(problem, full, one_block) == pytest.approx(share)
+    assert closed_by(problem, one_block) == pytest.approx({"blocks": share, "channels": 0.0})
+    narrower = Mask({**one_block.kept_channels, "layer3.1.conv1": list(range(16))}, ["layer3.2"])
+    split = closed_by(problem, narrower)
+    assert split["blocks"] == pytest.approx(share)
+    assert split["channels"] == pytest.approx(problem.ratio(one_block) - problem.ratio(narrower))
+    # closing one block and opening nothing else flips exactly its cost; swapping kept channels flips both
+    swapped = Mask({**one_block.kept_channels, "layer3.1.conv1": list(range(16, 32))}, ["layer3.2"])
+    assert flipped_cost(problem, narrower, swapped) > 0

@@ -4,9 +4,10 @@ A mask names channel groups and residual blocks as the trace names them (`traini
 its first producer's module path, a block by its branch's common module path. `check_mask` is what a mask
 must satisfy; `training.gating` applies one to a network.
 
-`choose_mask` turns gate decisions into a deployable mask: widths rounded to `round_to` (onnxruntime's
-fast conv path wants multiples of 16 on AVX-512), never narrower than one group, then moved one group or
-one block at a time until the kept cost (MACs, or predicted latency) sits within the tolerance of the target.
+A group shrinks in whole units of `round_to` channels (`unit_sizes`, the one rule for deployable widths);
+gates decide per unit. `choose_mask` turns gate decisions into a deployable mask and, given a target, moves
+one unit or one block at a time until the kept cost (MACs, or predicted latency) sits within the tolerance
+of it: a last resort, every move of which `projection_report` lists.
 """
 from __future__ import annotations
 
@@ -58,68 +59,90 @@ def check_mask(mask: Mask, widths: dict[str, int], block_groups: dict[str, list[
                             f"non-empty and within [0, {width})")
 
 
+def unit_sizes(width: int, round_to: int) -> list[int]:
+    """The one rule for deployable widths: a group of `width` channels keeps or drops whole units of
+    `round_to` consecutive channels, the last unit taking the remainder, so every kept width is a sum of
+    units and never less than one. A group narrower than 2 * round_to is a single unit: it stays whole and
+    leaves only with its block. (onnxruntime's fast conv path wants widths in multiples of 16 on AVX-512.)"""
+    count = max(1, width // round_to)
+    return [round_to] * (count - 1) + [width - round_to * (count - 1)]
+
+
+def unit_channels(sizes: list[int], units) -> list[int]:
+    """The channel indices of the given units of a group laid out in `sizes`."""
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    return sorted(c for u in units for c in range(starts[u], starts[u] + sizes[u]))
+
+
 @dataclass
 class GateDecision:
-    """What training decided for one unit: per-channel open flags and confidences (probabilities or, for
-    dynamic gates, the share of inputs that opened the channel), and whether its block stays."""
-    channel_open: torch.Tensor      # bool (width,)
-    channel_conf: torch.Tensor      # float (width,) in [0, 1]
-    block_open: bool = True
-    block_conf: float = 1.0
+    """What training decided for one channel group, per unit (`unit_sizes`): open flags and confidences
+    (probabilities or, for dynamic gates, the share of inputs that opened the unit)."""
+    unit_open: torch.Tensor      # bool (units,)
+    unit_conf: torch.Tensor      # float (units,) in [0, 1]
 
 
 @dataclass
 class MaskProblem:
-    """What a mask chooses among: prunable channel groups and their widths, residual blocks with the groups
-    that go when they close, and the kept cost of a mask (MACs, or predicted latency with `cost: latency`)."""
-    widths: dict[str, int]
+    """What a mask chooses among: prunable channel groups as units of channels (`unit_sizes`), residual
+    blocks with the groups that go when they close, and the kept cost of a mask (MACs, or predicted latency
+    with `cost: latency`)."""
+    units: dict[str, list[int]]
     block_groups: dict[str, list[str]]
     cost: Callable[[Mask], float]
 
+    @property
+    def widths(self) -> dict[str, int]:
+        return {name: sum(sizes) for name, sizes in self.units.items()}
+
+    def full(self) -> Mask:
+        return Mask({name: list(range(width)) for name, width in self.widths.items()}, [])
+
+    def ratio(self, mask: Mask) -> float:
+        return self.cost(mask) / self.cost(self.full())
+
 
 def choose_mask(problem: MaskProblem, decisions: dict[str, GateDecision], blocks: dict[str, tuple[bool, float]],
-                round_to: int, target_ratio: float | None, tolerance: float) -> Mask:
-    """Deployable mask from gate decisions (`blocks`: block -> (open, confidence)); see the module docstring."""
-    layers, inside = problem.widths, problem.block_groups
-    # Channels in the order they are kept: open ones first, then by confidence.
-    order = {name: torch.argsort(d.channel_conf + d.channel_open.float(), descending=True).tolist()
+                target_ratio: float | None, tolerance: float) -> Mask:
+    """Deployable mask from gate decisions (`blocks`: block -> (open, confidence)); see the module docstring.
+    Every group keeps its open units (at least one); with a target, whole units and blocks then move, least
+    confidence per unit of cost first, until the kept cost is within `tolerance` of it."""
+    units, inside = problem.units, problem.block_groups
+    # Units in the order they are kept: open ones first, then by confidence.
+    order = {name: torch.argsort(d.unit_conf + d.unit_open.float(), descending=True).tolist()
              for name, d in decisions.items()}
 
-    def step(name: str) -> int:
-        return min(round_to, layers[name])
-
-    def to_mask(widths: dict[str, int], closed: frozenset[str]) -> Mask:
+    def to_mask(kept: dict[str, int], closed: frozenset[str]) -> Mask:
         gone = {group for block in closed for group in inside[block]}
-        return Mask({n: sorted(order[n][:k]) for n, k in widths.items() if n not in gone}, sorted(closed))
+        return Mask({n: unit_channels(units[n], order[n][:k]) for n, k in kept.items() if n not in gone},
+                    sorted(closed))
 
     def confidence(name: str, lo: int, hi: int) -> float:
-        return float(decisions[name].channel_conf[order[name][lo:hi]].sum())
+        """Confidence of units lo..hi (in keeping order), each weighted by its channel count."""
+        return sum(float(decisions[name].unit_conf[u]) * units[name][u] for u in order[name][lo:hi])
 
-    def block_confidence(block: str, widths: dict[str, int]) -> float:
+    def block_confidence(block: str, kept: dict[str, int]) -> float:
         """What closing a block throws away: its gate's confidence times its groups' kept channels."""
-        kept = sum(confidence(group, 0, widths[group]) for group in inside[block])
-        return blocks[block][1] * (kept if inside[block] else 1.0)
+        held = sum(confidence(group, 0, kept[group]) for group in inside[block])
+        return blocks[block][1] * (held if inside[block] else 1.0)
 
-    dense = problem.cost(to_mask(dict(layers), frozenset()))
+    dense = problem.cost(to_mask({n: len(s) for n, s in units.items()}, frozenset()))
 
-    def ratio(widths: dict[str, int], closed: frozenset[str]) -> float:
-        return problem.cost(to_mask(widths, closed)) / dense
+    def ratio(kept: dict[str, int], closed: frozenset[str]) -> float:
+        return problem.cost(to_mask(kept, closed)) / dense
 
-    kept: dict[str, int] = {}
-    for name, width in layers.items():
-        n_open = int(decisions[name].channel_open.sum())
-        kept[name] = min(width, max(step(name), step(name) * round(n_open / step(name))))
-    # A block closes when its gate says so or every channel of a group inside it closed.
+    kept = {name: max(1, int(decisions[name].unit_open.sum())) for name in units}
+    # A block closes when its gate says so or every unit of a group inside it closed (a vote of dynamic gates).
     closed = frozenset(b for b, (is_open, _) in blocks.items()
-                       if not is_open or any(int(decisions[g].channel_open.sum()) == 0 for g in inside[b]))
+                       if not is_open or any(int(decisions[g].unit_open.sum()) == 0 for g in inside[b]))
     if target_ratio is None:
         return to_mask(kept, closed)
 
     def shrink_moves():
         gone = {group for block in closed for group in inside[block]}
         for name, k in kept.items():
-            if name not in gone and k - step(name) >= step(name):
-                yield {**kept, name: k - step(name)}, closed, confidence(name, k - step(name), k)
+            if name not in gone and k > 1:
+                yield {**kept, name: k - 1}, closed, confidence(name, k - 1, k)
         for block in blocks:
             if block not in closed:
                 yield kept, closed | {block}, block_confidence(block, kept)
@@ -127,10 +150,10 @@ def choose_mask(problem: MaskProblem, decisions: dict[str, GateDecision], blocks
     def grow_moves():
         gone = {group for block in closed for group in inside[block]}
         for name, k in kept.items():
-            if name not in gone and k + step(name) <= layers[name]:
-                yield {**kept, name: k + step(name)}, closed, confidence(name, k, k + step(name))
-        for block in closed:  # reopens with its groups at one step (they grow from there): fits the band
-            reopened = {**kept, **{group: step(group) for group in inside[block]}}
+            if name not in gone and k < len(units[name]):
+                yield {**kept, name: k + 1}, closed, confidence(name, k, k + 1)
+        for block in closed:  # reopens with its groups at one unit (they grow from there): fits the band
+            reopened = {**kept, **{group: 1 for group in inside[block]}}
             yield reopened, closed - {block}, block_confidence(block, reopened)
 
     # Shrink: least confidence lost per unit of cost saved, preferring moves that stay inside the band.
@@ -143,7 +166,7 @@ def choose_mask(problem: MaskProblem, decisions: dict[str, GateDecision], blocks
         if not candidates:
             break
         *_, kept, closed = min(candidates, key=lambda c: c[:3])
-    # Grow back where gates or rounding overshot: most confidence gained per unit of cost, never past the band.
+    # Grow back where gates overshot: most confidence gained per unit of cost, never past the band.
     while (current := ratio(kept, closed)) < target_ratio - tolerance:
         candidates = []
         for widths, blocks_closed, conf in grow_moves():
@@ -156,11 +179,40 @@ def choose_mask(problem: MaskProblem, decisions: dict[str, GateDecision], blocks
     return to_mask(kept, closed)
 
 
+def _combine(a: Mask, b: Mask, keep, close) -> Mask:
+    """Channel sets and closed blocks of two masks combined (for costs only: groups may keep none)."""
+    names = set(a.kept_channels) | set(b.kept_channels)
+    return Mask({n: sorted(keep(set(a.kept_channels.get(n, [])), set(b.kept_channels.get(n, [])))) for n in names},
+                sorted(close(set(a.closed_blocks), set(b.closed_blocks))))
+
+
+def flipped_cost(problem: MaskProblem, learned: Mask, final: Mask) -> float:
+    """The cost the move from `learned` to `final` touched, as a share of the dense cost: what either keeps
+    minus what both keep (channels opened plus channels closed, blocks likewise, priced together)."""
+    either = _combine(learned, final, set.union, set.intersection)
+    both = _combine(learned, final, set.intersection, set.union)
+    for name in problem.units:  # a group of a block that both masks close is absent from both: not kept
+        if name not in learned.kept_channels and name not in final.kept_channels:
+            either.kept_channels.pop(name, None)
+            both.kept_channels.pop(name, None)
+    return (problem.cost(either) - problem.cost(both)) / problem.cost(problem.full())
+
+
+def closed_by(problem: MaskProblem, mask: Mask) -> dict[str, float]:
+    """The dense cost the mask removes, as shares of the dense cost: by its closed blocks (their branches at
+    full width) and by its channel cuts (the rest)."""
+    dense = problem.cost(problem.full())
+    blocks_only = problem.cost(Mask({n: list(range(w)) for n, w in problem.widths.items()
+                                     if n in mask.kept_channels}, list(mask.closed_blocks)))
+    return {"blocks": (dense - blocks_only) / dense, "channels": (blocks_only - problem.cost(mask)) / dense}
+
+
 def projection_report(problem: MaskProblem, learned: Mask, final: Mask, cost_name: str = "flops") -> dict:
     """What moving the learned mask into the target band changed: the kept cost ratio before and after
     (`learned_<cost_name>_ratio`, `final_<cost_name>_ratio`), and per group and block the gates it flipped
-    (channel indices opened or closed, blocks closed or reopened)."""
-    dense = problem.cost(Mask({n: list(range(w)) for n, w in problem.widths.items()}, []))
+    (channel indices opened or closed, blocks closed or reopened), and the share of the dense cost it flipped
+    (`flipped_<cost_name>_share`, `flipped_cost`)."""
+    dense = problem.cost(problem.full())
     flipped = {}
     for name in problem.widths:
         before, after = set(learned.kept_channels.get(name, [])), set(final.kept_channels.get(name, []))
@@ -169,6 +221,7 @@ def projection_report(problem: MaskProblem, learned: Mask, final: Mask, cost_nam
                              "opened": sorted(after - before), "closed": sorted(before - after)}
     return {f"learned_{cost_name}_ratio": problem.cost(learned) / dense,
             f"final_{cost_name}_ratio": problem.cost(final) / dense,
+            f"flipped_{cost_name}_share": flipped_cost(problem, learned, final),
             "flipped_groups": flipped,
             "closed_blocks": sorted(set(final.closed_blocks) - set(learned.closed_blocks)),
             "reopened_blocks": sorted(set(learned.closed_blocks) - set(final.closed_blocks))}
@@ -177,7 +230,7 @@ def projection_report(problem: MaskProblem, learned: Mask, final: Mask, cost_nam
 def mask_document(mask: Mask, problem: MaskProblem, network: dict, round_to: int) -> dict:
     """mask.json: the mask, what it chose among (group widths, each block's groups), the network it was made
     for (`network`: model, model_args, input shape) and its MACs."""
-    dense = problem.cost(Mask({n: list(range(w)) for n, w in problem.widths.items()}, []))
+    dense = problem.cost(problem.full())
     pruned = problem.cost(mask)
     return {
         "format": MASK_FORMAT, "version": MASK_VERSION, "network": network, "round_to": round_to,
