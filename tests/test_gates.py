@@ -25,7 +25,7 @@ def test_min_open_keeps_the_highest_scores():
 
 
 def test_frozen_gate_is_constant_and_passes_no_gradient():
-    gate = Gate(4, init_score=1.0)
+    gate = Gate([1] * 4, init_score=1.0)
     gate.freeze(torch.tensor([1.0, 0.0, 1.0, 0.0]))
     values = gate()
     assert values.tolist() == [1.0, 0.0, 1.0, 0.0]
@@ -33,14 +33,14 @@ def test_frozen_gate_is_constant_and_passes_no_gradient():
 
 
 def test_a_gate_loaded_frozen_stops_training_like_one_frozen_in_place():
-    frozen = Gate(4, dynamic_in=3)
+    frozen = Gate([1] * 4, dynamic_in=3)
     frozen.freeze(torch.tensor([1.0, 0.0, 1.0, 0.0]))
-    loaded = Gate(4, dynamic_in=3)
+    loaded = Gate([1] * 4, dynamic_in=3)
     loaded.load_state_dict(frozen.state_dict())
     assert loaded.is_frozen and torch.equal(loaded(), frozen())
     assert not any(p.requires_grad for p in loaded.parameters())  # a resumed run must not wait for them
-    open_gate = Gate(4)
-    open_gate.load_state_dict(Gate(4).state_dict())
+    open_gate = Gate([1] * 4)
+    open_gate.load_state_dict(Gate([1] * 4).state_dict())
     assert open_gate.score.requires_grad
 
 

@@ -64,7 +64,7 @@ def test_gate_train_prune_export(name, tmp_path):
     with torch.no_grad():
         for gate in list(gated.channel_gates.values()) + list(gated.block_gates.values()):
             gate.score.copy_(torch.randn(gate.score.shape, generator=generator) + 0.3)
-    mask = gated.mask(round_to=1)
+    mask = gated.mask()
     assert mask_macs(gated.graph, mask) < gated.dense_macs
     pruned = gated.prune(mask)
     assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in network.parameters())
@@ -259,7 +259,7 @@ def test_the_built_in_zoo_goes_through_the_same_path(model_name):
     with torch.no_grad():
         for gate in list(gated.channel_gates.values()) + list(gated.block_gates.values()):
             gate.score.copy_(torch.randn(gate.score.shape) + 0.5)
-    mask = gated.mask(round_to=4)
+    mask = gated.mask()
     pruned = gated.prune(mask).eval()
     gated.eval()
     images = torch.randn(4, 3, 16, 16)

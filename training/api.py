@@ -24,7 +24,7 @@ from torch import nn
 from common.atomicio import write_bytes
 
 from .config import TrainConfig
-from .gates import kept_target, polarized_penalty
+from .gates import TargetConstraint, kept_target, polarized_penalty
 from .gating import GatedNetwork, cut, mask_macs
 from .graph import trace_network
 from .mask import Mask
@@ -38,9 +38,10 @@ class Polarization:
     """How the gates learn. Defaults: the training method's (`PolarizedSettings`), except the ramp, which
     is the default run's (`configs/fmnist_resnet20.yaml`) short-budget schedule."""
     target_flops: float = PolarizedSettings.target_flops_ratio   # kept MACs / dense MACs
-    round_to: int = TrainConfig.round_to  # kept widths are multiples of this (onnxruntime's fast conv path)
+    round_to: int = TrainConfig.round_to  # gates decide units of this many channels (onnxruntime's fast path)
     tolerance: float = PolarizedSettings.flops_tolerance  # the final mask lands within this of the target
-    flops_weight: float = PolarizedSettings.flops_weight
+    constraint_lr: float = PolarizedSettings.constraint_lr  # ascent step of the target's multipliers
+    score_clamp: float = PolarizedSettings.gate_score_clamp
     polarization_weight: float = PolarizedSettings.polarization_weight
     polarization_t: float = PolarizedSettings.polarization_t
     polarization_center: str = PolarizedSettings.polarization_center
@@ -63,19 +64,21 @@ class PolarizedNetwork(GatedNetwork):
     """A gated network with the polarized method's penalty and the mask it leads to."""
 
     def __init__(self, graph, settings: Polarization):
-        super().__init__(graph, settings.init_score)
+        super().__init__(graph, settings.init_score, round_to=settings.round_to, score_clamp=settings.score_clamp)
         self.settings = settings
+        self.constraint = TargetConstraint(settings.constraint_lr)
 
     def penalty(self, progress: float) -> torch.Tensor:
-        """The gate loss for the last forward pass at `progress` (0..1 of training): the squared distance
-        of kept MACs from the ramped target plus the polarizer. Zero during warm-up and once frozen."""
+        """The gate loss for the last forward pass at `progress` (0..1 of training): the kept-MACs target as
+        a constraint (`training.gates.TargetConstraint`, its multipliers raised on every call) plus the
+        polarizer. Zero during warm-up and once frozen."""
         s = self.settings
         ratio = self.kept_ratio()
-        if progress < s.warmup_fraction or all(g.is_frozen for g in self.channel_gates.values()):
-            return ratio * 0.0
         channel_probs, block_probs = self.gate_probs()
+        if progress < s.warmup_fraction or not (channel_probs or block_probs):
+            return torch.zeros((), device=next(self.parameters()).device)
         target = kept_target(progress, s.target_flops, s.warmup_fraction, s.ramp_fraction)
-        return polarized_penalty(ratio, channel_probs, block_probs, target, s.flops_weight,
+        return polarized_penalty(ratio, channel_probs, block_probs, target, self.constraint,
                                  s.polarization_weight, s.polarization_t, s.polarization_center)
 
     def flops_ratio(self, mask: Mask | None = None) -> float:
@@ -83,9 +86,9 @@ class PolarizedNetwork(GatedNetwork):
         return mask_macs(self.graph, mask or self.final_mask()) / self.dense_macs
 
     def final_mask(self) -> Mask:
-        """The deployable mask: what the gates chose, rounded to `round_to`, in the target band."""
+        """The deployable mask: what the gates chose, in the target band."""
         s = self.settings
-        return self.mask(s.round_to, s.target_flops, s.tolerance)
+        return self.mask(s.target_flops, s.tolerance)
 
     @torch.no_grad()
     def prune(self, mask: Mask | None = None, check_input: torch.Tensor | None = None) -> nn.Module:

@@ -1,6 +1,7 @@
 """Binary gates: hard 0/1 in the forward pass, a straight-through estimator in the backward pass.
 
-A gate holds one learnable score per unit (channel or residual block). Forward value = 1[score > 0];
+A gate holds one learnable score per unit (a `round_to` slice of a channel group, or a residual block).
+Forward value = 1[score > 0];
 backward treats it as sigmoid(score), so d(value)/d(score) = sigmoid'(score). A dynamic gate adds an
 input-dependent term from a light head (global pool -> linear) on the layer input; the static consensus
 mask is fixed later by majority vote. Once frozen, a gate is a constant 0/1 vector and trains no more.
@@ -23,42 +24,76 @@ def straight_through(logits: torch.Tensor, min_open: int = 0) -> tuple[torch.Ten
 
 
 class Gate(nn.Module):
-    def __init__(self, width: int, init_score: float = 2.0, dynamic_in: int | None = None, min_open: int = 0):
+    """One learnable score per unit: a `round_to` slice of a channel group (`unit_sizes`: units of `sizes`
+    channels each) or a residual block (one unit of size 1). The forward value is per channel: each unit's
+    0/1 value repeated over its channels. Scores are clamped to [-score_clamp, score_clamp] before each use
+    (0: no clamp), so sigmoid' never vanishes and a gate the cost pushes can still turn."""
+
+    def __init__(self, sizes: list[int], init_score: float = 2.0, dynamic_in: int | None = None,
+                 min_open: int = 0, score_clamp: float = 0.0):
         super().__init__()
-        self.width, self.min_open = width, min_open
-        self.score = nn.Parameter(torch.full((width,), float(init_score)))
+        self.sizes, self.min_open, self.score_clamp = list(sizes), min_open, score_clamp
+        # a single unit that must stay open decides nothing: a constant, no score to train
+        self.fixed = len(self.sizes) <= min_open
+        self.score = nn.Parameter(torch.full((len(self.sizes),), float(init_score)), requires_grad=not self.fixed)
         # Zero-initialised so a dynamic gate starts as its static score.
-        self.head = nn.Linear(dynamic_in, width) if dynamic_in else None
+        self.head = nn.Linear(dynamic_in, len(self.sizes)) if dynamic_in and not self.fixed else None
         if self.head is not None:
             nn.init.zeros_(self.head.weight)
             nn.init.zeros_(self.head.bias)
         self.register_buffer("frozen", torch.zeros(()), persistent=True)
-        self.register_buffer("frozen_mask", torch.ones(width), persistent=True)
-        # Set by forward, read by the losses of the same step (values carry STE gradients).
+        self.register_buffer("frozen_mask", torch.ones(sum(self.sizes)), persistent=True)  # per channel
+        self.register_buffer("unit_of_channel", torch.repeat_interleave(
+            torch.arange(len(self.sizes)), torch.tensor(self.sizes)), persistent=False)
+        self.register_buffer("unit_width", torch.tensor(self.sizes, dtype=torch.float32), persistent=False)
+        # Set by forward, read by the losses of the same step (values carry STE gradients), per unit.
         self.last_values: torch.Tensor | None = None
         self.last_probs: torch.Tensor | None = None
+        self.movable: torch.Tensor | None = None  # 0/1 per unit: which units a cost term may move (None: all)
+
+    @property
+    def width(self) -> int:
+        return len(self.frozen_mask)
 
     @property
     def is_frozen(self) -> bool:
         return bool(self.frozen.item())
 
+    @property
+    def learns(self) -> bool:
+        """Whether the score decides anything now (not a fixed unit, not frozen)."""
+        return not self.fixed and not self.is_frozen
+
     def logits(self, layer_input: torch.Tensor | None = None) -> torch.Tensor:
-        """(width,) for a static gate, (batch, width) for a dynamic one."""
+        """(units,) for a static gate, (batch, units) for a dynamic one."""
+        if self.score_clamp > 0 and self.score.requires_grad:
+            with torch.no_grad():
+                self.score.clamp_(-self.score_clamp, self.score_clamp)
         if self.head is None or layer_input is None:
             return self.score
         return self.score + self.head(layer_input.mean(dim=(2, 3)))
 
     def forward(self, layer_input: torch.Tensor | None = None) -> torch.Tensor:
-        if self.is_frozen:
-            values = self.frozen_mask
-            self.last_values, self.last_probs = values, None
-            return values
+        if self.is_frozen or self.fixed:
+            self.last_values, self.last_probs = None, None
+            return self.frozen_mask
         values, probs = straight_through(self.logits(layer_input), self.min_open)
         self.last_values, self.last_probs = values, probs
-        return values
+        return values.index_select(-1, self.unit_of_channel)
+
+    def kept_width(self, expected: bool = False) -> torch.Tensor | float:
+        """Channels the last forward pass kept (averaged over inputs for dynamic gates), or with `expected`
+        the channels its probabilities expect; carries the gradient while the gate learns."""
+        if self.last_values is None:
+            return float(self.frozen_mask.sum())
+        values = self.last_probs if expected else self.last_values
+        if self.movable is not None:  # the gradient reaches only the movable units
+            values = values.detach() + self.movable * (values - values.detach())
+        width = (values * self.unit_width).sum(dim=-1)
+        return width.mean() if width.dim() else width
 
     def freeze(self, mask: torch.Tensor) -> None:
-        """Fix the gate to a 0/1 mask; the score stops receiving gradients through the forward pass."""
+        """Fix the gate to a 0/1 mask per channel; the score stops receiving gradients."""
         self.frozen_mask.copy_(mask.to(self.frozen_mask))
         self.frozen.fill_(1.0)
         self._stop_training()
@@ -110,14 +145,44 @@ def polarizer(channel_probs: list[torch.Tensor], block_probs: list[torch.Tensor]
     return total
 
 
+class TargetConstraint:
+    """The kept-cost target as a constraint (CoFi, Xia et al. 2022): lambda1 * gap + lambda2 * gap^2 with
+    gap = kept ratio - target, the multipliers raised by gradient ascent after every step (lambda1 += lr *
+    gap, lambda2 += lr * gap^2). The pull grows for as long as the target is missed and turns round when
+    the gates overshoot, so the gates reach the target themselves, with no weight tuned per network."""
+
+    def __init__(self, lr: float):
+        self.lr = lr
+        self.lambda1 = self.lambda2 = 0.0
+
+    def __call__(self, ratio: torch.Tensor, target: float, one_sided: bool = False) -> torch.Tensor:
+        """The term for this step (`one_sided`: a ratio below the target is no violation, as while the
+        target still ramps down: the gates may run ahead of the schedule)."""
+        gap = (ratio - target).clamp(min=0) if one_sided else ratio - target
+        loss = self.lambda1 * gap + self.lambda2 * gap ** 2
+        miss = float(gap.detach())  # equal on every rank: the gates are synchronised
+        self.lambda1 += self.lr * miss
+        self.lambda2 += self.lr * miss * miss
+        return loss
+
+    def state_dict(self) -> dict[str, float]:
+        return {"lambda1": self.lambda1, "lambda2": self.lambda2}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.lambda1, self.lambda2 = float(state.get("lambda1", 0.0)), float(state.get("lambda2", 0.0))
+
+
 def polarized_penalty(ratio: torch.Tensor, channel_probs: list[torch.Tensor], block_probs: list[torch.Tensor],
-                      target: float, flops_weight: float, polarization_weight: float, t: float,
-                      center: str = "threshold") -> torch.Tensor:
-    """The polarized method's gate loss: flops_weight * (kept MACs ratio - target)^2 plus the polarizer.
-    Squared: the push fades as the ratio tracks the ramped target, so near it the task loss decides which
-    gates close (with abs, the constant push closed gates regardless of their use)."""
-    return (flops_weight * (ratio - target) ** 2
-            + polarization_weight * polarizer(channel_probs, block_probs, t, center))
+                      target: float, constraint: TargetConstraint | float, polarization_weight: float, t: float,
+                      center: str = "threshold", ramping: bool = False) -> torch.Tensor:
+    """The polarized method's gate loss: the target term plus the polarizer. The target term is a
+    `TargetConstraint` (default; one-sided while `ramping`) or, given a number w, the fixed squared term
+    w * (ratio - target)^2."""
+    target_term = constraint(ratio, target, ramping) if isinstance(constraint, TargetConstraint) \
+        else constraint * (ratio - target) ** 2
+    if polarization_weight == 0 or not (channel_probs or block_probs):
+        return target_term
+    return target_term + polarization_weight * polarizer(channel_probs, block_probs, t, center)
 
 
 def kept_target(progress: float, final: float, warmup_fraction: float, ramp_fraction: float) -> float:

@@ -24,7 +24,7 @@ from torch import fx, nn
 from .cuts import CUTS
 from .gates import Gate
 from .graph import Layer, Layout, NetworkGraph, layer_macs
-from .mask import GateDecision, Mask, MaskError, MaskProblem, choose_mask
+from .mask import GateDecision, Mask, MaskError, MaskProblem, choose_mask, unit_sizes
 from .mask import check_mask as check_fits
 
 Number = torch.Tensor | float
@@ -102,11 +102,6 @@ def _replace_module(root: nn.Module, path: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, leaf, module)
 
 
-def _per_input(values: torch.Tensor) -> torch.Tensor:
-    """A dynamic gate's (N, width) values averaged over inputs: the expected width."""
-    return values.mean(dim=0) if values.dim() > 1 else values
-
-
 LayerCost = Callable[[Layer, Number, Number], Number]
 
 
@@ -173,10 +168,11 @@ def mask_cost(cost: Cost, mask: Mask) -> float:
     return float(cost.kept(*mask_widths(mask)))
 
 
-def mask_problem(graph: NetworkGraph, cost: Cost | None = None) -> MaskProblem:
-    """What a mask of this network chooses among, and its cost (default: MACs)."""
+def mask_problem(graph: NetworkGraph, cost: Cost | None = None, round_to: int = 1) -> MaskProblem:
+    """What a mask of this network chooses among (groups in units of `round_to` channels), and its cost
+    (default: MACs)."""
     cost = cost or MacsCost(graph)
-    return MaskProblem({n: g.width for n, g in graph.prunable().items()},
+    return MaskProblem({n: unit_sizes(g.width, round_to) for n, g in graph.prunable().items()},
                        {name: graph.groups_inside(name) for name in graph.blocks},
                        lambda mask: mask_cost(cost, mask))
 
@@ -186,12 +182,16 @@ def full_mask(graph: NetworkGraph) -> Mask:
 
 
 class GatedNetwork(nn.Module):
-    """A user's network with polarized gates; see the module docstring. `dynamic=True` gives every gate
-    an input-dependent head on its group's (or branch's) input; the static mask is a vote over inputs."""
+    """A user's network with polarized gates; see the module docstring. A channel gate decides per unit of
+    `round_to` channels (`training.mask.unit_sizes`) and keeps at least one, so the gated network always has
+    a width that deploys, and the cost the gates see is the cost of the network that ships. `dynamic=True`
+    gives every gate an input-dependent head on its group's (or branch's) input; the static mask is a vote
+    over inputs. `score_clamp` bounds the scores (`training.gates.Gate`)."""
 
-    def __init__(self, graph: NetworkGraph, init_score: float = 2.0, dynamic: bool = False):
+    def __init__(self, graph: NetworkGraph, init_score: float = 2.0, dynamic: bool = False, round_to: int = 1,
+                 score_clamp: float = 0.0):
         super().__init__()
-        self.graph, self.dynamic = graph, dynamic
+        self.graph, self.dynamic, self.round_to = graph, dynamic, round_to
         self.macs_cost = MacsCost(graph)  # the default cost of `kept_ratio`, priced every step: built once
         template = copy.deepcopy(graph.module)  # the trace stays as it was: a template, not the weights
         network = fx.GraphModule(template, template.graph, class_name="GatedNetwork")
@@ -200,12 +200,13 @@ class GatedNetwork(nn.Module):
         channel, block = {}, {}
         for name, group in graph.prunable().items():
             source = self._dynamic_input(nodes[_node_of(graph, group.producers[0])])
-            channel[_key(name)] = Gate(group.width, init_score, _channels(source))
+            channel[_key(name)] = Gate(unit_sizes(group.width, round_to), init_score, _channels(source),
+                                       min_open=1, score_clamp=score_clamp)
             self._gate_inputs[f"channel_gates.{_key(name)}"] = source
         for name, block_gate in graph.blocks.items():
             first = next(n for n in block_gate.branch_nodes if nodes[n].op == "call_module")
             source = self._dynamic_input(nodes[first])
-            block[_key(name)] = Gate(1, init_score, _channels(source))
+            block[_key(name)] = Gate([1], init_score, _channels(source), score_clamp=score_clamp)
             self._gate_inputs[f"block_gates.{_key(name)}"] = source
         network.add_submodule("channel_gates", nn.ModuleDict(channel))  # gates live in the network only:
         network.add_submodule("block_gates", nn.ModuleDict(block))      # one state-dict entry each
@@ -275,46 +276,72 @@ class GatedNetwork(nn.Module):
     def block_gate(self, block: str) -> Gate:
         return self.block_gates[_key(block)]
 
-    def expected_widths(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    def kept_widths(self, expected: bool = False) -> tuple[dict[str, Number], dict[str, Number]]:
         """Kept width of every group and value of every block from the gate values of the last forward
-        pass (averaged over inputs for dynamic gates); they carry the STE gradients."""
-        return ({name: _per_input(self.channel_gate(name).last_values).sum() for name in self.graph.prunable()},
-                {name: _per_input(self.block_gate(name).last_values).sum() for name in self.graph.blocks})
+        pass (averaged over inputs for dynamic gates), or with `expected` from its gate probabilities;
+        they carry the gradients to the scores."""
+        return ({name: self.channel_gate(name).kept_width(expected) for name in self.graph.prunable()},
+                {name: self.block_gate(name).kept_width(expected) for name in self.graph.blocks})
 
-    def kept_ratio(self, cost: Cost | None = None) -> torch.Tensor:
-        """Kept / dense cost (default: MACs) from the gate values of the last forward pass (carries STE
-        gradients)."""
+    def kept_ratio(self, cost: Cost | None = None, expected: bool = False) -> torch.Tensor:
+        """Kept / dense cost (default: MACs) of the last forward pass's hard gates (the network it ran,
+        STE gradients), or with `expected` of its gate probabilities."""
         cost = cost or self.macs_cost
-        return cost.kept(*self.expected_widths()) / cost.dense
+        return torch.as_tensor(cost.kept(*self.kept_widths(expected)) / cost.dense)
+
+    def band_ratio(self, cost: Cost, target: float, tolerance: float) -> torch.Tensor:
+        """`kept_ratio(cost)` whose gradient reaches only the gates whose flip lands the ratio within
+        `tolerance` of `target`, or nearer to it than it is: a term on it never pushes a unit or block whose
+        flip would jump further past the target than the ratio now misses it. Each flip is priced by the
+        ratio's slope in that gate's value (exact for a block, first order for a unit)."""
+        learning = [g for g in self.gates().values() if g.learns and g.last_values is not None]
+        ratio = self.kept_ratio(cost)
+        if not learning or not ratio.requires_grad or any(g.last_values.dim() > 1 for g in learning):
+            return ratio  # nothing moves, or dynamic gates (a value per input): every gate may move
+        slopes = torch.autograd.grad(ratio, [g.last_values for g in learning], retain_graph=True, allow_unused=True)
+        now = float(ratio.detach())
+        for gate, slope in zip(learning, slopes):
+            if slope is None:
+                continue
+            after = torch.where(gate.last_values.detach() > 0.5, now - slope, now + slope)
+            miss = (after - target).abs()
+            gate.movable = ((miss <= tolerance) | (miss < abs(now - target))).float()
+        try:
+            return self.kept_ratio(cost)
+        finally:
+            for gate in learning:
+                gate.movable = None
 
     @property
     def dense_macs(self) -> float:
         return self.macs_cost.dense
 
     def gate_probs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """(channel gate probabilities per group, block gate probabilities) of the last forward pass."""
-        return ([self.channel_gate(n).last_probs for n in self.graph.prunable()],
-                [self.block_gate(n).last_probs for n in self.graph.blocks])
+        """(unit probabilities per channel gate, block gate probabilities) of the last forward pass, of the
+        gates that learn."""
+        return ([g.last_probs for g in self.channel_gates.values() if g.learns],
+                [g.last_probs for g in self.block_gates.values() if g.learns])
 
     # -- the mask ---------------------------------------------------------------------------------
     @torch.no_grad()
     def decisions(self) -> tuple[dict[str, GateDecision], dict[str, tuple[bool, float]]]:
-        """Open = score > 0, confidence = sigmoid(score), per channel group and per block."""
-        channels = {name: GateDecision((self.channel_gate(name).score > 0).cpu(),
-                                       torch.sigmoid(self.channel_gate(name).score).cpu())
-                    for name in self.graph.prunable()}
+        """Open = score > 0, confidence = sigmoid(score), per unit of each channel group and per block."""
+        channels = {}
+        for name in self.graph.prunable():
+            gate = self.channel_gate(name)
+            score = torch.full_like(gate.score, 10.0) if gate.fixed else gate.score
+            channels[name] = GateDecision((score > 0).cpu(), torch.sigmoid(score).cpu())
         scores = {name: self.block_gate(name).score[0] for name in self.graph.blocks}
         blocks = {name: (bool(score > 0), float(torch.sigmoid(score))) for name, score in scores.items()}
         return channels, blocks
 
-    def mask_problem(self) -> MaskProblem:
-        return mask_problem(self.graph)
+    def mask_problem(self, cost: Cost | None = None) -> MaskProblem:
+        return mask_problem(self.graph, cost or self.macs_cost, self.round_to)
 
-    def mask(self, round_to: int = 1, target_ratio: float | None = None, tolerance: float = 0.02) -> Mask:
-        """The static sub-network the gates chose: widths rounded to `round_to`, moved into the target band
-        when `target_ratio` is given."""
+    def mask(self, target_ratio: float | None = None, tolerance: float = 0.02) -> Mask:
+        """The static sub-network the gates chose, moved into the target band when `target_ratio` is given."""
         channels, blocks = self.decisions()
-        return choose_mask(self.mask_problem(), channels, blocks, round_to, target_ratio, tolerance)
+        return choose_mask(self.mask_problem(), channels, blocks, target_ratio, tolerance)
 
     @torch.no_grad()
     def freeze(self, mask: Mask) -> None:
@@ -364,12 +391,13 @@ class GatedNetwork(nn.Module):
 
 @torch.no_grad()
 def embed(graph: NetworkGraph, small: nn.Module, mask: Mask, init_score: float = 2.0,
-          gate_state: dict[str, torch.Tensor] | None = None) -> GatedNetwork:
+          gate_state: dict[str, torch.Tensor] | None = None, round_to: int = 1,
+          dynamic: bool = False) -> GatedNetwork:
     """The dense-shaped gated network equal to `small` (`cut(graph, mask)` in shape): its weights at the
     kept channel positions, every removed channel and closed branch zeroed (batch-norm shift included),
     gates frozen to `mask` (their scores from `gate_state`, a GatedNetwork state dict's gate entries, when
-    given). What a method that trained a cut network hands to export."""
-    gated = GatedNetwork(graph, init_score)
+    given, from gates of `round_to` units, dynamic or not). What a method that trained a cut network hands to export."""
+    gated = GatedNetwork(graph, init_score, dynamic, round_to=round_to)
     if gate_state:
         gated.load_state_dict(gate_state, strict=False)
     small_state = small.state_dict()

@@ -85,7 +85,7 @@ def make_optimizers(model, cfg: TrainConfig, total_steps: int, done_steps: int =
         {"params": [p for n, p in weights if p.dim() <= 1], "weight_decay": 0.0},  # BN and biases
     ]
     sgd = torch.optim.SGD(weight_groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
-    gate_sgd = torch.optim.SGD(scores, lr=cfg.gate_lr, momentum=0.9) if scores else None
+    gate_sgd = torch.optim.SGD(scores, lr=cfg.gate_lr, momentum=cfg.gate_momentum) if scores else None
     cosine = lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
     scheduler = torch.optim.lr_scheduler.LambdaLR(sgd, cosine)
     # A resumed run (or a model replaced mid-run) continues its schedule where it was.
@@ -163,12 +163,16 @@ def seed_and_load(cfg: TrainConfig, device: torch.device, shard: tuple[int, int]
         describe_splits(info, train_set, val_set, test_set))
 
 
-def train_epoch(step, batches, done_steps: int, total_steps: int) -> tuple[float, int, int, dict[str, float]]:
+def train_epoch(step, batches, done_steps: int, total_steps: int,
+                after_step=None) -> tuple[float, int, int, dict[str, float]]:
     """One pass over `batches` with `step(images, labels, progress)` (a bound `train_step`); the summed task
-    loss, correct predictions and examples of this rank, and the method's logs of the last step."""
+    loss, correct predictions and examples of this rank, and the method's logs of the last step.
+    `after_step(progress)` (progress: share of steps done) may hand back the step function to go on with."""
     loss_sum, correct, seen, logs = 0.0, 0, 0, {}
     for index, (images, labels) in enumerate(batches):
         loss, logits, logs = step(images, labels, (done_steps + index) / total_steps)
+        if after_step is not None:
+            step = after_step((done_steps + index + 1) / total_steps) or step
         loss_sum += float(loss) * labels.numel()
         correct += int((logits.argmax(1) == labels).sum())
         seen += labels.numel()
@@ -267,22 +271,37 @@ def _train(cfg: TrainConfig, resume: bool, cluster: Cluster, device: torch.devic
     forward, forward_key = model, None
     meter = EnergyMeter(scope=f"training steps of {cluster.world_size} processes" if cluster.distributed
                         else "training steps")
+
+    def take(new_model, done_steps: int) -> bool:
+        """Go on with the model the method handed back: fresh optimisers for new shapes, DDP re-wrapped for a
+        new network or newly frozen gates. Whether anything changed."""
+        nonlocal model, sgd, gate_sgd, scheduler, forward, forward_key
+        changed = new_model is not model
+        if changed:
+            old_model, model = model, new_model.to(device)
+            method.prepare(model, ctx)
+            sgd, gate_sgd, scheduler = swap_optimizers(old_model, model, sgd, method, cfg, total_steps, done_steps)
+        if structure_key(model) != forward_key:
+            forward, forward_key = cluster.wrap(model, device), structure_key(model)
+            changed = True
+        model.train()
+        return changed
+
+    def bound_step():
+        return partial(train_step, model, method, sgd, gate_sgd, scheduler, forward=forward, task_loss=task_loss)
+
+    def after_step(progress: float):
+        done = round(progress * total_steps)
+        return bound_step() if take(method.between_steps(model, progress, ctx), done) else None
+
     for epoch in range(start_epoch, cfg.epochs):
         started = time.perf_counter()
         meter.start()
-        new_model = method.start_epoch(model, epoch, ctx)
-        if new_model is not model:  # the method resized the network: fresh optimisers for the new shapes
-            old_model, model = model, new_model.to(device)
-            method.prepare(model, ctx)
-            sgd, gate_sgd, scheduler = swap_optimizers(old_model, model, sgd, method, cfg, total_steps,
-                                                       epoch * steps_per_epoch)
-        if structure_key(model) != forward_key:  # a new network or newly frozen gates: DDP must re-wrap
-            forward, forward_key = cluster.wrap(model, device), structure_key(model)
-        model.train()
+        take(method.start_epoch(model, epoch, ctx), epoch * steps_per_epoch)
         bar = tqdm(train_batches.epoch(epoch), total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                    disable=not show, leave=False)
-        step = partial(train_step, model, method, sgd, gate_sgd, scheduler, forward=forward, task_loss=task_loss)
-        loss_sum, correct, seen, logs = train_epoch(step, bar, epoch * steps_per_epoch, total_steps)
+        loss_sum, correct, seen, logs = train_epoch(bound_step(), bar, epoch * steps_per_epoch, total_steps,
+                                                    after_step)
         method.end_epoch(model, epoch, ctx)
         cluster.sync_buffers(model)
         train_seconds += time.perf_counter() - started

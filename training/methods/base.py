@@ -2,7 +2,7 @@
 
 The loop owns data, optimisers, checkpoints and metrics; a method decides the model it trains, the extra
 loss it adds, what happens between steps and epochs, and the final static mask. A method may hand back a
-new (smaller) model from `start_epoch`; the loop then rebuilds its optimisers. Every method works on the
+new (smaller) model from `start_epoch` or `between_steps`; the loop then rebuilds its optimisers. Every method works on the
 trace of the run's network (`training.graph.NetworkGraph`): built-in or the user's own, alike.
 """
 from __future__ import annotations
@@ -67,6 +67,11 @@ class Method:
         """Called once the model sits on its device (fresh or resumed)."""
 
     def start_epoch(self, model: nn.Module, epoch: int, ctx: RunContext) -> nn.Module:
+        return model
+
+    def between_steps(self, model: nn.Module, progress: float, ctx: RunContext) -> nn.Module:
+        """After each step (`progress`: share of all steps done): the model to go on with. A new one (e.g.
+        the network cut once a mask froze) gets fresh optimisers, like one from `start_epoch`."""
         return model
 
     def carry_momentum(self, momentum: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

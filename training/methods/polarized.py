@@ -1,13 +1,17 @@
 """Polarized gates (Zhi et al., arXiv 2302.10798): one pass learns the weights and a static sub-network.
 
-Loss = task + flops_weight * (kept cost ratio - target)^2 + polarization_weight * polarizer
-       (+ consensus_weight * disagreement for dynamic gates).
+Loss = task + lambda1 * gap + lambda2 * gap^2 + polarization_weight * polarizer
+       (+ consensus_weight * disagreement for dynamic gates), gap = kept cost ratio - ramped target,
+the multipliers raised by ascent (`training.gates.TargetConstraint`; `constraint: squared` is the earlier
+fixed flops_weight * gap^2). Gates decide whole `round_to` units, so the ratio is that of a deployable mask.
 The cost is the kept MACs (`cost: flops`, target `target_flops_ratio`) or the latency predicted by a table
 measured on the deployment runtime (`cost: latency`, target `target_latency_ratio`, `training.latency`):
 one cost object, chosen once, prices the loss, the rounding into the target band and the floor check.
-Schedule over one run: warm-up (gates open, weights settle) -> gates learn -> at `freeze_fraction` of the
-epochs the decisions become a deployable mask (rounded widths, target met) and the gates are frozen ->
-the remaining epochs fine-tune exactly the network that export will cut out. The gates sit wherever the
+Schedule over one run: warm-up (gates open, weights settle) -> gates learn, the target ramping down ->
+once the target is final and the learned ratio has stayed in the band for `freeze_patience` of the steps
+(at `freeze_fraction` at the latest, then moved into the band as a last resort, every flip reported) the
+decisions become the mask and the gates are frozen -> the remaining steps fine-tune exactly the network
+that export will cut out. The gates sit wherever the
 trace of the network puts them (`training.gating`), built-in network or the user's own.
 """
 from __future__ import annotations
@@ -22,16 +26,22 @@ from torch import nn
 from common.atomicio import write_json
 
 from ..errors import ConfigError
-from ..gates import consensus_disagreement, kept_target, polarized_penalty
+from ..gates import TargetConstraint, consensus_disagreement, kept_target, polarized_penalty
 from ..gating import Cost, GatedNetwork, MacsCost, cut, embed, mask_cost, mask_problem
-from ..mask import GateDecision, Mask, choose_mask, projection_report
+from ..mask import GateDecision, Mask, choose_mask, closed_by, projection_report
 from .base import Method, RunContext, failed
 
 
 PROJECTIONS = ("band", "none")
+CONSTRAINTS = ("lagrangian", "squared")
+CONSTRAINT_RATIOS = ("hard", "expected")
+CONSTRAINT_MOVES = ("band", "all")
+TRACE_EVERY = 0.005  # of all steps: how often the kept ratio is recorded for metrics.json
+POLARIZATION_SCHEDULES = ("after_warmup", "after_target")
 POLARIZATION_CENTERS = ("threshold", "mean")
 COSTS = ("flops", "latency")
-LOSS_WEIGHTS = ("flops_weight", "polarization_weight", "polarization_t", "consensus_weight")
+LOSS_WEIGHTS = ("flops_weight", "polarization_weight", "polarization_t", "consensus_weight", "constraint_lr",
+                "gate_momentum", "gate_score_clamp")
 
 
 @dataclass
@@ -41,18 +51,32 @@ class PolarizedSettings:
     flops_tolerance: float = 0.02        # the final mask lands within this of the target (if widths allow)
     projection: str = "band"             # "band": move the learned mask into the target band; "none": keep
                                          # it as the gates chose (rounded), and report the miss
-    flops_weight: float = 20.0
+    constraint: str = "lagrangian"       # the target as a constraint with multipliers raised by ascent (CoFi);
+                                         # "squared": the fixed term flops_weight * (ratio - target)^2
+    one_sided_ramp: bool = False          # while the target ramps, a ratio below it is no violation
+    constraint_lr: float = 3.0           # ascent step of the multipliers, per step and unit of ratio missed
+    constraint_moves: str = "band"       # "band": the target term pushes only gates whose flip keeps the ratio
+                                         # within flops_tolerance of the target (GatedNetwork.band_ratio); "all"
+    constraint_ratio: str = "hard"       # the ratio the target term sees: "hard" (the network the step ran) or
+                                         # "expected" (of the gate probabilities; the polarizer makes them agree)
+    flops_weight: float = 20.0           # constraint: squared only
     polarization_weight: float = 1.0
+    polarization_schedule: str = "after_warmup"  # "after_target": off until the target is final, then ramped
+                                         # in up to freeze_fraction
     polarization_t: float = 0.0          # extra closing push; the FLOPs term already sets how much closes
     polarization_center: str = "threshold"  # "threshold" (p = 0.5, default) or "mean" (Zhuang et al.)
     consensus_weight: float = 1.0        # dynamic gates: pull inputs towards one consensus sub-network
     gate_init: float = 2.0               # initial gate score: all gates open, sigmoid = 0.88
-    gate_lr: float = 1.0                 # SGD with momentum on gate scores (see loop.make_optimizers)
+    gate_lr: float = 3.0                 # SGD on gate scores (see loop.make_optimizers)
+    gate_momentum: float = 0.0           # momentum carried gates past the target (docs/method.md)
+    gate_score_clamp: float = 3.0        # scores stay in [-c, c] (0: unbounded); sigmoid'(c) is the slowest turn
     dynamic_gates: bool = False
     warmup_fraction: float = 0.1         # of all steps, before gate losses start
     ramp_fraction: float = 0.5           # of all steps, when the kept-FLOPs target reaches its final value;
                                          # it falls linearly from 1 after warm-up, so gates close gradually
-    freeze_fraction: float = 0.75        # of all epochs, when the mask is fixed; the rest fine-tunes it
+    freeze_patience: float = 0.02        # of all steps: the learned ratio stays in the target band this long,
+                                         # with the target final, before the mask freezes
+    freeze_fraction: float = 0.75        # of all steps, when the mask freezes at the latest; the rest fine-tunes
     cut_after_freeze: bool = True        # fine-tune the physically cut network (cheaper); false: the gated one
     # the gates' cost (training/latency.py): kept MACs, or latency measured on the deployment runtime
     cost: str = "flops"                  # "flops": kept MACs; "latency": a per-layer latency table
@@ -67,14 +91,13 @@ class PolarizedSettings:
 def cost_floor(graph, round_to: int, cost: Cost | None = None) -> tuple[float, str]:
     """The smallest kept-cost ratio (default: FLOPs) a mask can reach, and how: every residual block
     closed, every other group at one step of `round_to` channels (as `choose_mask` allows)."""
-    problem = mask_problem(graph, cost)
+    problem = mask_problem(graph, cost, round_to)
     gone = {g for groups in problem.block_groups.values() for g in groups}
-    smallest = Mask({n: list(range(min(round_to, w))) for n, w in problem.widths.items() if n not in gone},
+    smallest = Mask({n: list(range(sizes[0])) for n, sizes in problem.units.items() if n not in gone},
                     list(problem.block_groups))
-    dense = problem.cost(Mask({n: list(range(w)) for n, w in problem.widths.items()}, []))
-    how = (f"{len(problem.block_groups)} residual blocks closed, every other group at "
+    how = (f"{len(problem.block_groups)} residual blocks closed, every other group at one unit of "
            f"{round_to} channels")
-    return problem.cost(smallest) / dense, how
+    return problem.ratio(smallest), how
 
 
 class PolarizedMethod(Method):
@@ -88,6 +111,15 @@ class PolarizedMethod(Method):
             (0 < cfg.target_flops_ratio <= 1, "target_flops_ratio", "must be in (0, 1]"),
             (0 <= cfg.flops_tolerance < 1, "flops_tolerance", "must be in [0, 1)"),
             (cfg.projection in PROJECTIONS, "projection", f"must be one of {', '.join(PROJECTIONS)}"),
+            (cfg.constraint in CONSTRAINTS, "constraint", f"must be one of {', '.join(CONSTRAINTS)}"),
+            (cfg.constraint_moves in CONSTRAINT_MOVES, "constraint_moves",
+             f"must be one of {', '.join(CONSTRAINT_MOVES)}"),
+            (cfg.constraint_ratio in CONSTRAINT_RATIOS, "constraint_ratio",
+             f"must be one of {', '.join(CONSTRAINT_RATIOS)}"),
+            (cfg.polarization_schedule in POLARIZATION_SCHEDULES, "polarization_schedule",
+             f"must be one of {', '.join(POLARIZATION_SCHEDULES)}"),
+            (cfg.gate_momentum < 1, "gate_momentum", "must be in [0, 1)"),
+            (0 <= cfg.freeze_patience < 1, "freeze_patience", "must be in [0, 1)"),
             (cfg.polarization_center in POLARIZATION_CENTERS, "polarization_center",
              f"must be one of {', '.join(POLARIZATION_CENTERS)}"),
             (cfg.gate_init > 0, "gate_init", "must be > 0: gates start open, so training starts from the network"),
@@ -140,6 +172,10 @@ class PolarizedMethod(Method):
         self._table_written = False
         self.agreement: float | None = None
         self.last_ratio = self.last_flops = 1.0
+        self.constraint = TargetConstraint(cfg.constraint_lr)
+        self.steps_in_band = 0          # consecutive steps with the target final and the learned ratio in band
+        self.freeze_point: dict | None = None  # when and why the mask froze
+        self.trace: list[list[float]] = []     # [progress, kept ratio, target, lambda1] every TRACE_EVERY steps
 
     @property
     def target(self) -> float:
@@ -179,7 +215,8 @@ class PolarizedMethod(Method):
             self._table_written = True
 
     def build_model(self) -> GatedNetwork:
-        return GatedNetwork(self.graph, self.cfg.gate_init, self.cfg.dynamic_gates)
+        cfg = self.cfg
+        return GatedNetwork(self.graph, cfg.gate_init, cfg.dynamic_gates, cfg.round_to, cfg.gate_score_clamp)
 
     def restore_model(self) -> nn.Module:
         if self.mask is not None and self.cut_at_freeze and not self.finished:
@@ -197,8 +234,19 @@ class PolarizedMethod(Method):
             return None, self._logs()
         cfg = self.cfg
         channel_probs, block_probs = model.gate_probs()
-        loss = polarized_penalty(ratio, channel_probs, block_probs, self.target_at(progress), cfg.flops_weight,
-                                 cfg.polarization_weight, cfg.polarization_t, cfg.polarization_center)
+        if len(self.trace) == 0 or progress - self.trace[-1][0] >= TRACE_EVERY:
+            self.trace.append([round(progress, 4), round(self.last_ratio, 4), round(self.target_at(progress), 4),
+                               round(self.constraint.lambda1, 4),
+                               round(float(model.kept_ratio(self.cost, expected=True).detach()), 4)])
+        target = self.target_at(progress)
+        if cfg.constraint_ratio == "expected":
+            ratio = model.kept_ratio(self.cost, expected=True)
+        elif cfg.constraint_moves == "band":
+            ratio = model.band_ratio(self.cost, target, cfg.flops_tolerance)
+        target_term = self.constraint if cfg.constraint == "lagrangian" else cfg.flops_weight
+        loss = polarized_penalty(ratio, channel_probs, block_probs, target, target_term,
+                                 self.polarization_at(progress), cfg.polarization_t, cfg.polarization_center,
+                                 ramping=cfg.one_sided_ramp and progress < cfg.ramp_fraction)
         if cfg.dynamic_gates:
             disagreement = [consensus_disagreement(p) for p in channel_probs + block_probs]
             loss = loss + cfg.consensus_weight * torch.stack(disagreement).mean()
@@ -213,13 +261,40 @@ class PolarizedMethod(Method):
         cfg = self.cfg
         return kept_target(progress, self.target, cfg.warmup_fraction, cfg.ramp_fraction)
 
-    def start_epoch(self, model: nn.Module, epoch: int, ctx: RunContext) -> nn.Module:
-        freeze_epoch = min(ctx.total_epochs, max(1, round(self.cfg.freeze_fraction * ctx.total_epochs)))
-        if self.mask is None and epoch >= freeze_epoch:
-            self._freeze(model, ctx)
-            if self.cut_at_freeze:  # the rest of the run trains only what export will keep: cheaper
-                return self._cut(model)
-        return model
+    def polarization_at(self, progress: float) -> float:
+        """The polarizer's weight at `progress`: from warm-up on, or (`after_target`) off until the target
+        is final, then rising linearly to full at `freeze_fraction`."""
+        cfg = self.cfg
+        if cfg.polarization_schedule == "after_warmup":
+            return cfg.polarization_weight
+        span = max(cfg.freeze_fraction - cfg.ramp_fraction, 1e-9)
+        return cfg.polarization_weight * min(1.0, max(0.0, (progress - cfg.ramp_fraction) / span))
+
+    def learned_ratio(self, model: GatedNetwork, ctx: RunContext) -> float:
+        """Kept cost ratio of the mask the gates hold now (after the last step), nothing moved."""
+        if self.cfg.dynamic_gates:  # the vote walks the validation set: the last steps' mean stands in
+            return self.last_ratio
+        problem = mask_problem(self.graph, self.cost, self.cfg.round_to)
+        return problem.ratio(choose_mask(problem, *model.decisions(), None, self.cfg.flops_tolerance))
+
+    def between_steps(self, model: nn.Module, progress: float, ctx: RunContext) -> nn.Module:
+        """The freeze that waits for the gates: once the target is final and the learned ratio has stayed in
+        the band for `freeze_patience` of the steps, or at `freeze_fraction` at the latest. The rest of the
+        run then trains the cut network (`cut_after_freeze`): only what export will keep, cheaper."""
+        if self.mask is not None or progress >= 1.0:
+            return model
+        cfg = self.cfg
+        in_band = progress >= cfg.ramp_fraction and abs(self.learned_ratio(model, ctx) - self.target) <= cfg.flops_tolerance
+        self.steps_in_band = self.steps_in_band + 1 if in_band else 0
+        total_steps = ctx.total_epochs * ctx.steps_per_epoch
+        patience = max(1, round(cfg.freeze_patience * total_steps))
+        if self.steps_in_band < patience and progress < cfg.freeze_fraction:
+            return model
+        self.freeze_point = {"step": round(progress * total_steps), "progress": progress,
+                             "reason": "in band" if self.steps_in_band >= patience else "latest (freeze_fraction)",
+                             "patience_steps": patience, "latest_progress": cfg.freeze_fraction}
+        self._freeze(model, ctx)
+        return self._cut(model) if self.cut_at_freeze else model
 
     def _cut(self, model: GatedNetwork) -> nn.Module:
         """The frozen gated network physically cut (same function, fewer MACs). The gate scores are kept
@@ -243,6 +318,7 @@ class PolarizedMethod(Method):
 
     def finish(self, model: nn.Module, ctx: RunContext) -> nn.Module:
         if self.mask is None:
+            self.freeze_point = {"progress": 1.0, "reason": "end of training", "latest_progress": self.cfg.freeze_fraction}
             self._freeze(model, ctx)
         self.finished = True  # also when the mask froze only now: the saved model is the gated one
         if self.cfg.cost == "latency" and self.latency_report is None:  # rank 0 times, every rank reports
@@ -251,7 +327,8 @@ class PolarizedMethod(Method):
             return model
         # the cut network back in the dense shape, gates frozen: what checkpoints and export expect
         device = next(model.parameters()).device
-        gated = embed(self.graph, model, self.mask, self.cfg.gate_init, self.gate_state)
+        gated = embed(self.graph, model, self.mask, self.cfg.gate_init, self.gate_state, self.cfg.round_to,
+                      self.cfg.dynamic_gates)
         return gated.to(device).train(model.training)
 
     # --- the consensus mask -------------------------------------------------------------------------
@@ -279,7 +356,8 @@ class PolarizedMethod(Method):
         for images, _ in ctx.val_batches():
             model(images.to(ctx.device))
             for path, gate in gates.items():
-                hard = (gate.last_values.detach() > 0.5).float()
+                values = gate.last_values if gate.last_values is not None else gate.score.new_ones(len(gate.sizes))
+                hard = (values.detach() > 0.5).float()
                 hard = hard.expand(images.shape[0], -1) if hard.dim() == 1 else hard
                 opened[path] = opened[path] + hard.sum(dim=0)
                 decisions_per_batch[path].append(hard.cpu())
@@ -294,13 +372,15 @@ class PolarizedMethod(Method):
         """The gates' decisions, rounded to round_to (the learned mask), then moved into the target band
         unless `projection: none`; what the move changed is reported, never hidden."""
         channels, blocks = self.decisions(model, ctx)
-        problem, cfg = mask_problem(self.graph, self.cost), self.cfg
-        learned = choose_mask(problem, channels, blocks, cfg.round_to, None, cfg.flops_tolerance)
+        cfg = self.cfg
+        problem, macs = mask_problem(self.graph, self.cost, cfg.round_to), mask_problem(self.graph, self.flops)
+        learned = choose_mask(problem, channels, blocks, None, cfg.flops_tolerance)
         self.mask = learned if cfg.projection == "none" else choose_mask(
-            problem, channels, blocks, cfg.round_to, self.target, cfg.flops_tolerance)
+            problem, channels, blocks, self.target, cfg.flops_tolerance)
         name = self.cost.name
-        self.projection = {"mode": cfg.projection, **projection_report(mask_problem(self.graph), learned, self.mask),
-                           **projection_report(problem, learned, self.mask, name), f"target_{name}_ratio": self.target}
+        self.projection = {"mode": cfg.projection, **projection_report(macs, learned, self.mask),
+                           **projection_report(problem, learned, self.mask, name), f"target_{name}_ratio": self.target,
+                           "closed_flops_share": closed_by(macs, self.mask)}
         self.projection["target_miss"] = self.projection[f"final_{name}_ratio"] - self.target
         model.freeze(self.mask)
         self.last_ratio = mask_cost(self.cost, self.mask) / self.cost.dense
@@ -322,7 +402,8 @@ class PolarizedMethod(Method):
 
     def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {"dynamic_gates": self.cfg.dynamic_gates, "projection": self.projection,
-                               "cost": self.cfg.cost}
+                               "cost": self.cfg.cost, "freeze": self.freeze_point, "ratio_trace": self.trace,
+                               "constraint": {"kind": self.cfg.constraint, **self.constraint.state_dict()}}
         if self.cfg.cost == "latency":
             out.update(target_flops_ratio=None, target_latency_ratio=self.cfg.target_latency_ratio,
                        latency=self.latency_report)
@@ -337,7 +418,8 @@ class PolarizedMethod(Method):
                 "projection": self.projection, "cut_at_freeze": self.cut_at_freeze, "finished": self.finished,
                 "gate_state": getattr(self, "gate_state", None), "last_flops": self.last_flops,
                 "latency_table": self.latency_table.to_dict() if self.latency_table is not None else None,
-                "latency_report": self.latency_report}
+                "latency_report": self.latency_report, "constraint": self.constraint.state_dict(),
+                "steps_in_band": self.steps_in_band, "freeze_point": self.freeze_point, "trace": self.trace}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         mask = state.get("mask")
@@ -352,6 +434,10 @@ class PolarizedMethod(Method):
         self.last_ratio = state.get("last_ratio", 1.0)
         self.last_flops = state.get("last_flops", self.last_ratio)
         self.latency_report = state.get("latency_report")
+        self.constraint.load_state_dict(state.get("constraint", {}))
+        self.steps_in_band = state.get("steps_in_band", 0)
+        self.freeze_point = state.get("freeze_point")
+        self.trace = state.get("trace", [])
         if state.get("latency_table") is not None:  # a resume prices masks by the table the run began with
             from ..latency import LatencyTable
             self._use_table(LatencyTable.from_dict(state["latency_table"], "checkpoint latency_table"))
