@@ -145,6 +145,27 @@ def test_a_venv_with_the_stamp_of_the_earlier_makefile_stays_a_gpu_venv(tmp_path
     assert installed_files(plan) == [ROOT / "requirements-gpu-cuda12.txt"]
 
 
+def test_make_serve_on_a_gpu_repository_without_url_exits_2_with_one_line(tmp_path):
+    """`make serve` in a GPU venv (stamp only; its python is this test's) on what `export --target gpu` writes."""
+    from test_serving import gpu_run
+
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").write_text(f"#!/bin/sh\nexec {shlex.quote(sys.executable)} \"$@\"\n")
+    (venv / "bin" / "python").chmod(0o755)
+    (venv / ".installed-requirements-gpu-cuda13").touch()
+    repo, run = gpu_run(tmp_path)
+    done = subprocess.run(["make", "-s", "serve", f"VENV={venv}", f"REPO={repo}", f"RUN_DIR={run}",
+                           f"REPORTS={tmp_path / 'reports'}"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env=fake_driver(tmp_path, None))
+    assert done.returncode == 2, done.stdout + done.stderr
+    serving_lines = [line for line in done.stderr.splitlines() if not line.startswith("make")]
+    assert len(serving_lines) == 1, done.stderr
+    assert serving_lines[0].startswith("python -m serving: error: ") and "docker run" in serving_lines[0]
+    assert "--url localhost:8000" in serving_lines[0]
+    assert not (tmp_path / "reports").exists()
+
+
 @pytest.mark.parametrize("driver", ["570.124.06", "580.65.06", None], ids=["cuda12", "cuda13", "cpu"])
 def test_make_venv_installs_exactly_one_onnxruntime_build(tmp_path, driver):
     gpu = driver is not None

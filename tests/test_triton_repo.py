@@ -249,6 +249,7 @@ def test_python_model_batches_requests_and_rejects_bad_ones(tmp_path, onnx_file,
 
 
 def test_serving_refuses_a_plan_before_the_server_is_asked_to_load_it(tmp_path, onnx_file):
+    from serving.container import gpu_models
     from serving.plans import plan_refusals
     from serving.probes import served_precision
 
@@ -260,10 +261,11 @@ def test_serving_refuses_a_plan_before_the_server_is_asked_to_load_it(tmp_path, 
     write_model_version(repo, "onnx", onnx_file, TritonModelOptions(target="gpu"))
     write_model_version(repo, "cpu", onnx_file)
     models = ("plan", "onnx", "cpu")
-    refused = plan_refusals(repo, models, TRITON_RELEASE.triton, None, bundled=False)
+    refused = plan_refusals(repo, models, TRITON_RELEASE.triton, None)
     assert list(refused) == ["plan"] and "built by TensorRT 10.8.0.43" in refused["plan"]
-    assert plan_refusals(repo, models, "2.99.0", "10.8.0", bundled=False) == {}
-    assert "no TensorRT backend" in plan_refusals(repo, models, None, None, bundled=True)["plan"]
+    assert plan_refusals(repo, models, "2.99.0", "10.8.0") == {}
+    # The bundled CPU server is not asked at all: both GPU platforms need NVIDIA's container.
+    assert gpu_models(repo, models) == {"plan": "tensorrt_plan", "onnx": "onnxruntime_onnx"}
 
     # The served-output bound follows what each model computes in (common/tolerance.py).
     assert served_precision(repo / "cpu", None)[:2] == ("cpu", "fp32")
