@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -227,3 +228,98 @@ def test_gpu_check_exits_at_once_without_a_gpu(tmp_path, fake_smi):
     assert done.returncode == 2, done.stdout + done.stderr
     assert "no NVIDIA GPU" in done.stderr and "Nothing was run" in done.stderr
     assert not venv.exists(), "the check installed a venv on a machine without a GPU"
+
+
+# == scripts/gpu_check.py: what it decides without a GPU =================================================
+
+def fake_docker(tmp_path: Path, monkeypatch, script: str) -> None:
+    """A `docker` first on PATH that runs `script` (sh) whatever it is asked."""
+    bin_dir = tmp_path / "docker-bin"
+    bin_dir.mkdir()
+    (bin_dir / "docker").write_text(f"#!/bin/sh\n{script}\n")
+    (bin_dir / "docker").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+
+
+def test_the_gpu_step_blames_the_build_that_does_not_fit_the_driver():
+    from scripts.gpu_check import cuda_build_problem
+
+    cuda12, cuda13 = (gpu_stack.choose_stack(d) for d in ("570.124.06", "580.65.06"))
+    assert "is a CPU build" in cuda_build_problem("2.13.0+cpu", None, "570.124.06", cuda12)
+    mismatch = cuda_build_problem("2.13.0", "13.0", "570.124.06", cuda12)
+    assert "CUDA 13.0 build, but NVIDIA driver 570.124.06 runs the CUDA 12.8 stack at most" in mismatch
+    assert "requirements-gpu-cuda12.txt" in mismatch and "\n" not in mismatch
+    assert cuda_build_problem("2.10.0", "12.8", "580.65.06", cuda13) is None
+    assert cuda_build_problem("2.13.0", "13.0", "580.65.06", cuda13) is None
+
+
+def test_preconditions_give_one_line_per_problem_naming_the_fix(tmp_path, monkeypatch):
+    import scripts.gpu_check as gpu_check
+
+    fake_docker(tmp_path, monkeypatch, "echo 'permission denied while trying to connect to the Docker daemon "
+                                       "socket at unix:///var/run/docker.sock' >&2; exit 1")
+    (tmp_path / "work").mkdir()
+    check = gpu_check.GpuCheck(tmp_path / "work")
+    monkeypatch.setattr(gpu_check, "version", lambda name: {"polygraphy": "0.49.26"}[name])
+    monkeypatch.setattr(gpu_check.sys, "version_info", (3, 13, 1))
+    with pytest.raises(gpu_check.Problems) as found:
+        check.preconditions(pull=True)
+    lines = found.value.lines
+    assert len(lines) == 3 and all("\n" not in line for line in lines)
+    assert "Python 3.13 has no TensorRT 10.7.0 wheel" in lines[0] and "PYTHON=python3.12" in lines[0]
+    assert "polygraphy 0.49.26" in lines[1] and "polygraphy>=0.53" in lines[1]
+    assert "permission denied" in lines[2] and "docker group" in lines[2]
+
+
+def test_preconditions_check_the_disk_docker_pulls_to(tmp_path, monkeypatch):
+    import scripts.gpu_check as gpu_check
+
+    root = tmp_path / "docker-root"
+    root.mkdir()
+    # `docker info` names its data root; `docker image inspect` finds no image, so --pull would fetch it.
+    fake_docker(tmp_path, monkeypatch, f'[ "$1" = info ] && echo {root} && exit 0; exit 1')
+    (tmp_path / "work").mkdir()
+    check = gpu_check.GpuCheck(tmp_path / "work")
+    assert (check.docker_root, check.docker_problem) == (str(root), None)
+    monkeypatch.setattr(gpu_check, "free_gib", lambda path: 3.0 if str(path) == str(root) else 100.0)
+    with pytest.raises(gpu_check.Problems) as found:
+        check.preconditions(pull=True)
+    about_the_image = [line for line in found.value.lines if "pulling nvcr.io/nvidia/tritonserver" in line]
+    assert len(about_the_image) == 1 and "3.0 GiB free under docker's" in about_the_image[0]
+    if gpu_check.polygraphy_problem() is None and gpu_stack.tensorrt_python_problem(sys.version_info[:2]) is None:
+        detail, data = check.preconditions(pull=False)  # without --pull the image's space is not needed
+        assert "docker usable" in detail and data["docker_root"] == str(root)
+
+
+def test_the_container_mounts_the_repository_and_the_engine_cache(tmp_path):
+    from common.model_repository import ENGINE_CACHE_DIR, TRITON_RELEASE
+    from serving.container import container_command
+
+    command = container_command(tmp_path / "repo", ("a", "b"), tmp_path / "cache", (9000, 9001, 9002), name="x")
+    assert command[:2] == ["docker", "run"] and TRITON_RELEASE.image in command
+    mounts = [command[i + 1] for i, arg in enumerate(command) if arg == "-v"]
+    assert mounts == [f"{tmp_path / 'repo'}:/models:ro", f"{tmp_path / 'cache'}:{ENGINE_CACHE_DIR}"]
+    assert "--load-model=a" in command and "--load-model=b" in command and "9000:8000" in command
+    assert gpu_stack.TRITON_CONTAINER == TRITON_RELEASE.container  # the driver table is the same release's
+
+
+def test_engine_warmup_is_timed_apart_from_the_budget():
+    from scripts.gpu_check import budgeted_seconds
+
+    assert budgeted_seconds(500.0, {"docker_pull": 120.0, "engine_warmup": 90.0}) == 410.0
+
+
+def test_the_gpu_step_on_a_gpu_machine(tmp_path):
+    """The real step: driver, torch's CUDA, onnxruntime-CUDA session, TensorRT build. GPU machines only."""
+    from export.tensorrt_build import unavailable_reason
+
+    if shutil.which("nvidia-smi") is None:
+        pytest.skip("no nvidia-smi: not a GPU machine")
+    if reason := unavailable_reason():
+        pytest.skip(f"no TensorRT engine here: {reason}")
+    import scripts.gpu_check as gpu_check
+
+    check = gpu_check.GpuCheck(tmp_path)
+    detail, data = check.gpu()
+    assert data["torch_cuda"] and "CUDAExecutionProvider" in data["providers"]
+    assert data["tensorrt_probe"]["top1_agreement"] >= 0.9 and "TensorRT engine built" in detail
