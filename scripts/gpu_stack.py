@@ -19,7 +19,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PROG = "gpu_stack"
-SHARED_GPU_REQUIREMENTS = "requirements-gpu.txt"   # what both stacks share: tensorrt, polygraphy via common
+SHARED_GPU_REQUIREMENTS = "requirements-gpu.txt"   # both stacks include it: TensorRT, its CUDA 12 runtime, NVML
 
 
 class StackError(Exception):

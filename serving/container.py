@@ -17,6 +17,13 @@ GPU_PLATFORMS = ("onnxruntime_onnx", "tensorrt_plan")
 DEFAULT_ENGINE_CACHE = Path.home() / ".cache" / "polarprune" / "trt_engines"   # host side of the cache mount
 
 
+def tritonserver_args(models: tuple[str, ...]) -> list[str]:
+    """How polarprune runs any tritonserver: explicit loads (what `serving reload` needs), up despite a bad
+    model (so the repository index can say why it failed), ready only when every loaded model is."""
+    return ["--model-control-mode=explicit", *[f"--load-model={model}" for model in models],
+            "--exit-on-error=false", "--strict-readiness=true"]
+
+
 def container_command(repository: Path, models: tuple[str, ...], engine_cache: Path = DEFAULT_ENGINE_CACHE,
                       ports: tuple[int, int, int] = (8000, 8001, 8002), name: str | None = None) -> list[str]:
     """`docker run` of the Triton release polarprune targets, serving `models` of `repository` on the host's
@@ -25,8 +32,7 @@ def container_command(repository: Path, models: tuple[str, ...], engine_cache: P
     return ["docker", "run", "--rm", *(["--name", name] if name else []), "--gpus=all",
             "-p", f"{http}:8000", "-p", f"{grpc}:8001", "-p", f"{metrics}:8002",
             "-v", f"{Path(repository).resolve()}:/models:ro", "-v", f"{Path(engine_cache).resolve()}:{ENGINE_CACHE_DIR}",
-            TRITON_RELEASE.image, "tritonserver", "--model-repository=/models", "--model-control-mode=explicit",
-            *[f"--load-model={model}" for model in models], "--exit-on-error=false", "--strict-readiness=true"]
+            TRITON_RELEASE.image, "tritonserver", "--model-repository=/models", *tritonserver_args(models)]
 
 
 def gpu_models(repository: Path, models: tuple[str, ...]) -> dict[str, str]:
