@@ -23,21 +23,36 @@ COMPARE_ARGS ?=
 TARGETS  ?=
 SEEDS    ?=
 FMNIST   := data/fashion-mnist/train-images-idx3-ubyte.gz
-STAMP    := $(VENV)/.installed$(if $(GPU),-gpu)
-# One stack per venv: GPU=1 installs requirements-gpu.txt (onnxruntime-gpu, TensorRT) INSTEAD of
-# requirements.txt (onnxruntime); the other build of onnxruntime is removed first, the two collide.
-REQUIREMENTS := $(if $(GPU),requirements-gpu.txt,requirements.txt)
-OTHER_ORT    := $(if $(GPU),onnxruntime,onnxruntime-gpu)
+# One stack per venv, named by the requirements file it was installed from ($(VENV)/.installed-<file>), and
+# every later target keeps it: a GPU venv stays one without GPU=1. GPU=1 installs the CUDA stack the NVIDIA
+# driver runs (scripts/gpu_stack.py chooses, or stops with the reason); GPU=0 goes back to requirements.txt.
+# A GPU stack holds onnxruntime-gpu INSTEAD of onnxruntime: the other build is removed first, the two collide.
+HELD_REQUIREMENTS := $(patsubst $(VENV)/.installed-%,%.txt,$(firstword $(wildcard $(VENV)/.installed-requirements*)))
+WANT_GPU := $(or $(GPU),$(if $(HELD_REQUIREMENTS),,$(if $(wildcard $(VENV)/.installed-gpu),1)))
+ifeq ($(WANT_GPU),)
+REQUIREMENTS := $(or $(HELD_REQUIREMENTS),requirements.txt)
+else ifeq ($(WANT_GPU),0)
+REQUIREMENTS := requirements.txt
+else
+REQUIREMENTS := $(shell $(PYTHON) scripts/gpu_stack.py --python $(if $(wildcard $(PY)),$(PY),$(PYTHON)) --venv $(VENV))
+ifeq ($(REQUIREMENTS),)
+$(error no GPU stack for this machine, see the gpu_stack line above)
+endif
+endif
+CPU_STACK := $(filter requirements.txt,$(REQUIREMENTS))
+STAMP     := $(VENV)/.installed-$(REQUIREMENTS:.txt=)
+OTHER_ORT := $(if $(CPU_STACK),onnxruntime-gpu,onnxruntime)
 
 .PHONY: all venv data train export serve test bench compare results clean
 all: train export serve
 
-$(STAMP): requirements-common.txt $(REQUIREMENTS)
+$(STAMP): requirements-common.txt $(if $(CPU_STACK),,requirements-gpu.txt) $(REQUIREMENTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	! $(PY) -m pip show -q $(OTHER_ORT) 2>/dev/null || $(PY) -m pip uninstall -q -y onnxruntime onnxruntime-gpu
 	$(PY) -m pip install -q -r $(REQUIREMENTS)
 	$(PY) -m serving.perf_analyzer --install || echo "perf_analyzer not installed: serving probes run without it"
+	rm -f $(VENV)/.installed $(VENV)/.installed-gpu $(VENV)/.installed-requirements*
 	touch $@
 
 venv: $(STAMP)

@@ -13,6 +13,11 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 MANIFEST_NAME = ".polarprune.json"  # in every model folder polarprune wrote: the files and versions it owns
+# Where Triton's onnxruntime backend caches the TensorRT engines of GPU models, inside the server's filesystem.
+# onnxruntime's TensorRT provider creates only the last level of this path (std::filesystem::create_directory)
+# and fails when the parent is missing, so it is one level under /tmp; each model's engines are told apart by
+# trt_engine_cache_prefix. Mount a host folder here to keep them across restarts (docs/gpu.md).
+ENGINE_CACHE_DIR = "/tmp/polarprune_trt_cache"
 
 
 class RepositoryError(RuntimeError):

@@ -34,7 +34,8 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from common.atomicio import atomic_path
-from common.model_repository import MANIFEST_NAME, RepositoryError, engine_version, model_versions, parse_config
+from common.model_repository import (ENGINE_CACHE_DIR, MANIFEST_NAME, RepositoryError, engine_version, model_versions,
+                                     parse_config)
 
 TARGETS = ("cpu", "gpu")
 PYTHON_MODEL_SOURCE = Path(__file__).with_name("triton_python_model.py")
@@ -59,8 +60,9 @@ class TritonModelOptions:
     gpu_precision: str = "FP16"          # TensorRT accelerator precision: FP32 | FP16
     gpu_workspace_bytes: int = 1 << 30
     # Where the server caches the engines it builds (inside its container; mount a volume to keep them
-    # across restarts). Not under the model folder: that holds only files export wrote.
-    gpu_engine_cache: str = "/tmp/polarprune_trt_cache"
+    # across restarts). Not under the model folder: that holds only files export wrote. One level below a
+    # folder that exists: the server creates only the last level (common.model_repository.ENGINE_CACHE_DIR).
+    gpu_engine_cache: str = ENGINE_CACHE_DIR
     engine_path: str | None = None       # serve this TensorRT plan (platform tensorrt_plan) instead
     engine_tensorrt: str | None = None   # the TensorRT version that built engine_path
 
@@ -73,6 +75,8 @@ class TritonModelOptions:
             raise RepositoryError("instance_count >= 1, max_queue_delay_us >= 0, intra_op_threads >= 0")
         if self.gpu_precision not in ("FP32", "FP16"):
             raise RepositoryError(f"gpu_precision must be FP32 or FP16, not {self.gpu_precision!r}")
+        if not os.path.isabs(self.gpu_engine_cache) or os.path.normpath(self.gpu_engine_cache) == "/":
+            raise RepositoryError(f"gpu_engine_cache must be an absolute folder path, not {self.gpu_engine_cache!r}")
         if self.engine_path and self.target != "gpu":
             raise RepositoryError("engine_path (TensorRT plan) needs target 'gpu'")
         if self.engine_path:
@@ -146,7 +150,8 @@ def build_config(model_name: str, signature: ModelSignature,
             "precision_mode": options.gpu_precision,
             "max_workspace_size_bytes": str(options.gpu_workspace_bytes),
             "trt_engine_cache_enable": "1",
-            "trt_engine_cache_path": f"{options.gpu_engine_cache}/{model_name}",
+            "trt_engine_cache_path": options.gpu_engine_cache,
+            "trt_engine_cache_prefix": model_name,   # engine files <path>/<model>_<subgraph>...
         })
     if options.warmup:
         # Zeros, not random data: model.py rejects NaN/Inf and a failed warm-up fails the load. The largest

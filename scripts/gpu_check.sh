@@ -2,9 +2,10 @@
 # The whole GPU path in one command on a single-GPU machine (docs/gpu.md): a short CUDA training run,
 # export with TensorRT engines, TensorRT vs onnxruntime outputs, Triton serving the GPU repository (when a
 # tritonserver binary or the Triton container image is present), dense vs pruned latency on
-# onnxruntime-CUDA and TensorRT at batch 1 and 64. One PASS/FAIL/SKIP line per step; results in
-# reports/gpu_check/gpu_check.json. Needs only the NVIDIA driver: it makes its own venv (make venv GPU=1).
-#   scripts/gpu_check.sh [--out PATH] [--work DIR] [--keep]      (VENV=.venv-gpu by default)
+# onnxruntime-CUDA and TensorRT at batch 1 and 64. One PASS/FAIL/SKIP line per step (per problem); results in
+# reports/gpu_check/gpu_check.json. Needs only the NVIDIA driver: it makes its own venv (make venv GPU=1, the
+# CUDA stack that driver runs, or a one-line refusal naming the driver and what to do).
+#   scripts/gpu_check.sh [--out PATH] [--work DIR] [--keep] [--pull]   (VENV=.venv-gpu by default)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

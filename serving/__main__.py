@@ -15,6 +15,7 @@ from pathlib import Path
 
 from common.cli import EXIT_FAILED, EXIT_OK, cli_parser, fail
 from serving.admin import TritonAdmin
+from serving.container import bundled_server_refusal
 from serving.errors import ServerInputError, ServingStageError
 from serving.loadtest import run_load_probes
 from serving.plans import plan_refusals
@@ -90,9 +91,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run = load_run(args.run)
         models = (run.model_names["dense"], run.model_names["pruned"])
-        refusals = plan_refusals(args.repository, models, server_triton_version(args.url) if args.url else None,
-                                 args.server_tensorrt, bundled=not args.url)
-        if refusals:
+        if not args.url and (refusal := bundled_server_refusal(args.repository, models)):
+            raise ServerInputError(refusal)
+        if args.url and (refusals := plan_refusals(args.repository, models, server_triton_version(args.url),
+                                                   args.server_tensorrt)):
             detail = "\n".join(f"  {model}: {why}" for model, why in refusals.items())
             raise ServerInputError(f"refusing to serve TensorRT plan(s) the server cannot load:\n{detail}")
         if args.url:

@@ -3,7 +3,7 @@
 A serialized engine loads only in the TensorRT version that built it. Export records that version in the
 repository manifest of every plan version; the server's own version comes from its metadata (its Triton
 version, mapped through the releases `export.triton_repo` knows) or from `--server-tensorrt`. The bundled
-CPU server has no TensorRT backend at all.
+CPU server has no TensorRT backend at all: serving/container.py refuses GPU models for it before this runs.
 """
 from __future__ import annotations
 
@@ -30,16 +30,13 @@ def plan_tensorrt(model_dir: Path) -> tuple[bool, str | None]:
 
 
 def plan_refusals(repository: Path, models: tuple[str, ...], server_triton: str | None,
-                  server_tensorrt: str | None, bundled: bool) -> dict[str, str]:
+                  server_tensorrt: str | None) -> dict[str, str]:
     """model -> why the server cannot load its plan, for every requested model that serves one."""
     refusals = {}
     for model in models:
         is_plan, built_by = plan_tensorrt(Path(repository) / model)
         if not is_plan:
             continue
-        if bundled:
-            refusals[model] = ("a TensorRT plan, and the bundled CPU Triton has no TensorRT backend: serve it "
-                               "from NVIDIA's Triton container (--url, docs/gpu.md)")
-        elif problem := plan_problem(built_by, server_triton, server_tensorrt):
+        if problem := plan_problem(built_by, server_triton, server_tensorrt):
             refusals[model] = problem
     return refusals

@@ -147,6 +147,33 @@ def test_missing_export_outputs_say_run_make_export(tmp_path, capsys):
     assert "run make export first" in capsys.readouterr().err
 
 
+def gpu_run(root: Path) -> tuple[Path, Path]:
+    """A GPU repository (onnxruntime_onnx models, as export --target gpu writes) and its run folder."""
+    from export.triton_repo import TritonModelOptions
+
+    onnx_file = tiny_classifier(root / "tiny.onnx")
+    for name in MODELS.values():
+        write_model_version(root / "repo", name, onnx_file, TritonModelOptions(target="gpu"))
+    run = root / "runs" / "tiny"
+    run.mkdir(parents=True)
+    np.savez(run / "test_samples.npz", images=np.zeros((4, 1, 8, 8), np.float32), labels=np.zeros(4, np.int64))
+    (run / "export_report.json").write_text(json.dumps({
+        "model_names": MODELS, "flops_ratio": 0.25, "input_shape": [1, 8, 8], "num_classes": 10}))
+    return root / "repo", run
+
+
+def test_gpu_repository_without_url_is_refused_in_one_line_naming_the_container(tmp_path, capsys):
+    """The bundled server has only the python backend: it is not started for onnxruntime_onnx models."""
+    from common.model_repository import ENGINE_CACHE_DIR, TRITON_RELEASE
+
+    repo, run = gpu_run(tmp_path)
+    assert serving_main(["--repository", str(repo), "--run", str(run), "--quick"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("python -m serving: error: tiny_dense (onnxruntime_onnx), ")
+    assert f"docker run --rm --gpus=all" in err and TRITON_RELEASE.image in err and "--url localhost:8000" in err
+    assert f"-v {repo.resolve()}:/models:ro" in err and f":{ENGINE_CACHE_DIR} " in err
+
+
 def test_requested_port_in_use_fails_clearly(workspace):
     require_triton()
     with socket.socket() as taken:

@@ -6,7 +6,7 @@ import json
 import re
 import sys
 import types
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import onnxruntime as ort
@@ -70,14 +70,44 @@ def test_default_gpu_target_lets_the_server_build_and_cache_the_engine(tmp_path,
     accelerator = config.optimization.execution_accelerators.gpu_execution_accelerator[0]
     assert accelerator.name == "tensorrt" and accelerator.parameters["precision_mode"] == "FP16"
     assert accelerator.parameters["trt_engine_cache_enable"] == "1"
-    cache = accelerator.parameters["trt_engine_cache_path"]
-    assert cache.endswith("/m") and not cache.startswith(str(tmp_path))  # never inside the model folder
+    assert accelerator.parameters["trt_engine_cache_prefix"] == "m"
     assert [w.batch_size for w in config.model_warmup] == [1, 64]  # the engine is built at load time
     assert sorted(p.name for p in version_dir.iterdir()) == ["model.onnx"]
 
     plain = parse_config(render_config("m", read_onnx_signature(onnx_file),
                                        TritonModelOptions(target="gpu", gpu_tensorrt=False)))
     assert not plain.optimization.execution_accelerators.gpu_execution_accelerator
+
+
+def test_every_gpu_config_names_an_engine_cache_a_plain_mkdir_creates(tmp_path, onnx_file):
+    """onnxruntime's TensorRT provider creates only the last level of trt_engine_cache_path
+    (std::filesystem::create_directory) and fails when its parent is missing. Emulated in a folder standing for
+    the server's filesystem, which has /tmp: every GPU config's path must be made by one non-recursive mkdir
+    (or exist already, as when a host folder is mounted there), and each model's engines keep their own prefix."""
+    engine = tmp_path / "model.plan"
+    engine.write_bytes(b"not a real engine")
+    variants = [TritonModelOptions(target="gpu"), TritonModelOptions(target="gpu", gpu_precision="FP32"),
+                TritonModelOptions(target="gpu", gpu_tensorrt=False),
+                TritonModelOptions(target="gpu", engine_path=str(engine), engine_tensorrt="10.7.0")]
+    repo = tmp_path / "repo"
+    for index, options in enumerate(variants):
+        for role in ("dense", "pruned"):
+            write_model_version(repo, f"v{index}_{role}", onnx_file, options)
+    server_root = tmp_path / "server"
+    (server_root / "tmp").mkdir(parents=True)
+    prefixes = {}
+    for config_path in sorted(repo.glob("*/config.pbtxt")):
+        config = parse_config(config_path.read_text())
+        for accelerator in config.optimization.execution_accelerators.gpu_execution_accelerator:
+            cache = PurePosixPath(accelerator.parameters["trt_engine_cache_path"])
+            assert cache.is_absolute(), cache
+            folder = server_root / cache.relative_to("/")
+            if not folder.is_dir():
+                folder.mkdir()  # parents=False: raises FileNotFoundError for a deeper path, as the provider throws
+            prefixes[config.name] = accelerator.parameters["trt_engine_cache_prefix"]
+    assert prefixes == {name: name for name in ("v0_dense", "v0_pruned", "v1_dense", "v1_pruned")}
+    with pytest.raises(RepositoryError, match="absolute folder"):
+        TritonModelOptions(target="gpu", gpu_engine_cache="trt_cache").check()
 
 
 def test_plan_entry_records_the_tensorrt_that_built_it(tmp_path, onnx_file):
@@ -219,6 +249,7 @@ def test_python_model_batches_requests_and_rejects_bad_ones(tmp_path, onnx_file,
 
 
 def test_serving_refuses_a_plan_before_the_server_is_asked_to_load_it(tmp_path, onnx_file):
+    from serving.container import gpu_models
     from serving.plans import plan_refusals
     from serving.probes import served_precision
 
@@ -230,10 +261,11 @@ def test_serving_refuses_a_plan_before_the_server_is_asked_to_load_it(tmp_path, 
     write_model_version(repo, "onnx", onnx_file, TritonModelOptions(target="gpu"))
     write_model_version(repo, "cpu", onnx_file)
     models = ("plan", "onnx", "cpu")
-    refused = plan_refusals(repo, models, TRITON_RELEASE.triton, None, bundled=False)
+    refused = plan_refusals(repo, models, TRITON_RELEASE.triton, None)
     assert list(refused) == ["plan"] and "built by TensorRT 10.8.0.43" in refused["plan"]
-    assert plan_refusals(repo, models, "2.99.0", "10.8.0", bundled=False) == {}
-    assert "no TensorRT backend" in plan_refusals(repo, models, None, None, bundled=True)["plan"]
+    assert plan_refusals(repo, models, "2.99.0", "10.8.0") == {}
+    # The bundled CPU server is not asked at all: both GPU platforms need NVIDIA's container.
+    assert gpu_models(repo, models) == {"plan": "tensorrt_plan", "onnx": "onnxruntime_onnx"}
 
     # The served-output bound follows what each model computes in (common/tolerance.py).
     assert served_precision(repo / "cpu", None)[:2] == ("cpu", "fp32")
