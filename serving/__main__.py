@@ -4,6 +4,8 @@
                       [--url host:port [--grpc-url host:port]] [--protocol http|grpc|both] [--quick]
     python -m serving reload --url host:port --model NAME [--version N]
         (a running server in explicit model-control mode picks up a newly exported version)
+    python -m serving soak --run runs/<name> [--repository DIR | --url host:port] [--minutes 10]
+        (64 clients on both models for minutes: failures, p50/p99 and memory per minute; serving/soak.py)
 
 A run whose served outputs differ from onnxruntime, or whose load test had failed requests, is a failed
 check: the reports are written, and the exit code is 1.
@@ -23,13 +25,15 @@ from serving.reload import reload_model
 from serving.report import write_report
 from serving.run_artifacts import load_run
 from serving.server import LocalTriton, LocalTritonConfig, RemoteTriton
+from serving.soak import SoakSettings, soak, summarize as summarize_soak, write_soak_report
 
 PROG = "python -m serving"
 
 
 def parse_args(argv: list[str] | None = None):
     arguments = cli_parser(PROG, __doc__.split("\n")[0],
-                       epilog="Also: python -m serving reload --url host:port --model NAME (see reload --help).")
+                       epilog="Also: python -m serving reload --url host:port --model NAME (see reload --help);\n"
+                                  "python -m serving soak --run runs/NAME [--minutes 10] (see soak --help).")
     arguments.add_argument("--repository", type=Path, default=Path("model_repository"),
                            help="Triton model repository written by the export stage")
     arguments.add_argument("--run", type=Path, required=True,
@@ -78,10 +82,63 @@ def reload_main(argv: list[str]) -> int:
     return EXIT_OK
 
 
+def soak_main(argv: list[str]) -> int:
+    prog = f"{PROG} soak"
+    arguments = cli_parser(prog, "Dense and pruned under many concurrent clients (HTTP and gRPC, mixed batch "
+                           "sizes) for minutes: requests, failures by reason, p50/p99 and server/stub memory "
+                           "per minute; a leak is judged on memory growth after the warm-up minute.",
+                           epilog="A failed request, a leak, a p99 rise beyond --max-p99-ratio or a server that "
+                                  "dies is a failed check (exit 1); the reports are written unless the server died.")
+    arguments.add_argument("--run", type=Path, required=True, help="run folder (export_report.json, test_samples.npz)")
+    arguments.add_argument("--repository", type=Path, default=Path("model_repository"), help="model repository")
+    arguments.add_argument("--url", default=None, help="HTTP host:port of a running server (default: start the bundled one)")
+    arguments.add_argument("--grpc-url", default=None, help="gRPC host:port with --url (default: HTTP port + 1)")
+    arguments.add_argument("--report-dir", type=Path, default=None, help="default: reports/<run name>")
+    arguments.add_argument("--minutes", type=float, default=10.0, help="how long (default 10)")
+    arguments.add_argument("--interval", type=float, default=60.0,
+                           help="seconds per report row; the first row is the warm-up (default 60)")
+    arguments.add_argument("--clients", type=int, default=64, help="concurrent clients over both models (default 64)")
+    arguments.add_argument("--max-growth-pct", type=float, default=5.0, help="memory growth after warm-up that is a leak")
+    arguments.add_argument("--max-p99-ratio", type=float, default=1.5, help="p99 last interval / first interval limit")
+    arguments.add_argument("--startup-timeout", type=float, default=90.0, help="seconds to wait for readiness")
+    args = arguments.parse_args(argv)
+    if args.minutes <= 0 or args.interval <= 0 or args.clients < 2:
+        arguments.error("--minutes and --interval must be > 0 and --clients >= 2")
+    settings = SoakSettings(seconds=60.0 * args.minutes, clients=args.clients, interval_s=args.interval,
+                            max_growth_pct=args.max_growth_pct, max_p99_ratio=args.max_p99_ratio)
+    try:
+        run = load_run(args.run)
+        models = {role: run.model_names[role] for role in ("dense", "pruned")}
+        if args.url:
+            server = RemoteTriton(args.url, args.grpc_url, tuple(models.values()), timeout_s=args.startup_timeout)
+        else:
+            server = LocalTriton(LocalTritonConfig(args.repository, tuple(models.values()),
+                                                   startup_timeout_s=args.startup_timeout))
+        with server as endpoints:
+            local = isinstance(server, LocalTriton)
+            print(f"Triton ready: http {endpoints.http_url}, grpc {endpoints.grpc_url}; models {list(models.values())}",
+                  flush=True)
+            raw = soak({"http": endpoints.http_url, "grpc": endpoints.grpc_url}, models, run.images, settings,
+                       server.pid if local else None, server.process if local else None,
+                       log=lambda message: print(message, flush=True))
+    except ServingStageError as error:
+        return fail(prog, error)
+    summary = summarize_soak(raw, run.name, "the bundled tritonserver" if not args.url else args.url)
+    report_dir = args.report_dir or Path("reports") / run.name
+    write_soak_report(raw, summary, report_dir)
+    print(f"wrote {report_dir}/soak.json, soak.md, soak_raw.json, soak_memory.png")
+    if not summary["ok"]:
+        print(f"{prog}: error: {'; '.join(summary['problems'])}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["reload"]:
         return reload_main(argv[1:])
+    if argv[:1] == ["soak"]:
+        return soak_main(argv[1:])
     args = parse_args(argv)
     protocols = ("http", "grpc") if args.protocol == "both" else (args.protocol,)
     factory = ProbeSettings.quick if args.quick else ProbeSettings

@@ -201,7 +201,12 @@ class LocalTriton:
         """SIGTERM, SIGKILL after the timeout; then sweep our process group and shm regions."""
         process, self.process = self.process, None
         if process is not None:
-            if process.poll() is None:
+            if process.poll() is not None:  # the server died on its own: its stubs are orphans now
+                try:
+                    os.killpg(process.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            else:
                 process.send_signal(signal.SIGTERM)
                 try:
                     process.wait(timeout=self.config.shutdown_timeout_s)
