@@ -111,7 +111,7 @@ def test_verdict_lists_every_failed_check():
     raw = {"settings": settings.__dict__ | {"protocols": ["http"], "batch_sizes": [1]}, "models": {}, "seconds": 20,
            "clients": 2, "stuck_clients": 0, "events": [],
            "intervals": [interval(0, 2.0, 0), interval(1, 4.0, 1)],
-           "memory_samples": _samples([100.0] * 10 + [120.0] * 11)}
+           "memory_samples": _samples([100.0] * 11 + [120.0] * 10)}
     summary = summarize(raw, "r", "test")
     assert not summary["ok"] and len(summary["problems"]) == 4, summary["problems"]
     assert "2 of 42 requests failed" in summary["problems"][0] and "grew 20.0%" in summary["problems"][1]
