@@ -12,9 +12,10 @@ A supervisor thread watches the server while the clients run:
 - the server process gone (local) or not answering for `server_gone_s` (remote): the soak stops at once
   and raises ServerGone, which `python -m serving soak` prints as one line, exit 1;
 - a python-backend stub killed (Triton 2.51 does not restart one: the model stays READY and every
-  request fails with "Stub process ... is not healthy"): the model's clients hold their next requests,
-  the supervisor reloads the model (a new stub) and lets them go on. Only the requests already in
-  flight fail; each such event is recorded with its recovery time.
+  request fails with "Stub process ... is not healthy", after a one-second health check): the model's
+  clients hold their next requests, the supervisor unloads and loads the model (a load alone is a no-op
+  for an unchanged model) and lets them go on. Only the requests already in flight fail; each such
+  event is recorded with its recovery time.
 
 Every request has a deadline and the run a hard stop; the clients are joined with a bounded timeout.
 """
@@ -94,18 +95,18 @@ def failure_reason(problem: Exception) -> str:
     return text[:120]
 
 
-def stub_states(server_pid: int) -> dict[str, bool]:
-    """label ('<model> v<version> stub') -> alive, for the server's python-backend stubs."""
-    states: dict[str, bool] = {}
+def stub_pids(server_pid: int) -> dict[int, str]:
+    """pid -> label ('<model> v<version> stub') of the server's live python-backend stubs."""
+    stubs = {}
     for pid in process_tree(server_pid)[1:]:
         try:
             state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
         except (OSError, IndexError):
             continue
-        label = _process_label(pid)
-        if label.endswith(" stub"):
-            states[label] = states.get(label, False) or state != "Z"
-    return states
+        label = _process_label(pid)  # a zombie's command line is empty: it is not listed
+        if state != "Z" and label.endswith(" stub"):
+            stubs[pid] = label
+    return stubs
 
 
 def rss_mb(pid: int) -> float:
@@ -144,13 +145,19 @@ class _Supervisor:
         self.events: list[dict] = []
         self.memory: list[dict] = []          # {"t": s, "by_process": {label: MB}, "total_mb": MB}
         self._reload_wanted: dict[str, float] = {}
+        self._stubs: dict[int, str] = {}
+        self._reloaded_at: dict[str, float] = {}
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self.started = time.monotonic()
 
     # called by clients
-    def stub_died(self, role: str, seen: str) -> None:
+    def stub_died(self, role: str, seen: str, sent_at: float | None = None) -> None:
+        """Hold `role`'s clients and reload it; a failure of a request sent before the last reload of
+        the model was in flight at that reload and says nothing new."""
         with self._lock:
+            if sent_at is not None and sent_at < self._reloaded_at.get(role, float("-inf")):
+                return
             if self.gates[role].is_set():
                 self.gates[role].clear()
                 self._reload_wanted[role] = time.monotonic()
@@ -179,19 +186,29 @@ class _Supervisor:
         return None
 
     def _check_stubs(self) -> None:
+        """A stub seen before and gone now (killed, crashed): its model's clients are held at once."""
         if self.server_pid is None:
             return
-        states = stub_states(self.server_pid)
-        for role, model in self.models.items():
-            labels = [label for label in states if label.startswith(f"{model} v")]
-            if labels and not any(states[label] for label in labels):
-                self.stub_died(role, "its python-backend stub is gone")
+        alive = stub_pids(self.server_pid)
+        for pid, label in self._stubs.items():
+            if pid not in alive:
+                role = next((r for r, m in self.models.items() if label.startswith(f"{m} v")), None)
+                if role is not None:
+                    self.stub_died(role, f"its python-backend stub (pid {pid}) is gone")
+        self._stubs = alive
 
     def _reload(self, role: str, noticed: float) -> None:
         model = self.models[role]
         began = time.monotonic()
         try:
+            # A load of an unchanged model is a no-op in Triton, and the model still reads READY: unload it
+            # (its clients are held, so nothing is sent meanwhile), then load it, which starts a new stub.
             with TritonAdmin(self.http_url, timeout_s=self.settings.reload_timeout_s) as admin:
+                admin.unload(model)
+                while admin.is_model_ready(model):
+                    if time.monotonic() - began > self.settings.reload_timeout_s:
+                        raise ServerError(f"{model} still ready {self.settings.reload_timeout_s:g} s after its unload")
+                    time.sleep(0.02)
                 admin.load(model)
                 while not admin.is_model_ready(model):
                     if time.monotonic() - began > self.settings.reload_timeout_s:
@@ -202,6 +219,8 @@ class _Supervisor:
             self.stop.set()
             return
         done = time.monotonic()
+        with self._lock:
+            self._reloaded_at[role] = done
         self.events.append({"kind": "stub died", "role": role, "model": model,
                             "noticed_s": noticed - self.started, "reloaded_s": done - self.started,
                             "recovery_s": done - noticed})
@@ -230,6 +249,8 @@ class _Supervisor:
                     wanted, self._reload_wanted = self._reload_wanted, {}
                 for role, noticed in wanted.items():
                     self._reload(role, noticed)
+                if wanted and self.server_pid is not None:
+                    self._stubs = stub_pids(self.server_pid)  # the unloads ended the old stubs: not deaths
                 now = time.monotonic()
                 if now >= next_memory:
                     self._sample_memory()
@@ -262,7 +283,7 @@ def _client(slot: int, plan: tuple[str, str, int], urls: dict[str, str], models:
                 break
             if not gate.wait(timeout=min(remaining, 0.5)):  # held while the supervisor reloads the model
                 continue
-            start = time.perf_counter()
+            start, sent_at = time.perf_counter(), time.monotonic()
             interval = int((start - window["start"]) // settings.interval_s)
             sent += 1
             try:
@@ -274,7 +295,7 @@ def _client(slot: int, plan: tuple[str, str, int], urls: dict[str, str], models:
                 reason = failure_reason(problem)
                 log.failures.setdefault(interval, Counter())[reason] += 1
                 if STUB_DEAD in str(problem):
-                    supervisor.stub_died(role, "a request failed: stub process not healthy")
+                    supervisor.stub_died(role, "a request failed: stub process not healthy", sent_at)
                 time.sleep(0.01)  # a dead server must not turn the client into a busy loop
                 continue
             log.latencies.setdefault(interval, []).append((time.perf_counter() - start) * 1e3)
@@ -354,6 +375,7 @@ def _summarize_raw(plan, logs, supervisor: _Supervisor, settings: SoakSettings, 
                                   "p99_ms": _percentile(lat, 99)}
         intervals.append(row)
     return {"settings": asdict(settings), "models": models, "seconds": elapsed, "clients": len(plan),
+            "started_monotonic": supervisor.started,
             "client_plan": [list(p) for p in plan], "stuck_clients": stuck, "intervals": intervals,
             "memory_samples": supervisor.memory, "events": supervisor.events}
 
