@@ -196,7 +196,7 @@ def version_problems(version_dir: Path) -> list[str]:
     return problems
 
 
-def _check_served(http_url: str, repository: Path, models: tuple[str, ...], images: np.ndarray) -> dict:
+def _check_served(http_url: str, repository: Path, models: tuple[str, ...]) -> dict:
     """Reload every model, then: which versions are READY, any READY one incomplete, and a request each."""
     result = {"reload_failures": [], "partial_loads": [], "ready": {}, "request_failures": []}
     with TritonAdmin(http_url, timeout_s=60.0) as admin:
@@ -212,8 +212,8 @@ def _check_served(http_url: str, repository: Path, models: tuple[str, ...], imag
                 if problems:
                     result["partial_loads"].append(f"{model} v{version}: {'; '.join(problems)}")
             try:
-                with TritonClassifier(http_url, model, timeout_s=30.0) as client:
-                    client.logits(images[:2])
+                with TritonClassifier(http_url, model, timeout_s=30.0) as client:  # whatever version serves
+                    client.logits(np.zeros((2, *client.spec.input_dims), client.spec.dtype))
             except Exception as error:
                 result["request_failures"].append(f"{model}: {error}")
     return result
@@ -242,11 +242,12 @@ def _watch_for_staging(repository: Path, models: tuple[str, ...], process: subpr
     return False
 
 
-def kill_exports(export_args: list[str], repository: Path, models: tuple[str, ...], images: np.ndarray, *,
-                 kills: int = 10, seed: int = 0, log=print) -> dict:
+def kill_exports(export_args: list[str], repository: Path, models: tuple[str, ...], *,
+                 kills: int = 10, seed: int = 0, while_writing_only: bool = False, log=print) -> dict:
     """`python -m export <export_args> --repository <repository>` under a live server of `models`: one
     complete export (its duration sets the random kill points), `kills` SIGKILLs, then one that must
-    complete. Odd kills land anywhere in the run, even ones while the repository is being written."""
+    complete. Even kills land anywhere in the run, odd ones while the repository is being written
+    (`while_writing_only`: all of them, and no export is spent on measuring the duration)."""
     rng = random.Random(seed)
     command = [sys.executable, "-m", "export", *export_args, "--repository", str(repository)]
 
@@ -276,17 +277,19 @@ def kill_exports(export_args: list[str], repository: Path, models: tuple[str, ..
     server.start()
     attempts, partial, reload_failures, request_failures = [], 0, 0, 0
     try:
-        first = export()
-        if first["code"] != 0:
-            raise RuntimeError(f"the export to measure failed: {first['stderr']}")
-        duration = first["seconds"]
-        log(f"export kill: a complete export takes {duration:.1f} s; {kills} kills follow")
+        duration = None
+        if not while_writing_only:
+            first = export()
+            if first["code"] != 0:
+                raise RuntimeError(f"the export to measure failed: {first['stderr']}")
+            duration = first["seconds"]
+            log(f"export kill: a complete export takes {duration:.1f} s; {kills} kills follow")
         for index in range(kills):
-            during_write = index % 2 == 1
+            during_write = while_writing_only or index % 2 == 1
             attempt = export(kill_at=None if during_write else rng.uniform(0.05, 1.0) * duration,
                              during_write=during_write)
             leftovers = sorted(_staging(repository, models))
-            served = _check_served(server.endpoints.http_url, repository, models, images)
+            served = _check_served(server.endpoints.http_url, repository, models)
             partial += len(served["partial_loads"])
             reload_failures += len(served["reload_failures"])
             request_failures += len(served["request_failures"])
@@ -294,7 +297,7 @@ def kill_exports(export_args: list[str], repository: Path, models: tuple[str, ..
             log(f"export kill {index + 1}/{kills}: {attempt['killed_at'] or 'finished before the kill'}; "
                 f"READY {served['ready']}, partial loads {len(served['partial_loads'])}")
         final = export()
-        served = _check_served(server.endpoints.http_url, repository, models, images)
+        served = _check_served(server.endpoints.http_url, repository, models)
     finally:
         server.stop()
     landed = [a for a in attempts if a["killed_at"]]
