@@ -22,6 +22,7 @@ Every request has a deadline and the run a hard stop; the clients are joined wit
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import threading
 import time
@@ -313,6 +314,7 @@ def soak(urls: dict[str, str], models: dict[str, str], images: np.ndarray, setti
          server_pid: int | None = None, server_process=None, log=print) -> dict:
     """Run the soak; the raw result (intervals, memory, events). ServerGone when the server goes away."""
     plan = settings.client_plan()
+    load_before = os.getloadavg()
     supervisor = _Supervisor(urls["http"], models, settings, server_pid, server_process, log)
     logs = [_ClientLog() for _ in plan]
     window: dict = {}
@@ -345,7 +347,10 @@ def soak(urls: dict[str, str], models: dict[str, str], images: np.ndarray, setti
     if supervisor.gone:
         raise ServerGone(f"{supervisor.gone} after {elapsed:.1f} s of the soak; stopped its {len(plan)} clients "
                          f"({stuck} still waiting on a request)")
-    return _summarize_raw(plan, logs, supervisor, settings, elapsed, stuck, models)
+    raw = _summarize_raw(plan, logs, supervisor, settings, elapsed, stuck, models)
+    raw["load_average"] = {"start": list(load_before), "end": list(os.getloadavg()),
+                           "note": "1/5/15-minute load averages of the machine, the soak's own clients included"}
+    return raw
 
 
 def _summarize_raw(plan, logs, supervisor: _Supervisor, settings: SoakSettings, elapsed: float, stuck: int,
@@ -455,6 +460,7 @@ def summarize(raw: dict, run_name: str, server: str) -> dict:
             "models": raw["models"], "requests": requests, "failures": failures,
             "failures_by_reason": dict(reasons), "totals": totals, "p99": p99, "memory": memory,
             "events": raw["events"], "stuck_clients": raw["stuck_clients"], "intervals": intervals,
+            "load_average": raw.get("load_average"), "cpu_cores": os.cpu_count(),
             "problems": problems, "ok": not problems}
 
 
@@ -498,6 +504,10 @@ def render_markdown(summary: dict) -> str:
     for event in summary["events"]:
         lines.append(f"\n{event['model']}: stub died at {event['noticed_s']:.1f} s, reloaded and serving again "
                      f"after {event['recovery_s']:.1f} s.")
+    load = summary.get("load_average")
+    if load:
+        lines += ["", f"Machine load average (1 min) at the start {load['start'][0]:.1f}, at the end {load['end'][0]:.1f}, "
+                      f"on {summary['cpu_cores']} cores (the soak's own clients included)."]
     lines += ["", "Verdict: " + ("all checks passed." if summary["ok"] else "; ".join(summary["problems"]) + ".")]
     return "\n".join(lines) + "\n"
 
