@@ -6,6 +6,8 @@
         (a running server in explicit model-control mode picks up a newly exported version)
     python -m serving soak --run runs/<name> [--repository DIR | --url host:port] [--minutes 10]
         (64 clients on both models for minutes: failures, p50/p99 and memory per minute; serving/soak.py)
+    python -m serving faults --run runs/<name> [--dense-run runs/<name>_dense] [--export-kills 10]
+        (stub, server and export SIGKILLed under load, on copies; serving/faults.py)
 
 A run whose served outputs differ from onnxruntime, or whose load test had failed requests, is a failed
 check: the reports are written, and the exit code is 1.
@@ -133,8 +135,82 @@ def soak_main(argv: list[str]) -> int:
     return EXIT_OK
 
 
+def faults_main(argv: list[str]) -> int:
+    prog = f"{PROG} faults"
+    arguments = cli_parser(prog, "Inject faults under load on copies of a run's served models and measure what "
+                           "users see: a stub SIGKILLed, the server SIGKILLed under `serving soak`, `python -m "
+                           "export` SIGKILLed while a server serves its repository (serving/faults.py).",
+                           epilog="A fault whose outcome is not the expected one is a failed check (exit 1); "
+                                  "reports/<run>/faults.json is written either way.")
+    arguments.add_argument("--run", type=Path, required=True, help="run folder (exported: export_report.json)")
+    arguments.add_argument("--dense-run", type=Path, default=None, help="its dense reference, as given to export")
+    arguments.add_argument("--repository", type=Path, default=Path("model_repository"), help="model repository")
+    arguments.add_argument("--report-dir", type=Path, default=None, help="default: reports/<run name>")
+    arguments.add_argument("--export-kills", type=int, default=10, help="SIGKILLs of python -m export (default 10)")
+    arguments.add_argument("--seed", type=int, default=0, help="seed of the random kill points")
+    args = arguments.parse_args(argv)
+    import shutil
+    import tempfile
+
+    from common.atomicio import write_json
+    from common.results import provenance
+    from serving.faults import copy_models, kill_exports, kill_server_under_soak, kill_stub_under_load
+
+    try:
+        run = load_run(args.run)
+        models = {role: run.model_names[role] for role in ("dense", "pruned")}
+        work = Path(tempfile.mkdtemp(prefix="polarprune-faults-"))
+        try:
+            repository = copy_models(args.repository, tuple(models.values()), work / "repo")
+            print("stub kill: SIGKILL of the dense model's stub under 64 clients ...", flush=True)
+            server = LocalTriton(LocalTritonConfig(repository, tuple(models.values())))
+            server.start()
+            try:
+                stub = kill_stub_under_load(server, models, run.images, seconds=60, kill_after_s=20, clients=64,
+                                            log=lambda message: print(message, flush=True))
+            finally:
+                server.stop()
+            print(f"  {stub}", flush=True)
+            servers = []
+            for attach in (True, False):
+                print(f"server kill ({'attached' if attach else 'its own server'}) ...", flush=True)
+                servers.append(kill_server_under_soak(args.run, repository, tuple(models.values()), attach=attach,
+                                                      load_s=5.0, report_dir=work / "soak_reports"))
+                print(f"  {servers[-1]}", flush=True)
+            runs = work / "runs"
+            shutil.copytree(args.run, runs / args.run.name)
+            export_args = ["--run", str(runs / args.run.name)]
+            if args.dense_run:
+                shutil.copytree(args.dense_run, runs / args.dense_run.name)
+                export_args += ["--dense-run", str(runs / args.dense_run.name)]
+            print(f"export kill: {args.export_kills} SIGKILLs of python -m export under a live server ...", flush=True)
+            exports = kill_exports(export_args, repository, tuple(models.values()), kills=args.export_kills,
+                                   seed=args.seed, log=lambda message: print(f"  {message}", flush=True))
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    except ServingStageError as error:
+        return fail(prog, error)
+    checks = {"stub kill": stub["only_in_flight_failed"] and stub["failed_other_model"] == 0
+              and stub["recovery_s"] is not None and stub["recovery_s"] < 30,
+              "server kill": all(entry["ok"] for entry in servers), "export kill": exports["ok"]}
+    report = {"run": run.name, "models": models, "stub_kill": stub, "server_kill": servers, "export_kill": exports,
+              "checks": checks, "ok": all(checks.values()), "provenance": provenance()}
+    report_dir = args.report_dir or Path("reports") / run.name
+    report_dir.mkdir(parents=True, exist_ok=True)
+    write_json(report_dir / "faults.json", report)
+    print(f"wrote {report_dir}/faults.json: " + ", ".join(f"{name} {'ok' if ok else 'FAILED'}"
+                                                          for name, ok in checks.items()))
+    if not report["ok"]:
+        print(f"{prog}: error: failed: {', '.join(name for name, ok in checks.items() if not ok)} "
+              f"(see {report_dir}/faults.json)", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["faults"]:
+        return faults_main(argv[1:])
     if argv[:1] == ["reload"]:
         return reload_main(argv[1:])
     if argv[:1] == ["soak"]:

@@ -35,11 +35,16 @@ import numpy as np
 from common.energy import process_tree
 from serving.admin import TritonAdmin
 from serving.client import TritonClassifier
+from serving.errors import ServingStageError
 from serving.loadtest import _process_label
 from serving.server import LocalTriton, LocalTritonConfig
 from serving.soak import SoakSettings, soak, summarize
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+class FaultSetupError(ServingStageError):
+    """A fault experiment could not be set up (e.g. the export it kills does not run at all): exit 1."""
 STAGING_PREFIX = ".polarprune-tmp-"
 
 
@@ -148,7 +153,8 @@ def kill_server_under_soak(run_dir: Path, repository: Path, models: tuple[str, .
     stdout = _Lines(tool.stdout)
     try:
         if not stdout.wait_for("soak: ", 120.0, tool):
-            raise RuntimeError(f"the soak did not start: {stdout.lines[-5:]} {tool.stderr.read() if tool.poll() is not None else ''}")
+            raise FaultSetupError(f"the soak did not start: {stdout.lines[-5:]} "
+                                  f"{tool.stderr.read() if tool.poll() is not None else ''}")
         time.sleep(load_s)
         if attach:
             server_pid, started = own.pid, []
@@ -281,7 +287,7 @@ def kill_exports(export_args: list[str], repository: Path, models: tuple[str, ..
         if not while_writing_only:
             first = export()
             if first["code"] != 0:
-                raise RuntimeError(f"the export to measure failed: {first['stderr']}")
+                raise FaultSetupError(f"the export to measure failed: {' '.join(first['stderr'])}")
             duration = first["seconds"]
             log(f"export kill: a complete export takes {duration:.1f} s; {kills} kills follow")
         for index in range(kills):
