@@ -6,7 +6,7 @@ Handled cleanly means: exit 2, one line on stderr, `<command>: error: <path of t
 traceback, and every folder the command may write to exactly as it was (no temporary left behind).
 
     python -m pytest tests/test_corrupt_inputs.py                 # the cases as tests
-    python tests/corrupt_inputs.py --out reports/corrupt_inputs.json   # the counts, with provenance
+    python -m tests.corrupt_inputs --out reports/corrupt_inputs.json   # the counts, with provenance
 
 The latency cache is derived data: a damaged one is rebuilt (a note naming it, then an atomic rewrite),
 never refused; its cases check that instead (see `LATENCY_CASES` in tests/test_corrupt_inputs.py).
@@ -472,7 +472,7 @@ def main(argv: list[str] | None = None) -> int:
     import tempfile
     from common.atomicio import write_json
     from common.results import provenance
-    parser = argparse.ArgumentParser(prog="python tests/corrupt_inputs.py", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m tests.corrupt_inputs", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="where the counts go (JSON)")
     args = parser.parse_args(argv)
     results = []
