@@ -52,7 +52,7 @@ def test_killed_stub_fails_only_its_in_flight_requests_and_serves_again(pair):
     server = LocalTriton(LocalTritonConfig(repository, ("d", "p")))
     server.start()
     try:
-        result = kill_stub_under_load(server, {"dense": "d", "pruned": "p"}, images, role="dense", seconds=16,
+        result = kill_stub_under_load(server, {"dense": "d", "pruned": "p"}, images, role="dense", seconds=20,
                                       kill_after_s=5, clients=16, log=quiet)
     finally:
         server.stop()
