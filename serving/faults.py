@@ -252,8 +252,10 @@ def kill_exports(export_args: list[str], repository: Path, models: tuple[str, ..
                  kills: int = 10, seed: int = 0, while_writing_only: bool = False, log=print) -> dict:
     """`python -m export <export_args> --repository <repository>` under a live server of `models`: one
     complete export (its duration sets the random kill points), `kills` SIGKILLs, then one that must
-    complete. Even kills land anywhere in the run, odd ones while the repository is being written
-    (`while_writing_only`: all of them, and no export is spent on measuring the duration)."""
+    complete. Every other kill lands at a random point of the run, the others while the repository is being
+    written (`while_writing_only`: all of them, and no export is spent on measuring the duration). An
+    export that finishes before its kill point does not count as a kill; another one is started (at most
+    3 x `kills` attempts), with the kill points drawn from the latest complete export's duration."""
     rng = random.Random(seed)
     command = [sys.executable, "-m", "export", *export_args, "--repository", str(repository)]
 
@@ -290,17 +292,23 @@ def kill_exports(export_args: list[str], repository: Path, models: tuple[str, ..
                 raise FaultSetupError(f"the export to measure failed: {' '.join(first['stderr'])}")
             duration = first["seconds"]
             log(f"export kill: a complete export takes {duration:.1f} s; {kills} kills follow")
-        for index in range(kills):
-            during_write = while_writing_only or index % 2 == 1
-            attempt = export(kill_at=None if during_write else rng.uniform(0.05, 1.0) * duration,
+        landed, index = 0, 0
+        while landed < kills and index < 3 * kills:  # an export that ends before its kill point is tried again
+            during_write = while_writing_only or landed % 2 == 1
+            index += 1
+            attempt = export(kill_at=None if during_write else rng.uniform(0.05, 0.95) * duration,
                              during_write=during_write)
+            if attempt["killed_at"]:
+                landed += 1
+            elif attempt["code"] == 0:
+                duration = attempt["seconds"]  # exports get faster or slower with the machine's load
             leftovers = sorted(_staging(repository, models))
             served = _check_served(server.endpoints.http_url, repository, models)
             partial += len(served["partial_loads"])
             reload_failures += len(served["reload_failures"])
             request_failures += len(served["request_failures"])
             attempts.append({**attempt, "staging_left": leftovers, **served})
-            log(f"export kill {index + 1}/{kills}: {attempt['killed_at'] or 'finished before the kill'}; "
+            log(f"export kill {landed}/{kills} (attempt {index}): {attempt['killed_at'] or 'finished before the kill'}; "
                 f"READY {served['ready']}, partial loads {len(served['partial_loads'])}")
         final = export()
         served = _check_served(server.endpoints.http_url, repository, models)
