@@ -134,8 +134,9 @@ def reliability_result(reports: Path, run: str) -> tuple[dict, dict]:
     return data, stamps
 
 
-def collect(run: str, runs: Path, reports: Path, out: Path = RESULTS_DIR) -> list[Path]:
-    """Write every result whose sources exist; training and export sources are required."""
+def collect(run: str, runs: Path, reports: Path, out: Path = RESULTS_DIR, only: list[str] | None = None) -> list[Path]:
+    """Write every result whose sources exist (or only those named); training and export sources are
+    required unless `only` leaves them out."""
     written = []
     jobs = [("default_run", lambda: default_run(runs, run), True),
             ("export", lambda: export_result(runs, run), True),
@@ -143,7 +144,13 @@ def collect(run: str, runs: Path, reports: Path, out: Path = RESULTS_DIR) -> lis
             ("torch_pruning", lambda: peer_result(runs), False),
             ("compare", lambda: compare_result(reports), False),
             ("reliability", lambda: reliability_result(reports, run), False)]
+    unknown = set(only or ()) - {name for name, _, _ in jobs}
+    if unknown:
+        raise ResultError(f"--only: no result named {', '.join(sorted(unknown))}; known: "
+                          f"{', '.join(name for name, _, _ in jobs)}")
     for name, job, required in jobs:
+        if only and name not in only:
+            continue
         try:
             try:
                 data, sources = job()
@@ -165,9 +172,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=Path, default=Path("runs"), help="folder of run folders")
     parser.add_argument("--reports", type=Path, default=Path("reports"), help="folder of serving/compare reports")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="result files go here")
+    parser.add_argument("--only", action="append", metavar="NAME",
+                        help="collect only this result (repeatable): default_run, export, serving, torch_pruning, "
+                             "compare, reliability")
     args = parser.parse_args(argv)
     try:
-        written = collect(args.run, args.runs, args.reports, args.out)
+        written = collect(args.run, args.runs, args.reports, args.out, args.only)
     except ResultError as error:
         print(f"collect_results: error: {error}", file=sys.stderr)
         return 2

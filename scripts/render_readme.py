@@ -225,7 +225,7 @@ def reliability_table(document: dict) -> list[str]:
              f"| export kill: `python -m export` SIGKILLed {exports['kills']} times ({exports['kills_while_writing']} while "
              f"writing the repository) under a live server | **{exports['partial_loads']} partial versions loaded**; "
              f"next export exit {exports['next_export_code']} | 0 partial loads |",
-             f"| corrupt inputs ({len(corrupt['files'])} files x {len(corrupt['damages'])} kinds of damage) | "
+             f"| corrupt inputs: {len(corrupt['files'])} files x {', '.join(corrupt['damages'])} | "
              f"**{corrupt['clean']} of {corrupt['cases']}** refused with one line naming the file, exit 2, nothing "
              f"written | >= 60, all |"]
     note = (f"Machine load average (1 min) {load['start'][0]:.1f} at the soak's start and {load['end'][0]:.1f} at its "

@@ -63,6 +63,15 @@ class Scene:
     patches: tuple = ()
 
 
+DAMAGE_KINDS = ("truncated", "zero bytes", "random bytes", "not UTF-8", "wrong version", "wrong shape", "NaN", "inf",
+                "carries code")
+
+
+def damage_kind(damage: str) -> str:
+    """The kind of damage a case's description names (its first words)."""
+    return next(kind for kind in DAMAGE_KINDS if damage.startswith(kind))
+
+
 @dataclass(frozen=True)
 class Case:
     file: str            # which file
@@ -485,7 +494,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'ok ' if outcome.clean else 'BAD'} {case.id}: {outcome.problems or results[-1]['message'][:100]}")
     files = sorted({case.file for case in CASES})
     document = {"cases": len(results), "clean": sum(r["clean"] for r in results), "files": files,
-                "damages": sorted({case.damage for case in CASES}), "results": results, "provenance": provenance()}
+                "damages": [kind for kind in DAMAGE_KINDS if any(damage_kind(c.damage) == kind for c in CASES)],
+                "results": results, "provenance": provenance()}
     write_json(args.out, document)
     print(f"{document['clean']} of {document['cases']} corrupt inputs handled cleanly; wrote {args.out}")
     return 0 if document["clean"] == document["cases"] else 1

@@ -220,7 +220,7 @@ def test_collect_then_render_reliability(tmp_path):
                               "export_seconds": 30.0, "partial_loads": 0, "reload_failures": 0, "request_failures": 0,
                               "next_export_code": 0, "ok": True},
               "checks": {"stub kill": True}, "provenance": STAMP}
-    corrupt = {"cases": 61, "clean": 61, "files": ["a", "b"], "damages": ["truncated"],
+    corrupt = {"cases": 61, "clean": 61, "files": ["a", "b"], "damages": ["truncated", "NaN"],
                "results": [{"file": "a", "damage": "truncated", "clean": True}], "provenance": STAMP}
     for path, document in ((reports / "r" / "soak.json", soak), (reports / "r" / "faults.json", faults),
                            (reports / "corrupt_inputs.json", corrupt)):
@@ -233,6 +233,7 @@ def test_collect_then_render_reliability(tmp_path):
     assert "+0.50% (200.0 -> 201.0 MB)" in table and "1.20x (2.0 -> 2.4 ms) / 1.20x" in table
     assert "7 failed (in flight; 32 clients), other model 0 failed of 5,000; serving again after 2.5 s" in table
     assert "**0 partial versions loaded**" in table and "**61 of 61**" in table
+    assert "| corrupt inputs: 2 files x truncated, NaN |" in table
     assert "load average (1 min) 3.0 at the soak's start" in table and "Source: [`docs/results/reliability.json`]" in table
     summary = render_readme.render_block("reliability-summary", tmp_path)
     assert "1,234,567 requests, **0 failed**; memory +0.50% after the warm-up" in summary
