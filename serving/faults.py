@@ -315,13 +315,13 @@ def kill_exports(export_args: list[str], repository: Path, models: tuple[str, ..
     finally:
         server.stop()
     landed = [a for a in attempts if a["killed_at"]]
-    return {"kills": len(landed), "kills_while_writing": sum(a["killed_at"] == "while writing the repository"
+    return {"kills_requested": kills, "kills": len(landed), "kills_while_writing": sum(a["killed_at"] == "while writing the repository"
                                                             for a in landed),
             "finished_before_the_kill": len(attempts) - len(landed), "export_seconds": duration,
             "partial_loads": partial, "reload_failures": reload_failures, "request_failures": request_failures,
             "next_export_code": final["code"], "next_export_served": served["ready"],
             "next_export_partial_loads": len(served["partial_loads"]), "attempts": attempts,
-            "ok": partial == 0 and final["code"] == 0 and not served["partial_loads"] and reload_failures == 0
+            "ok": len(landed) == kills and partial == 0 and final["code"] == 0 and not served["partial_loads"] and reload_failures == 0
                   and not served["request_failures"] and not served["reload_failures"]}
 
 

@@ -325,7 +325,10 @@ def soak(urls: dict[str, str], models: dict[str, str], images: np.ndarray, setti
                                       logs)) for slot in range(len(plan))]
     for thread in threads:
         thread.start()
-    ready.wait()
+    try:
+        ready.wait()
+    except threading.BrokenBarrierError:
+        raise ServerError(f"the soak's {len(plan)} clients did not all connect within 60 s") from None
     supervisor.start()
     log(f"soak: {len(plan)} clients for {settings.seconds:g} s ({settings.seconds / 60:.1f} min), "
         f"intervals of {settings.interval_s:g} s ...")
