@@ -138,7 +138,8 @@ def kill_server_under_soak(run_dir: Path, repository: Path, models: tuple[str, .
                            load_s: float = 4.0, limit_s: float = 10.0, report_dir: Path | None = None) -> dict:
     """SIGKILL tritonserver under `python -m serving soak` (attached with --url when `attach`, else the
     server the tool started) once its clients have run `load_s`; how the tool ended."""
-    report_dir = report_dir or Path(tempfile.mkdtemp(prefix="polarprune-faults-"))
+    scratch = None if report_dir else Path(tempfile.mkdtemp(prefix="polarprune-faults-"))
+    report_dir = report_dir or scratch
     command = [sys.executable, "-m", "serving", "soak", "--run", str(run_dir), "--minutes", "5", "--interval", "30",
                "--clients", "16", "--report-dir", str(report_dir)]
     own = None
@@ -180,6 +181,8 @@ def kill_server_under_soak(run_dir: Path, repository: Path, models: tuple[str, .
             tool.wait()
         if own is not None:
             own.stop()
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
     lines = [line for line in stderr.splitlines() if line.strip()]
     return {"mode": "attached (--url)" if attach else "server started by the tool", "exit_code": code,
             "seconds_to_exit": seconds, "stderr_lines": len(lines), "message": lines[0] if lines else "",
