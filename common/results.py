@@ -93,8 +93,10 @@ def provenance() -> dict:
 def read_source(path: str | os.PathLike) -> tuple[dict, dict]:
     """(document, provenance stamp) of a producer's JSON file; a stampless file is refused."""
     path = Path(path)
+    def no_constant(name: str):  # NaN / Infinity: json accepts them, no published number may be one
+        raise ValueError(f"holds {name}, not a number")
     try:
-        document = json.loads(path.read_text())
+        document = json.loads(path.read_text(), parse_constant=no_constant)
     except FileNotFoundError:
         raise ResultError(f"{path}: not found (run the command that writes it first)") from None
     except (OSError, ValueError) as error:

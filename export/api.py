@@ -8,6 +8,7 @@ the run folder as it was; export_report.json comes last, once the Triton reposit
 """
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import tempfile
@@ -17,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.atomicio import atomic_path, write_json
+from common.atomicio import WriteFailed, write_bytes, write_json
 from common.results import provenance
 from training.arch import SpecError
 from training.checkpoint import load_checkpoint, model_from_checkpoint
@@ -97,9 +98,9 @@ def load_test_samples(config: dict, network: dict, count: int, source: Path) -> 
 
 
 def _stage_samples(path: Path, samples: Samples) -> None:
-    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
-        np.savez(handle, images=samples.images.numpy().astype(np.float32),
-                 labels=samples.labels.numpy().astype(np.int64))
+    buffer = io.BytesIO()  # built in memory: a failed file write then leaves no half-closed zip behind
+    np.savez(buffer, images=samples.images.numpy().astype(np.float32), labels=samples.labels.numpy().astype(np.int64))
+    write_bytes(path, buffer.getvalue())
 
 
 def _engines(options: ExportOptions, staging: Path, samples: Samples, timing_cache: Path) -> dict:
@@ -222,9 +223,12 @@ def run(options: ExportOptions) -> dict:
     try:
         triton = write_triton_models(options, run_dir, facts["engine"])
     except (RepositoryError, OSError) as error:
-        raise ExportError(f"{error} (the model repository is as it was; the run folder's artifacts are "
-                          "complete, and export_report.json is written once the repository is: fix it and "
-                          "re-run)") from None
+        failure = ExportError(f"{error} (the model repository is as it was; the run folder's artifacts are "
+                              "complete, and export_report.json is written once the repository is: fix it and "
+                              "re-run)")
+        if isinstance(error, WriteFailed):  # a full disk is not bad input
+            failure.exit_code = error.exit_code
+        raise failure from None
     report = build_report(
         run_name=run_dir.name, config=state["config"],
         dense_source=dense_source,

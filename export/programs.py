@@ -8,6 +8,7 @@ network by `PolarizedNetwork.prune`, so there is no surgery here.
 """
 from __future__ import annotations
 
+import logging
 import shutil
 import tempfile
 from pathlib import Path
@@ -39,7 +40,27 @@ def _samples(path: Path) -> tuple[np.ndarray, np.ndarray]:
     if images.dtype != np.float32 or images.ndim != 4 or labels.shape != (len(images),) or not len(images):
         raise ExportError(f"{path}: images must be float32 (N, C, H, W) and labels one integer each, got "
                           f"{images.dtype} {list(images.shape)} and {list(labels.shape)}")
+    if not np.isfinite(images).all():
+        raise ExportError(f"{path}: images contain NaN or Inf")
     return images, labels.astype(np.int64)
+
+
+def _program(path: Path):
+    """A torch.export program saved by `save_pruned`; ExportError naming the file for anything else."""
+    quiet = logging.getLogger("torch.export")  # it logs a traceback of its own before re-raising
+    level, quiet.level = quiet.level, logging.CRITICAL
+    try:
+        return load_pruned(path)
+    except ExportError:
+        raise
+    except FileNotFoundError:
+        raise ExportError(f"{path}: missing (training.api.save_for_export writes it)") from None
+    except Exception as error:  # a damaged zip, a file that is no program: torch's many error types
+        reason = str(error).strip().splitlines()[0][:160] if str(error).strip() else ""
+        raise ExportError(f"{path}: not a torch.export program saved by polarprune ({type(error).__name__}"
+                          f"{': ' + reason if reason else ''})") from None
+    finally:
+        quiet.setLevel(level)
 
 
 def run_programs(options) -> dict:
@@ -48,7 +69,7 @@ def run_programs(options) -> dict:
 
     folder = Path(options.run)
     images, labels = _samples(folder / PROGRAM_FILES["samples"])
-    networks = {kind: load_pruned(folder / PROGRAM_FILES[kind]) for kind in KINDS}
+    networks = {kind: _program(folder / PROGRAM_FILES[kind]) for kind in KINDS}
     input_shape = tuple(images.shape[1:])
     batch = torch.from_numpy(images[:options.samples])
     with torch.no_grad():  # the class count comes from the network, not from the labels present

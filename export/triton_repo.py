@@ -33,7 +33,7 @@ import onnx
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from common.atomicio import atomic_path
+from common.atomicio import WriteFailed, atomic_path
 from common.model_repository import (ENGINE_CACHE_DIR, MANIFEST_NAME, RepositoryError, engine_version, model_versions,
                                      parse_config)
 
@@ -206,10 +206,16 @@ def _write_readable(path: Path, text: str) -> None:
         os.chmod(tmp, 0o644)
 
 
-def _copy_synced(source: Path, dest: Path) -> None:
-    shutil.copyfile(source, dest)
-    with open(dest, "rb") as copied:
-        os.fsync(copied.fileno())
+def _copy_synced(source: Path, dest: Path, shown: Path | None = None) -> None:
+    """Copy and fsync; WriteFailed naming `shown` (the file's final place) when the disk refuses."""
+    try:
+        shutil.copyfile(source, dest)
+        with open(dest, "rb") as copied:
+            os.fsync(copied.fileno())
+    except OSError as error:
+        if not Path(source).is_file():
+            raise
+        raise WriteFailed(shown or dest, error) from None
 
 
 def _process_alive(pid: int) -> bool:
@@ -306,7 +312,7 @@ def _write_version(repository: str | os.PathLike, model_name: str, onnx_path: st
         model_dir.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f"{_TEMP_PREFIX}{version}-{os.getpid()}-", dir=model_dir))
         for name, source in payload.items():
-            _copy_synced(source, staging / name)
+            _copy_synced(source, staging / name, model_dir / str(version) / name)
         # Manifest first: a crash after this leaves files the manifest already claims, never foreign ones.
         manifest["files"] = sorted(set(manifest["files"]) | {"config.pbtxt", str(version)})
         manifest["versions"][str(version)] = {

@@ -7,7 +7,9 @@ Sources, each stamped by the command that wrote it (common.results): runs/<run>/
 runs/<run>_dense/metrics.json -> default_run.json; runs/<run>/export_report.json -> export.json;
 reports/<run>/serving.json -> serving.json; runs/compare/torch_pruning/metrics.json (the standalone
 Torch-Pruning peer, python -m bench.torch_pruning_peer) -> torch_pruning.json; reports/compare/compare.json
-(make compare: its summary over seeds, rendered, and its rows) -> compare.json.
+(make compare: its summary over seeds, rendered, and its rows) -> compare.json; reports/<run>/soak.json
+(python -m serving soak), reports/<run>/faults.json (python -m serving faults) and
+reports/corrupt_inputs.json (python -m tests.corrupt_inputs) -> reliability.json.
 The training and export sources are required; the others are collected when present. A file without a
 provenance stamp, or a `--quick` comparison, is refused: it cannot back a published number.
 """
@@ -97,15 +99,58 @@ def compare_result(reports: Path) -> tuple[dict, dict]:
     return data, {str(path): stamp}
 
 
-def collect(run: str, runs: Path, reports: Path, out: Path = RESULTS_DIR) -> list[Path]:
-    """Write every result whose sources exist; training and export sources are required."""
+def reliability_result(reports: Path, run: str) -> tuple[dict, dict]:
+    """The soak, the injected faults and the corrupt-input table (issue 23)."""
+    paths = {"soak": reports / run / "soak.json", "faults": reports / run / "faults.json",
+             "corrupt": reports / "corrupt_inputs.json"}
+    documents, stamps = {}, {}
+    for name, path in paths.items():
+        documents[name], stamps[str(path)] = read_source(path)
+    soak, faults, corrupt = documents["soak"], documents["faults"], documents["corrupt"]
+    data = {"run": run, "soak": pick(soak, ("minutes", "clients", "protocols", "batch_sizes", "interval_s",
+                                            "requests", "failures", "failures_by_reason", "p99", "load_average",
+                                            "cpu_cores", "ok", "problems"), paths["soak"])}
+    memory = soak["memory"]
+    data["soak"]["memory"] = {key: memory.get(key) for key in ("after_warmup_mb", "end_mb", "growth_pct", "peak_mb",
+                                                               "warmup_s", "leak", "unavailable")}
+    data["soak"]["per_interval"] = [
+        {"start_s": row["start_s"], "memory_total_mb": row.get("memory_total_mb"),
+         **{f"{role}_{key}": row["roles"][role][key] for role in ("dense", "pruned")
+            for key in ("requests", "failures", "p50_ms", "p99_ms")}} for row in soak["intervals"]]
+    stub, exports = faults["stub_kill"], faults["export_kill"]
+    data["faults"] = {
+        "stub_kill": {key: stub[key] for key in ("killed_model", "clients", "clients_of_killed_model",
+                                                 "failed_killed_model", "failed_other_model", "requests_other_model",
+                                                 "recovery_s", "reloads", "only_in_flight_failed")},
+        "server_kill": [{key: entry[key] for key in ("mode", "exit_code", "seconds_to_exit", "stderr_lines",
+                                                     "message", "processes_left", "stubs_outlived_the_server", "ok")}
+                        for entry in faults["server_kill"]],
+        "export_kill": {key: exports[key] for key in ("kills", "kills_while_writing", "finished_before_the_kill",
+                                                      "export_seconds", "partial_loads", "reload_failures",
+                                                      "request_failures", "next_export_code", "ok")},
+        "checks": faults["checks"]}
+    data["corrupt_inputs"] = pick(corrupt, ("cases", "clean", "files", "damages"), paths["corrupt"])
+    data["corrupt_inputs"]["not_clean"] = [f"{r['file']}: {r['damage']}" for r in corrupt["results"] if not r["clean"]]
+    return data, stamps
+
+
+def collect(run: str, runs: Path, reports: Path, out: Path = RESULTS_DIR, only: list[str] | None = None) -> list[Path]:
+    """Write every result whose sources exist (or only those named); training and export sources are
+    required unless `only` leaves them out."""
     written = []
     jobs = [("default_run", lambda: default_run(runs, run), True),
             ("export", lambda: export_result(runs, run), True),
             ("serving", lambda: serving_result(reports, run), False),
             ("torch_pruning", lambda: peer_result(runs), False),
-            ("compare", lambda: compare_result(reports), False)]
+            ("compare", lambda: compare_result(reports), False),
+            ("reliability", lambda: reliability_result(reports, run), False)]
+    unknown = set(only or ()) - {name for name, _, _ in jobs}
+    if unknown:
+        raise ResultError(f"--only: no result named {', '.join(sorted(unknown))}; known: "
+                          f"{', '.join(name for name, _, _ in jobs)}")
     for name, job, required in jobs:
+        if only and name not in only:
+            continue
         try:
             try:
                 data, sources = job()
@@ -127,9 +172,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=Path, default=Path("runs"), help="folder of run folders")
     parser.add_argument("--reports", type=Path, default=Path("reports"), help="folder of serving/compare reports")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="result files go here")
+    parser.add_argument("--only", action="append", metavar="NAME",
+                        help="collect only this result (repeatable): default_run, export, serving, torch_pruning, "
+                             "compare, reliability")
     args = parser.parse_args(argv)
     try:
-        written = collect(args.run, args.runs, args.reports, args.out)
+        written = collect(args.run, args.runs, args.reports, args.out, args.only)
     except ResultError as error:
         print(f"collect_results: error: {error}", file=sys.stderr)
         return 2

@@ -21,7 +21,8 @@ from common.atomicio import write_text
 from common.results import REPO_ROOT
 
 README = REPO_ROOT / "README.md"
-DOCUMENTS = (README, *(REPO_ROOT / "docs" / f"{name}.md" for name in ("accuracy", "compare", "speed")))  # with blocks
+DOCUMENTS = (README, *(REPO_ROOT / "docs" / f"{name}.md"
+                       for name in ("accuracy", "compare", "speed", "reliability")))  # with blocks
 RESULTS_DIR = REPO_ROOT / "docs" / "results"
 BLOCK = re.compile(r"(<!-- results:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /results:(?P=name) -->)", re.S)
 PRODUCERS = {  # what to run when a file is missing
@@ -32,15 +33,21 @@ PRODUCERS = {  # what to run when a file is missing
     "compare": "`make compare`, then `make results`",
     "seeds": "the seed runs, then `python -m bench.seeds`",
     "latency-target": "`python -m bench.latency_target`",
+    "reliability": "`python -m serving soak`, `python -m serving faults` and `python -m tests.corrupt_inputs "
+                   "--out reports/corrupt_inputs.json`, then `make results`",
 }
+PRODUCERS["reliability-summary"] = PRODUCERS["reliability"]
 
 
 class RenderError(Exception):
     """A marker names no known table, or a result file cannot be read."""
 
 
+BLOCK_FILES = {"reliability-summary": "reliability.json"}  # blocks that render another block's file
+
+
 def file_name(block: str) -> str:
-    return block.replace("-", "_") + ".json"
+    return BLOCK_FILES.get(block, block.replace("-", "_") + ".json")
 
 
 def provenance_line(document: dict, path: str) -> str:
@@ -191,9 +198,65 @@ def latency_target_table(document: dict) -> list[str]:
                        f"first measured ratio.{note}"]
 
 
+def reliability_table(document: dict) -> list[str]:
+    soak, faults, corrupt = document["soak"], document["faults"], document["corrupt_inputs"]
+    memory, p99 = soak["memory"], soak["p99"]
+    stub, exports = faults["stub_kill"], faults["export_kill"]
+    servers = faults["server_kill"]
+    growth = ("-" if memory.get("growth_pct") is None else
+              f"{memory['growth_pct']:+.2f}% ({memory['after_warmup_mb']:.1f} -> {memory['end_mb']:.1f} MB)")
+    ratios = " / ".join("-" if p99[role]["last_over_first"] is None else f"{p99[role]['last_over_first']:.2f}x "
+                        f"({p99[role]['first_ms']:.1f} -> {p99[role]['last_ms']:.1f} ms)" for role in ("dense", "pruned"))
+    load = soak.get("load_average") or {}
+    lines = ["| what | measured | goal |", "|---|---|---|",
+             f"| soak: {soak['minutes']:.1f} min, {soak['clients']} clients ({' + '.join(soak['protocols'])}, batch "
+             f"{'/'.join(map(str, soak['batch_sizes']))}) on dense and pruned | {soak['requests']:,} requests, "
+             f"**{soak['failures']} failed** | 0 failed |",
+             f"| memory growth after the warm-up minute (server + stubs) | {growth} | < 5% |",
+             f"| p99, last minute over first, dense / pruned | {ratios} | <= 1.5x |",
+             f"| stub kill: `{stub['killed_model']}`'s stub SIGKILLed under {stub['clients']} clients | "
+             f"{stub['failed_killed_model']} failed (in flight; {stub['clients_of_killed_model']} clients), other model "
+             f"{stub['failed_other_model']} failed of {stub['requests_other_model']:,}; serving again after "
+             f"{stub['recovery_s']:.1f} s | only in-flight fail, < 30 s, other 0 |",
+             "| server kill under `python -m serving soak` | "
+             + "; ".join(f"{entry['mode']}: exit {entry['exit_code']} after {entry['seconds_to_exit']:.1f} s, "
+                         f"{entry['stderr_lines']} line, {entry['processes_left']} processes left" for entry in servers)
+             + " | exit 1, one line, < 10 s, none left |",
+             f"| export kill: `python -m export` SIGKILLed {exports['kills']} times ({exports['kills_while_writing']} while "
+             f"writing the repository) under a live server | **{exports['partial_loads']} partial versions loaded**; "
+             f"next export exit {exports['next_export_code']} | 0 partial loads |",
+             f"| corrupt inputs: {len(corrupt['files'])} files x {', '.join(corrupt['damages'])} | "
+             f"**{corrupt['clean']} of {corrupt['cases']}** refused with one line naming the file, exit 2, nothing "
+             f"written | >= 60, all |"]
+    note = (f"Machine load average (1 min) {load['start'][0]:.1f} at the soak's start and {load['end'][0]:.1f} at its "
+            f"end, on {soak['cpu_cores']} shared cores (its 64 client threads included)." if load else "")
+    verdict = "The soak's own checks: " + ("all passed." if soak["ok"] else "; ".join(soak["problems"]) + ".")
+    return lines + ["", f"{note} {verdict}".strip()]
+
+
+def reliability_summary(document: dict) -> list[str]:
+    """The README's few lines of reliability.json (docs/reliability.md has the table)."""
+    soak, faults, corrupt = document["soak"], document["faults"], document["corrupt_inputs"]
+    stub, exports = faults["stub_kill"], faults["export_kill"]
+    growth = soak["memory"].get("growth_pct")
+    ratios = " / ".join("-" if soak["p99"][r]["last_over_first"] is None else f"{soak['p99'][r]['last_over_first']:.2f}x"
+                        for r in ("dense", "pruned"))
+    servers = " / ".join(f"exit {e['exit_code']} in {e['seconds_to_exit']:.1f} s, {e['processes_left']} left"
+                         for e in faults["server_kill"])
+    return [f"- Soak, {soak['minutes']:.0f} min, {soak['clients']} clients: {soak['requests']:,} requests, "
+            f"**{soak['failures']} failed**; memory {'-' if growth is None else f'{growth:+.2f}%'} after the warm-up; "
+            f"p99 last minute over first {ratios} (dense / pruned).",
+            f"- Stub SIGKILLed: {stub['failed_killed_model']} in-flight requests failed, serving again after "
+            f"{stub['recovery_s']:.1f} s, the other model {stub['failed_other_model']} failed. Server SIGKILLed under "
+            f"the soak: {servers} (attached / own server).",
+            f"- Export SIGKILLed {exports['kills']} times under a live server: **{exports['partial_loads']} partial "
+            f"versions loaded**. Corrupt inputs: **{corrupt['clean']} of {corrupt['cases']}** refused cleanly."]
+
+
 TABLES = {"default-run": default_run_table, "export": export_table, "serving": serving_table,
           "torch-pruning": torch_pruning_table, "compare": compare_table, "seeds": seeds_table,
-          "latency-target": latency_target_table}
+          "latency-target": latency_target_table, "reliability": reliability_table,
+          "reliability-summary": reliability_summary}
 
 
 def render_block(name: str, results_dir: Path = RESULTS_DIR) -> str:

@@ -4,6 +4,10 @@
                       [--url host:port [--grpc-url host:port]] [--protocol http|grpc|both] [--quick]
     python -m serving reload --url host:port --model NAME [--version N]
         (a running server in explicit model-control mode picks up a newly exported version)
+    python -m serving soak --run runs/<name> [--repository DIR | --url host:port] [--minutes 10]
+        (64 clients on both models for minutes: failures, p50/p99 and memory per minute; serving/soak.py)
+    python -m serving faults --run runs/<name> [--dense-run runs/<name>_dense] [--export-kills 10]
+        (stub, server and export SIGKILLed under load, on copies; serving/faults.py)
 
 A run whose served outputs differ from onnxruntime, or whose load test had failed requests, is a failed
 check: the reports are written, and the exit code is 1.
@@ -24,13 +28,15 @@ from serving.reload import reload_model
 from serving.report import write_report
 from serving.run_artifacts import load_run
 from serving.server import LocalTriton, LocalTritonConfig, RemoteTriton
+from serving.soak import SoakSettings, soak, summarize as summarize_soak, write_soak_report
 
 PROG = "python -m serving"
 
 
 def parse_args(argv: list[str] | None = None):
     arguments = cli_parser(PROG, __doc__.split("\n")[0],
-                       epilog="Also: python -m serving reload --url host:port --model NAME (see reload --help).")
+                       epilog="Also: python -m serving reload --url host:port --model NAME (see reload --help);\n"
+                                  "python -m serving soak --run runs/NAME [--minutes 10] (see soak --help).")
     arguments.add_argument("--repository", type=Path, default=Path("model_repository"),
                            help="Triton model repository written by the export stage")
     arguments.add_argument("--run", type=Path, required=True,
@@ -79,10 +85,137 @@ def reload_main(argv: list[str]) -> int:
     return EXIT_OK
 
 
+def soak_main(argv: list[str]) -> int:
+    prog = f"{PROG} soak"
+    arguments = cli_parser(prog, "Dense and pruned under many concurrent clients (HTTP and gRPC, mixed batch "
+                           "sizes) for minutes: requests, failures by reason, p50/p99 and server/stub memory "
+                           "per minute; a leak is judged on memory growth after the warm-up minute.",
+                           epilog="A failed request, a leak, a p99 rise beyond --max-p99-ratio or a server that "
+                                  "dies is a failed check (exit 1); the reports are written unless the server died.")
+    arguments.add_argument("--run", type=Path, required=True, help="run folder (export_report.json, test_samples.npz)")
+    arguments.add_argument("--repository", type=Path, default=Path("model_repository"), help="model repository")
+    arguments.add_argument("--url", default=None, help="HTTP host:port of a running server (default: start the bundled one)")
+    arguments.add_argument("--grpc-url", default=None, help="gRPC host:port with --url (default: HTTP port + 1)")
+    arguments.add_argument("--report-dir", type=Path, default=None, help="default: reports/<run name>")
+    arguments.add_argument("--minutes", type=float, default=10.0, help="how long (default 10)")
+    arguments.add_argument("--interval", type=float, default=60.0,
+                           help="seconds per report row; the first row is the warm-up (default 60)")
+    arguments.add_argument("--clients", type=int, default=64, help="concurrent clients over both models (default 64)")
+    arguments.add_argument("--max-growth-pct", type=float, default=5.0, help="memory growth after warm-up that is a leak")
+    arguments.add_argument("--max-p99-ratio", type=float, default=1.5, help="p99 last interval / first interval limit")
+    arguments.add_argument("--startup-timeout", type=float, default=90.0, help="seconds to wait for readiness")
+    args = arguments.parse_args(argv)
+    if args.minutes <= 0 or args.interval <= 0 or args.clients < 2:
+        arguments.error("--minutes and --interval must be > 0 and --clients >= 2")
+    settings = SoakSettings(seconds=60.0 * args.minutes, clients=args.clients, interval_s=args.interval,
+                            max_growth_pct=args.max_growth_pct, max_p99_ratio=args.max_p99_ratio)
+    try:
+        run = load_run(args.run)
+        models = {role: run.model_names[role] for role in ("dense", "pruned")}
+        if args.url:
+            server = RemoteTriton(args.url, args.grpc_url, tuple(models.values()), timeout_s=args.startup_timeout)
+        else:
+            server = LocalTriton(LocalTritonConfig(args.repository, tuple(models.values()),
+                                                   startup_timeout_s=args.startup_timeout))
+        with server as endpoints:
+            local = isinstance(server, LocalTriton)
+            print(f"Triton ready: http {endpoints.http_url}, grpc {endpoints.grpc_url}; models {list(models.values())}",
+                  flush=True)
+            raw = soak({"http": endpoints.http_url, "grpc": endpoints.grpc_url}, models, run.images, settings,
+                       server.pid if local else None, server.process if local else None,
+                       log=lambda message: print(message, flush=True))
+    except ServingStageError as error:
+        return fail(prog, error)
+    summary = summarize_soak(raw, run.name, "the bundled tritonserver" if not args.url else args.url)
+    report_dir = args.report_dir or Path("reports") / run.name
+    write_soak_report(raw, summary, report_dir)
+    print(f"wrote {report_dir}/soak.json, soak.md, soak_raw.json, soak_memory.png")
+    if not summary["ok"]:
+        print(f"{prog}: error: {'; '.join(summary['problems'])}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def faults_main(argv: list[str]) -> int:
+    prog = f"{PROG} faults"
+    arguments = cli_parser(prog, "Inject faults under load on copies of a run's served models and measure what "
+                           "users see: a stub SIGKILLed, the server SIGKILLed under `serving soak`, `python -m "
+                           "export` SIGKILLed while a server serves its repository (serving/faults.py).",
+                           epilog="A fault whose outcome is not the expected one is a failed check (exit 1); "
+                                  "reports/<run>/faults.json is written either way.")
+    arguments.add_argument("--run", type=Path, required=True, help="run folder (exported: export_report.json)")
+    arguments.add_argument("--dense-run", type=Path, default=None, help="its dense reference, as given to export")
+    arguments.add_argument("--repository", type=Path, default=Path("model_repository"), help="model repository")
+    arguments.add_argument("--report-dir", type=Path, default=None, help="default: reports/<run name>")
+    arguments.add_argument("--export-kills", type=int, default=10, help="SIGKILLs of python -m export (default 10)")
+    arguments.add_argument("--seed", type=int, default=0, help="seed of the random kill points")
+    args = arguments.parse_args(argv)
+    import shutil
+    import tempfile
+
+    from common.atomicio import write_json
+    from common.results import provenance
+    from serving.faults import copy_models, kill_exports, kill_server_under_soak, kill_stub_under_load
+
+    try:
+        run = load_run(args.run)
+        models = {role: run.model_names[role] for role in ("dense", "pruned")}
+        work = Path(tempfile.mkdtemp(prefix="polarprune-faults-"))
+        try:
+            repository = copy_models(args.repository, tuple(models.values()), work / "repo")
+            print("stub kill: SIGKILL of the dense model's stub under 64 clients ...", flush=True)
+            server = LocalTriton(LocalTritonConfig(repository, tuple(models.values())))
+            server.start()
+            try:
+                stub = kill_stub_under_load(server, models, run.images, seconds=60, kill_after_s=20, clients=64,
+                                            log=lambda message: print(message, flush=True))
+            finally:
+                server.stop()
+            print(f"  {stub}", flush=True)
+            servers = []
+            for attach in (True, False):
+                print(f"server kill ({'attached' if attach else 'its own server'}) ...", flush=True)
+                servers.append(kill_server_under_soak(args.run, repository, tuple(models.values()), attach=attach,
+                                                      load_s=5.0, report_dir=work / "soak_reports"))
+                print(f"  {servers[-1]}", flush=True)
+            runs = work / "runs"
+            shutil.copytree(args.run, runs / args.run.name)
+            export_args = ["--run", str(runs / args.run.name)]
+            if args.dense_run:
+                shutil.copytree(args.dense_run, runs / args.dense_run.name)
+                export_args += ["--dense-run", str(runs / args.dense_run.name)]
+            print(f"export kill: {args.export_kills} SIGKILLs of python -m export under a live server ...", flush=True)
+            exports = kill_exports(export_args, repository, tuple(models.values()), kills=args.export_kills,
+                                   seed=args.seed, log=lambda message: print(f"  {message}", flush=True))
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    except ServingStageError as error:
+        return fail(prog, error)
+    checks = {"stub kill": stub["only_in_flight_failed"] and stub["failed_other_model"] == 0
+              and stub["recovery_s"] is not None and stub["recovery_s"] < 30,
+              "server kill": all(entry["ok"] for entry in servers), "export kill": exports["ok"]}
+    report = {"run": run.name, "models": models, "stub_kill": stub, "server_kill": servers, "export_kill": exports,
+              "checks": checks, "ok": all(checks.values()), "provenance": provenance()}
+    report_dir = args.report_dir or Path("reports") / run.name
+    report_dir.mkdir(parents=True, exist_ok=True)
+    write_json(report_dir / "faults.json", report)
+    print(f"wrote {report_dir}/faults.json: " + ", ".join(f"{name} {'ok' if ok else 'FAILED'}"
+                                                          for name, ok in checks.items()))
+    if not report["ok"]:
+        print(f"{prog}: error: failed: {', '.join(name for name, ok in checks.items() if not ok)} "
+              f"(see {report_dir}/faults.json)", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["faults"]:
+        return faults_main(argv[1:])
     if argv[:1] == ["reload"]:
         return reload_main(argv[1:])
+    if argv[:1] == ["soak"]:
+        return soak_main(argv[1:])
     args = parse_args(argv)
     protocols = ("http", "grpc") if args.protocol == "both" else (args.protocol,)
     factory = ProbeSettings.quick if args.quick else ProbeSettings

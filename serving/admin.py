@@ -79,6 +79,15 @@ class TritonAdmin:
         except UNREACHABLE as error:
             raise ServerError(f"no answer ({type(error).__name__})") from None
 
+    def unload(self, model: str) -> None:
+        """Ask the server (explicit model control) to unload `model`; ServerError with Triton's reason."""
+        try:
+            self._client.unload_model(model)
+        except InferenceServerException as error:
+            raise ServerError((error.message() or "no reason given").strip()) from None
+        except UNREACHABLE as error:
+            raise ServerError(f"no answer ({type(error).__name__})") from None
+
     def version_policy(self, model: str) -> dict:
         """The model's version_policy; Triton's default (the latest one version) when it sets none."""
         try:

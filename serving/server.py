@@ -45,11 +45,38 @@ class Endpoints:
 
 def config_problem(config_path: Path) -> str | None:
     """Why Triton could not use this config.pbtxt (protobuf's line:column message), or None."""
-    from common.model_repository import ConfigError, parse_config  # torch-free: the exporter's own check
+    from common.model_repository import ConfigError, RepositoryError, parse_config  # torch-free: export's own check
     try:
-        parse_config(config_path.read_text(errors="replace"))
+        config = parse_config(config_path.read_text(errors="replace"), config_path.parent.name)
     except ConfigError as error:
         return f"{config_path}: not a valid model config ({error.detail})"
+    except RepositoryError as error:  # parses, but is no usable config (empty, another model's, no output)
+        return f"{config_path}: not a valid model config ({error})"
+    if config.backend == "python":  # our model.py runs <version>/model.onnx: a damaged one fails the load
+        return onnx_problem(config_path.parent)
+    return None
+
+
+def onnx_problem(model_dir: Path) -> str | None:
+    """Why the newest version's model.onnx cannot be a model (missing, not ONNX protobuf), or None. Only the
+    protobuf is parsed here (fast); whether onnxruntime can run it is Triton's load to find out."""
+    from onnx import ModelProto  # protobuf only; serving imports no torch
+    versions = sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()) \
+        if model_dir.is_dir() else []
+    if not versions:
+        return None  # Triton names a model without versions itself
+    path = model_dir / str(versions[-1]) / "model.onnx"
+    if not path.is_file():
+        return None  # model.py names a missing file itself (test_malformed_inputs)
+    data = path.read_bytes()
+    model = ModelProto()
+    try:
+        model.ParseFromString(data)
+        usable = bool(data) and len(model.graph.input) > 0 and len(model.graph.output) > 0
+    except Exception:  # protobuf's DecodeError
+        usable = False
+    if not usable:
+        return f"{path}: not an ONNX model ({len(data)} bytes that do not parse as one); export the model again"
     return None
 
 
@@ -107,8 +134,8 @@ class LocalTriton:
             raise ServerInputError(f"model(s) {missing} not found in {repository} (run make export first)")
         unreadable = {m: why for m in cfg.models if (why := config_problem(repository / m / "config.pbtxt"))}
         if unreadable:  # Triton itself would only say "failed to poll from model repository"
-            detail = "\n".join(f"  {m}: {why}" for m, why in unreadable.items())
-            raise ServerInputError(f"model config(s) that Triton cannot parse:\n{detail}")
+            detail = "; ".join(why for why in unreadable.values())  # each names its file: one line
+            raise ServerInputError(f"model(s) Triton could not load: {detail}")
         install = find_triton_install()
         for port in (cfg.http_port, cfg.grpc_port):
             if port and not port_is_free(port):
@@ -201,7 +228,12 @@ class LocalTriton:
         """SIGTERM, SIGKILL after the timeout; then sweep our process group and shm regions."""
         process, self.process = self.process, None
         if process is not None:
-            if process.poll() is None:
+            if process.poll() is not None:  # the server died on its own: its stubs are orphans now
+                try:
+                    os.killpg(process.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            else:
                 process.send_signal(signal.SIGTERM)
                 try:
                     process.wait(timeout=self.config.shutdown_timeout_s)

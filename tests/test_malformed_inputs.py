@@ -777,6 +777,7 @@ def test_raw_http_bodies_that_are_not_requests(server, body, expected):
 
 CLIS = {"python -m training": (training_main, []), "python -m export": (export_main, []),
         "python -m serving": (serving_main, []), "python -m serving reload": (serving_main, ["reload"]),
+        "python -m serving soak": (serving_main, ["soak"]), "python -m serving faults": (serving_main, ["faults"]),
         "python -m bench.compare": (compare_main, []), "python -m bench.shapes": (shapes_main, []),
         "python -m bench.speedup": (speedup_main, []), "python -m bench.train_overhead": (train_overhead_main, [])}
 

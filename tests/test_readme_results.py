@@ -193,3 +193,51 @@ def test_write_result_is_atomic_and_keeps_sources(tmp_path):
     document = write_result(tmp_path / "x.json", {"value": 1}, {"a.json": STAMP})
     assert json.loads((tmp_path / "x.json").read_text()) == document == {"value": 1, "sources": {"a.json": STAMP}}
     assert not list(tmp_path.glob(".x.json.*"))
+
+
+def test_collect_then_render_reliability(tmp_path):
+    """reports/<run>/soak.json, faults.json and reports/corrupt_inputs.json -> reliability.json -> the
+    docs/reliability.md table and the README's summary."""
+    from scripts.collect_results import reliability_result
+    reports = tmp_path / "reports"
+    (reports / "r").mkdir(parents=True)
+    role = {"requests": 10, "failures": 0, "p50_ms": 1.0, "p99_ms": 2.0}
+    soak = {"minutes": 10.0, "clients": 64, "protocols": ["http", "grpc"], "batch_sizes": [1, 4, 16],
+            "interval_s": 60.0, "requests": 1234567, "failures": 0, "failures_by_reason": {},
+            "p99": {r: {"first_ms": 2.0, "last_ms": 2.4, "last_over_first": 1.2} for r in ("dense", "pruned")},
+            "load_average": {"start": [3.0, 2, 1], "end": [4.0, 3, 2]}, "cpu_cores": 2, "ok": True, "problems": [],
+            "memory": {"after_warmup_mb": 200.0, "end_mb": 201.0, "growth_pct": 0.5, "peak_mb": 202.0,
+                       "warmup_s": 60.0, "leak": False},
+            "intervals": [{"start_s": 0, "memory_total_mb": 200.0, "roles": {"dense": role, "pruned": role}}],
+            "provenance": STAMP}
+    faults = {"stub_kill": {"killed_model": "r_dense", "clients": 64, "clients_of_killed_model": 32,
+                            "failed_killed_model": 7, "failed_other_model": 0, "requests_other_model": 5000,
+                            "recovery_s": 2.5, "reloads": 1, "only_in_flight_failed": True},
+              "server_kill": [{"mode": m, "exit_code": 1, "seconds_to_exit": s, "stderr_lines": 1, "message": "x",
+                               "processes_left": 0, "stubs_outlived_the_server": 0, "ok": True}
+                              for m, s in (("attached (--url)", 3.3), ("server started by the tool", 1.8))],
+              "export_kill": {"kills": 10, "kills_while_writing": 5, "finished_before_the_kill": 0,
+                              "export_seconds": 30.0, "partial_loads": 0, "reload_failures": 0, "request_failures": 0,
+                              "next_export_code": 0, "ok": True},
+              "checks": {"stub kill": True}, "provenance": STAMP}
+    corrupt = {"cases": 61, "clean": 61, "files": ["a", "b"], "damages": ["truncated", "NaN"],
+               "results": [{"file": "a", "damage": "truncated", "clean": True}], "provenance": STAMP}
+    for path, document in ((reports / "r" / "soak.json", soak), (reports / "r" / "faults.json", faults),
+                           (reports / "corrupt_inputs.json", corrupt)):
+        path.write_text(json.dumps(document))
+    data, sources = reliability_result(reports, "r")
+    assert len(sources) == 3 and data["corrupt_inputs"]["not_clean"] == []
+    write_result(tmp_path / "reliability.json", data, sources)
+    table = render_readme.render_block("reliability", tmp_path)
+    assert "| 1,234,567 requests, **0 failed** | 0 failed |" in table
+    assert "+0.50% (200.0 -> 201.0 MB)" in table and "1.20x (2.0 -> 2.4 ms) / 1.20x" in table
+    assert "7 failed (in flight; 32 clients), other model 0 failed of 5,000; serving again after 2.5 s" in table
+    assert "**0 partial versions loaded**" in table and "**61 of 61**" in table
+    assert "| corrupt inputs: 2 files x truncated, NaN |" in table
+    assert "load average (1 min) 3.0 at the soak's start" in table and "Source: [`docs/results/reliability.json`]" in table
+    summary = render_readme.render_block("reliability-summary", tmp_path)
+    assert "1,234,567 requests, **0 failed**; memory +0.50% after the warm-up" in summary
+    assert "exit 1 in 3.3 s, 0 left / exit 1 in 1.8 s, 0 left" in summary
+    (reports / "corrupt_inputs.json").unlink()
+    with pytest.raises(ResultError, match="corrupt_inputs.json: not found"):
+        reliability_result(reports, "r")

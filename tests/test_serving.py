@@ -189,7 +189,14 @@ def test_model_that_fails_to_load_is_reported_with_tritons_reason(workspace, tmp
     require_triton()
     repo = tmp_path / "repo"
     version = write_model_version(repo, "broken", workspace["onnx"]["dense"])
-    (version / "model.onnx").write_bytes(b"this is not an onnx file")
+    # An ONNX file that parses (a damaged one is named before the server starts: tests/corrupt_inputs.py)
+    # but that onnxruntime cannot run: only Triton's load finds that out.
+    from onnx import TensorProto, helper
+    graph = helper.make_graph([helper.make_node("NoSuchOp", ["input"], ["logits"])], "broken",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 8, 8])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])])
+    (version / "model.onnx").write_bytes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+                                         .SerializeToString())
     triton = LocalTriton(LocalTritonConfig(repo, ("broken",), startup_timeout_s=60))
     with pytest.raises(ServerError, match="broken.*UNAVAILABLE"):
         triton.start()

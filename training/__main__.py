@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 
+from common.atomicio import WriteFailed
 from common.cli import EXIT_OK, cli_parser, fail
 
 from .config import load_config
@@ -24,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         metrics = train(cfg, resume=args.resume)
-    except TrainingError as error:
+    except (TrainingError, WriteFailed) as error:  # WriteFailed: a checkpoint or mask the disk refused
         return fail(PROG, error)
     summary = {k: metrics[k] for k in ("test_accuracy", "flops_ratio", "params_ratio", "train_seconds")}
     print("finished:", " ".join(f"{k}={v:.4f}" for k, v in summary.items()))

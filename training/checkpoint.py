@@ -117,6 +117,10 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not isinstance(model, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                               for k, v in model.items()):
         raise CheckpointError(f"{path}: checkpoint 'model' must be a state dict of named tensors")
+    broken = next((k for k, v in model.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if broken is not None:  # a diverged or damaged run: nothing downstream would say so
+        raise CheckpointError(f"{path}: checkpoint weight {broken} holds NaN or Inf; resume from an earlier "
+                              "checkpoint or retrain")
     if not isinstance(state["epoch"], int) or isinstance(state["epoch"], bool) or state["epoch"] < 0:
         raise CheckpointError(f"{path}: checkpoint epoch must be a count >= 0, not {state['epoch']!r}")
     if not isinstance(state["network"], dict):

@@ -217,7 +217,8 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     try:
         loaded = yaml.load(stream, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as error:
-        raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
+        detail = " ".join(str(error).split())  # PyYAML's message spans lines; an error is one line
+        raise ConfigError(f"config file {path} is not valid YAML: {detail}") from None
     if loaded is None:
         raise ConfigError(f"config file {path} is empty; write `{{}}` in it to take every default")
     if not isinstance(loaded, dict):

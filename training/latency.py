@@ -243,6 +243,8 @@ class LatencyTable:
             table = cls(dict(document["key"]), dict(document["layers"]), float(document["floor_ms"]),
                         float(document["dense_ms"]), float(document["other_ms"]),
                         float(document.get("build_seconds", 0.0)), dict(document.get("calibration") or {}))
+            if not np.isfinite([table.floor_ms, table.dense_ms, table.other_ms]).all():
+                raise LatencyTableError(f"{source}: floor_ms, dense_ms and other_ms must be finite numbers")
             for path, entry in table.layers.items():
                 grid = np.asarray(entry["ms"], dtype=np.float64)
                 if grid.shape != (len(entry["in_widths"]), len(entry["out_widths"])) or not np.isfinite(grid).all():
