@@ -26,6 +26,7 @@ from .gates import Gate
 from .graph import Layer, Layout, NetworkGraph, layer_macs
 from .mask import GateDecision, Mask, MaskError, MaskProblem, choose_mask
 from .mask import check_mask as check_fits
+from .units import whole_units
 
 Number = torch.Tensor | float
 
@@ -48,11 +49,12 @@ def gate_values(*parts: torch.Tensor | int, block: torch.Tensor | None = None) -
     return values if block is None else values * block
 
 
-def gate_channels(x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """x (N, C, ...) times per-channel values (C,), (N, C) or (1,)/(N, 1) for a block gate alone."""
-    if values.dim() == 1:
-        return x * values.view(1, -1, *([1] * (x.dim() - 2)))
-    return x * values.view(values.shape[0], values.shape[1], *([1] * (x.dim() - 2)))
+def gate_channels(x: torch.Tensor, values: torch.Tensor, axis: int = 1) -> torch.Tensor:
+    """x (N, C, ...) times per-channel values (C,), (N, C) or (1,)/(N, 1) for a block gate alone; `axis`:
+    the channel axis of a channels-last tensor (N, ..., C)."""
+    shape = [values.shape[0] if values.dim() > 1 else 1] + [1] * (x.dim() - 1)
+    shape[axis] = values.shape[-1]
+    return x * values.view(shape)
 
 
 torch.fx.wrap("gate_values")
@@ -252,7 +254,8 @@ class GatedNetwork(nn.Module):
                     block_value = self._call_gate(network, f"block_gates.{_key(block_at[node_name])}")
                 values = network.graph.call_function(gate_values, tuple(parts), {"block": block_value})
                 if not fold:
-                    gated = network.graph.call_function(gate_channels, (node, values))
+                    axis = self.graph.channel_axis.get(node_name, 1)  # channels-last layers (training.graph)
+                    gated = network.graph.call_function(gate_channels, (node, values), {"axis": axis} if axis != 1 else {})
             if fold:
                 _replace_module(network, node.target, _retype_norm(module, GatedBatchNorm2d))
                 node.args = (*node.args, values)
@@ -314,7 +317,8 @@ class GatedNetwork(nn.Module):
         """The static sub-network the gates chose: widths rounded to `round_to`, moved into the target band
         when `target_ratio` is given."""
         channels, blocks = self.decisions()
-        return choose_mask(self.mask_problem(), channels, blocks, round_to, target_ratio, tolerance)
+        mask = choose_mask(self.mask_problem(), channels, blocks, round_to, target_ratio, tolerance)
+        return whole_units(self.graph, mask)  # grouped convs keep whole groups (training.units)
 
     @torch.no_grad()
     def freeze(self, mask: Mask) -> None:

@@ -25,6 +25,7 @@ from ..errors import ConfigError
 from ..gates import consensus_disagreement, kept_target, polarized_penalty
 from ..gating import Cost, GatedNetwork, MacsCost, cut, embed, mask_cost, mask_problem
 from ..mask import GateDecision, Mask, choose_mask, projection_report
+from ..units import whole_units
 from .base import Method, RunContext, failed
 
 
@@ -295,9 +296,10 @@ class PolarizedMethod(Method):
         unless `projection: none`; what the move changed is reported, never hidden."""
         channels, blocks = self.decisions(model, ctx)
         problem, cfg = mask_problem(self.graph, self.cost), self.cfg
-        learned = choose_mask(problem, channels, blocks, cfg.round_to, None, cfg.flops_tolerance)
-        self.mask = learned if cfg.projection == "none" else choose_mask(
-            problem, channels, blocks, cfg.round_to, self.target, cfg.flops_tolerance)
+        learned = whole_units(self.graph, choose_mask(problem, channels, blocks, cfg.round_to, None,
+                                                      cfg.flops_tolerance))  # whole groups of grouped convs
+        self.mask = learned if cfg.projection == "none" else whole_units(self.graph, choose_mask(
+            problem, channels, blocks, cfg.round_to, self.target, cfg.flops_tolerance))
         name = self.cost.name
         self.projection = {"mode": cfg.projection, **projection_report(mask_problem(self.graph), learned, self.mask),
                            **projection_report(problem, learned, self.mask, name), f"target_{name}_ratio": self.target}

@@ -1,0 +1,112 @@
+"""Network families users bring, defined here: grouped convolutions (ResNeXt, RegNet), channels-last MLPs
+with LayerNorm (ConvNeXt), split channels (ShuffleNetV2). Each through the API: gates, a short training,
+prune; the pruned network equals the gated one, onnxruntime runs its ONNX, and the cost model's dense and
+kept MACs equal the ONNX graph's count (an independent count: Conv, Gemm and MatMul nodes).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from export.onnx_export import count_onnx_macs, export_onnx, run_onnxruntime
+from training.api import polarize
+from training.gating import mask_macs
+
+from user_networks import ConvNeXt, RegNet, ResNeXt, ShuffleNetV2
+
+FAMILIES = {"resnext": ResNeXt, "regnet": RegNet, "convnext": ConvNeXt, "shufflenet_v2": ShuffleNetV2}
+SHAPE = (3, 32, 32)
+
+
+def train_briefly(gated, steps: int = 3) -> None:
+    """A few SGD steps on random data with the task loss plus the gate penalty past warm-up."""
+    optimizer = torch.optim.SGD(gated.parameters(), lr=0.01, momentum=0.9)
+    gated.train()
+    for step in range(steps):
+        images, labels = torch.randn(8, *SHAPE), torch.randint(0, 10, (8,))
+        loss = torch.nn.functional.cross_entropy(gated(images), labels) + gated.penalty(0.3 + 0.1 * step)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
+def close_some_gates(gated, seed: int = 1) -> None:
+    """A random share of every channel gate closed, and the first block: the cut has work to do everywhere."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for gate in gated.channel_gates.values():
+            gate.score.copy_(torch.randn(gate.score.shape, generator=generator) + 0.3)
+        for index, gate in enumerate(gated.block_gates.values()):
+            gate.score.fill_(-3.0 if index == 0 else 3.0)
+
+
+def conv_groups(graph) -> list:
+    """Channel groups the network's layers produce (the input's channels are not the network's)."""
+    return [group for group in graph.groups.values() if group.producers]
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_family_gates_train_prune_export(name, tmp_path):
+    torch.manual_seed(0)
+    network = FAMILIES[name]()
+    gated = polarize(network, torch.randn(2, *SHAPE), target_flops=0.5, round_to=4)
+    train_briefly(gated)
+    close_some_gates(gated)
+    mask = gated.mask(round_to=4)
+    pruned = gated.prune(mask)  # checks pruned == gated itself; again here on other inputs
+    gated.eval()
+    check = torch.randn(6, *SHAPE)
+    with torch.no_grad():
+        expected, got = gated(check), pruned(check)
+    assert (expected - got).abs().max() <= 1e-4 * max(1.0, float(expected.abs().max()))
+
+    dense_onnx, pruned_onnx = tmp_path / "dense.onnx", tmp_path / "pruned.onnx"
+    export_onnx(gated.plain().eval(), dense_onnx, SHAPE)
+    export_onnx(pruned, pruned_onnx, SHAPE)
+    from_ort = torch.from_numpy(run_onnxruntime(pruned_onnx, check.numpy()))
+    assert (from_ort - got).abs().max() <= 1e-4 * max(1.0, float(got.abs().max()))
+    kept = mask_macs(gated.graph, mask)
+    assert kept < gated.dense_macs
+    assert count_onnx_macs(dense_onnx) == pytest.approx(gated.dense_macs, rel=0.01)
+    assert count_onnx_macs(pruned_onnx) == pytest.approx(kept, rel=0.01)
+
+
+@pytest.mark.parametrize("name", ["resnext", "regnet"])
+def test_grouped_conv_blocks_are_prunable(name):
+    """A grouped conv with as many outputs as inputs keeps whole groups: its channels are one group with
+    its 1x1 producer, prunable in runs of the conv's group width."""
+    graph = polarize(FAMILIES[name](), torch.randn(2, *SHAPE), round_to=4).graph
+    groups = conv_groups(graph)
+    prunable = [g for g in groups if g.prunable]
+    assert len(prunable) >= 0.8 * len(groups), [(g.name, g.pinned) for g in groups if not g.prunable]
+    grouped = [g for g in prunable if g.unit > 1]
+    assert grouped and all(any(graph.layers[m].kind == "grouped" for m in g.members) for g in grouped)
+
+
+def test_grouped_conv_keeps_whole_groups():
+    """A mask that keeps a scattered set of channels is moved onto whole conv groups, same count."""
+    gated = polarize(ResNeXt(), torch.randn(2, *SHAPE), round_to=4)
+    close_some_gates(gated, seed=3)
+    mask = gated.mask(round_to=4)
+    for name, kept in mask.kept_channels.items():
+        unit = gated.graph.groups[name].unit
+        assert len(kept) % unit == 0 and all(kept[i] // unit == kept[i - i % unit] // unit for i in range(len(kept)))
+    conv = gated.prune(mask).get_submodule("layer1.1.conv2")
+    kept = len(mask.kept_channels["layer1.1.conv1"])
+    assert kept < 16 and conv.groups == kept // 4 and conv.in_channels == conv.out_channels == kept
+
+
+def test_convnext_mlp_hidden_widths_prune_and_layer_norm_pins_the_stream():
+    graph = polarize(ConvNeXt(), torch.randn(2, *SHAPE), round_to=4).graph
+    hidden = [graph.output_group(f"{block}.block.3") for block in ("features.1", "features.2", "features.4")]
+    assert all(group.prunable for group in hidden) and [g.width for g in hidden] == [64, 64, 128]
+    stream = graph.output_group("features.0.0")
+    assert not stream.prunable and any("normalises across channels" in why for why in stream.pinned)
+    assert len(graph.blocks) == 3  # a ConvNeXt block can still go whole
+    assert graph.layers["features.1.block.3"].kind == "linear"  # a Linear over (N, H, W, C) is a channel layer
+
+
+def test_shufflenet_split_pins_with_a_reason_and_branches_still_prune():
+    graph = polarize(ShuffleNetV2(), torch.randn(2, *SHAPE), round_to=4).graph
+    assert any(any("splits the channel axis" in why for why in g.pinned) for g in graph.groups.values())
+    assert graph.groups["stage2.1.branch2.0"].prunable  # the branch's inner width
