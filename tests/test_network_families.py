@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from export.onnx_export import count_onnx_macs, export_onnx, run_onnxruntime
 from training.api import polarize
@@ -110,3 +111,53 @@ def test_shufflenet_split_pins_with_a_reason_and_branches_still_prune():
     graph = polarize(ShuffleNetV2(), torch.randn(2, *SHAPE), round_to=4).graph
     assert any(any("splits the channel axis" in why for why in g.pinned) for g in graph.groups.values())
     assert graph.groups["stage2.1.branch2.0"].prunable  # the branch's inner width
+
+
+class TokenAttention(nn.Module):
+    """A conv stem, then tokens (N, HW, C), one attention layer (Linear q/k/v, two matrix products), a
+    grouped conv that widens, a 1-D conv: MACs no gate touches, all counted."""
+
+    def __init__(self, dim=16, num_classes=10):
+        super().__init__()
+        self.stem = nn.Conv2d(3, dim, 4, 4)
+        self.widen = nn.Conv2d(dim, 2 * dim, 3, padding=1, groups=4)
+        self.qkv = nn.Linear(2 * dim, 6 * dim)
+        self.proj = nn.Linear(2 * dim, 2 * dim)
+        self.mix = nn.Conv1d(2 * dim, 2 * dim, 3, padding=1)
+        self.fc = nn.Linear(2 * dim, num_classes)
+
+    def forward(self, x):
+        x = self.widen(torch.relu(self.stem(x)))
+        tokens = x.flatten(2).transpose(1, 2)
+        q, k, v = self.qkv(tokens).chunk(3, dim=-1)
+        attention = torch.softmax(q @ k.transpose(1, 2) / 4.0, dim=-1)
+        tokens = tokens + self.proj(torch.bmm(attention, v))
+        mixed = self.mix(tokens.transpose(1, 2))
+        return self.fc(mixed.mean(2))
+
+
+class Einsum(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = self.conv(x)
+        x = torch.einsum("nchw,nchw->nc", x, x)
+        return self.fc(x)
+
+
+def test_attention_and_fixed_layers_count_every_mac(tmp_path):
+    network = TokenAttention().eval()
+    gated = polarize(network, torch.randn(2, *SHAPE))
+    export_onnx(network, tmp_path / "dense.onnx", SHAPE)
+    assert count_onnx_macs(tmp_path / "dense.onnx") == pytest.approx(gated.dense_macs, rel=0.01)
+    fixed = {path for path, layer in gated.graph.layers.items() if layer.kind == "fixed"}
+    assert {"widen", "mix", "matmul", "bmm"} <= fixed
+
+
+def test_a_layer_the_cost_cannot_count_is_named():
+    with pytest.warns(UserWarning, match="einsum"):
+        graph = polarize(Einsum(), torch.randn(2, *SHAPE)).graph
+    assert graph.uncounted and "einsum" in graph.uncounted[0]

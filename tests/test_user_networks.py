@@ -80,6 +80,8 @@ def test_gate_train_prune_export(name, tmp_path):
     from_ort = torch.from_numpy(run_onnxruntime(onnx_path, check.numpy()))
     assert (from_ort - got).abs().max() <= 1e-4 * max(1.0, float(got.abs().max()))
     assert count_onnx_macs(onnx_path) == round(mask_macs(gated.graph, mask))
+    export_onnx(gated.plain().eval(), tmp_path / "dense.onnx", (3, 32, 32))  # every MAC counted, dense too
+    assert count_onnx_macs(tmp_path / "dense.onnx") == round(gated.dense_macs)
 
 
 def test_dense_macs_match_onnx(tmp_path):
@@ -188,6 +190,7 @@ def test_user_network_by_import_path_trains_and_exports(tmp_path):
     assert abs(metrics["flops_ratio"] - 0.5) <= 0.03 and metrics["model"] == "user_networks:VGG"
     assert export_main(["--run", str(tmp_path / "vgg"), "--repository", str(tmp_path / "repo"), "--samples", "32"]) == 0
     assert (tmp_path / "vgg" / "pruned_model.pt2").is_file() and (tmp_path / "repo" / "vgg_pruned").is_dir()
+    assert all((tmp_path / "vgg" / name).is_file() for name in ("pruning.md", "pruning.json", "pruning_widths.png"))
 
 
 @needs_fmnist

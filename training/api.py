@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import io
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from .gating import GatedNetwork, cut, mask_macs
 from .graph import trace_network
 from .mask import Mask
 from .methods.polarized import PolarizedSettings
+from .pruning_report import pruning_report, reachability
 
 EQUIVALENCE_TOLERANCE = 1e-4
 
@@ -78,6 +80,13 @@ class PolarizedNetwork(GatedNetwork):
         return polarized_penalty(ratio, channel_probs, block_probs, target, s.flops_weight,
                                  s.polarization_weight, s.polarization_t, s.polarization_center)
 
+    def summary(self, mask: Mask | None = None) -> dict:
+        """The pruning report of `mask` (default: `final_mask()`): per group width before and after or why
+        it is pinned, per block kept or closed, per layer widths and MACs, the target and its miss
+        (`training.pruning_report`; `report_markdown` renders it, `write_pruning_report` saves it)."""
+        s = self.settings
+        return pruning_report(self.graph, mask or self.final_mask(), s.target_flops, s.round_to)
+
     def flops_ratio(self, mask: Mask | None = None) -> float:
         """Kept MACs / dense MACs of `mask` (default: `final_mask()`)."""
         return mask_macs(self.graph, mask or self.final_mask()) / self.dense_macs
@@ -113,7 +122,11 @@ def polarize(model: nn.Module, example_input: torch.Tensor, **settings) -> Polar
     """Gates in a copy of `model` (which is left as it is), from one trace with `example_input` (one batch
     on the model's device). Keyword settings: the fields of `Polarization`."""
     settings = Polarization(**settings)
-    return PolarizedNetwork(trace_network(copy.deepcopy(model), example_input), settings)
+    gated = PolarizedNetwork(trace_network(copy.deepcopy(model), example_input), settings)
+    unreachable = reachability(gated.graph, settings.target_flops, settings.round_to)
+    if unreachable:
+        warnings.warn(unreachable, stacklevel=2)
+    return gated
 
 
 def save_pruned(path: str | Path, pruned: nn.Module, example_input: torch.Tensor) -> None:
