@@ -78,6 +78,7 @@ class ExportOptions:
 class Samples:
     images: torch.Tensor  # float32 (N, C, H, W), normalised
     labels: torch.Tensor  # int64 (N,)
+    normalization: dict | None = None  # {"mean", "std"} per channel, as the images were normalised
 
 
 def load_test_samples(config: dict, network: dict, count: int, source: Path) -> Samples:
@@ -93,7 +94,8 @@ def load_test_samples(config: dict, network: dict, count: int, source: Path) -> 
                           f"classes, but {info.name} gives {info.in_channels}x{info.input_size}, "
                           f"{info.num_classes} classes")
     count = min(count, len(test))
-    return Samples(normalize(test.images[:count], info), test.labels[:count].clone())
+    return Samples(normalize(test.images[:count], info), test.labels[:count].clone(),
+                   {"mean": list(info.mean), "std": list(info.std)})
 
 
 def _stage_samples(path: Path, samples: Samples) -> None:
@@ -234,6 +236,7 @@ def run(options: ExportOptions) -> dict:
         max_abs_logit=facts["logit_scale"],
         test_samples={"file": "test_samples.npz", "count": len(samples.labels)},
         engine=facts["engine"], triton=triton, ort_optimized=facts["ort_files"] or None)
+    report["input_normalization"] = samples.normalization  # (x / 255 - mean) / std, per channel
     report["provenance"] = provenance()
     write_json(run_dir / REPORT_NAME, report)
     return report

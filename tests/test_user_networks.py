@@ -6,6 +6,8 @@ the cost model's prediction. Patterns no cut handles are pinned with the layer a
 """
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -241,10 +243,16 @@ def test_what_the_api_saves_the_export_stage_takes(tmp_path):
     _train(gated)
     pruned = gated.prune().eval()
     images, labels = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
-    folder = save_for_export(tmp_path / "mynet", pruned, gated.plain().eval(), images, labels)
+    normalization = {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
+    folder = save_for_export(tmp_path / "mynet", pruned, gated.plain().eval(), images, labels,
+                             report=gated.summary(), normalization=normalization)
     assert export_main(["--run", str(folder), "--repository", str(tmp_path / "repo"), "--samples", "16"]) == 0
     for name in ("dense.onnx", "pruned.onnx", "export_report.json", "test_samples.npz"):
         assert (folder / name).is_file(), name
+    report = json.loads((folder / "export_report.json").read_text())
+    assert report["removed_blocks"] == gated.final_mask().closed_blocks and (folder / "pruning.md").is_file()
+    assert report["input_normalization"] == normalization
+    assert report["engine"] == {"built": False, "reason": "not requested (--engine, on a GPU machine)"}
     served = load_run(folder)
     assert served.model_names == {"dense": "mynet_dense", "pruned": "mynet_pruned"}
     assert served.flops_ratio == pytest.approx(gated.flops_ratio(gated.final_mask()), abs=1e-9)

@@ -176,10 +176,12 @@ def trace_network(model: nn.Module, example_input: torch.Tensor) -> NetworkGraph
     module.eval()  # shape propagation must not touch BatchNorm statistics
     try:
         with torch.no_grad():
+            module(example_input)  # a plain run first: its error reads better than ShapeProp's node dump
             output = ShapeProp(module).propagate(example_input)
     except Exception as error:  # whatever the network raises on this input
-        raise GraphError(f"{type(model).__name__} does not run on an input of shape {list(example_input.shape)} "
-                         f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})") from None
+        raise GraphError(f"{type(model).__name__} does not run on an input of shape {list(example_input.shape)}"
+                         f"{_expected_input(module)} ({type(error).__name__}: "
+                         f"{str(error).splitlines()[0] if str(error) else ''})") from None
     finally:
         module.train(was_training)
     if not isinstance(output, torch.Tensor):
@@ -187,6 +189,17 @@ def trace_network(model: nn.Module, example_input: torch.Tensor) -> NetworkGraph
     graph = _Analysis(module).run(tuple(example_input.shape[1:]))
     graph.output_shape = tuple(output.shape[1:])
     return graph
+
+
+def _expected_input(module: fx.GraphModule) -> str:
+    """What the first conv or linear reads, for an input that does not fit (empty when there is none)."""
+    for node in module.graph.nodes:
+        layer = module.get_submodule(node.target) if node.op == "call_module" else None
+        if isinstance(layer, nn.modules.conv._ConvNd):
+            return f"; its first layer {node.target} expects {layer.in_channels} input channels, (N, {layer.in_channels}, H, W)"
+        if isinstance(layer, nn.Linear):
+            return f"; its first layer {node.target} expects {layer.in_features} input features"
+    return ""
 
 
 def example_for(model: nn.Module, input_shape: tuple[int, ...], batch: int = 2) -> torch.Tensor:
