@@ -222,7 +222,7 @@ def run(options: ExportOptions) -> dict:
         shutil.rmtree(staging, ignore_errors=True)
 
     try:
-        triton = write_triton_models(options, run_dir, facts["engine"])
+        triton = write_triton_models(options, run_dir, facts["engine"], samples.normalization)
     except (RepositoryError, OSError) as error:
         raise ExportError(f"{error} (the model repository is as it was; the run folder's artifacts are "
                           "complete, and export_report.json is written once the repository is: fix it and "
@@ -242,9 +242,9 @@ def run(options: ExportOptions) -> dict:
     return report
 
 
-def write_triton_models(options: ExportOptions, run_dir: Path, engine: dict) -> dict:
+def write_triton_models(options: ExportOptions, run_dir: Path, engine: dict, normalization: dict | None = None) -> dict:
     """Add a version of <run>_dense and <run>_pruned, both or neither; TensorRT plans are served only on
-    target gpu."""
+    target gpu. `normalization` ({"mean", "std"}) goes into each config's parameters."""
     names = {kind: f"{run_dir.name}_{kind}" for kind in KINDS}
     serve_plan = options.serve_plan
     if serve_plan and not engine["built"]:
@@ -254,7 +254,8 @@ def write_triton_models(options: ExportOptions, run_dir: Path, engine: dict) -> 
         plan = run_dir / f"{kind}.plan" if serve_plan else None
         model_options = TritonModelOptions(target=options.target, max_batch_size=options.max_batch_size,
                                            engine_path=str(plan) if plan else None,
-                                           engine_tensorrt=engine.get("tensorrt_version") if plan else None)
+                                           engine_tensorrt=engine.get("tensorrt_version") if plan else None,
+                                           input_normalization=normalization)
         entries.append((names[kind], run_dir / f"{kind}.onnx", model_options))
     version_dirs = write_model_versions(Path(options.repository), entries)
     platform = "python" if options.target == "cpu" else "tensorrt_plan" if serve_plan else "onnxruntime_onnx"

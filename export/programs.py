@@ -92,7 +92,8 @@ def run_programs(options) -> dict:
         commit(staging, folder)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    triton = write_triton_models(options, folder, engine)
+    normalization = _optional_json(folder / NORMALIZATION_FILE)
+    triton = write_triton_models(options, folder, engine, normalization)
     pruning = _optional_json(folder / PRUNING_FILES["json"])
     report = {
         "run": folder.name, "dataset": "user samples", "model": "python api", "method": "polarized",
@@ -103,7 +104,7 @@ def run_programs(options) -> dict:
         "params_ratio": summaries["pruned"]["params"] / summaries["dense"]["params"],
         "removed_blocks": _closed_blocks(pruning), "max_abs_diff_onnx": diffs, "max_abs_logit": scales,
         "test_samples": {"file": "test_samples.npz", "count": len(labels)}, "engine": engine,
-        "input_normalization": _optional_json(folder / NORMALIZATION_FILE), "triton": triton,
+        "input_normalization": normalization, "triton": triton,
     }
     if pruning is not None:
         report["mask_flops"] = {"dense_flops": pruning["dense_macs"], "pruned_flops": pruning["kept_macs"],

@@ -161,3 +161,43 @@ def test_a_layer_the_cost_cannot_count_is_named():
     with pytest.warns(UserWarning, match="einsum"):
         graph = polarize(Einsum(), torch.randn(2, *SHAPE)).graph
     assert graph.uncounted and "einsum" in graph.uncounted[0]
+
+
+def drop_path(x, p: float, training: bool):
+    """timm's drop_path, traced through (not wrapped): the branch on `training` is resolved at trace time."""
+    if p == 0.0 or not training:
+        return x
+    keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1 - p)
+    return x * keep.div_(1 - p)
+
+
+class NoisyBlocks(nn.Module):
+    """Residual blocks with every kind of train-time noise: Dropout2d, functional dropout, timm's drop
+    path and torchvision's stochastic depth (a wrapped function)."""
+
+    def __init__(self):
+        super().__init__()
+        from user_networks import StochasticDepth
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.conv1 = nn.Conv2d(16, 32, 3, padding=1)
+        self.drop = nn.Dropout2d(0.2)
+        self.conv2 = nn.Conv2d(32, 16, 3, padding=1)
+        self.conv3 = nn.Conv2d(16, 32, 3, padding=1)
+        self.conv4 = nn.Conv2d(32, 16, 3, padding=1)
+        self.depth = StochasticDepth(0.2)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        x = x + drop_path(self.conv2(self.drop(torch.relu(self.conv1(x)))), 0.2, self.training)
+        hidden = torch.nn.functional.dropout(torch.relu(self.conv3(x)), 0.1, self.training)
+        x = x + self.depth(self.conv4(hidden))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_identity_in_eval_ops_do_not_pin():
+    torch.manual_seed(0)
+    gated = polarize(NoisyBlocks(), torch.randn(2, *SHAPE), round_to=4)
+    assert {"conv1", "conv3", "stem"} <= set(gated.graph.prunable()) and len(gated.graph.blocks) == 2
+    close_some_gates(gated)
+    gated.prune(gated.mask(round_to=4))  # checked against the gated network in eval: no noise left in it

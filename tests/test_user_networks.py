@@ -257,6 +257,8 @@ def test_what_the_api_saves_the_export_stage_takes(tmp_path):
     assert served.model_names == {"dense": "mynet_dense", "pruned": "mynet_pruned"}
     assert served.flops_ratio == pytest.approx(gated.flops_ratio(gated.final_mask()), abs=1e-9)
     assert (tmp_path / "repo" / "mynet_pruned" / "1" / "model.onnx").is_file()
+    config = (tmp_path / "repo" / "mynet_pruned" / "config.pbtxt").read_text()
+    assert 'key: "input_mean"' in config and "[0.5, 0.5, 0.5]" in config
 
 
 @pytest.mark.parametrize("model_name", MODEL_NAMES)

@@ -43,9 +43,9 @@ def reachability(graph: NetworkGraph, target: float, round_to: int) -> str | Non
     floor = floor_ratio(graph, round_to)
     if target >= floor:
         return None
-    return (f"target {target:.3f} of the MACs cannot be reached: at most {1 - floor:.3f} can go "
-            f"({pinned_share(graph):.3f} of the MACs are in pinned layers, see the pin reasons in the pruning "
-            f"report); the mask will land near {floor:.3f}")
+    return (f"target {target:.3f} of the MACs cannot be reached: every mask keeps at least {floor:.3f} "
+            f"({pinned_share(graph):.3f} in pinned layers, see the pin reasons in the pruning report; the rest "
+            f"in blocks that cannot close and the narrowest widths round_to={round_to} allows)")
 
 
 def pruning_report(graph: NetworkGraph, mask: Mask, target: float | None = None, round_to: int = 1,
