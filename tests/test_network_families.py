@@ -201,3 +201,25 @@ def test_identity_in_eval_ops_do_not_pin():
     assert {"conv1", "conv3", "stem"} <= set(gated.graph.prunable()) and len(gated.graph.blocks) == 2
     close_some_gates(gated)
     gated.prune(gated.mask(round_to=4))  # checked against the gated network in eval: no noise left in it
+
+
+class SharedConv(nn.Module):
+    """One conv applied twice (weight sharing): both calls cost MACs."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.shared = nn.Conv2d(16, 16, 3, padding=1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = self.shared(torch.relu(self.shared(torch.relu(self.stem(x)))))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_a_module_called_twice_costs_twice(tmp_path):
+    network = SharedConv().eval()
+    gated = polarize(network, torch.randn(2, *SHAPE))
+    export_onnx(network, tmp_path / "dense.onnx", SHAPE)
+    assert count_onnx_macs(tmp_path / "dense.onnx") == gated.dense_macs
+    assert "shared#2" in gated.graph.layers and not gated.graph.prunable()

@@ -293,7 +293,7 @@ class _Analysis:
         if shape is not None and len(shape) >= 2:
             same_rank = sources and len(_shape(sources[0]) or ()) == len(shape)
             self.fresh(node, pinned=reason, axis=self.axis_of(sources[0]) if same_rank else 1)
-        elif isinstance(node.meta.get("tensor_meta"), (tuple, list)):
+        elif isinstance(node.meta.get("tensor_meta"), (tuple, list)) and not hasattr(node.meta["tensor_meta"], "shape"):
             self.pieces[node] = [self.pinned_piece(meta, reason) for meta in node.meta["tensor_meta"]]
 
     def pinned_piece(self, meta, why: str) -> Layout:
@@ -313,7 +313,8 @@ class _Analysis:
         """An elementwise op over tensors of one channel layout: their spaces become one, segment by
         segment; an operand broadcast over channels (width 1) leaves the layout alone. Returns the operands
         as wide as the output (a constant tensor among them pins the layout: no cut shrinks it)."""
-        self.axis[node] = self.axis_of(operands[0])
+        rank = len(_shape(node) or ())
+        self.axis[node] = self.axis_of(next((o for o in operands if len(_shape(o) or ()) == rank), operands[0]))
         width = (_shape(node) or (0, 0))[self.axis_of(node)] if len(_shape(node) or ()) >= 2 else 0
         full = [o for o in operands if self.width_in(o, node) == width and width > 1] or operands[:1]
         constants = [a for a in node.all_input_nodes if a.op == "get_attr" and self.width_in(a, node) > 1]
@@ -416,12 +417,16 @@ class _Analysis:
                 self.uncounted.append(f"{name} ({type(module).__name__ if module else _name(node.target)})")
             return
         if macs:
-            layer = Layer(name, "fixed", (), (), macs)
-            layer.node = node.name
-            self.layers[name] = layer
-            self.layer_node[name] = node
+            self.add_layer(node, Layer(name, "fixed", (), (), macs))
 
     def add_layer(self, node: fx.Node, layer: Layer) -> None:
+        """Record a layer; a module called again costs its MACs again, as a fixed layer `path#<call>` (a
+        module called twice is pinned, so its widths are its full widths)."""
+        if layer.path in self.layers:
+            self.pin(layer.in_layout + layer.out_layout, f"module {layer.path} is called more than once")
+            if layer.kind == "norm":
+                return
+            layer = Layer(f"{layer.path}#{self.calls[layer.path]}", "fixed", (), (), int(layer_macs(layer)))
         layer.node = node.name
         self.layers[layer.path] = layer
         self.layer_node[layer.path] = node
@@ -468,6 +473,8 @@ class _Analysis:
         """x * y, x / y: the output is zero where an operand as wide as it is zero (a divisor is not)."""
         full = self.join(node, sources)
         numerators = full if node.target in MULS else [a for a in full if a is node.args[0]]
+        if node.target in DIVS and len(node.args) > 1 and node.args[1] in full:
+            self.pin(self.layout[node], f"{node.name} divides by channels that a gate may close (0 / 0)")
         self.zeroing[node] = numerators
 
     def visit_cat(self, node: fx.Node, sources: list[fx.Node]) -> None:
