@@ -433,8 +433,14 @@ class _Analysis:
 
     def visit_function(self, node: fx.Node) -> None:
         target, sources = node.target, self.tensors(node)
-        if node.op == "call_method" and target in SHAPE_QUERIES or target is getattr:
+        if node.op == "call_method" and target in SHAPE_QUERIES:
             return  # sizes, not tensors
+        if target is getattr:  # x.shape, x.dtype: not tensors; x.data: the same tensor; x.T, x.mT: moved axes
+            if node.args[1] == "data" and sources:
+                self.keep(node, sources[0])
+            elif _shape(node) is not None:
+                self.unsupported(node, f"{node.name} (.{node.args[1]}) reorders the axes of a tensor")
+            return
         if target is operator.getitem and node.args[0] in self.pieces:
             pieces = self.pieces[node.args[0]]
             self.layout[node] = pieces[node.args[1]]
