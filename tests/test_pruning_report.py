@@ -16,6 +16,8 @@ def test_a_pinned_network_reports_its_pinned_share_and_reasons(tmp_path):
     gated = polarize(GroupNormNet(), torch.randn(2, 3, 16, 16), round_to=4, target_flops=0.5)
     report = gated.summary()
     assert report["groups"]["conv1"]["pinned"] and report["groups"]["conv2"]["kept"] <= 32
+    assert report["decisions"]["learned_ratio"] == 1.0  # gates all open: the projection made every cut
+    assert report["decisions"]["final_ratio"] == pytest.approx(report["kept_ratio"])
     assert 0 < report["pinned_macs_share"] < 1
     text = report_markdown(report)
     assert f"Pinned layers hold {report['pinned_macs_share']:.3f} of the MACs" in text

@@ -94,6 +94,15 @@ def test_dense_macs_match_onnx(tmp_path):
     assert count_onnx_macs(tmp_path / "dense.onnx") == round(gated.dense_macs)
 
 
+@pytest.mark.parametrize("network", [GroupNormNet, ShuffleNet])
+def test_pinned_networks_count_every_mac(network, tmp_path):
+    """Pinned layers still cost: the dense MACs equal the ONNX graph's."""
+    network = network().eval()
+    gated = polarize(network, torch.randn(2, 3, 32, 32), round_to=4)
+    export_onnx(network, tmp_path / "dense.onnx", (3, 32, 32))
+    assert count_onnx_macs(tmp_path / "dense.onnx") == round(gated.dense_macs)
+
+
 def test_gates_start_open_exactly():
     """Pretrained weights: before the first step the gated network computes exactly the network's logits."""
     torch.manual_seed(0)

@@ -32,7 +32,7 @@ from .errors import TrainingError
 from .gates import kept_target, polarized_penalty
 from .gating import GatedNetwork, cut, mask_macs
 from .graph import trace_network
-from .mask import Mask
+from .mask import Mask, projection_report
 from .methods.polarized import PolarizedSettings
 from .pruning_report import pruning_report, reachability, write_pruning_report
 
@@ -85,11 +85,17 @@ class PolarizedNetwork(GatedNetwork):
                                  s.polarization_weight, s.polarization_t, s.polarization_center)
 
     def summary(self, mask: Mask | None = None) -> dict:
-        """The pruning report of `mask` (default: `final_mask()`): per group width before and after or why
-        it is pinned, per block kept or closed, per layer widths and MACs, the target and its miss
-        (`training.pruning_report`; `report_markdown` renders it, `write_pruning_report` saves it)."""
+        """The pruning report of `mask` (default: `final_mask()`, with what the gates chose and what moving
+        it into the target band changed): per group width before and after or why it is pinned, per block
+        kept or closed, per layer widths and MACs, the target and its miss (`training.pruning_report`;
+        `report_markdown` renders it, `write_pruning_report` saves it)."""
         s = self.settings
-        return pruning_report(self.graph, mask or self.final_mask(), s.target_flops, s.round_to)
+        projection = None
+        if mask is None:
+            learned, mask = self.mask(s.round_to), self.final_mask()
+            projection = {"mode": "band", **projection_report(self.mask_problem(), learned, mask),
+                          "target_flops_ratio": s.target_flops}
+        return pruning_report(self.graph, mask, s.target_flops, s.round_to, projection)
 
     def flops_ratio(self, mask: Mask | None = None) -> float:
         """Kept MACs / dense MACs of `mask` (default: `final_mask()`)."""
