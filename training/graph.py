@@ -77,9 +77,10 @@ MATMULS = {torch.matmul, operator.matmul, "matmul", torch.bmm, "bmm", torch.mm, 
 # Tensors made from a shape only (drop-path noise, masks): they read no channel of their source.
 FACTORIES = {"new_empty", "new_zeros", "new_ones", "new_full", torch.empty_like, torch.zeros_like, torch.ones_like,
              torch.rand_like, torch.randn_like, torch.full_like}
-# Leaf modules with weights and no MACs worth counting (lookups, per-channel scales).
-NO_MAC_MODULES = (nn.Embedding, nn.PReLU, nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d,
-                  nn.InstanceNorm3d, nn.BatchNorm3d)
+# Norms whose statistics run across the channels: cutting some channels changes the others' values.
+CROSS_CHANNEL_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+# Leaf modules with weights and no MACs worth counting (lookups, per-channel scales and norms).
+NO_MAC_MODULES = (nn.Embedding, nn.PReLU, nn.BatchNorm3d, *CROSS_CHANNEL_NORMS)
 
 
 @dataclass(frozen=True)
@@ -383,7 +384,7 @@ class _Analysis:
             self.revives.add(node)
         else:
             why = (f"{type(module).__name__} {path} normalises across channels: cutting some changes what it "
-                   "computes for the rest") if isinstance(module, NO_MAC_MODULES[2:]) \
+                   "computes for the rest") if isinstance(module, CROSS_CHANNEL_NORMS) \
                 else f"module {path} ({type(module).__name__}) is not a layer the cuts understand"
             if isinstance(module, nn.Linear):
                 why = f"linear {path} reads axis -1 of a tensor whose channel axis is {self.axis_of(source)}"
