@@ -707,6 +707,12 @@ def fixed_macs(node: fx.Node, module: nn.Module | None = None) -> int | None:
     """MACs of one example through a layer no cut shrinks, from the traced shapes (None: not known)."""
     out = _shape(node)
     inputs = [_shape(a) for a in node.all_input_nodes]
+    if isinstance(module, nn.MultiheadAttention) and len(inputs) >= 1 and None not in inputs:
+        query, key, value = (inputs * 3)[:3] if len(inputs) < 3 else inputs[:3]
+        axis = 1 if module.batch_first else 0  # the sequence axis
+        length, source, dim = query[axis], key[axis], module.embed_dim
+        return (length * dim * dim + source * (module.kdim + module.vdim) * dim  # q, k, v projections
+                + 2 * length * source * dim + length * dim * dim)                # scores, weighted sum, out
     if out is None or not inputs or inputs[0] is None:
         return None
     per_example = math.prod(out[1:])
