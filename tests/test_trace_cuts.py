@@ -76,3 +76,43 @@ def test_reviving_ops_pin_the_group(name):
 def test_zero_keeping_ops_leave_the_group_prunable(name):
     graph = prune_half(Combined(SAFE[name]))
     assert graph.output_group("conv").prunable
+
+
+class Split(nn.Module):
+    """conv -> bn -> relu, split into two pieces (`take`), the second through a conv, concatenated back."""
+
+    def __init__(self, take, dim):
+        super().__init__()
+        self.take, self.dim = take, dim
+        self.conv = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(16)
+        self.branch = nn.Conv2d(16 if dim != 1 else 8, 16 if dim != 1 else 8, 1)
+        self.head = nn.Conv2d(16, 16, 3, padding=1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        first, second = self.take(F.relu(self.bn(self.conv(x))))
+        x = torch.cat((first, self.branch(second)), self.dim)
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(F.relu(self.head(x)), 1), 1))
+
+
+SPLITS = {  # (how to take the pieces, the axis): the channel axis pins with the reason; others keep channels
+    "chunk": (lambda x: x.chunk(2, dim=1), 1),
+    "split": (lambda x: torch.split(x, 8, dim=1), 1),
+    "split_sizes": (lambda x: x.split([8, 8], 1), 1),
+    "narrow": (lambda x: (x.narrow(1, 0, 8), x.narrow(1, 8, 8)), 1),
+    "slice": (lambda x: (x[:, :8], x[:, 8:]), 1),
+    "chunk_rows": (lambda x: x.chunk(2, dim=2), 2),
+    "narrow_rows": (lambda x: (x.narrow(2, 0, 8), x.narrow(2, 8, 8)), 2),
+}
+
+
+@pytest.mark.parametrize("name", SPLITS)
+def test_channel_splits_pin_with_a_reason_and_other_splits_keep_channels(name):
+    take, dim = SPLITS[name]
+    graph = prune_half(Split(take, dim))  # never a crash, never a wrong cut
+    group = graph.output_group("conv")
+    if dim == 1:
+        assert not group.prunable and any("channel axis" in why for why in group.pinned), group.pinned
+    else:
+        assert group.prunable

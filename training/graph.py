@@ -489,8 +489,11 @@ class _Analysis:
         rank = len(_shape(node) or ())
         parts = node.args[0] if node.args else node.kwargs.get("tensors", ())
         axes = {self.axis_of(p) for p in parts if p in self.layout}
-        if rank < 2 or len(axes) != 1 or dim % rank != next(iter(axes)) or any(p not in self.layout for p in parts):
-            self.unsupported(node, f"{node.name} concatenates along axis {dim}, not the channel axis")
+        if rank < 2 or len(axes) != 1 or any(p not in self.layout for p in parts):
+            self.unsupported(node, f"{node.name} concatenates tensors the trace cannot line up")
+            return
+        if dim % rank != next(iter(axes)):  # along rows or tokens: every part has the same channels
+            self.join(node, list(parts))
             return
         self.layout[node] = tuple(segment for part in parts for segment in self.layout[part])
         if next(iter(axes)) != 1:
@@ -571,8 +574,7 @@ class _Analysis:
             if _name(node.target) == "narrow":
                 return self.keep(node, sources[0])
             self.pieces[node] = [self.layout[sources[0]]] * len(node.meta.get("tensor_meta") or ())
-            if axis != 1:
-                self.axis[node] = axis
+            self.keep(node, sources[0])  # the tuple carries the source's channels too (`_check_zeros` reads it)
             return
         self.unsupported(node, f"{node.name} ({_name(node.target)}) splits the channel axis into pieces: the "
                                "cut cannot resize them")
