@@ -18,7 +18,7 @@ The network is traced in eval mode: code that branches on `self.training` (drop 
 `F.dropout(x, training=self.training)`) is traced as the identity it is in eval, so such noise is not part of
 the gated training; `nn.Dropout` modules stay and keep working. Channels-last layers are followed: a
 permute or transpose moves a tensor's channel axis, and a Linear over it is a channel layer. Every conv,
-linear and matrix product costs MACs (`layer_macs`); one no cut shrinks is a "fixed" layer.
+linear and matrix product costs MACs (`training.macs`); one no cut shrinks is a "fixed" layer.
 
 A group may not shrink when it is pinned, with the reason: network input and output, ops no cut handles
 (a reshape that mixes channels, LayerNorm or GroupNorm across the channels, a split of the channel
@@ -41,6 +41,8 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from .errors import TrainingError
+from .macs import MATMULS, fixed_macs, layer_macs
+from .macs import traced_shape as _shape
 
 
 class GraphError(TrainingError, ValueError):
@@ -73,7 +75,6 @@ DIVS = {operator.truediv, operator.itruediv, torch.div, "div", "div_"}
 SHAPE_QUERIES = {"dim", "size"}
 PERMUTES = {torch.permute, "permute", torch.transpose, "transpose", torch.swapaxes, "swapaxes"}
 SPLITS = {torch.chunk, "chunk", torch.split, "split", torch.tensor_split, "tensor_split", torch.unbind, "unbind"}
-MATMULS = {torch.matmul, operator.matmul, "matmul", torch.bmm, "bmm", torch.mm, "mm"}
 # Tensors made from a shape only (drop-path noise, masks): they read no channel of their source.
 FACTORIES = {"new_empty", "new_zeros", "new_ones", "new_full", torch.empty_like, torch.zeros_like, torch.ones_like,
              torch.rand_like, torch.randn_like, torch.full_like}
@@ -208,12 +209,6 @@ def example_for(model: nn.Module, input_shape: tuple[int, ...], batch: int = 2) 
     Batch 2: batch norms in training mode need more than one value per channel."""
     weight = next(model.parameters())
     return torch.zeros(batch, *input_shape, device=weight.device, dtype=weight.dtype)
-
-
-def _shape(node) -> tuple[int, ...] | None:
-    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
-    shape = getattr(meta, "shape", None)
-    return tuple(int(d) for d in shape) if shape is not None else None
 
 
 class _UnionFind:
@@ -705,59 +700,8 @@ HEAVY_FUNCTIONS = {torch.einsum, F.bilinear, F.conv_transpose1d, F.conv_transpos
 del A
 
 
-def fixed_macs(node: fx.Node, module: nn.Module | None = None) -> int | None:
-    """MACs of one example through a layer no cut shrinks, from the traced shapes (None: not known)."""
-    out = _shape(node)
-    inputs = [_shape(a) for a in node.all_input_nodes]
-    if isinstance(module, nn.MultiheadAttention) and len(inputs) >= 1 and None not in inputs:
-        query, key, value = (inputs * 3)[:3] if len(inputs) < 3 else inputs[:3]
-        axis = 1 if module.batch_first else 0  # the sequence axis
-        length, source, dim = query[axis], key[axis], module.embed_dim
-        return (length * dim * dim + source * (module.kdim + module.vdim) * dim  # q, k, v projections
-                + 2 * length * source * dim + length * dim * dim)                # scores, weighted sum, out
-    if out is None or not inputs or inputs[0] is None:
-        return None
-    per_example = math.prod(out[1:])
-    target = module if module is not None else node.target
-    if isinstance(module, nn.modules.conv._ConvNd) and not module.transposed:
-        return per_example * module.in_channels // module.groups * math.prod(module.kernel_size)
-    if isinstance(module, nn.modules.conv._ConvNd):  # transposed: every input element meets a kernel
-        return math.prod(inputs[0][1:]) * module.out_channels // module.groups * math.prod(module.kernel_size)
-    if isinstance(module, nn.Linear):
-        return per_example * module.in_features
-    if isinstance(module, nn.Bilinear):
-        return per_example * module.in1_features * module.in2_features
-    if target in (F.conv1d, F.conv2d, F.conv3d):
-        weight = inputs[1]
-        return per_example * math.prod(weight[1:]) if weight else None
-    if target is F.linear:
-        return per_example * inputs[0][-1]
-    if target is F.scaled_dot_product_attention:
-        q, k, v = inputs[:3]
-        return math.prod(q[1:-1]) * k[-2] * (q[-1] + v[-1])
-    if target in (torch.addmm, torch.baddbmm):
-        return per_example * inputs[1][-1] if len(inputs) > 1 and inputs[1] else None
-    if target in MATMULS:
-        return per_example * inputs[0][-1]
-    return None
-
-
 def _is_zero(args) -> bool:
     return any(isinstance(a, (int, float)) and a == 0 for a in args)
-
-
-def layer_macs(layer: Layer, in_width=None, out_width=None):
-    """MACs of one example through a layer at these widths (default: its full widths); numbers or tensors.
-    The one MAC formula: the trace's block costs, the gates' MACs cost (`training.gating.kept_macs`), and
-    through them the API, export's report and bench. A conv or linear costs unit * in * out; a grouped or
-    depthwise conv unit * width * channels per group; a layer no cut shrinks its fixed count."""
-    if layer.kind == "fixed":
-        return layer.unit_macs
-    in_width = sum(s.width for s in layer.in_layout) if in_width is None else in_width
-    out_width = sum(s.width for s in layer.out_layout) if out_width is None else out_width
-    if layer.kind in ("depthwise", "grouped"):
-        return layer.unit_macs * in_width * layer.group_width
-    return layer.unit_macs * in_width * out_width
 
 
 def _branch(operand: fx.Node, add: fx.Node) -> list[fx.Node]:

@@ -15,7 +15,8 @@ from typing import Any
 from common.atomicio import write_bytes, write_json, write_text
 
 from .gating import costed_layers, kept_macs, mask_widths
-from .graph import NetworkGraph, layer_macs
+from .graph import NetworkGraph
+from .macs import layer_macs
 from .mask import Mask
 
 FILES = {"markdown": "pruning.md", "json": "pruning.json", "chart": "pruning_widths.png"}
