@@ -56,7 +56,8 @@ def _print_summary(report: dict) -> None:
           f"{dense['onnx_bytes'] / 1e6:.2f} MB ONNX")
     print(f"pruned: {pruned['flops'] / 1e6:.2f}M MACs, {pruned['params'] / 1e6:.3f}M params, "
           f"{pruned['onnx_bytes'] / 1e6:.2f} MB ONNX; flops_ratio {report['flops_ratio']:.3f}, "
-          f"{len(report['removed_blocks'])} blocks removed")
+          + (f"{len(report['removed_blocks'])} blocks removed" if report["removed_blocks"] is not None else
+             "blocks removed unknown (save_for_export(..., report=gated.summary()) records them)"))
     onnx = ", ".join(f"{kind} {diff:.2g} (logits up to {report['max_abs_logit'][kind]:.3g})"
                      for kind, diff in report["max_abs_diff_onnx"].items())
     surgery = report.get("max_abs_diff_surgery")  # None: an API export, checked when the API pruned it

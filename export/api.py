@@ -79,6 +79,7 @@ class ExportOptions:
 class Samples:
     images: torch.Tensor  # float32 (N, C, H, W), normalised
     labels: torch.Tensor  # int64 (N,)
+    normalization: dict | None = None  # {"mean", "std"} per channel, as the images were normalised
 
 
 def load_test_samples(config: dict, network: dict, count: int, source: Path) -> Samples:
@@ -94,7 +95,8 @@ def load_test_samples(config: dict, network: dict, count: int, source: Path) -> 
                           f"classes, but {info.name} gives {info.in_channels}x{info.input_size}, "
                           f"{info.num_classes} classes")
     count = min(count, len(test))
-    return Samples(normalize(test.images[:count], info), test.labels[:count].clone())
+    return Samples(normalize(test.images[:count], info), test.labels[:count].clone(),
+                   {"mean": list(info.mean), "std": list(info.std)})
 
 
 def _stage_samples(path: Path, samples: Samples) -> None:
@@ -221,7 +223,7 @@ def run(options: ExportOptions) -> dict:
         shutil.rmtree(staging, ignore_errors=True)
 
     try:
-        triton = write_triton_models(options, run_dir, facts["engine"])
+        triton = write_triton_models(options, run_dir, facts["engine"], samples.normalization)
     except (RepositoryError, OSError) as error:
         failure = ExportError(f"{error} (the model repository is as it was; the run folder's artifacts are "
                               "complete, and export_report.json is written once the repository is: fix it and "
@@ -238,14 +240,15 @@ def run(options: ExportOptions) -> dict:
         max_abs_logit=facts["logit_scale"],
         test_samples={"file": "test_samples.npz", "count": len(samples.labels)},
         engine=facts["engine"], triton=triton, ort_optimized=facts["ort_files"] or None)
+    report["input_normalization"] = samples.normalization  # (x / 255 - mean) / std, per channel
     report["provenance"] = provenance()
     write_json(run_dir / REPORT_NAME, report)
     return report
 
 
-def write_triton_models(options: ExportOptions, run_dir: Path, engine: dict) -> dict:
+def write_triton_models(options: ExportOptions, run_dir: Path, engine: dict, normalization: dict | None = None) -> dict:
     """Add a version of <run>_dense and <run>_pruned, both or neither; TensorRT plans are served only on
-    target gpu."""
+    target gpu. `normalization` ({"mean", "std"}) goes into each config's parameters."""
     names = {kind: f"{run_dir.name}_{kind}" for kind in KINDS}
     serve_plan = options.serve_plan
     if serve_plan and not engine["built"]:
@@ -255,7 +258,8 @@ def write_triton_models(options: ExportOptions, run_dir: Path, engine: dict) -> 
         plan = run_dir / f"{kind}.plan" if serve_plan else None
         model_options = TritonModelOptions(target=options.target, max_batch_size=options.max_batch_size,
                                            engine_path=str(plan) if plan else None,
-                                           engine_tensorrt=engine.get("tensorrt_version") if plan else None)
+                                           engine_tensorrt=engine.get("tensorrt_version") if plan else None,
+                                           input_normalization=normalization)
         entries.append((names[kind], run_dir / f"{kind}.onnx", model_options))
     version_dirs = write_model_versions(Path(options.repository), entries)
     platform = "python" if options.target == "cpu" else "tensorrt_plan" if serve_plan else "onnxruntime_onnx"

@@ -8,6 +8,7 @@ network by `PolarizedNetwork.prune`, so there is no surgery here.
 """
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import tempfile
@@ -17,7 +18,8 @@ import numpy as np
 import torch
 
 from common.atomicio import write_json
-from training.api import PROGRAM_FILES
+from training.api import NORMALIZATION_FILE, PROGRAM_FILES
+from training.pruning_report import FILES as PRUNING_FILES
 from training.flops import count_params
 
 from . import ExportError
@@ -63,9 +65,26 @@ def _program(path: Path):
         quiet.setLevel(level)
 
 
+def _optional_json(path: Path) -> dict | None:
+    """A JSON file save_for_export may have written (None when it did not)."""
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise ExportError(f"{path}: not readable JSON ({error})") from None
+
+
+def _closed_blocks(pruning: dict | None) -> list[str] | None:
+    """Blocks the pruning report says were closed; None (unknown) when save_for_export got no report."""
+    if pruning is None:
+        return None
+    return sorted(name for name, state in (pruning.get("blocks") or {}).items() if state == "closed")
+
+
 def run_programs(options) -> dict:
     """`export.api.run` for a folder the Python API wrote (options: `export.api.ExportOptions`)."""
-    from .api import REPORT_NAME, commit, write_triton_models  # the run-folder export's own steps
+    from .api import REPORT_NAME, Samples, _engines, commit, write_triton_models  # the run-folder export's steps
 
     folder = Path(options.run)
     images, labels = _samples(folder / PROGRAM_FILES["samples"])
@@ -88,11 +107,15 @@ def run_programs(options) -> dict:
                                "onnx_file": onnx_path.name, "onnx_bytes": onnx_path.stat().st_size}
         if summaries["pruned"]["flops"] > summaries["dense"]["flops"]:
             raise ExportError(f"{folder}: pruned.pt2 has more MACs than dense.pt2: the two are swapped or unrelated")
+        engine = _engines(options, staging, Samples(batch, torch.from_numpy(labels[:len(batch)])),
+                          Path(options.timing_cache or folder / "tensorrt_timing.cache"))
         shutil.copy(folder / PROGRAM_FILES["samples"], staging / "test_samples.npz")
         commit(staging, folder)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    triton = write_triton_models(options, folder, {"built": False, "reason": "not built for API exports"})
+    normalization = _optional_json(folder / NORMALIZATION_FILE)
+    triton = write_triton_models(options, folder, engine, normalization)
+    pruning = _optional_json(folder / PRUNING_FILES["json"])
     report = {
         "run": folder.name, "dataset": "user samples", "model": "python api", "method": "polarized",
         "input_shape": list(input_shape), "num_classes": num_classes, "model_names": triton["model_names"],
@@ -100,9 +123,12 @@ def run_programs(options) -> dict:
         "dense": summaries["dense"], "pruned": summaries["pruned"],
         "flops_ratio": summaries["pruned"]["flops"] / summaries["dense"]["flops"],
         "params_ratio": summaries["pruned"]["params"] / summaries["dense"]["params"],
-        "removed_blocks": [], "max_abs_diff_onnx": diffs, "max_abs_logit": scales,
-        "test_samples": {"file": "test_samples.npz", "count": len(labels)}, "engine": {"built": False},
-        "triton": triton,
+        "removed_blocks": _closed_blocks(pruning), "max_abs_diff_onnx": diffs, "max_abs_logit": scales,
+        "test_samples": {"file": "test_samples.npz", "count": len(labels)}, "engine": engine,
+        "input_normalization": normalization, "triton": triton,
     }
+    if pruning is not None:
+        report["mask_flops"] = {"dense_flops": pruning["dense_macs"], "pruned_flops": pruning["kept_macs"],
+                                "flops_ratio": pruning["kept_ratio"]}
     write_json(folder / REPORT_NAME, report)
     return report

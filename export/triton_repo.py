@@ -65,6 +65,7 @@ class TritonModelOptions:
     gpu_engine_cache: str = ENGINE_CACHE_DIR
     engine_path: str | None = None       # serve this TensorRT plan (platform tensorrt_plan) instead
     engine_tensorrt: str | None = None   # the TensorRT version that built engine_path
+    input_normalization: dict | None = None  # {"mean", "std"} per channel: config parameters for clients
 
     def check(self) -> None:
         if self.target not in TARGETS:
@@ -144,6 +145,9 @@ def build_config(model_name: str, signature: ModelSignature,
     if options.target == "cpu":
         # Read by model.py; the key is the one Triton's onnxruntime backend uses for the same knob.
         config.parameters["intra_op_thread_count"].string_value = str(options.intra_op_threads)
+    if options.input_normalization:  # what a client does to an image first: (x / 255 - mean) / std
+        for key in ("mean", "std"):
+            config.parameters[f"input_{key}"].string_value = json.dumps(options.input_normalization[key])
     if options.target == "gpu" and options.gpu_tensorrt and not options.engine_path:
         accelerator = config.optimization.execution_accelerators.gpu_execution_accelerator.add(name="tensorrt")
         accelerator.parameters.update({

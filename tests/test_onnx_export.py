@@ -52,7 +52,7 @@ def exported(tmp_path_factory):
 
 
 def test_artifacts_and_report(exported):
-    run_dir, _, report, mask, _ = exported
+    run_dir, repository, report, mask, _ = exported
     names = sorted(p.name for p in run_dir.iterdir())
     assert names == sorted(["checkpoint.pt", "mask.json", "metrics.json", "dense.onnx", "pruned.onnx",
                             "pruned_model.pt2", "test_samples.npz", "export_report.json"])
@@ -72,6 +72,10 @@ def test_artifacts_and_report(exported):
         assert diff <= 1e-4 * max(1.0, report["max_abs_logit"][kind])
     assert report["max_abs_diff_onnx"]["pruned"] <= 1e-4  # its logits are moderate
     assert "gate" in report["dense_source"] and "accuracy" in report["dense_source"]
+    normalization = report["input_normalization"]  # what a client does to an image: (x / 255 - mean) / std
+    assert len(normalization["mean"]) == len(normalization["std"]) == 1
+    config = (repository / "fm_r20_pruned" / "config.pbtxt").read_text()
+    assert 'key: "input_mean"' in config and 'key: "input_std"' in config
 
 
 def test_engine_is_reported_not_faked(exported):

@@ -6,6 +6,8 @@ the cost model's prediction. Patterns no cut handles are pinned with the layer a
 """
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -80,12 +82,23 @@ def test_gate_train_prune_export(name, tmp_path):
     from_ort = torch.from_numpy(run_onnxruntime(onnx_path, check.numpy()))
     assert (from_ort - got).abs().max() <= 1e-4 * max(1.0, float(got.abs().max()))
     assert count_onnx_macs(onnx_path) == round(mask_macs(gated.graph, mask))
+    export_onnx(gated.plain().eval(), tmp_path / "dense.onnx", (3, 32, 32))  # every MAC counted, dense too
+    assert count_onnx_macs(tmp_path / "dense.onnx") == round(gated.dense_macs)
 
 
 def test_dense_macs_match_onnx(tmp_path):
     """The cost model of the dense network counts what the ONNX graph counts (the reference for ratios)."""
     network = MobileNetV2().eval()
     gated = polarize(network, torch.randn(2, 3, 32, 32))
+    export_onnx(network, tmp_path / "dense.onnx", (3, 32, 32))
+    assert count_onnx_macs(tmp_path / "dense.onnx") == round(gated.dense_macs)
+
+
+@pytest.mark.parametrize("network", [GroupNormNet, ShuffleNet])
+def test_pinned_networks_count_every_mac(network, tmp_path):
+    """Pinned layers still cost: the dense MACs equal the ONNX graph's."""
+    network = network().eval()
+    gated = polarize(network, torch.randn(2, 3, 32, 32), round_to=4)
     export_onnx(network, tmp_path / "dense.onnx", (3, 32, 32))
     assert count_onnx_macs(tmp_path / "dense.onnx") == round(gated.dense_macs)
 
@@ -188,6 +201,7 @@ def test_user_network_by_import_path_trains_and_exports(tmp_path):
     assert abs(metrics["flops_ratio"] - 0.5) <= 0.03 and metrics["model"] == "user_networks:VGG"
     assert export_main(["--run", str(tmp_path / "vgg"), "--repository", str(tmp_path / "repo"), "--samples", "32"]) == 0
     assert (tmp_path / "vgg" / "pruned_model.pt2").is_file() and (tmp_path / "repo" / "vgg_pruned").is_dir()
+    assert all((tmp_path / "vgg" / name).is_file() for name in ("pruning.md", "pruning.json", "pruning_widths.png"))
 
 
 @needs_fmnist
@@ -238,14 +252,22 @@ def test_what_the_api_saves_the_export_stage_takes(tmp_path):
     _train(gated)
     pruned = gated.prune().eval()
     images, labels = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
-    folder = save_for_export(tmp_path / "mynet", pruned, gated.plain().eval(), images, labels)
+    normalization = {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
+    folder = save_for_export(tmp_path / "mynet", pruned, gated.plain().eval(), images, labels,
+                             report=gated.summary(), normalization=normalization)
     assert export_main(["--run", str(folder), "--repository", str(tmp_path / "repo"), "--samples", "16"]) == 0
     for name in ("dense.onnx", "pruned.onnx", "export_report.json", "test_samples.npz"):
         assert (folder / name).is_file(), name
+    report = json.loads((folder / "export_report.json").read_text())
+    assert report["removed_blocks"] == gated.final_mask().closed_blocks and (folder / "pruning.md").is_file()
+    assert report["input_normalization"] == normalization
+    assert report["engine"] == {"built": False, "reason": "not requested (--engine, on a GPU machine)"}
     served = load_run(folder)
     assert served.model_names == {"dense": "mynet_dense", "pruned": "mynet_pruned"}
     assert served.flops_ratio == pytest.approx(gated.flops_ratio(gated.final_mask()), abs=1e-9)
     assert (tmp_path / "repo" / "mynet_pruned" / "1" / "model.onnx").is_file()
+    config = (tmp_path / "repo" / "mynet_pruned" / "config.pbtxt").read_text()
+    assert 'key: "input_mean"' in config and "[0.5, 0.5, 0.5]" in config
 
 
 @pytest.mark.parametrize("model_name", MODEL_NAMES)

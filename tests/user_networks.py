@@ -269,3 +269,210 @@ class BranchingNet(nn.Module):
 
     def forward(self, x):
         return self.conv(x) if x.sum() > 0 else self.conv(-x)
+
+
+# -- grouped convolutions: ResNeXt- and RegNet-style bottlenecks ----------------------------------------
+
+class ResNeXtBlock(nn.Module):
+    """torchvision's Bottleneck with groups > 1 (ResNeXt): the 3x3 conv is grouped, width = groups x group width."""
+
+    def __init__(self, inplanes, planes, stride=1, groups=4, group_width=4):
+        super().__init__()
+        width = groups * group_width
+        self.conv1 = nn.Conv2d(inplanes, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, groups=groups, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, planes, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = None
+        if stride != 1 or inplanes != planes:
+            self.downsample = nn.Sequential(nn.Conv2d(inplanes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        return self.relu(self.bn3(self.conv3(out)) + identity)
+
+
+class ResNeXt(nn.Module):
+    def __init__(self, num_classes=10, in_channels=3):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.relu = nn.ReLU(inplace=True)
+        self.layer1 = nn.Sequential(ResNeXtBlock(16, 32), ResNeXtBlock(32, 32))
+        self.layer2 = nn.Sequential(ResNeXtBlock(32, 64, 2, group_width=8), ResNeXtBlock(64, 64, group_width=8))
+        self.fc = nn.Linear(64, num_classes)
+
+    def forward(self, x):
+        x = self.layer2(self.layer1(self.relu(self.bn1(self.conv1(x)))))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+class SqueezeExcitation(nn.Module):
+    """torchvision.ops.SqueezeExcitation."""
+
+    def __init__(self, channels, squeeze):
+        super().__init__()
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc1 = nn.Conv2d(channels, squeeze, 1)
+        self.fc2 = nn.Conv2d(squeeze, channels, 1)
+        self.activation = nn.ReLU()
+        self.scale_activation = nn.Sigmoid()
+
+    def forward(self, x):
+        return x * self.scale_activation(self.fc2(self.activation(self.fc1(self.avgpool(x)))))
+
+
+class RegNetBlock(nn.Module):
+    """torchvision's ResBottleneckBlock: proj, f = a (1x1) -> b (3x3, groups of `group_width`) -> se -> c (1x1)."""
+
+    def __init__(self, width_in, width_out, stride, group_width=8):
+        super().__init__()
+        self.proj = None
+        if width_in != width_out or stride != 1:
+            self.proj = nn.Sequential(nn.Conv2d(width_in, width_out, 1, stride, bias=False), nn.BatchNorm2d(width_out))
+        self.f = nn.Sequential()
+        self.f.a = nn.Sequential(nn.Conv2d(width_in, width_out, 1, bias=False), nn.BatchNorm2d(width_out), nn.ReLU())
+        self.f.b = nn.Sequential(nn.Conv2d(width_out, width_out, 3, stride, 1, groups=width_out // group_width,
+                                           bias=False), nn.BatchNorm2d(width_out), nn.ReLU())
+        self.f.se = SqueezeExcitation(width_out, width_in // 4)
+        self.f.c = nn.Sequential(nn.Conv2d(width_out, width_out, 1, bias=False), nn.BatchNorm2d(width_out))
+        self.activation = nn.ReLU()
+
+    def forward(self, x):
+        shortcut = x if self.proj is None else self.proj(x)
+        return self.activation(shortcut + self.f(x))
+
+
+class RegNet(nn.Module):
+    def __init__(self, num_classes=10, in_channels=3):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.trunk_output = nn.Sequential(RegNetBlock(16, 32, 1), RegNetBlock(32, 32, 1),
+                                          RegNetBlock(32, 64, 2), RegNetBlock(64, 64, 1))
+        self.fc = nn.Linear(64, num_classes)
+
+    def forward(self, x):
+        x = self.trunk_output(self.stem(x))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+# -- channels last: ConvNeXt-style blocks --------------------------------------------------------------
+
+@torch.fx.wrap
+def stochastic_depth(x: torch.Tensor, p: float, mode: str, training: bool = True) -> torch.Tensor:
+    """torchvision.ops.stochastic_depth (wrapped for torch.fx, as torchvision wraps it)."""
+    if not training or p == 0.0:
+        return x
+    noise = torch.empty([x.shape[0]] + [1] * (x.dim() - 1) if mode == "row" else [1] * x.dim(),
+                        dtype=x.dtype, device=x.device).bernoulli_(1 - p)
+    return x * noise.div_(1 - p)
+
+
+class StochasticDepth(nn.Module):
+    def __init__(self, p: float, mode: str = "row"):
+        super().__init__()
+        self.p, self.mode = p, mode
+
+    def forward(self, x):
+        return stochastic_depth(x, self.p, self.mode, self.training)
+
+
+class Permute(nn.Module):
+    def __init__(self, dims):
+        super().__init__()
+        self.dims = dims
+
+    def forward(self, x):
+        return torch.permute(x, self.dims)
+
+
+class LayerNorm2d(nn.LayerNorm):
+    def forward(self, x):
+        x = x.permute(0, 2, 3, 1)
+        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+class CNBlock(nn.Module):
+    """torchvision's ConvNeXt block: depthwise 7x7, permute to (N, H, W, C), LayerNorm, Linear MLP 4x, layer scale,
+    stochastic depth."""
+
+    def __init__(self, dim, layer_scale=1e-1, p=0.1):
+        super().__init__()
+        self.block = nn.Sequential(nn.Conv2d(dim, dim, 7, padding=3, groups=dim), Permute([0, 2, 3, 1]),
+                                   nn.LayerNorm(dim, eps=1e-6), nn.Linear(dim, 4 * dim), nn.GELU(),
+                                   nn.Linear(4 * dim, dim), Permute([0, 3, 1, 2]))
+        self.layer_scale = nn.Parameter(torch.ones(dim, 1, 1) * layer_scale)
+        self.stochastic_depth = StochasticDepth(p)
+
+    def forward(self, x):
+        return self.stochastic_depth(self.layer_scale * self.block(x)) + x
+
+
+class ConvNeXt(nn.Module):
+    def __init__(self, num_classes=10, in_channels=3, dims=(16, 32)):
+        super().__init__()
+        layers: list[nn.Module] = [nn.Sequential(nn.Conv2d(in_channels, dims[0], 4, 4), LayerNorm2d(dims[0]))]
+        layers += [CNBlock(dims[0]), CNBlock(dims[0])]
+        layers += [nn.Sequential(LayerNorm2d(dims[0]), nn.Conv2d(dims[0], dims[1], 2, 2)), CNBlock(dims[1])]
+        self.features = nn.Sequential(*layers)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Sequential(LayerNorm2d(dims[1]), nn.Flatten(1), nn.Linear(dims[1], num_classes))
+
+    def forward(self, x):
+        return self.classifier(self.avgpool(self.features(x)))
+
+
+# -- split channels: ShuffleNetV2-style blocks ---------------------------------------------------------
+
+def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
+    batch, channels, height, width = x.size()
+    x = x.view(batch, groups, channels // groups, height, width)
+    return torch.transpose(x, 1, 2).contiguous().view(batch, -1, height, width)
+
+
+class ShuffleBlock(nn.Module):
+    """torchvision's ShuffleNetV2 InvertedResidual: stride 1 splits the channels in two (chunk), stride 2 runs
+    two branches; both concatenate and shuffle."""
+
+    def __init__(self, inp, oup, stride):
+        super().__init__()
+        self.stride = stride
+        features = oup // 2
+        if stride > 1:
+            self.branch1 = nn.Sequential(nn.Conv2d(inp, inp, 3, stride, 1, groups=inp, bias=False), nn.BatchNorm2d(inp),
+                                         nn.Conv2d(inp, features, 1, bias=False), nn.BatchNorm2d(features), nn.ReLU())
+        else:
+            self.branch1 = nn.Sequential()
+        self.branch2 = nn.Sequential(
+            nn.Conv2d(inp if stride > 1 else features, 2 * features, 1, bias=False), nn.BatchNorm2d(2 * features),
+            nn.ReLU(), nn.Conv2d(2 * features, 2 * features, 3, stride, 1, groups=2 * features, bias=False),
+            nn.BatchNorm2d(2 * features), nn.Conv2d(2 * features, features, 1, bias=False),
+            nn.BatchNorm2d(features), nn.ReLU())
+
+    def forward(self, x):
+        if self.stride == 1:
+            x1, x2 = x.chunk(2, dim=1)
+            out = torch.cat((x1, self.branch2(x2)), dim=1)
+        else:
+            out = torch.cat((self.branch1(x), self.branch2(x)), dim=1)
+        return channel_shuffle(out, 2)
+
+
+class ShuffleNetV2(nn.Module):
+    def __init__(self, num_classes=10, in_channels=3):
+        super().__init__()
+        self.conv1 = nn.Sequential(nn.Conv2d(in_channels, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.stage2 = nn.Sequential(ShuffleBlock(16, 32, 2), ShuffleBlock(32, 32, 1))
+        self.stage3 = nn.Sequential(ShuffleBlock(32, 64, 2), ShuffleBlock(64, 64, 1))
+        self.conv5 = nn.Sequential(nn.Conv2d(64, 64, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU())
+        self.fc = nn.Linear(64, num_classes)
+
+    def forward(self, x):
+        x = self.conv5(self.stage3(self.stage2(self.conv1(x))))
+        return self.fc(x.mean([2, 3]))

@@ -13,7 +13,11 @@ without the user's code and without pickle, so it can never hit "size mismatch".
 from __future__ import annotations
 
 import copy
+import dataclasses
+import difflib
 import io
+import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,14 +25,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.atomicio import write_bytes
+from common.atomicio import write_bytes, write_json
 
 from .config import TrainConfig
+from .errors import TrainingError
 from .gates import TargetConstraint, kept_target, polarized_penalty
 from .gating import GatedNetwork, cut, mask_macs
 from .graph import trace_network
-from .mask import Mask
+from .mask import Mask, projection_report
 from .methods.polarized import PolarizedSettings
+from .pruning_report import pruning_report, reachability, write_pruning_report
 
 EQUIVALENCE_TOLERANCE = 1e-4
 
@@ -81,6 +87,19 @@ class PolarizedNetwork(GatedNetwork):
         return polarized_penalty(ratio, channel_probs, block_probs, target, self.constraint,
                                  s.polarization_weight, s.polarization_t, s.polarization_center)
 
+    def summary(self, mask: Mask | None = None) -> dict:
+        """The pruning report of `mask` (default: `final_mask()`, with what the gates chose and what moving
+        it into the target band changed): per group width before and after or why it is pinned, per block
+        kept or closed, per layer widths and MACs, the target and its miss (`training.pruning_report`;
+        `report_markdown` renders it, `write_pruning_report` saves it)."""
+        s = self.settings
+        projection = None
+        if mask is None:
+            learned, mask = self.mask(s.round_to), self.final_mask()
+            projection = {"mode": "band", **projection_report(self.mask_problem(), learned, mask),
+                          "target_flops_ratio": s.target_flops}
+        return pruning_report(self.graph, mask, s.target_flops, s.round_to, projection)
+
     def flops_ratio(self, mask: Mask | None = None) -> float:
         """Kept MACs / dense MACs of `mask` (default: `final_mask()`)."""
         return mask_macs(self.graph, mask or self.final_mask()) / self.dense_macs
@@ -112,11 +131,46 @@ class PolarizedNetwork(GatedNetwork):
         return pruned
 
 
+# The CLI's names for the same settings (configs/*.yaml), so a user coming from there is told the API's.
+CLI_NAMES = {"target_flops_ratio": "target_flops", "flops_tolerance": "tolerance", "gate_init": "init_score"}
+
+
+class ApiError(TrainingError, TypeError):
+    """A Python API call with an argument of the wrong kind or name (one line: what to pass instead)."""
+
+
+class ProgramError(TrainingError, ValueError):
+    """A file that is not a program `save_pruned` wrote."""
+
+
+def check_settings(settings: dict) -> None:
+    """Unknown keyword settings are named with the setting meant (did-you-mean)."""
+    known = [f.name for f in dataclasses.fields(Polarization)]
+    for name in settings:
+        if name not in known:
+            guess = CLI_NAMES.get(name) or next(iter(difflib.get_close_matches(name, known, 1)), None)
+            hint = f"; did you mean {guess!r}?" if guess else f"; the settings are {', '.join(known)}"
+            raise ApiError(f"polarize() got an unknown setting {name!r}{hint}")
+
+
+def check_batch(images, what: str = "example_input") -> None:
+    if not isinstance(images, torch.Tensor):
+        raise ApiError(f"{what} must be one batch tensor (N, C, H, W), got a {type(images).__name__}")
+    if images.dim() < 2 or not images.is_floating_point():
+        raise ApiError(f"{what} must be a float batch (N, C, H, W), got {images.dtype} of shape {list(images.shape)}")
+
+
 def polarize(model: nn.Module, example_input: torch.Tensor, **settings) -> PolarizedNetwork:
     """Gates in a copy of `model` (which is left as it is), from one trace with `example_input` (one batch
     on the model's device). Keyword settings: the fields of `Polarization`."""
+    check_settings(settings)
+    check_batch(example_input)
     settings = Polarization(**settings)
-    return PolarizedNetwork(trace_network(copy.deepcopy(model), example_input), settings)
+    gated = PolarizedNetwork(trace_network(copy.deepcopy(model), example_input), settings)
+    unreachable = reachability(gated.graph, settings.target_flops, settings.round_to)
+    if unreachable:
+        warnings.warn(unreachable, stacklevel=2)
+    return gated
 
 
 def save_pruned(path: str | Path, pruned: nn.Module, example_input: torch.Tensor) -> None:
@@ -130,10 +184,28 @@ def save_pruned(path: str | Path, pruned: nn.Module, example_input: torch.Tensor
     write_bytes(path, buffer.getvalue())
 
 
+def check_program(path: str | Path) -> None:
+    """Refuse, in one line, a file that is not a `save_pruned` program: missing, not a zip archive, or a
+    torch.save file (a state dict or a pickled module)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ProgramError(f"{path}: no such file")
+    if not zipfile.is_zipfile(path):
+        raise ProgramError(f"{path}: not a program written by save_pruned (not a zip archive)")
+    with zipfile.ZipFile(path) as archive:
+        names = archive.namelist()
+    if not any(name.endswith("archive_format") for name in names):
+        what = "a torch.save file (a state dict or a pickled module)" if any(
+            name.endswith("data.pkl") for name in names) else "a zip archive of something else"
+        raise ProgramError(f"{path}: {what}, not a program written by save_pruned; load a state dict into "
+                           "your network with load_state_dict")
+
+
 def load_pruned(path: str | Path) -> nn.Module:
     """A network saved by `save_pruned`, ready for inference (no user code needed), with the module paths
     and state-dict keys of the network that was saved. The program was captured in inference mode and
     stays so: its train()/eval() only set the flag (an exported graph refuses to switch modes itself)."""
+    check_program(path)
     network = torch.export.load(str(path)).module()
 
     def set_mode(mode: bool = True) -> nn.Module:
@@ -146,11 +218,30 @@ def load_pruned(path: str | Path) -> nn.Module:
 PROGRAM_FILES = {"pruned": "pruned.pt2", "dense": "dense.pt2", "samples": "test_samples.npz"}
 
 
+NORMALIZATION_FILE = "normalization.json"  # optional beside PROGRAM_FILES: the input normalisation
+
+
 def save_for_export(folder: str | Path, pruned: nn.Module, dense: nn.Module, images: torch.Tensor,
-                    labels: torch.Tensor) -> Path:
+                    labels: torch.Tensor, *, report: dict | None = None,
+                    normalization: dict | None = None) -> Path:
     """A folder `python -m export --run FOLDER` turns into ONNX files and Triton models: the pruned network,
     the dense one it came from (the latency baseline; e.g. `gated.plain()` or your original network) and
-    real test images (normalised as the network expects) with their labels, for the checks and serving."""
+    real test images (normalised as the network expects) with their labels, for the checks and serving.
+    `report`: `gated.summary()` (written as pruning.md/.json/.png; export reports its closed blocks);
+    `normalization`: {"mean": [...], "std": [...]} per input channel, for export_report.json and clients."""
+    check_batch(images, "images")
+    if normalization is not None and not (
+            isinstance(normalization, dict) and set(normalization) == {"mean", "std"} and all(
+                isinstance(normalization[k], (list, tuple)) and len(normalization[k]) == images.shape[1]
+                for k in ("mean", "std"))):
+        raise ApiError(f"normalization must be {{'mean': [...], 'std': [...]}} with one number per input channel "
+                       f"({images.shape[1]})")
+    for what, network in (("pruned", pruned), ("dense", dense)):
+        if not isinstance(network, nn.Module):
+            raise ApiError(f"{what} must be an nn.Module, got a {type(network).__name__}")
+    if not isinstance(labels, torch.Tensor) or labels.shape != (len(images),) or labels.is_floating_point():
+        raise ApiError(f"labels must be one integer class per image ({len(images)}), got "
+                       f"{getattr(labels, 'dtype', type(labels).__name__)} of shape {list(getattr(labels, 'shape', []))}")
     folder = Path(folder)
     example = images[:1]
     save_pruned(folder / PROGRAM_FILES["pruned"], pruned, example)
@@ -159,4 +250,8 @@ def save_for_export(folder: str | Path, pruned: nn.Module, dense: nn.Module, ima
     np.savez(buffer, images=images.detach().cpu().numpy().astype(np.float32),
              labels=labels.detach().cpu().numpy().astype(np.int64))
     write_bytes(folder / PROGRAM_FILES["samples"], buffer.getvalue())
+    if report is not None:
+        write_pruning_report(folder, report)
+    if normalization is not None:
+        write_json(folder / NORMALIZATION_FILE, {k: [float(v) for v in normalization[k]] for k in ("mean", "std")})
     return folder

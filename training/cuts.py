@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .mask import MaskError
+
 
 def _like(tensor: torch.Tensor) -> dict:
     """Factory arguments for a cut module: it lives where the original's weights do, in their dtype."""
@@ -45,9 +47,15 @@ def cut_linear_in(linear: nn.Linear, kept: torch.Tensor) -> nn.Linear:
 
 
 def cut_depthwise(conv: nn.Conv2d, kept: torch.Tensor) -> nn.Conv2d:
-    """A depthwise conv keeps the same channels on both sides, one filter each."""
+    """A depthwise or grouped conv (as many outputs as inputs) keeps the same channels on both sides: whole
+    groups, so `groups` shrinks and each kept group reads what it read."""
+    width = conv.in_channels // conv.groups
+    if len(kept) % width or any(int(kept[i]) // width != int(kept[i - i % width]) // width or
+                                int(kept[i]) % width != i % width for i in range(len(kept))):
+        raise MaskError(f"a grouped conv with {width} channels per group can only keep whole groups, got "
+                         f"{kept.tolist()}")
     cut = nn.Conv2d(len(kept), len(kept), conv.kernel_size, conv.stride, conv.padding, conv.dilation,
-                    len(kept), conv.bias is not None, conv.padding_mode, **_like(conv.weight))
+                    len(kept) // width, conv.bias is not None, conv.padding_mode, **_like(conv.weight))
     cut.weight.data.copy_(conv.weight.data[kept])
     if conv.bias is not None:
         cut.bias.data.copy_(conv.bias.data[kept])
@@ -83,6 +91,7 @@ def _both_sides(cut_out, cut_in):
 CUTS = {
     (nn.Conv2d, "conv"): _both_sides(cut_conv_out, cut_conv_in),
     (nn.Conv2d, "depthwise"): lambda conv, keep_in, _keep_out: cut_depthwise(conv, keep_in),
+    (nn.Conv2d, "grouped"): lambda conv, keep_in, _keep_out: cut_depthwise(conv, keep_in),
     (nn.Linear, "linear"): _both_sides(cut_linear_out, cut_linear_in),
     (nn.BatchNorm1d, "norm"): lambda norm, _keep_in, keep_out: cut_norm(norm, keep_out),
     (nn.BatchNorm2d, "norm"): lambda norm, _keep_in, keep_out: cut_norm(norm, keep_out),

@@ -1,7 +1,8 @@
 """Multiply-accumulate (MAC) and parameter counts of a plain (dense or pruned) network.
 
-"FLOPs" in this project means conv + linear MACs (the convention of the pruning literature: ResNet-20
-at 32x32x3 is 40.55M). BN, ReLU, pooling and adds are left out. The count comes from the network's trace
+"FLOPs" in this project means conv + linear + matrix-product MACs (the convention of the pruning
+literature: ResNet-20 at 32x32x3 is 40.55M), every one of them, prunable or not (`training.graph.layer_macs`
+is the formula). BN, ReLU, pooling and adds are left out. The count comes from the network's trace
 (`training.graph`), the same one whose gated form the FLOPs target is measured on (`gating.kept_macs`).
 """
 from __future__ import annotations

@@ -15,6 +15,7 @@ straight-through estimator its gradient. `cut` turns a mask into the physically 
 from __future__ import annotations
 
 import copy
+import math
 from typing import Callable, Mapping, Protocol
 
 import torch
@@ -48,11 +49,12 @@ def gate_values(*parts: torch.Tensor | int, block: torch.Tensor | None = None) -
     return values if block is None else values * block
 
 
-def gate_channels(x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """x (N, C, ...) times per-channel values (C,), (N, C) or (1,)/(N, 1) for a block gate alone."""
-    if values.dim() == 1:
-        return x * values.view(1, -1, *([1] * (x.dim() - 2)))
-    return x * values.view(values.shape[0], values.shape[1], *([1] * (x.dim() - 2)))
+def gate_channels(x: torch.Tensor, values: torch.Tensor, axis: int = 1) -> torch.Tensor:
+    """x (N, C, ...) times per-channel values (C,), (N, C) or (1,)/(N, 1) for a block gate alone; `axis`:
+    the channel axis of a channels-last tensor (N, ..., C)."""
+    shape = [values.shape[0] if values.dim() > 1 else 1] + [1] * (x.dim() - 1)
+    shape[axis] = values.shape[-1]
+    return x * values.view(shape)
 
 
 torch.fx.wrap("gate_values")
@@ -168,11 +170,17 @@ def mask_cost(cost: Cost, mask: Mask) -> float:
     return float(cost.kept(*mask_widths(mask)))
 
 
+def group_units(graph: NetworkGraph, round_to: int) -> dict[str, list[int]]:
+    """Channels per unit of every prunable group (`training.mask.unit_sizes`): units of `round_to` channels,
+    widened to whole, aligned conv groups where a grouped conv reads the group (`ChannelGroup.unit`)."""
+    return {n: unit_sizes(g.width, math.lcm(round_to, g.unit)) for n, g in graph.prunable().items()}
+
+
 def mask_problem(graph: NetworkGraph, cost: Cost | None = None, round_to: int = 1) -> MaskProblem:
-    """What a mask of this network chooses among (groups in units of `round_to` channels), and its cost
-    (default: MACs)."""
+    """What a mask of this network chooses among (groups in units, `group_units`), and its cost (default:
+    MACs)."""
     cost = cost or MacsCost(graph)
-    return MaskProblem({n: unit_sizes(g.width, round_to) for n, g in graph.prunable().items()},
+    return MaskProblem(group_units(graph, round_to),
                        {name: graph.groups_inside(name) for name in graph.blocks},
                        lambda mask: mask_cost(cost, mask))
 
@@ -198,9 +206,10 @@ class GatedNetwork(nn.Module):
         nodes = {node.name: node for node in network.graph.nodes}
         self._gate_inputs: dict[str, fx.Node | None] = {}
         channel, block = {}, {}
+        units = group_units(graph, round_to)
         for name, group in graph.prunable().items():
             source = self._dynamic_input(nodes[_node_of(graph, group.producers[0])])
-            channel[_key(name)] = Gate(unit_sizes(group.width, round_to), init_score, _channels(source),
+            channel[_key(name)] = Gate(units[name], init_score, _channels(source),
                                        min_open=1, score_clamp=score_clamp)
             self._gate_inputs[f"channel_gates.{_key(name)}"] = source
         for name, block_gate in graph.blocks.items():
@@ -253,7 +262,8 @@ class GatedNetwork(nn.Module):
                     block_value = self._call_gate(network, f"block_gates.{_key(block_at[node_name])}")
                 values = network.graph.call_function(gate_values, tuple(parts), {"block": block_value})
                 if not fold:
-                    gated = network.graph.call_function(gate_channels, (node, values))
+                    axis = self.graph.channel_axis.get(node_name, 1)  # channels-last layers (training.graph)
+                    gated = network.graph.call_function(gate_channels, (node, values), {"axis": axis} if axis != 1 else {})
             if fold:
                 _replace_module(network, node.target, _retype_norm(module, GatedBatchNorm2d))
                 node.args = (*node.args, values)

@@ -3,7 +3,8 @@
 One torch.fx trace of the plain (ungated) network, shapes propagated once with an example input. Every
 tensor's channel axis is a list of segments, each a slice of a "channel space": convs and linears start a
 new space, channel-wise ops (norms, activations, pooling, spatial slicing) keep it, a depthwise conv maps
-a space onto itself, an add or a channel-wise product joins the spaces of its operands (a residual add ties
+a space onto itself (a grouped conv with as many outputs as inputs too: it keeps whole groups,
+`ChannelGroup.unit`), an add or a channel-wise product joins the spaces of its operands (a residual add ties
 every producer feeding it), and `torch.cat` on the channel axis lays spaces side by side. A joined space
 is a `ChannelGroup`: the convs producing it, the norms and depthwise convs on it and the layers reading it
 all shrink together.
@@ -13,16 +14,26 @@ user is a norm of the group is covered by that norm). Cutting channel c is exact
 reads the group sees channel c as exactly zero in the gated network; `_check_zeros` follows the gated
 values through the graph and pins a group where an op (a sigmoid, an added constant) would revive them.
 
+The network is traced in eval mode: code that branches on `self.training` (drop path, stochastic depth,
+`F.dropout(x, training=self.training)`) is traced as the identity it is in eval, so such noise is not part of
+the gated training; `nn.Dropout` modules stay and keep working. Channels-last layers are followed: a
+permute or transpose moves a tensor's channel axis, and a Linear over it is a channel layer. Every conv,
+linear and matrix product costs MACs (`training.macs`); one no cut shrinks is a "fixed" layer.
+
 A group may not shrink when it is pinned, with the reason: network input and output, ops no cut handles
-(a reshape that mixes channels, GroupNorm across the channels, a grouped conv), shared modules. A residual
+(a reshape that mixes channels, LayerNorm or GroupNorm across the channels, a split of the channel
+axis, a grouped conv that changes the width), shared modules. A residual
 branch (an operand of an add that holds convs and feeds nothing else) gets a `BlockGate`: closing it
 removes the branch, and the add passes its other operand on.
 """
 from __future__ import annotations
 
+import math
 import operator
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +41,8 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from .errors import TrainingError
+from .macs import MATMULS, fixed_macs, layer_macs
+from .macs import traced_shape as _shape
 
 
 class GraphError(TrainingError, ValueError):
@@ -39,19 +52,36 @@ class GraphError(TrainingError, ValueError):
 # Channel-wise ops. ZERO_KEEPING map 0 to 0 (a closed channel stays closed); the others keep the channel
 # space but revive closed channels (sigmoid(0) = 0.5), so no layer may read their output.
 ZERO_KEEPING_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SiLU, nn.GELU, nn.Hardswish, nn.Tanh,
-                        nn.Hardtanh, nn.Identity, nn.Dropout, nn.Dropout2d, nn.MaxPool2d, nn.AvgPool2d,
-                        nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Upsample)
+                        nn.Hardtanh, nn.Identity, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d,
+                        nn.AdaptiveMaxPool2d, nn.Upsample)
+# The identity in eval (their training-time noise is a per-sample or per-element factor: zeros stay zero).
+IDENTITY_IN_EVAL_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+                            nn.FeatureAlphaDropout)
+IDENTITY_IN_EVAL_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
+                              F.feature_alpha_dropout}
+IDENTITY_IN_EVAL_NAMES = {"stochastic_depth", "drop_path", "drop_block_2d"}  # fx-wrapped leaves (torchvision, timm)
 ZERO_REVIVING_MODULES = (nn.Sigmoid, nn.Hardsigmoid)
 NORM_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d)
 ZERO_KEEPING_FUNCTIONS = {F.relu, torch.relu, F.relu6, F.leaky_relu, F.elu, F.silu, F.gelu, F.hardswish,
                           torch.tanh, F.hardtanh, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d,
-                          F.adaptive_max_pool2d, F.dropout, F.interpolate}
+                          F.adaptive_max_pool2d, F.interpolate}
 ZERO_REVIVING_FUNCTIONS = {torch.sigmoid, F.sigmoid, F.hardsigmoid}
 ZERO_KEEPING_METHODS = {"relu", "relu_", "contiguous", "clone", "tanh"}
 ZERO_REVIVING_METHODS = {"sigmoid"}
 ADDS = {operator.add, operator.iadd, torch.add, "add", "add_"}
+SUBS = {operator.sub, operator.isub, torch.sub, "sub", "sub_"}
 MULS = {operator.mul, operator.imul, torch.mul, "mul", "mul_"}
+DIVS = {operator.truediv, operator.itruediv, torch.div, "div", "div_"}
 SHAPE_QUERIES = {"dim", "size"}
+PERMUTES = {torch.permute, "permute", torch.transpose, "transpose", torch.swapaxes, "swapaxes"}
+SPLITS = {torch.chunk, "chunk", torch.split, "split", torch.tensor_split, "tensor_split", torch.unbind, "unbind"}
+# Tensors made from a shape only (drop-path noise, masks): they read no channel of their source.
+FACTORIES = {"new_empty", "new_zeros", "new_ones", "new_full", torch.empty_like, torch.zeros_like, torch.ones_like,
+             torch.rand_like, torch.randn_like, torch.full_like}
+# Norms whose statistics run across the channels: cutting some channels changes the others' values.
+CROSS_CHANNEL_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+# Leaf modules with weights and no MACs worth counting (lookups, per-channel scales and norms).
+NO_MAC_MODULES = (nn.Embedding, nn.PReLU, nn.BatchNorm3d, *CROSS_CHANNEL_NORMS)
 
 
 @dataclass(frozen=True)
@@ -65,13 +95,15 @@ Layout = tuple[Segment, ...]
 
 @dataclass
 class Layer:
-    """A module whose weights a cut touches: conv, depthwise conv, linear or norm, with the channel layout
-    of its input and output and its cost (MACs = unit_macs * in * out / groups; depthwise: unit * width)."""
-    path: str
-    kind: str  # "conv" | "depthwise" | "linear" | "norm"
+    """A module whose weights a cut touches (conv, depthwise or grouped conv, linear, norm), with the
+    channel layout of its input and output, or a layer that costs MACs no cut changes ("fixed": a conv or
+    linear on pinned channels, a matrix product); its cost is `layer_macs`."""
+    path: str     # module path; a function's node name
+    kind: str     # "conv" | "depthwise" | "grouped" | "linear" | "norm" | "fixed"
     in_layout: Layout
     out_layout: Layout
-    unit_macs: int = 0
+    unit_macs: int = 0            # MACs per input-output channel pair (fixed: the layer's MACs)
+    group_width: int = 1          # depthwise and grouped convs: input channels each output channel reads
     blocks: tuple[str, ...] = ()  # block gates whose branch holds this layer
     node: str = ""                # its call in the traced graph
 
@@ -84,6 +116,7 @@ class ChannelGroup:
     members: list[str] = field(default_factory=list)     # norms and depthwise convs on it
     consumers: list[str] = field(default_factory=list)   # layers reading it as input channels
     pinned: list[str] = field(default_factory=list)      # why it may not shrink
+    unit: int = 1   # kept channels come in aligned runs of this many (the groups of a grouped conv on it)
 
     @property
     def prunable(self) -> bool:
@@ -110,6 +143,8 @@ class NetworkGraph:
     gate_points: dict[str, Layout]   # node name -> layout of the output a channel gate multiplies
     group_of_space: dict[int, str]
     output_shape: tuple[int, ...] = ()  # of one example
+    uncounted: list[str] = field(default_factory=list)  # layers whose MACs are not in the cost (warned)
+    channel_axis: dict[str, int] = field(default_factory=dict)  # gate point -> its channel axis, when not 1
     def prunable(self) -> dict[str, ChannelGroup]:
         return {name: g for name, g in self.groups.items() if g.prunable}
 
@@ -129,21 +164,26 @@ class NetworkGraph:
 
 def trace_network(model: nn.Module, example_input: torch.Tensor) -> NetworkGraph:
     """Trace `model` (plain, no gates) once; `example_input` is one batch (N, C, H, W) on its device."""
+    was_training = model.training
+    model.eval()  # `if self.training` (drop path, functional dropout) traces to its eval form: the identity
     try:
         graph = fx.Tracer().trace(model)  # torch.nn layers stay single calls; user modules are traced through
     except Exception as error:  # fx raises several types for data-dependent control flow
         raise GraphError(f"{type(model).__name__} cannot be traced by torch.fx ({type(error).__name__}: "
                          f"{str(error).splitlines()[0] if str(error) else ''}); the forward pass must not branch "
                          "on tensor values") from None
+    finally:
+        model.train(was_training)
     module = fx.GraphModule(model, graph, class_name=type(model).__name__)
-    was_training = model.training
     module.eval()  # shape propagation must not touch BatchNorm statistics
     try:
         with torch.no_grad():
+            module(example_input)  # a plain run first: its error reads better than ShapeProp's node dump
             output = ShapeProp(module).propagate(example_input)
     except Exception as error:  # whatever the network raises on this input
-        raise GraphError(f"{type(model).__name__} does not run on an input of shape {list(example_input.shape)} "
-                         f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})") from None
+        raise GraphError(f"{type(model).__name__} does not run on an input of shape {list(example_input.shape)}"
+                         f"{_expected_input(module)} ({type(error).__name__}: "
+                         f"{str(error).splitlines()[0] if str(error) else ''})") from None
     finally:
         module.train(was_training)
     if not isinstance(output, torch.Tensor):
@@ -153,17 +193,22 @@ def trace_network(model: nn.Module, example_input: torch.Tensor) -> NetworkGraph
     return graph
 
 
+def _expected_input(module: fx.GraphModule) -> str:
+    """What the first conv or linear reads, for an input that does not fit (empty when there is none)."""
+    for node in module.graph.nodes:
+        layer = module.get_submodule(node.target) if node.op == "call_module" else None
+        if isinstance(layer, nn.modules.conv._ConvNd):
+            return f"; its first layer {node.target} expects {layer.in_channels} input channels, (N, {layer.in_channels}, H, W)"
+        if isinstance(layer, nn.Linear):
+            return f"; its first layer {node.target} expects {layer.in_features} input features"
+    return ""
+
+
 def example_for(model: nn.Module, input_shape: tuple[int, ...], batch: int = 2) -> torch.Tensor:
     """A zero batch for tracing `model` where it lives: on its weights' device (CUDA, meta), in their dtype.
     Batch 2: batch norms in training mode need more than one value per channel."""
     weight = next(model.parameters())
     return torch.zeros(batch, *input_shape, device=weight.device, dtype=weight.dtype)
-
-
-def _shape(node) -> tuple[int, ...] | None:
-    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
-    shape = getattr(meta, "shape", None)
-    return tuple(int(d) for d in shape) if shape is not None else None
 
 
 class _UnionFind:
@@ -194,18 +239,27 @@ class _Analysis:
         self.modules = dict(module.named_modules())
         self.spaces = _UnionFind()
         self.layout: dict[fx.Node, Layout] = {}
+        self.axis: dict[fx.Node, int] = {}               # the channel axis of a tensor, when not 1
+        self.pieces: dict[fx.Node, list[Layout]] = {}    # layouts of the tensors a split returns
         self.layers: dict[str, Layer] = {}
         self.layer_node: dict[str, fx.Node] = {}
         self.pins: list[tuple[int, str]] = []
         self.revives: set[fx.Node] = set()   # outputs where closed channels come back to life
+        self.zeroing: dict[fx.Node, list[fx.Node]] = {}  # a product: operands whose zeros make its output zero
+        self.uncounted: list[str] = []       # layers whose MACs the analysis cannot count
         self.calls: Counter[str] = Counter()
 
     # -- helpers ----------------------------------------------------------------------------------
-    def fresh(self, node: fx.Node, pinned: str | None = None) -> Layout:
+    def axis_of(self, node: fx.Node) -> int:
+        return self.axis.get(node, 1)
+
+    def fresh(self, node: fx.Node, pinned: str | None = None, axis: int = 1) -> Layout:
         shape = _shape(node)
-        width = shape[1] if shape is not None and len(shape) >= 2 else 0
+        width = shape[axis] if shape is not None and len(shape) > max(axis, 1) else 0
         layout = (Segment(self.spaces.new(width), width),)
         self.layout[node] = layout
+        if axis != 1:
+            self.axis[node] = axis
         if pinned:
             self.pin(layout, pinned)
         return layout
@@ -216,26 +270,50 @@ class _Analysis:
     def tensors(self, node: fx.Node) -> list[fx.Node]:
         return [a for a in node.all_input_nodes if a in self.layout]
 
-    def keep(self, node: fx.Node, source: fx.Node | None = None) -> None:
+    def keep(self, node: fx.Node, source: fx.Node | None = None, axis: int | None = None) -> None:
         sources = [source] if source is not None else self.tensors(node)
         if not sources:
             return self.unsupported(node)
         self.layout[node] = self.layout[sources[0]]
+        axis = self.axis_of(sources[0]) if axis is None else axis
+        if axis != 1:
+            self.axis[node] = axis
 
     def unsupported(self, node: fx.Node, why: str | None = None) -> None:
-        target = getattr(node.target, "__name__", node.target)
+        target = _name(node.target)
         reason = why or f"{node.op} {target} ({node.name}) is not a channel-wise op the cuts understand"
-        for source in self.tensors(node):
+        sources = self.tensors(node)
+        for source in sources:
             self.pin(self.layout[source], reason)
         shape = _shape(node)
         if shape is not None and len(shape) >= 2:
-            self.fresh(node, pinned=reason)
+            same_rank = sources and len(_shape(sources[0]) or ()) == len(shape)
+            self.fresh(node, pinned=reason, axis=self.axis_of(sources[0]) if same_rank else 1)
+        elif isinstance(node.meta.get("tensor_meta"), (tuple, list)) and not hasattr(node.meta["tensor_meta"], "shape"):
+            self.pieces[node] = [self.pinned_piece(meta, reason) for meta in node.meta["tensor_meta"]]
 
-    def join(self, node: fx.Node, operands: list[fx.Node]) -> None:
+    def pinned_piece(self, meta, why: str) -> Layout:
+        width = int(meta.shape[1]) if len(getattr(meta, "shape", ())) >= 2 else 0
+        layout = (Segment(self.spaces.new(width), width),)
+        self.pin(layout, why)
+        return layout
+
+    def width_in(self, operand, node: fx.Node) -> int:
+        """The width `operand` has along `node`'s channel axis when broadcast to `node`'s shape (1: it is
+        broadcast over the channels)."""
+        out, shape = _shape(node) or (), _shape(operand) if isinstance(operand, fx.Node) else ()
+        dim = self.axis_of(node) - (len(out) - len(shape or ()))
+        return int(shape[dim]) if shape and dim >= 0 else 1
+
+    def join(self, node: fx.Node, operands: list[fx.Node]) -> list[fx.Node]:
         """An elementwise op over tensors of one channel layout: their spaces become one, segment by
-        segment; an operand broadcast over channels (width 1) leaves the layout alone."""
-        full = [o for o in operands if (_shape(o) or (0, 0))[1:2] != (1,) or len(_shape(o) or ()) < 2]
-        full = full or operands
+        segment; an operand broadcast over channels (width 1) leaves the layout alone. Returns the operands
+        as wide as the output (a constant tensor among them pins the layout: no cut shrinks it)."""
+        rank = len(_shape(node) or ())
+        self.axis[node] = self.axis_of(next((o for o in operands if len(_shape(o) or ()) == rank), operands[0]))
+        width = (_shape(node) or (0, 0))[self.axis_of(node)] if len(_shape(node) or ()) >= 2 else 0
+        full = [o for o in operands if self.width_in(o, node) == width and width > 1] or operands[:1]
+        constants = [a for a in node.all_input_nodes if a.op == "get_attr" and self.width_in(a, node) > 1]
         layouts = [self.layout[o] for o in full]
         first = layouts[0]
         for other in layouts[1:]:
@@ -246,7 +324,13 @@ class _Analysis:
                 break
             for a, b in zip(first, other):
                 self.spaces.union(a.space, b.space)
+        for constant in constants:
+            self.pin(first, f"{node.name} combines the channels with the constant tensor {constant.target}, "
+                            "which no cut shrinks")
         self.layout[node] = first
+        if self.axis[node] == 1:
+            del self.axis[node]
+        return full
 
     # -- the walk ---------------------------------------------------------------------------------
     def run(self, input_shape: tuple[int, ...]) -> NetworkGraph:
@@ -268,8 +352,7 @@ class _Analysis:
             self.visit_module(node)
         elif node.op in ("call_function", "call_method"):
             self.visit_function(node)
-        else:  # get_attr: a constant tensor in the graph
-            self.unsupported(node, f"constant tensor {node.target}")
+        # get_attr: a constant tensor; the op reading it decides (`join` pins what it touches)
 
     def visit_module(self, node: fx.Node) -> None:
         path, module = node.target, self.modules[node.target]
@@ -279,106 +362,231 @@ class _Analysis:
             return self.unsupported(node)
         source = sources[0]
         in_layout, in_shape = self.layout[source], _shape(source)
-        if isinstance(module, nn.Conv2d):
-            out_shape = _shape(node)
-            unit = module.kernel_size[0] * module.kernel_size[1] * out_shape[2] * out_shape[3]
-            if module.groups == 1:
-                self.add_layer(node, Layer(path, "conv", in_layout, self.fresh(node), unit))
-            elif module.groups == module.in_channels == module.out_channels:
-                self.layout[node] = in_layout
-                self.add_layer(node, Layer(path, "depthwise", in_layout, in_layout, unit))
-            else:
-                self.unsupported(node, f"grouped convolution {path} (groups={module.groups}) ties channels in "
-                                       "groups that a cut would break")
-        elif isinstance(module, nn.Linear):
-            if in_shape is None or len(in_shape) != 2:
-                return self.unsupported(node, f"linear {path} on a tensor of shape {in_shape}: only (batch, "
-                                              "features) inputs map features to channels")
-            self.add_layer(node, Layer(path, "linear", in_layout, self.fresh(node), 1))
-        elif isinstance(module, NORM_MODULES):
+        if isinstance(module, nn.Conv2d) and self.axis_of(source) == 1:
+            self.visit_conv(node, path, module, in_layout)
+        elif isinstance(module, nn.Linear) and in_shape and self.axis_of(source) == len(in_shape) - 1:
+            unit = math.prod(in_shape[1:-1])  # positions per example: a linear over (N, ..., C) is a 1x1 conv
+            self.add_layer(node, Layer(path, "linear", in_layout, self.fresh(node, axis=len(in_shape) - 1), unit))
+        elif isinstance(module, NORM_MODULES) and self.axis_of(source) == 1:
             self.keep(node, source)
             self.add_layer(node, Layer(path, "norm", in_layout, in_layout))
         elif isinstance(module, nn.Flatten):
-            self.visit_flatten(node, source, module.start_dim)
-        elif isinstance(module, ZERO_KEEPING_MODULES):
+            self.visit_flatten(node, source, module.start_dim, module.end_dim)
+        elif isinstance(module, ZERO_KEEPING_MODULES + IDENTITY_IN_EVAL_MODULES):
             self.keep(node, source)
         elif isinstance(module, ZERO_REVIVING_MODULES):
             self.keep(node, source)
             self.revives.add(node)
         else:
             why = (f"{type(module).__name__} {path} normalises across channels: cutting some changes what it "
-                   "computes for the rest") if isinstance(module, (nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm2d)) \
+                   "computes for the rest") if isinstance(module, CROSS_CHANNEL_NORMS) \
                 else f"module {path} ({type(module).__name__}) is not a layer the cuts understand"
+            if isinstance(module, nn.Linear):
+                why = f"linear {path} reads axis -1 of a tensor whose channel axis is {self.axis_of(source)}"
             self.unsupported(node, why)
+            self.count_fixed(node, path, module)
+
+    def visit_conv(self, node: fx.Node, path: str, conv: nn.Conv2d, in_layout: Layout) -> None:
+        out_shape = _shape(node)
+        unit = conv.kernel_size[0] * conv.kernel_size[1] * out_shape[2] * out_shape[3]
+        group_width = conv.in_channels // conv.groups
+        if conv.groups == 1:
+            self.add_layer(node, Layer(path, "conv", in_layout, self.fresh(node), unit))
+        elif conv.in_channels == conv.out_channels:  # each output channel reads its own group: one space
+            self.layout[node] = in_layout
+            kind = "depthwise" if group_width == 1 else "grouped"
+            self.add_layer(node, Layer(path, kind, in_layout, in_layout, unit, group_width=group_width))
+            offsets = [sum(s.width for s in in_layout[:i]) for i in range(len(in_layout) + 1)]
+            if any(offset % group_width for offset in offsets):
+                self.pin(in_layout, f"grouped convolution {path} has groups that straddle concatenated inputs")
+        else:
+            self.unsupported(node, f"grouped convolution {path} (groups={conv.groups}) maps {conv.in_channels} "
+                                   f"channels to {conv.out_channels}: no cut keeps its groups whole")
+            self.count_fixed(node, path, conv)
+
+    def count_fixed(self, node: fx.Node, name: str, module: nn.Module | None = None) -> None:
+        """A layer no cut shrinks still costs MACs: count them at its fixed widths, or say they are not."""
+        macs = fixed_macs(node, module)
+        if macs is None:
+            if module is None or any(p.dim() >= 2 for p in module.parameters(recurse=False)) and \
+                    not isinstance(module, NO_MAC_MODULES):
+                self.uncounted.append(f"{name} ({type(module).__name__ if module else _name(node.target)})")
+            return
+        if macs:
+            self.add_layer(node, Layer(name, "fixed", (), (), macs))
 
     def add_layer(self, node: fx.Node, layer: Layer) -> None:
+        """Record a layer; a module called again costs its MACs again, as a fixed layer `path#<call>` (a
+        module called twice is pinned, so its widths are its full widths)."""
+        if layer.path in self.layers:
+            self.pin(layer.in_layout + layer.out_layout, f"module {layer.path} is called more than once")
+            if layer.kind == "norm":
+                return
+            layer = Layer(f"{layer.path}#{self.calls[layer.path]}", "fixed", (), (), int(layer_macs(layer)))
         layer.node = node.name
         self.layers[layer.path] = layer
         self.layer_node[layer.path] = node
 
     def visit_function(self, node: fx.Node) -> None:
         target, sources = node.target, self.tensors(node)
-        if node.op == "call_method" and target in SHAPE_QUERIES or target is getattr:
+        if node.op == "call_method" and target in SHAPE_QUERIES:
             return  # sizes, not tensors
+        if target is getattr:  # x.shape, x.dtype: not tensors; x.data: the same tensor; x.T, x.mT: moved axes
+            if node.args[1] == "data" and sources:
+                self.keep(node, sources[0])
+            elif _shape(node) is not None:
+                self.unsupported(node, f"{node.name} (.{node.args[1]}) reorders the axes of a tensor")
+            return
+        if target is operator.getitem and node.args[0] in self.pieces:
+            pieces = self.pieces[node.args[0]]
+            self.layout[node] = pieces[node.args[1]]
+            if self.axis_of(node.args[0]) != 1:
+                self.axis[node] = self.axis_of(node.args[0])
+            return
         if not sources:
             return  # arithmetic on sizes
-        if target in ZERO_KEEPING_FUNCTIONS or target in ZERO_KEEPING_METHODS and node.op == "call_method":
-            self.keep(node, sources[0])
-        elif target in ZERO_REVIVING_FUNCTIONS or target in ZERO_REVIVING_METHODS and node.op == "call_method":
-            self.keep(node, sources[0])
-            self.revives.add(node)
-        elif target in ADDS:
-            self.join(node, sources)
-            if len(sources) == 1 and not _is_zero(node.args):
-                self.revives.add(node)  # x + constant
-        elif target in MULS:
-            self.join(node, sources)
-        elif target is torch.cat or target is torch.concat:
-            self.visit_cat(node, sources)
-        elif target is torch.flatten or target == "flatten":
-            start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
-            self.visit_flatten(node, sources[0], start)
-        elif target is torch.mean or target == "mean":
-            dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-            dims = (dims,) if isinstance(dims, int) else tuple(dims or ())
-            rank = len(_shape(sources[0]) or ())
-            if dims and all(d % rank >= 2 for d in dims):
-                self.keep(node, sources[0])
-            else:
-                self.unsupported(node, f"{node.name} averages over the channel axis")
-        elif target is operator.getitem:
-            index = node.args[1]
-            if isinstance(index, tuple) and len(index) >= 2 and index[0] == slice(None) and index[1] == slice(None):
-                self.keep(node, sources[0])  # spatial slicing
-            else:
-                self.unsupported(node, f"{node.name} indexes the channel axis")
-        elif target is F.pad:
-            pad = list(node.args[1] if len(node.args) > 1 else node.kwargs["pad"])
-            if any(pad[4:]):
-                self.unsupported(node, f"{node.name} pads the channel axis")
-            else:
-                self.keep(node, sources[0])
-                if (node.kwargs.get("value") or (node.args[3] if len(node.args) > 3 else 0)) != 0:
-                    self.revives.add(node)
-        else:
+        handler = FUNCTION_HANDLERS.get(target) if _hashable(target) else None
+        if handler is None and _name(target) in IDENTITY_IN_EVAL_NAMES:
+            handler = _Analysis.visit_zero_keeping
+        if handler is None:
             self.unsupported(node)
+            if target in HEAVY_FUNCTIONS:
+                self.count_fixed(node, node.name)
+            return
+        handler(self, node, sources)
+
+    # -- handlers: FUNCTION_HANDLERS maps ops to these ----------------------------------------------
+    def visit_zero_keeping(self, node: fx.Node, sources: list[fx.Node]) -> None:
+        self.keep(node, sources[0])
+
+    def visit_zero_reviving(self, node: fx.Node, sources: list[fx.Node]) -> None:
+        self.keep(node, sources[0])
+        self.revives.add(node)
+
+    def visit_add(self, node: fx.Node, sources: list[fx.Node]) -> None:
+        """x + y, x - y: closed channels come back when a constant or an operand broadcast over the
+        channels (a 1-channel map, a per-sample scalar) is added to them."""
+        full = self.join(node, sources)
+        constant = len(sources) == 1 and not _is_zero(node.args)
+        if constant or len(full) < len(sources) or any(a.op == "get_attr" for a in node.all_input_nodes):
+            self.revives.add(node)
+
+    def visit_product(self, node: fx.Node, sources: list[fx.Node]) -> None:
+        """x * y, x / y: the output is zero where an operand as wide as it is zero (a divisor is not)."""
+        full = self.join(node, sources)
+        numerators = full if node.target in MULS else [a for a in full if a is node.args[0]]
+        if node.target in DIVS and len(node.args) > 1 and node.args[1] in full:
+            self.pin(self.layout[node], f"{node.name} divides by channels that a gate may close (0 / 0)")
+        self.zeroing[node] = numerators
 
     def visit_cat(self, node: fx.Node, sources: list[fx.Node]) -> None:
         dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
         rank = len(_shape(node) or ())
-        if rank < 2 or dim % rank != 1:
-            return self.unsupported(node, f"{node.name} concatenates along axis {dim}, not the channel axis")
-        parts = node.args[0]
+        parts = node.args[0] if node.args else node.kwargs.get("tensors", ())
+        axes = {self.axis_of(p) for p in parts if p in self.layout}
+        if rank < 2 or len(axes) != 1 or any(p not in self.layout for p in parts):
+            self.unsupported(node, f"{node.name} concatenates tensors the trace cannot line up")
+            return
+        if dim % rank != next(iter(axes)):  # along rows or tokens: every part has the same channels
+            self.join(node, list(parts))
+            return
         self.layout[node] = tuple(segment for part in parts for segment in self.layout[part])
+        if next(iter(axes)) != 1:
+            self.axis[node] = next(iter(axes))
 
-    def visit_flatten(self, node: fx.Node, source: fx.Node, start_dim: int) -> None:
+    def visit_flatten_call(self, node: fx.Node, sources: list[fx.Node]) -> None:
+        start = _arg(node, 1, "start_dim", 0)
+        self.visit_flatten(node, sources[0], start, _arg(node, 2, "end_dim", -1))
+
+    def visit_flatten(self, node: fx.Node, source: fx.Node, start: int, end: int = -1) -> None:
         shape = _shape(source) or ()
+        rank, axis = len(shape), self.axis_of(source)
+        start, end = start % max(rank, 1), end % max(rank, 1)
+        if axis < start:
+            return self.keep(node, source)
+        if axis > end:
+            return self.keep(node, source, axis=axis - (end - start))
         # (N, C, 1, 1) -> (N, C) keeps the channel order; a spatial map would spread channels over features.
-        if start_dim == 1 and all(d == 1 for d in shape[2:]):
-            self.keep(node, source)
+        if all(d == 1 for i, d in enumerate(shape) if start <= i <= end and i != axis):
+            return self.keep(node, source, axis=start)
+        self.unsupported(node, f"{node.name} flattens a {list(shape[1:])} map: features mix channels and "
+                               "positions (pool to 1x1 first to let the last conv shrink)")
+
+    def visit_mean(self, node: fx.Node, sources: list[fx.Node]) -> None:
+        dims = _arg(node, 1, "dim", None)
+        dims = (dims,) if isinstance(dims, int) else tuple(dims or ())
+        rank, axis = len(_shape(sources[0]) or ()), self.axis_of(sources[0])
+        dims = tuple(d % rank for d in dims)
+        if dims and axis not in dims and 0 not in dims:
+            keepdim = _arg(node, 2, "keepdim", False)
+            self.keep(node, sources[0], axis=axis if keepdim else axis - sum(d < axis for d in dims))
         else:
-            self.unsupported(node, f"{node.name} flattens a {list(shape[1:])} map: features mix channels and "
-                                   "positions (pool to 1x1 first to let the last conv shrink)")
+            self.unsupported(node, f"{node.name} averages over the channel axis")
+
+    def visit_getitem(self, node: fx.Node, sources: list[fx.Node]) -> None:
+        index = node.args[1]
+        index = index if isinstance(index, tuple) else (index,)
+        axis = self.axis_of(sources[0])
+        if all(isinstance(i, slice) for i in index) and index[0] == slice(None) and \
+                (len(index) <= axis or index[axis] == slice(None)):
+            self.keep(node, sources[0])  # spatial slicing
+        else:
+            self.unsupported(node, f"{node.name} indexes the channel axis: the cut cannot re-index it")
+
+    def visit_pad(self, node: fx.Node, sources: list[fx.Node]) -> None:
+        pad = list(_arg(node, 1, "pad", ()))
+        rank, axis = len(_shape(sources[0]) or ()), self.axis_of(sources[0])
+        padded = {rank - 1 - i // 2 for i, p in enumerate(pad) if p}
+        if axis in padded:
+            self.unsupported(node, f"{node.name} pads the channel axis")
+        else:
+            self.keep(node, sources[0])
+            if _arg(node, 3, "value", 0) not in (0, None):
+                self.revives.add(node)
+
+    def visit_permute(self, node: fx.Node, sources: list[fx.Node]) -> None:
+        """permute / transpose: the channel axis moves (channels-last layers read it as the last axis)."""
+        rank, axis = len(_shape(sources[0]) or ()), self.axis_of(sources[0])
+        args = [a for a in node.args[1:]] or list(node.kwargs.values())
+        if _name(node.target) == "permute":
+            order = [d % rank for d in (args[0] if len(args) == 1 and isinstance(args[0], (tuple, list)) else args)]
+            moved = order.index(axis)
+            batch_stays = order[0] == 0
+        else:
+            a, b = (d % rank for d in args[:2])
+            moved = b if axis == a else a if axis == b else axis
+            batch_stays = 0 not in (a, b)
+        if not batch_stays:
+            return self.unsupported(node, f"{node.name} moves the batch axis")
+        self.keep(node, sources[0], axis=moved)
+
+    def visit_split(self, node: fx.Node, sources: list[fx.Node]) -> None:
+        """chunk / split / narrow: pieces along another axis keep the channels; pieces of the channel axis
+        are pinned (their sizes are constants of the graph, which a cut does not rewrite)."""
+        dim = _arg(node, 1 if _name(node.target) in ("unbind", "narrow") else 2, "dim", 0)
+        rank, axis = len(_shape(sources[0]) or ()), self.axis_of(sources[0])
+        if dim % rank != axis and _name(node.target) != "unbind":
+            if _name(node.target) == "narrow":
+                return self.keep(node, sources[0])
+            self.pieces[node] = [self.layout[sources[0]]] * len(node.meta.get("tensor_meta") or ())
+            self.keep(node, sources[0])  # the tuple carries the source's channels too (`_check_zeros` reads it)
+            return
+        self.unsupported(node, f"{node.name} ({_name(node.target)}) splits the channel axis into pieces: the "
+                               "cut cannot resize them")
+
+    def visit_factory(self, node: fx.Node, sources: list[fx.Node]) -> None:
+        """A tensor made from its source's shape (drop-path noise): it reads no channel of the source."""
+        self.fresh(node, pinned=f"{node.name} ({_name(node.target)}) is a made-up tensor", axis=self.axis_of(sources[0]))
+
+    def visit_normalising(self, node: fx.Node, sources: list[fx.Node]) -> None:
+        """F.layer_norm, F.group_norm (LayerNorm2d written by hand): statistics across the channels."""
+        self.unsupported(node, f"{_name(node.target)} ({node.name}) normalises across channels: cutting some "
+                               "changes what it computes for the rest")
+
+    def visit_matmul(self, node: fx.Node, sources: list[fx.Node]) -> None:
+        self.unsupported(node, f"{node.name} multiplies matrices: its operands' channels are not cut")
+        self.count_fixed(node, node.name)
+
 
     # -- results ----------------------------------------------------------------------------------
     def collect(self, input_shape: tuple[int, ...]) -> NetworkGraph:
@@ -394,12 +602,20 @@ class _Analysis:
             name = producers[root][0] if producers[root] else f"space{root}"
             groups[root] = ChannelGroup(name, self.spaces.width[root], producers=producers[root])
         for path, layer in self.layers.items():
-            if layer.kind in ("norm", "depthwise"):
+            if layer.kind in ("norm", "depthwise", "grouped"):
                 for segment in layer.out_layout:
                     groups[find(segment.space)].members.append(path)
             if layer.kind in ("conv", "linear"):
                 for segment in layer.in_layout:
                     groups[find(segment.space)].consumers.append(path)
+        for layer in self.layers.values():
+            if layer.kind == "grouped":
+                for segment in layer.in_layout:
+                    group = groups[find(segment.space)]
+                    group.unit = math.lcm(group.unit, layer.group_width)
+                    if group.width % group.unit:
+                        self.pins.append((segment.space, f"{layer.path} groups {layer.group_width} channels "
+                                                         f"together, which do not tile {group.width}"))
         for space, why in self.pins:
             group = groups[find(space)]
             if why not in group.pinned:
@@ -408,11 +624,18 @@ class _Analysis:
         by_name = {g.name: g for g in groups.values() if g.width}
         blocks = self.find_blocks()
         for block in blocks.values():
-            for path in block.branch_modules:
-                if path in self.layers:
-                    self.layers[path].blocks += (block.name,)
-        graph = NetworkGraph(self.module, input_shape, by_name, self.layers, blocks, {}, group_of_space)
+            inside = set(block.branch_nodes)
+            for layer in self.layers.values():
+                if layer.node in inside:
+                    layer.blocks += (block.name,)
+        graph = NetworkGraph(self.module, input_shape, by_name, self.layers, blocks, {}, group_of_space,
+                             uncounted=self.uncounted)
         _check_zeros(self, graph)
+        graph.channel_axis = {name: self.axis_of(self.layer_node[path]) for path, layer in self.layers.items()
+                              if (name := layer.node) in graph.gate_points and self.axis_of(self.layer_node[path]) != 1}
+        if self.uncounted:
+            warnings.warn(f"the MACs of {', '.join(self.uncounted)} are not counted in the cost: the analysis "
+                          "does not know their formula", stacklevel=3)
         return graph
 
     def find_blocks(self) -> dict[str, BlockGate]:
@@ -426,7 +649,8 @@ class _Analysis:
                     continue  # used elsewhere too (the identity path): removing it is not removing a branch
                 nodes = _branch(operand, node)
                 modules = [n.target for n in nodes if n.op == "call_module"]
-                layers = [self.layers[m] for m in modules if m in self.layers]
+                names = {n.name for n in nodes}
+                layers = [layer for layer in self.layers.values() if layer.node in names]
                 macs = sum(layer_macs(layer) for layer in layers if layer.kind != "norm")
                 if macs > 0 and all(n.op != "placeholder" for n in nodes):
                     candidates.append((macs, operand, nodes, modules))
@@ -440,16 +664,44 @@ class _Analysis:
         return blocks
 
 
+def _name(target) -> str:
+    return target if isinstance(target, str) else getattr(target, "__name__", str(target))
+
+
+def _hashable(target) -> bool:
+    try:
+        hash(target)
+        return True
+    except TypeError:
+        return False
+
+
+def _arg(node: fx.Node, position: int, name: str, default):
+    return node.args[position] if len(node.args) > position else node.kwargs.get(name, default)
+
+
+def _table(*entries: tuple[set, Callable]) -> dict:
+    return {target: handler for targets, handler in entries for target in targets}
+
+
+A = _Analysis
+FUNCTION_HANDLERS = _table(
+    (ZERO_KEEPING_FUNCTIONS | ZERO_KEEPING_METHODS | IDENTITY_IN_EVAL_FUNCTIONS, A.visit_zero_keeping),
+    (ZERO_REVIVING_FUNCTIONS | ZERO_REVIVING_METHODS, A.visit_zero_reviving),
+    (ADDS | SUBS, A.visit_add), (MULS | DIVS, A.visit_product),
+    ({torch.cat, torch.concat}, A.visit_cat), ({torch.flatten, "flatten"}, A.visit_flatten_call),
+    ({torch.mean, "mean"}, A.visit_mean), ({operator.getitem}, A.visit_getitem), ({F.pad}, A.visit_pad),
+    (PERMUTES, A.visit_permute), (SPLITS | {torch.narrow, "narrow"}, A.visit_split),
+    (FACTORIES, A.visit_factory), ({F.layer_norm, F.group_norm, F.instance_norm, F.local_response_norm}, A.visit_normalising), (MATMULS | {torch.addmm, torch.baddbmm, F.linear, F.conv1d, F.conv2d,
+                                             F.conv3d, F.scaled_dot_product_attention}, A.visit_matmul),
+)
+"""Op -> how the trace reads it (call_function targets and call_method names); an op not here is pinned."""
+HEAVY_FUNCTIONS = {torch.einsum, F.bilinear, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d}
+del A
+
+
 def _is_zero(args) -> bool:
     return any(isinstance(a, (int, float)) and a == 0 for a in args)
-
-
-def layer_macs(layer: Layer, in_width=None, out_width=None):
-    """MACs of a conv or linear at these widths (default: its full widths); numbers or tensors. The one
-    formula behind the trace's block costs and the gates' MACs cost (`training.gating.kept_macs`)."""
-    in_width = sum(s.width for s in layer.in_layout) if in_width is None else in_width
-    out_width = sum(s.width for s in layer.out_layout) if out_width is None else out_width
-    return layer.unit_macs * in_width * (out_width if layer.kind != "depthwise" else 1)
 
 
 def _branch(operand: fx.Node, add: fx.Node) -> list[fx.Node]:
@@ -510,13 +762,14 @@ def _check_zeros(analysis: _Analysis, graph: NetworkGraph) -> None:
             inputs = [a for a in node.all_input_nodes if a in analysis.layout]
             if node in analysis.revives:
                 revived[node] = f"{node.name} ({getattr(node.target, '__name__', node.target)})"
-            elif node.target in MULS and any(a in safe for a in inputs):
-                safe.add(node)
+            elif node in analysis.zeroing:  # a product: zero where an operand as wide as it is zero
+                if any(a in safe for a in analysis.zeroing[node]) or all(a in safe for a in inputs):
+                    safe.add(node)
             elif inputs and all(a in safe for a in inputs) and node.op != "placeholder":
                 safe.add(node)
         changed = False
         for path, layer in graph.layers.items():
-            if layer.kind not in ("conv", "linear", "depthwise"):
+            if layer.kind not in ("conv", "linear", "depthwise", "grouped"):
                 continue
             source = next(a for a in analysis.layer_node[path].all_input_nodes if a in analysis.layout)
             if source in safe:

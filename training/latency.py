@@ -102,15 +102,21 @@ def _shapes(graph: NetworkGraph, layer: Layer) -> tuple[tuple[int, ...], tuple[i
                  for tensor in (node.all_input_nodes[0], node))
 
 
+def timed_layers(graph: NetworkGraph) -> dict[str, Layer]:
+    """The costed layers timed one by one; a "fixed" layer (no cut changes it) is part of `other_ms`."""
+    return {path: layer for path, layer in costed_layers(graph).items() if layer.kind != "fixed"}
+
+
 def layer_spec(graph: NetworkGraph, layer: Layer) -> dict[str, Any]:
     """What a layer's time depends on besides its widths: kind, kernel, stride, padding, dilation and input
     spatial size (a linear: none of these)."""
     module = graph.module.get_submodule(layer.path)
     if layer.kind == "linear":
         return {"kind": "linear", "bias": module.bias is not None}
+    grouping = {"group_width": layer.group_width} if layer.kind == "grouped" else {}
     return {"kind": layer.kind, "kernel": list(module.kernel_size), "stride": list(module.stride),
             "padding": module.padding if isinstance(module.padding, str) else list(module.padding),
-            "dilation": list(module.dilation), "input_size": list(_shapes(graph, layer)[0][1:])}
+            "dilation": list(module.dilation), "input_size": list(_shapes(graph, layer)[0][1:]), **grouping}
 
 
 def axis_widths(graph: NetworkGraph, layout: Layout, round_to: int) -> list[int]:
@@ -134,7 +140,7 @@ def axis_widths(graph: NetworkGraph, layout: Layout, round_to: int) -> list[int]
 def layer_grid(graph: NetworkGraph, layer: Layer, round_to: int) -> tuple[list[int], list[int]]:
     """(input widths, output widths) to time; a depthwise conv has one width, kept on the input axis."""
     widths_in = axis_widths(graph, layer.in_layout, round_to)
-    if layer.kind == "depthwise":
+    if layer.kind in ("depthwise", "grouped"):
         return widths_in, [sum(s.width for s in layer.out_layout)]
     return widths_in, axis_widths(graph, layer.out_layout, round_to)
 
@@ -147,7 +153,7 @@ def _layer_module(spec: dict, width_in: int, width_out: int) -> nn.Module:
     """The layer alone at these widths (random weights, a bias as batch norm leaves after folding)."""
     if spec["kind"] == "linear":
         return nn.Linear(width_in, width_out, bias=spec["bias"])
-    groups = width_in if spec["kind"] == "depthwise" else 1
+    groups = width_in // spec.get("group_width", 1) if spec["kind"] in ("depthwise", "grouped") else 1
     return nn.Conv2d(width_in, width_in if groups > 1 else width_out, spec["kernel"], spec["stride"],
                      spec["padding"], spec["dilation"], groups=groups, bias=True)
 
@@ -225,7 +231,9 @@ class LatencyTable:
     calibration: dict = field(default_factory=dict)  # the in-network fit and how well it explains its networks
 
     def layer_ms(self, layer: Layer, width_in: Number, width_out: Number) -> Number:
-        """A layer's entry at kept widths (`grid_value` of its calibrated grid)."""
+        """A layer's entry at kept widths (`grid_value` of its calibrated grid); 0 for a fixed layer."""
+        if layer.kind == "fixed":
+            return 0.0
         return grid_value(self.layers[layer.path], "ms", layer, width_in, width_out)
 
     def to_dict(self) -> dict[str, Any]:
@@ -260,7 +268,7 @@ class LatencyTable:
 def grid_value(entry: dict, values: str, layer: Layer, width_in: Number, width_out: Number) -> Number:
     """A layer's `entry[values]` grid at kept widths: bilinear between grid points, 0 at width 0, linear
     from 0 to the narrowest grid point (only gate values between hard masks land there)."""
-    if layer.kind == "depthwise":
+    if layer.kind in ("depthwise", "grouped"):
         width_out = entry["out_widths"][0]
     row, t_in = _cell([0, *entry["in_widths"]], width_in)
     col, t_out = _cell([0, *entry["out_widths"]], width_out)
@@ -301,7 +309,7 @@ def network_key(graph: NetworkGraph, round_to: int) -> str:
     """sha256 of what the table depends on in the network: its traced code (ops and module paths), input
     shape, and every costed layer's spec and width grid."""
     layers = {path: [layer_spec(graph, layer), *layer_grid(graph, layer, round_to)]
-              for path, layer in costed_layers(graph).items()}
+              for path, layer in timed_layers(graph).items()}
     text = json.dumps([graph.module.code, list(graph.input_shape), layers], sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -363,11 +371,11 @@ def _graphs_to_time(graph: NetworkGraph, round_to: int, settings: LatencySetting
     "floor", one per distinct layer point, "dense", "calibration<i>" per mask)."""
     layers, graphs = {}, {"floor": _empty_graph(settings.batch)}
     with torch.random.fork_rng(devices=[]):  # random layer weights must not move the run's random stream
-        for path, layer in costed_layers(graph).items():
+        for path, layer in timed_layers(graph).items():
             spec, (input_shape, output_shape) = layer_spec(graph, layer), _shapes(graph, layer)
             widths_in, widths_out = layer_grid(graph, layer, round_to)
             pixels_in, pixels_out = (int(np.prod(shape[1:])) for shape in (input_shape, output_shape))
-            depthwise = layer.kind == "depthwise"  # its output is as wide as its input
+            depthwise = layer.kind in ("depthwise", "grouped")  # its output is as wide as its input
             layers[path] = {"spec": spec, "in_widths": widths_in, "out_widths": widths_out,
                             "elements": [[settings.batch * (w_in * pixels_in + (w_in if depthwise else w_out) *
                                                             pixels_out) for w_out in widths_out] for w_in in widths_in]}
@@ -453,7 +461,7 @@ def load_or_measure(graph: NetworkGraph, round_to: int, settings: LatencySetting
             return table, "cache"
         except LatencyTableError as error:
             log(f"latency table cache: {error}; measuring it again")
-    log(f"latency table: timing {len(costed_layers(graph))} layers on {settings.runtime} "
+    log(f"latency table: timing {len(timed_layers(graph))} layers on {settings.runtime} "
         f"(batch {settings.batch}, {settings.threads} threads) ...")
     table = measure_table(graph, round_to, settings)
     try:
@@ -471,7 +479,7 @@ class LatencyCost:
     name = "latency"
 
     def __init__(self, graph: NetworkGraph, table: LatencyTable):
-        missing = sorted(set(costed_layers(graph)) - set(table.layers))
+        missing = sorted(set(timed_layers(graph)) - set(table.layers))
         if missing:
             raise LatencyTableError(f"the latency table has no entry for layers {missing}")
         self.graph, self.table = graph, table

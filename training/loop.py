@@ -39,6 +39,7 @@ from .mask import mask_document, save_mask
 from .methods import RunContext, make_method
 from .networks import NetworkError, NetworkInfo, build_network, load_weights, read_weights
 from .plots import write_plots
+from .pruning_report import pruning_report, report_markdown, write_pruning_report
 
 # Keys that may differ between the interrupted run and its resume (they do not change the result).
 RESUME_FREE_KEYS = {"progress", "device", "threads", "epochs", "out_dir", "name",  # a moved run folder resumes
@@ -415,5 +416,9 @@ def finish_run(cfg, run_dir, method, model, test_batches, device, history, train
     if cluster.is_main:
         save_mask(run_dir / "mask.json", document)
         write_plots(run_dir, model, history)
+        report = pruning_report(graph, mask, metrics["target_flops_ratio"], cfg.round_to,  # pruning.md/.json/.png
+                                metrics.get("projection") if isinstance(metrics.get("projection"), dict) else None)
+        write_pruning_report(run_dir, report)
+        print(report_markdown(report), flush=True)
         write_json(run_dir / "metrics.json", metrics)  # last: its presence marks a finished run
     return metrics

@@ -115,8 +115,11 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def load_weights(network: nn.Module, weights: dict[str, torch.Tensor], source: str) -> None:
-    """Load strictly; a mismatch lists the missing and unexpected keys and the shapes that differ."""
+    """Load strictly; a mismatch lists the missing and unexpected keys and the shapes that differ. A state
+    dict saved from DataParallel or DistributedDataParallel (every key under `module.`) loads without it."""
     own = network.state_dict()
+    if weights and all(k.startswith("module.") for k in weights) and not any(k.startswith("module.") for k in own):
+        weights = {k[len("module."):]: v for k, v in weights.items()}
     missing = sorted(set(own) - set(weights))
     unexpected = sorted(set(weights) - set(own))
     shapes = [f"{k}: file {list(weights[k].shape)} vs network {list(own[k].shape)}"

@@ -168,6 +168,8 @@ class ActivationDensityMethod(Method):
         for unit, kept in self.kept.items():
             width, density = len(kept), self.meter.density(unit)
             keep = resized_width(width, density, min(self.cfg.round_to, self.dense_widths[unit]))
+            if self.graph.groups[unit].unit > 1:
+                keep = width  # read by a grouped conv (whole groups only): not resized by density
             local[unit] = most_active(self.meter.channel_density(unit), keep) if keep < width else list(range(width))
             record["density"][unit], record["width"][unit] = density, keep
         record["changed"] = any(len(local[u]) < len(self.kept[u]) for u in local)
