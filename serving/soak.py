@@ -171,14 +171,18 @@ class _Supervisor:
     def join(self) -> None:
         self._thread.join(timeout=self.settings.reload_timeout_s + JOIN_GRACE_S)
 
+    def _server_exit(self) -> str | None:
+        """How the server this tool started ended (None: running, or not started by this tool)."""
+        code = self.server_process.poll() if self.server_process is not None else None
+        if code is None:
+            return None
+        how = f"killed by signal {-code}" if code < 0 else f"exited with code {code}"
+        return f"tritonserver (pid {self.server_process.pid}) {how}"
+
     def _server_alive(self, admin: TritonAdmin, since: list[float]) -> str | None:
         """None while the server is there; else why it is gone."""
         if self.server_process is not None:
-            code = self.server_process.poll()
-            if code is not None:
-                how = f"killed by signal {-code}" if code < 0 else f"exited with code {code}"
-                return f"tritonserver (pid {self.server_process.pid}) {how}"
-            return None
+            return self._server_exit()
         if admin.is_live():
             since[0] = time.monotonic()
             return None
@@ -215,8 +219,8 @@ class _Supervisor:
                     if time.monotonic() - began > self.settings.reload_timeout_s:
                         raise ServerError(f"{model} not ready {self.settings.reload_timeout_s:g} s after its reload")
                     time.sleep(0.05)
-        except ServerError as failed:
-            self.gone = f"{model}: its stub died and the reload failed ({failed})"
+        except ServerError as failed:  # the server itself may be what died (its stubs go with it)
+            self.gone = self._server_exit() or f"{model}: its stub died and the reload failed ({failed})"
             self.stop.set()
             return
         done = time.monotonic()

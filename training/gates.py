@@ -156,12 +156,15 @@ class TargetConstraint:
         self.lambda1 = self.lambda2 = 0.0
 
     def __call__(self, ratio: torch.Tensor, target: float, one_sided: bool = False) -> torch.Tensor:
-        """The term for this step (`one_sided`: a ratio below the target is no violation, as while the
-        target still ramps down: the gates may run ahead of the schedule)."""
-        gap = (ratio - target).clamp(min=0) if one_sided else ratio - target
+        """The term for this step. `one_sided` (while the target still ramps down): "kept <= target", an
+        inequality, so lambda1 stays >= 0 and gates running ahead of the schedule are not pushed back open
+        by it; afterwards the target is an equality and lambda1 may turn negative to pull the ratio up."""
+        gap = ratio - target
         loss = self.lambda1 * gap + self.lambda2 * gap ** 2
         miss = float(gap.detach())  # equal on every rank: the gates are synchronised
         self.lambda1 += self.lr * miss
+        if one_sided:
+            self.lambda1 = max(0.0, self.lambda1)
         self.lambda2 += self.lr * miss * miss
         return loss
 

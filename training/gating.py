@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .cuts import CUTS
-from .gates import Gate
+from .gates import Gate, straight_through
 from .graph import Layer, Layout, NetworkGraph, layer_macs
 from .mask import GateDecision, Mask, MaskError, MaskProblem, choose_mask, unit_sizes
 from .mask import check_mask as check_fits
@@ -340,7 +340,8 @@ class GatedNetwork(nn.Module):
         for name in self.graph.prunable():
             gate = self.channel_gate(name)
             score = torch.full_like(gate.score, 10.0) if gate.fixed else gate.score
-            channels[name] = GateDecision((score > 0).cpu(), torch.sigmoid(score).cpu())
+            is_open, _ = straight_through(score.detach(), gate.min_open)  # as the forward pass opens them
+            channels[name] = GateDecision((is_open > 0.5).cpu(), torch.sigmoid(score).cpu())
         scores = {name: self.block_gate(name).score[0] for name in self.graph.blocks}
         blocks = {name: (bool(score > 0), float(torch.sigmoid(score))) for name, score in scores.items()}
         return channels, blocks

@@ -53,8 +53,9 @@ class PolarizedSettings:
                                          # it as the gates chose (rounded), and report the miss
     constraint: str = "lagrangian"       # the target as a constraint with multipliers raised by ascent (CoFi);
                                          # "squared": the fixed term flops_weight * (ratio - target)^2
-    one_sided_ramp: bool = False          # while the target ramps, a ratio below it is no violation
-    constraint_lr: float = 3.0           # ascent step of the multipliers, per step and unit of ratio missed
+    one_sided_ramp: bool = True          # while the target ramps, lambda1 >= 0: gates ahead of it are not
+                                         # pushed back open (afterwards the target is an equality)
+    constraint_lr: float = 1.0           # ascent step of the multipliers, per step and unit of ratio missed
     constraint_moves: str = "band"       # "band": the target term pushes only gates whose flip keeps the ratio
                                          # within flops_tolerance of the target (GatedNetwork.band_ratio); "all"
     constraint_ratio: str = "hard"       # the ratio the target term sees: "hard" (the network the step ran) or

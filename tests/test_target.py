@@ -1,0 +1,116 @@
+"""The gates reach the target themselves: units of round_to, the constraint, moves that land near the band,
+and the freeze that waits for the learned ratio to hold the band."""
+import pytest
+import torch
+
+from training.config import make_config
+from training.gates import TargetConstraint
+from training.gating import GatedNetwork
+from training.graph import trace_network
+from training.mask import unit_sizes
+from training.methods.base import RunContext
+from training.methods.polarized import PolarizedMethod
+from training.networks import NetworkInfo, build_network
+
+
+@pytest.fixture(scope="module")
+def graph():
+    info = NetworkInfo("resnet20", 1, 10, (16, 16))
+    return trace_network(build_network(info), info.example_input())
+
+
+def test_constraint_pulls_harder_the_longer_the_target_is_missed():
+    constraint = TargetConstraint(lr=1.0)
+    ratio = torch.tensor(0.8, requires_grad=True)
+    pulls = []
+    for _ in range(3):
+        ratio.grad = None
+        constraint(ratio, 0.5).backward()
+        pulls.append(float(ratio.grad))
+    assert pulls[0] == 0 and pulls[1] < pulls[2]  # multipliers start at 0 and rise while above the target
+    assert constraint.lambda1 == pytest.approx(0.9) and constraint.lambda2 == pytest.approx(0.27)
+    for _ in range(10):  # below a target that still ramps: lambda1 falls to 0, not below
+        constraint(torch.tensor(0.3), 0.5, one_sided=True)
+    assert constraint.lambda1 == 0
+    below = torch.tensor(0.3, requires_grad=True)
+    constraint(below, 0.5).backward()  # the target is final: an equality, lambda1 turns negative
+    assert float(below.grad) < 0 and constraint.lambda1 < 0  # gradient descent raises the ratio: gates reopen
+    again = TargetConstraint(1.0)
+    again.load_state_dict(constraint.state_dict())
+    assert again.state_dict() == constraint.state_dict()
+
+
+def test_gates_decide_deployable_units_and_narrow_groups_have_none(graph):
+    gated = GatedNetwork(graph, round_to=16)
+    stage1, stage3 = gated.channel_gate("layer1.0.conv1"), gated.channel_gate("layer3.0.conv1")
+    assert stage1.fixed and not stage1.learns  # 16 wide: leaves only with its block
+    assert stage3.sizes == unit_sizes(64, 16) == [16] * 4 and stage3.learns
+    with torch.no_grad():
+        for gate in gated.channel_gates.values():
+            gate.score.copy_(torch.randn(gate.score.shape) - 1.0)  # most units closed
+    gated(torch.randn(2, 1, 16, 16))
+    widths, _ = gated.kept_widths()
+    for name, width in widths.items():
+        width = float(width)
+        assert width % 16 == 0 and width >= 16, (name, width)  # at least one unit, whole units
+    mask = gated.mask()
+    for name, width in widths.items():
+        assert len(mask.kept_channels[name]) == float(width.detach() if torch.is_tensor(width) else width)  # the mask is the network the step ran
+
+
+def test_the_target_term_moves_only_gates_whose_flip_lands_near_the_band(graph):
+    gated = GatedNetwork(graph, round_to=16)
+    gated(torch.randn(2, 1, 16, 16))
+    ratio = gated.kept_ratio()
+    banded = gated.band_ratio(gated.macs_cost, target=float(ratio) - 0.03, tolerance=0.02)
+    assert float(banded) == pytest.approx(float(ratio))
+    banded.backward()
+    block = gated.block_gate("layer1.0").score.grad  # a block is ~0.11 of the MACs: overshoots the band
+    unit = gated.channel_gate("layer3.0.conv1").score.grad  # a unit of 16 of 64 channels: lands in it
+    assert float(block.abs().sum()) == 0 and float(unit.abs().sum()) > 0
+    assert all(g.movable is None for g in gated.gates().values())  # nothing left behind for the next step
+
+
+def _method(graph, **overrides):
+    cfg = make_config({"method": "polarized", "model": "resnet20", "round_to": 16, "epochs": 1,
+                       "ramp_fraction": 0.4, "freeze_fraction": 0.8, "freeze_patience": 0.05, "flops_tolerance": 0.02,
+                       **overrides})
+    method = PolarizedMethod(cfg, graph)
+    return method, method.build_model(), RunContext(torch.device("cpu"), lambda: [], 1, 100)
+
+
+def _close(gated, blocks):
+    with torch.no_grad():
+        for name in blocks:
+            gated.block_gate(name).score.fill_(-3.0)
+
+
+def test_the_mask_freezes_once_the_learned_ratio_held_the_band(graph):
+    method, gated, ctx = _method(graph)
+    _close(gated, ["layer1.0", "layer2.0", "layer3.0", "layer1.1"])
+    learned = method.learned_ratio(gated, ctx)
+    method.cfg.target_flops_ratio = learned  # a target the gates hold exactly
+    for step in range(30, 40):  # before the target is final: no freeze
+        assert method.between_steps(gated, step / 100, ctx) is gated and method.mask is None
+    for step in range(40, 44):  # in band for 4 steps: not yet the 5 the patience asks
+        method.between_steps(gated, step / 100, ctx)
+    assert method.mask is None
+    cut = method.between_steps(gated, 0.44, ctx)
+    assert method.mask is not None and cut is not gated  # frozen and cut at a step, not an epoch
+    assert method.freeze_point["reason"] == "in band" and method.freeze_point["step"] == 44
+    assert method.projection["flipped_flops_share"] == 0 and method.projection["learned_flops_ratio"] == pytest.approx(learned)
+
+
+def test_gates_that_miss_the_band_freeze_at_the_latest_and_the_projection_reports_its_flips(graph):
+    method, gated, ctx = _method(graph, target_flops_ratio=0.5)
+    for step in range(40, 80):  # every gate open: far above the band
+        method.between_steps(gated, step / 100, ctx)
+    assert method.mask is None
+    method.between_steps(gated, 0.8, ctx)
+    assert method.freeze_point["reason"] == "latest (freeze_fraction)"
+    report = method.projection
+    assert report["learned_flops_ratio"] == pytest.approx(1.0)
+    assert abs(report["final_flops_ratio"] - 0.5) <= 0.02
+    assert report["flipped_flops_share"] == pytest.approx(1.0 - report["final_flops_ratio"])
+    shares = report["closed_flops_share"]
+    assert shares["blocks"] + shares["channels"] == pytest.approx(1.0 - report["final_flops_ratio"])
