@@ -329,7 +329,8 @@ def _train(cfg: TrainConfig, resume: bool, cluster: Cluster, device: torch.devic
         save_checkpoint(checkpoint_path, checkpoint_state(cfg.epochs))
     parallel = {"world_size": cluster.world_size, "backend": cluster.backend, "rank_fingerprints": ranks}
     metrics = finish_run(cfg, run_dir, method, model, test_batches, device, history, train_seconds, graph,
-                         network_info, cluster, energy, parallel if cluster.distributed else None, data.summary)
+                         network_info, cluster, energy, parallel if cluster.distributed else None, data.summary,
+                         val_batches)
     cluster.barrier()  # every rank returns once rank 0's artifacts exist
     return metrics
 
@@ -393,16 +394,19 @@ def _teacher(cfg: TrainConfig, network_info: NetworkInfo, cluster: Cluster, devi
 
 def finish_run(cfg, run_dir, method, model, test_batches, device, history, train_seconds, graph: NetworkGraph,
                network_info: NetworkInfo, cluster: Cluster = Cluster(), energy: EnergyReading | None = None,
-               parallel=None, data=None):
-    """Evaluate exactly the static sub-network, and write mask.json, metrics.json and plots (rank 0)."""
+               parallel=None, data=None, val_batches=None):
+    """Evaluate exactly the static sub-network (on the test split, and on the validation split that method
+    choices are made on), and write mask.json, metrics.json and plots (rank 0)."""
     test_accuracy, _ = evaluate(model, test_batches.epoch(0), device, cluster)
+    # every rank walks the whole validation split: no sum over ranks
+    val_accuracy = evaluate(model, val_batches.epoch(0), device)[0] if val_batches is not None and len(val_batches) else None
     mask = method.final_mask(model)
     document = mask_document(mask, mask_problem(graph), network_info.describe(), cfg.round_to)
     dense_flops, pruned_flops = document["dense_flops"], document["pruned_flops"]
     dense_params, pruned_params = count_params(graph.module), count_params(cut(graph, mask, graph.module))
     metrics = {
         "dataset": cfg.dataset, "model": cfg.model, "method": cfg.method, "epochs": cfg.epochs,
-        "test_accuracy": test_accuracy, "dense_flops": dense_flops, "pruned_flops": pruned_flops,
+        "test_accuracy": test_accuracy, "val_accuracy": val_accuracy, "dense_flops": dense_flops, "pruned_flops": pruned_flops,
         "flops_ratio": pruned_flops / dense_flops,
         "dense_params": dense_params, "pruned_params": pruned_params, "params_ratio": pruned_params / dense_params,
         "target_flops_ratio": cfg.target_flops_ratio if method.uses_gates else None,
