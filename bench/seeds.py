@@ -50,13 +50,39 @@ def arm_row(seed: int, folder: Path, metrics: dict, dense: dict) -> dict:
     starts_dense = bool(config.get("init_weights"))
     return {"seed": seed, "accuracy": metrics["test_accuracy"], "dense_accuracy": dense["test_accuracy"],
             "gap_points": 100 * (dense["test_accuracy"] - metrics["test_accuracy"]),
+            "val_accuracy": metrics.get("val_accuracy"),
             "flops_ratio": metrics["flops_ratio"], "learned_flops_ratio": projection.get("learned_flops_ratio"),
+            "flipped_flops_share": projection.get("flipped_flops_share"),
+            "closed_flops_share": projection.get("closed_flops_share"),
+            "freeze": metrics.get("freeze"), "target_flops_ratio": metrics.get("target_flops_ratio"),
+            "threads": config.get("threads"), "cpu": (metrics.get("provenance") or {}).get("cpu"),
             "train_seconds": metrics["train_seconds"], "epochs": metrics["epochs"],
             "compute_epochs": metrics["epochs"] + (dense["epochs"] if starts_dense else 0),
             "init_weights": config.get("init_weights"), "distill_from": config.get("distill_from"),
             "label_smoothing": config.get("label_smoothing", 0.0),
             "run": (metrics.get("provenance") or {}).get("command"),
             "commit": (metrics.get("provenance") or {}).get("commit")}
+
+
+def kept_units(folder: Path) -> set[str] | None:
+    """What a run's mask.json keeps, as a set: every kept channel ("group:index") and every open block."""
+    path = folder / "mask.json"
+    if not path.is_file():
+        return None
+    document = json.loads(path.read_text())
+    channels = {f"{group}:{index}" for group, kept in document["kept_channels"].items() for index in kept}
+    return channels | {f"block:{name}" for name in document["block_groups"] if name not in document["closed_blocks"]}
+
+
+def jaccard(a: set, b: set) -> float:
+    return len(a & b) / len(a | b) if a | b else 1.0
+
+
+def mean_jaccard(masks: list[set | None]) -> float | None:
+    """Mean Jaccard index of kept units over every pair of masks (None: fewer than two masks)."""
+    known = [m for m in masks if m is not None]
+    pairs = [jaccard(a, b) for i, a in enumerate(known) for b in known[i + 1:]]
+    return statistics.fmean(pairs) if pairs else None
 
 
 def collect(dense_pattern: str, arms: dict[str, tuple[str, list[int] | None]], seeds: list[int]) -> dict:
@@ -68,6 +94,7 @@ def collect(dense_pattern: str, arms: dict[str, tuple[str, list[int] | None]], s
         if unknown:
             raise BenchError(f"--arm {label!r}: seeds {unknown} are not among --seeds {seeds} (no dense run to compare)")
         rows = [arm_row(seed, *finished_run(pattern, seed), dense[seed]) for seed in arm_seeds or seeds]
+        masks = [kept_units(Path(pattern.format(seed=seed))) for seed in arm_seeds or seeds]
         gaps = [row["gap_points"] for row in rows]
         out.append({"label": label, "pattern": pattern, "seeds": rows,
                     "mean_accuracy": statistics.fmean(r["accuracy"] for r in rows),
@@ -75,6 +102,7 @@ def collect(dense_pattern: str, arms: dict[str, tuple[str, list[int] | None]], s
                     "stdev_gap_points": statistics.stdev(gaps) if len(gaps) > 1 else None,
                     "mean_flops_ratio": statistics.fmean(r["flops_ratio"] for r in rows),
                     "mean_train_seconds": statistics.fmean(r["train_seconds"] for r in rows),
+                    "mask_overlap": mean_jaccard(masks),
                     "compute_epochs": sorted({r["compute_epochs"] for r in rows})})
     return {"dense": {"pattern": dense_pattern,
                       "seeds": [{"seed": s, "accuracy": m["test_accuracy"], "train_seconds": m["train_seconds"],

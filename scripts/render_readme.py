@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import statistics
 import sys
 from pathlib import Path
 
@@ -163,21 +164,35 @@ def recorded_runs(rows: list[dict]) -> str:
 
 def seeds_table(document: dict) -> list[str]:
     seeds = [row["seed"] for row in document["dense"]["seeds"]]
-    rows = ["| training | accuracy (mean) | gap to dense, points | seed: gap | kept MACs | learned kept MACs "
-            "| epochs of compute | train s (mean) |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = ["| training | accuracy (mean) | gap to dense, points | seed: gap | val accuracy (mean) | kept MACs "
+            "| learned kept MACs | projection flipped | frozen (progress) | mask overlap | epochs of compute "
+            "| train s (mean) |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
     runs = []
+
+    def per_seed(arm: dict, key: str, fmt: str) -> str:
+        values = [row.get(key) for row in arm["seeds"]]
+        return "/".join(format(v, fmt) for v in values if v is not None) or "-"
+
     for arm in document["arms"]:
         spread = f" ± {arm['stdev_gap_points']:.2f}" if arm["stdev_gap_points"] is not None else ""
-        learned = [row["learned_flops_ratio"] for row in arm["seeds"] if row["learned_flops_ratio"] is not None]
-        learned_text = "/".join(f"{value:.3f}" for value in learned) if learned else "-"
+        vals = [row["val_accuracy"] for row in arm["seeds"] if row.get("val_accuracy") is not None]
+        frozen = "/".join(f"{row['freeze']['progress']:.2f}{'' if row['freeze']['reason'] == 'in band' else '*'}"
+                          for row in arm["seeds"] if row.get("freeze")) or "-"
+        overlap = arm.get("mask_overlap")
         rows.append(f"| {arm['label']} | {arm['mean_accuracy']:.4f} | {arm['mean_gap_points']:.2f}{spread} | "
                     + ", ".join(f"{row['seed']}: {row['gap_points']:.2f}" for row in arm["seeds"])
-                    + f" | {arm['mean_flops_ratio']:.3f} | {learned_text} | "
+                    + f" | {statistics.fmean(vals):.4f}" * bool(vals) + " | -" * (not vals)
+                    + f" | {arm['mean_flops_ratio']:.3f} | {per_seed(arm, 'learned_flops_ratio', '.3f')} | "
+                    + f"{per_seed(arm, 'flipped_flops_share', '.3f')} | {frozen} | "
+                    + (f"{overlap:.2f}" if overlap is not None else "-") + " | "
                     + "/".join(map(str, arm["compute_epochs"])) + f" | {arm['mean_train_seconds']:.0f} |")
         runs.append(f"{arm['label']}: {recorded_runs(arm['seeds'])}")
     dense = document["dense"]
-    return rows + ["", f"Seeds {', '.join(map(str, seeds))}; gap: mean ± standard deviation over the seeds. Dense "
+    return rows + ["", f"Seeds {', '.join(map(str, seeds))}; gap: mean ± standard deviation over the seeds. Per-seed "
+                       "columns list the seeds in order; a freeze marked * came at freeze_fraction, the latest, "
+                       "not when the learned ratio held the band. Mask overlap: mean Jaccard index of the kept "
+                       "channels and blocks over every pair of seeds. Dense "
                        f"reference: mean accuracy {dense['mean_accuracy']:.4f}, {recorded_runs(dense['seeds'])}. "
                        "The runs: " + "; ".join(runs) + "."]
 

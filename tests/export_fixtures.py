@@ -90,7 +90,7 @@ def trained_model(model_name: str = "resnet20", input_size=(16, 16), in_channels
     info = network_info(model_name, input_size, in_channels, num_classes)
     graph = trace_network(build_network(info), info.example_input())
     if gated:
-        model = GatedNetwork(graph, 2.0, dynamic)
+        model = GatedNetwork(graph, 2.0, dynamic, round_to=1)  # a gate per channel: any mask fits it
         mask = random_mask(graph, generator, **mask_options)
         model.freeze(mask)
     else:
@@ -110,7 +110,7 @@ def make_run(run_dir: str | Path, model_name: str = "resnet20", input_size=(16, 
                                              dynamic, **mask_options)
     method = "polarized" if gated else "dense"
     config = {"dataset": dataset, "data_dir": None, "model": model_name, "method": method, "seed": seed,
-              "dynamic_gates": dynamic}
+              "dynamic_gates": dynamic, "round_to": 1}
     method_state = {"mask": {"kept_channels": mask.kept_channels, "closed_blocks": mask.closed_blocks}} if gated else {}
     save_checkpoint(run_dir / "checkpoint.pt", {
         "config": config, "network": document["network"], "model": model.state_dict(), "epoch": 1,

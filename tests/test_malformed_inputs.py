@@ -112,9 +112,9 @@ def test_bad_override_names_the_set_flag_not_the_file(tmp_path):
 
 @pytest.mark.parametrize("yaml_text, expected", [
     ("target_flops_ratio: 0.001\nflops_tolerance: 0\n",
-     ["resnet20 cannot go below 0.0037", "9 residual blocks closed, every other group at 16 channels"]),
+     ["resnet20 cannot go below 0.0037", "9 residual blocks closed, every other group at one unit of 16 channels"]),
     ("model: vgg16\nround_to: 64\ntarget_flops_ratio: 0.05\n",
-     ["vgg16 cannot go below 0.19", "every other group at 64 channels"]),
+     ["vgg16 cannot go below 0.19", "every other group at one unit of 64 channels"]),
 ], ids=['below resnet floor', 'below vgg floor'])
 def test_target_below_the_networks_floor_is_refused_when_the_run_starts(tmp_path, capsys, yaml_text, expected):
     """The floor depends on the network's trace, so it is checked as the run starts (before any step):
