@@ -182,7 +182,7 @@ def seeds_table(document: dict) -> list[str]:
         overlap = arm.get("mask_overlap")
         rows.append(f"| {arm['label']} | {arm['mean_accuracy']:.4f} | {arm['mean_gap_points']:.2f}{spread} | "
                     + ", ".join(f"{row['seed']}: {row['gap_points']:.2f}" for row in arm["seeds"])
-                    + f" | {statistics.fmean(vals):.4f}" * bool(vals) + " | -" * (not vals)
+                    + (f" | {statistics.fmean(vals):.4f}" if vals else " | -")
                     + f" | {arm['mean_flops_ratio']:.3f} | {per_seed(arm, 'learned_flops_ratio', '.3f')} | "
                     + f"{per_seed(arm, 'flipped_flops_share', '.3f')} | {frozen} | "
                     + (f"{overlap:.2f}" if overlap is not None else "-") + " | "
