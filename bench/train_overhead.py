@@ -1,7 +1,7 @@
 """Training cost of the gates: time per step of the gated model (polarized method) vs the dense model.
 
     python -m bench.train_overhead [--config configs/<run>.yaml] [--quick] [--threads 2] [--rounds N]
-                                   [--batch 128] [--out PATH]
+                                   [--batch 128] [--model NAME --model-args JSON --image-size 224] [--out PATH]
 
 One step = forward, task loss (+ the method's gate losses), backward, optimiser steps, as in
 training/loop.py, on the same random batch for both models, interleaved. Without --config: the default
@@ -10,6 +10,7 @@ config (ResNet-20, Fashion-MNIST's 1x28x28, batch 128). The goal: at most 10% mo
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import torch
 from bench.timing import interleaved, summarize
 from common.atomicio import write_json
 from common.cli import EXIT_OK, PolarpruneError, cli_parser, fail
+from common.results import provenance
 from training.config import load_config
 from training.data import FolderOptions, dataset_info
 from training.loop import make_optimizers, train_step
@@ -39,6 +41,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved steps per model")
     parser.add_argument("--batch", type=int, default=None, help="batch size (default: the config's)")
+    parser.add_argument("--model", default=None, help="the network instead of the config's (a built-in name or "
+                        "pkg.mod:Class, e.g. tests.user_networks:MobileNetV2)")
+    parser.add_argument("--model-args", type=json.loads, default=None, metavar="JSON",
+                        help='keyword arguments of --model, e.g. \'{"width": 64}\'')
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="square input size instead of the data set's (with --model: e.g. 224)")
     parser.add_argument("--out", type=Path, default=None,
                         help="JSON report (default reports/<config name>/train_overhead.json)")
     return parser.parse_args(argv)
@@ -64,9 +72,13 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     info = dataset_info(cfg.dataset, FolderOptions.from_config(cfg.to_dict()))  # image_folder: its image_size
-    network_info = NetworkInfo(cfg.model, info.in_channels, info.num_classes, tuple(info.input_size), cfg.model_args)
+    model = args.model or cfg.model
+    in_channels = 3 if args.model else info.in_channels  # a network of users' images (RGB)
+    input_size = (args.image_size, args.image_size) if args.image_size else tuple(info.input_size)
+    network_info = NetworkInfo(model, in_channels, info.num_classes, input_size,
+                               args.model_args if args.model_args is not None else cfg.model_args)
     graph = trace_network(build_network(network_info), network_info.example_input())
-    images = torch.randn(batch, info.in_channels, *info.input_size)
+    images = torch.randn(batch, in_channels, *input_size)
     labels = torch.randint(0, info.num_classes, (batch,))
 
     method = make_method(cfg, graph)
@@ -79,12 +91,12 @@ def main(argv: list[str] | None = None) -> int:
     dense, gated_time = summarize(times["dense"]), summarize(times["gated"])
     overhead = (gated_time["median_ms"] / dense["median_ms"] - 1) * 100
     name = args.config.stem if args.config else "default"
-    report = {"config": name, "model": cfg.model, "dataset": cfg.dataset, "batch": batch,
-              "input_shape": [info.in_channels, *info.input_size], "threads": args.threads,
+    report = {"config": name, "model": model, "dataset": cfg.dataset, "batch": batch,
+              "input_shape": [in_channels, *input_size], "threads": args.threads,
               "mode": "quick" if args.quick else "full", **settings,
               "dense": dense, "gated": gated_time, "overhead_percent": overhead,
-              "goal_percent": GOAL_PERCENT, "within_goal": overhead <= GOAL_PERCENT}
-    print(f"{cfg.model} on {cfg.dataset} input, batch {batch}, {args.threads} threads, "
+              "goal_percent": GOAL_PERCENT, "within_goal": overhead <= GOAL_PERCENT, "provenance": provenance()}
+    print(f"{model} on {in_channels}x{input_size[0]}x{input_size[1]} input, batch {batch}, {args.threads} threads, "
           f"{dense['n']} interleaved steps each")
     print(f"dense  step: median {dense['median_ms']:.1f} ms (p95 {dense['p95_ms']:.1f})")
     print(f"gated  step: median {gated_time['median_ms']:.1f} ms (p95 {gated_time['p95_ms']:.1f})")

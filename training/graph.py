@@ -745,7 +745,9 @@ def _check_zeros(analysis: _Analysis, graph: NetworkGraph) -> None:
                 continue
             node = analysis.layer_node[path]
             users = list(node.users)
-            covered = layer.kind in ("conv", "linear") and users and all(
+            # a layer whose every user is a norm of the group is covered by the norm's (folded) gate:
+            # a depthwise or grouped conv of a closed channel reads zeros, and the norm zeroes its output
+            covered = layer.kind in ("conv", "linear", "depthwise", "grouped") and users and all(
                 u.op == "call_module" and graph.layers.get(u.target, Layer("", "", (), ())).kind == "norm"
                 for u in users)
             if not covered:
