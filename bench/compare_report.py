@@ -32,6 +32,10 @@ def row_for(identity: dict, metrics: dict, latency: dict, dense_latency: dict, d
         "latency": latency,
         "speedup": {batch: dense_latency[batch]["median_ms"] / stats["median_ms"] for batch, stats in latency.items()},
         "pruning": metrics.get("pruning"),
+        "val_accuracy": metrics.get("val_accuracy"),
+        # polarized: the ratio the gates learned before any move into the band, and the share of dense MACs moved
+        "learned_flops_ratio": (metrics.get("projection") or {}).get("learned_flops_ratio"),
+        "flipped_flops_share": (metrics.get("projection") or {}).get("flipped_flops_share"),
     }
 
 
@@ -94,15 +98,18 @@ def summary_table(summary: list[dict]) -> list[str]:
 
 
 def runs_table(rows: list[dict]) -> list[str]:
-    lines = ["| method | target | seed | test acc | gap to dense (points) | kept FLOPs | kept params | train s "
-             "| train J | train FLOPs | batch 1 ms (speed-up) | batch 1 min / p95 | batch 64 ms (speed-up) "
-             "| batch 64 min / p95 |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| method | target | seed | test acc | gap to dense (points) | kept FLOPs | learned / flipped "
+             "| kept params | train s | train J | train FLOPs | batch 1 ms (speed-up) | batch 1 min / p95 "
+             "| batch 64 ms (speed-up) | batch 64 min / p95 |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
         params = f"{row['kept_params'] / 1e3:.1f}k ({row['params_ratio']:.2f})"
         joules = f"{row['train_energy']['joules']:.0f}" if row["train_energy"] else "n/a"
+        learned = (f"{row['learned_flops_ratio']:.3f} / {row['flipped_flops_share']:.3f}"
+                   if row.get("flipped_flops_share") is not None else "-")
         lines.append(f"| {row['label']} | {target_text(row['target'])} | {row['seed']} | {row['test_accuracy']:.4f} "
-                     f"| {row['gap_points']:.2f} | {row['flops_ratio']:.3f} | {params} | {row['train_seconds']:.0f} "
+                     f"| {row['gap_points']:.2f} | {row['flops_ratio']:.3f} | {learned} | {params} "
+                     f"| {row['train_seconds']:.0f} "
                      f"| {joules} | {row['train_flops_ratio']:.3f} | {latency_cells(row, '1', 3)} "
                      f"| {latency_cells(row, '64', 2)} |")
     return lines

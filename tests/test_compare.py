@@ -115,7 +115,7 @@ def test_markdown_adds_the_summary_only_for_several_seeds():
     assert "| polarized | 0.5 | 1 | 0.2500 | 25.00 | 0.500 |" in several  # a row of the every-run table
     single = report_io.markdown(report(ROWS[:2]))
     assert "Over" not in single and "±" not in single
-    assert "| polarized | 0.5 | 0 | 0.1250 | 12.50 | 0.500 | 0.1k (0.50) | 10 | n/a | 1.000 " \
+    assert "| polarized | 0.5 | 0 | 0.1250 | 12.50 | 0.500 | - | 0.1k (0.50) | 10 | n/a | 1.000 " \
            "| 0.500 (2.00x) | 0.250 / 0.750 | 32.00 (2.00x) | 16.00 / 48.00 |" in single
     assert "not per target" in single  # activation density and FlipOut have their own knobs
 
