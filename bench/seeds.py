@@ -113,6 +113,19 @@ def collect(dense_pattern: str, arms: dict[str, tuple[str, list[int] | None]], s
             "arms": out}
 
 
+def overlap(text: str) -> dict:
+    """LABEL=RUN_A,RUN_B: the Jaccard index of the two runs' kept units."""
+    label, sep, folders = text.partition("=")
+    runs = folders.split(",")
+    if not sep or len(runs) != 2:
+        raise BenchError(f"--overlap expects LABEL=RUN_A,RUN_B, got {text!r}")
+    masks = [kept_units(Path(run)) for run in runs]
+    missing = [run for run, mask in zip(runs, masks) if mask is None]
+    if missing:
+        raise BenchError(f"--overlap {label!r}: no mask.json in {', '.join(missing)}")
+    return {"label": label.strip(), "runs": runs, "jaccard": jaccard(*masks)}
+
+
 def parse_arm(text: str) -> tuple[str, tuple[str, list[int] | None]]:
     """LABEL=PATTERN (every seed of --seeds) or LABEL@0,1=PATTERN (those seeds only)."""
     head, sep, pattern = text.partition("=")
@@ -134,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dense", help="dense run folder pattern, e.g. 'runs/dense_s{seed}'")
     parser.add_argument("--arm", action="append", default=[], metavar="LABEL[@SEEDS]=PATTERN",
                         help="one way of training the polarized run (on SEEDS only, e.g. 'x@0=...'); repeat")
+    parser.add_argument("--overlap", action="append", default=[], metavar="LABEL=RUN_A,RUN_B",
+                        help="mask overlap (Jaccard of kept channels and blocks) of two run folders; repeat")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "seeds.json")
     args = parser.parse_args(argv)
@@ -142,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
                                                   (str(args.runs / f"{args.run}_seed{{seed}}"), None)}
         dense = args.dense or str(args.runs / f"{args.run}_dense_seed{{seed}}")
         result = collect(dense, arms, [int(s) for s in args.seeds.split(",")])
+        result["overlaps"] = [overlap(text) for text in args.overlap]
     except (PolarpruneError, KeyError, ValueError) as error:
         return fail("python -m bench.seeds", error if isinstance(error, PolarpruneError) else BenchError(str(error)))
     write_result(args.out, result, {"python -m bench.seeds": provenance()})

@@ -189,6 +189,9 @@ def seeds_table(document: dict) -> list[str]:
                     + "/".join(map(str, arm["compute_epochs"])) + f" | {arm['mean_train_seconds']:.0f} |")
         runs.append(f"{arm['label']}: {recorded_runs(arm['seeds'])}")
     dense = document["dense"]
+    overlaps = [f"{o['label']}: {o['jaccard']:.2f} (`{o['runs'][0]}` and `{o['runs'][1]}`)"
+                for o in document.get("overlaps", [])]
+    rows += ["", "Mask overlap (Jaccard) " + "; ".join(overlaps) + "."] if overlaps else []
     return rows + ["", f"Seeds {', '.join(map(str, seeds))}; gap: mean ± standard deviation over the seeds. Per-seed "
                        "columns list the seeds in order; a freeze marked * came at freeze_fraction, the latest, "
                        "not when the learned ratio held the band. Mask overlap: mean Jaccard index of the kept "
