@@ -48,7 +48,7 @@ def fake_driver(tmp_path: Path, version: str | None) -> dict[str, str]:
 
 def make_plan(target: str, venv: Path, env: dict[str, str] | None = None, *variables: str) -> list[list[str]]:
     """The commands `make <target>` would run (make -n: nothing is executed)."""
-    args = ["make", "-n", target, f"VENV={venv}", f"PYTHON={sys.executable}", *variables]
+    args = ["make", "--no-print-directory", "-n", target, f"VENV={venv}", f"PYTHON={sys.executable}", *variables]
     done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr
     return [shlex.split(line) for line in done.stdout.splitlines() if line.strip()]
@@ -120,7 +120,8 @@ def test_make_venv_gpu_installs_the_stack_the_driver_runs(tmp_path, driver, requ
 
 @pytest.mark.parametrize("driver", ["470.82.01", None], ids=["old driver", "no driver"])
 def test_make_venv_gpu_stops_with_the_reason_when_no_stack_fits(tmp_path, driver):
-    done = subprocess.run(["make", "-n", "venv", "GPU=1", f"VENV={tmp_path / 'venv'}", f"PYTHON={sys.executable}"],
+    done = subprocess.run(["make", "--no-print-directory", "-n", "venv", "GPU=1", f"VENV={tmp_path / 'venv'}",
+                           f"PYTHON={sys.executable}"],
                           cwd=ROOT, capture_output=True, text=True, env=fake_driver(tmp_path, driver))
     assert done.returncode != 0 and "pip" not in done.stdout
     reasons = [line for line in done.stderr.splitlines() if line.startswith("gpu_stack: error: ")]
@@ -156,7 +157,7 @@ def test_make_serve_on_a_gpu_repository_without_url_exits_2_with_one_line(tmp_pa
     (venv / "bin" / "python").chmod(0o755)
     (venv / ".installed-requirements-gpu-cuda13").touch()
     repo, run = gpu_run(tmp_path)
-    done = subprocess.run(["make", "-s", "serve", f"VENV={venv}", f"REPO={repo}", f"RUN_DIR={run}",
+    done = subprocess.run(["make", "--no-print-directory", "-s", "serve", f"VENV={venv}", f"REPO={repo}", f"RUN_DIR={run}",
                            f"REPORTS={tmp_path / 'reports'}"], cwd=ROOT, capture_output=True, text=True, timeout=120,
                           env=fake_driver(tmp_path, None))
     assert done.returncode == 2, done.stdout + done.stderr
