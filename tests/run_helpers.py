@@ -55,3 +55,15 @@ def kill_after_first_checkpoint(command: list[str], checkpoint: Path, timeout_s:
         while not all(_gone(pid) for pid in doomed):
             assert time.monotonic() < deadline, "killed processes still running after 30 s"
             time.sleep(0.05)
+
+
+def require_triton() -> None:
+    """Skip the calling test, saying why, where the bundled Triton server is not installed."""
+    import pytest
+
+    from serving.errors import TritonNotFound
+    from serving.triton_install import find_triton_install
+    try:
+        find_triton_install()
+    except TritonNotFound as missing:
+        pytest.skip(f"bundled tritonserver unavailable: {missing}")

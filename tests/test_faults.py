@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import resource
-import shutil
 import signal
 import subprocess
 import sys
@@ -29,7 +28,8 @@ from export.triton_repo import write_model_version
 from export_fixtures import make_run, single_torch_thread  # noqa: F401 (autouse fixture)
 from serving.faults import kill_exports, kill_server_under_soak, kill_stub_under_load
 from serving.server import LocalTriton, LocalTritonConfig
-from test_soak import require_triton, served_pair
+from run_helpers import require_triton
+from test_soak import served_pair
 from tiny_onnx import tiny_classifier
 from training.data import FMNIST_SEARCH_DIRS
 

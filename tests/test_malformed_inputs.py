@@ -40,11 +40,11 @@ from export_fixtures import make_run, single_torch_thread  # noqa: F401 (autouse
 from serving.__main__ import main as serving_main
 from serving.client import InputSpecError, ServingError, TritonClassifier
 from serving.run_artifacts import RunArtifactsError, RunArtifactsMissing, load_run
-from serving.errors import ServerError, TritonNotFound
+from serving.errors import ServerError
 from serving.server import LocalTriton, LocalTritonConfig
-from serving.triton_install import find_triton_install
 from test_checkpoint import WritesAFile
 from tiny_onnx import tiny_classifier
+from run_helpers import require_triton
 from training.__main__ import main as training_main
 from training.arch import SpecError
 from training.config import ConfigError, load_config
@@ -562,15 +562,8 @@ def test_half_an_export_is_missing_not_malformed(artifacts):
 # Covered in test_serving.py: client-side wrong shape / FP64 / NaN, the same sent anyway through
 # TritonClassifier.infer_once, one raw gRPC FP64 request; a port already in use.
 
-def _require_triton():
-    try:
-        find_triton_install()
-    except TritonNotFound as missing:
-        pytest.skip(f"bundled tritonserver unavailable: {missing}")
-
-
 def test_server_names_every_model_that_fails_to_load(tmp_path, tiny_onnx):
-    _require_triton()
+    require_triton()
     repo = tmp_path / "repo"
     broken = ["no_version", "no_model_file", "dims_disagree"]
     for name in [*broken, "fine"]:
@@ -617,7 +610,7 @@ def test_repository_without_the_model_fails_before_starting(tmp_path):
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """One server for every request case: the tiny classifier as 'tiny' (max_batch_size 64)."""
-    _require_triton()
+    require_triton()
     root = tmp_path_factory.mktemp("malformed_server")
     onnx_path = tiny_classifier(root / "tiny.onnx")
     write_model_version(root / "repo", "tiny", onnx_path)

@@ -23,10 +23,10 @@ from tiny_onnx import tiny_classifier
 from serving.__main__ import main as serving_main
 from serving.client import InputSpecError, ServingError, TritonClassifier
 from serving.perf_analyzer import find_perf_analyzer
-from serving.errors import ServerError, TritonNotFound
+from serving.errors import ServerError
 from serving.server import LocalTriton, LocalTritonConfig
 from serving.shm import leftover_shm_regions
-from serving.triton_install import find_triton_install
+from run_helpers import require_triton
 
 MODELS = {"dense": "tiny_dense", "pruned": "tiny_pruned"}
 
@@ -50,14 +50,6 @@ def workspace(tmp_path_factory):
         "model_names": MODELS, "flops_ratio": 8 / 32, "dataset": "synthetic", "input_shape": [1, 8, 8],
         "num_classes": 10}))
     return {"root": root, "repo": root / "repo", "run": run, "onnx": onnx_files, "images": images}
-
-
-def require_triton() -> None:
-    """Skip, saying why, where the bundled Triton server is not installed."""
-    try:
-        find_triton_install()
-    except TritonNotFound as missing:
-        pytest.skip(f"bundled tritonserver unavailable: {missing}")
 
 
 @pytest.fixture(scope="module")

@@ -18,9 +18,8 @@ from serving.client import TritonClassifier
 from serving.loadtest import BackgroundLoad, probe_energy, run_load_test
 from serving.probes import ProbeSettings, _drive
 from serving.report import render_energy, render_load_test, summarize_energy, summarize_load_test
-from serving.errors import TritonNotFound
 from serving.server import LocalTriton, LocalTritonConfig
-from serving.triton_install import find_triton_install
+from run_helpers import require_triton
 
 # "heavy" does ~50x the arithmetic of "light" per inference (hidden 65536 vs 8 in a 64 -> h -> 10 MLP).
 PAIR = {"dense": "heavy", "pruned": "light"}
@@ -48,10 +47,7 @@ def workspace(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(workspace):
-    try:
-        find_triton_install()
-    except TritonNotFound as missing:
-        pytest.skip(f"bundled tritonserver unavailable: {missing}")
+    require_triton()
     models = (*PAIR.values(), SWAP, FRAGILE)
     triton = LocalTriton(LocalTritonConfig(workspace["repo"], models, startup_timeout_s=60))
     triton.start()

@@ -14,10 +14,9 @@ import pytest
 
 from export.triton_repo import write_model_version
 from serving.__main__ import main as serving_main
-from serving.errors import TritonNotFound
 from serving.soak import SoakSettings, leak_check, summarize
-from serving.triton_install import find_triton_install
 from tiny_onnx import tiny_classifier
+from run_helpers import require_triton
 
 SOAK_SECONDS, INTERVAL_S = 30, 6
 
@@ -35,13 +34,6 @@ def served_pair(root: Path, dense_hidden: int = 1024, pruned_hidden: int = 16) -
     images = np.random.default_rng(0).standard_normal((32, 1, 8, 8)).astype(np.float32)
     np.savez(run / "test_samples.npz", images=images, labels=np.arange(32) % 10)
     return run
-
-
-def require_triton() -> None:
-    try:
-        find_triton_install()
-    except TritonNotFound as missing:
-        pytest.skip(f"bundled tritonserver unavailable: {missing}")
 
 
 def test_thirty_second_soak_counts_every_interval_and_watches_memory(tmp_path, capsys):
