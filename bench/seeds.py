@@ -24,6 +24,7 @@ from bench import BenchError
 from common.cli import EXIT_OK, PolarpruneError, cli_parser, fail
 from common.results import provenance, write_result
 from training.checkpoint import load_checkpoint
+from training.mask import load_mask
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,9 +70,9 @@ def kept_units(folder: Path) -> set[str] | None:
     path = folder / "mask.json"
     if not path.is_file():
         return None
-    document = json.loads(path.read_text())
-    channels = {f"{group}:{index}" for group, kept in document["kept_channels"].items() for index in kept}
-    return channels | {f"block:{name}" for name in document["block_groups"] if name not in document["closed_blocks"]}
+    document, mask = load_mask(path)
+    channels = {f"{group}:{index}" for group, kept in mask.kept_channels.items() for index in kept}
+    return channels | {f"block:{name}" for name in document["block_groups"] if name not in mask.closed_blocks}
 
 
 def jaccard(a: set, b: set) -> float:

@@ -52,10 +52,6 @@ class Gate(nn.Module):
         self.movable: torch.Tensor | None = None  # 0/1 per unit: which units a cost term may move (None: all)
 
     @property
-    def width(self) -> int:
-        return len(self.frozen_mask)
-
-    @property
     def is_frozen(self) -> bool:
         return bool(self.frozen.item())
 

@@ -37,7 +37,6 @@ CONSTRAINTS = ("lagrangian", "squared")
 CONSTRAINT_RATIOS = ("hard", "expected")
 CONSTRAINT_MOVES = ("band", "all")
 TRACE_EVERY = 0.005  # of all steps: how often the kept ratio is recorded for metrics.json
-POLARIZATION_SCHEDULES = ("after_warmup", "after_target")
 POLARIZATION_CENTERS = ("threshold", "mean")
 COSTS = ("flops", "latency")
 LOSS_WEIGHTS = ("flops_weight", "polarization_weight", "polarization_t", "consensus_weight", "constraint_lr",
@@ -62,8 +61,6 @@ class PolarizedSettings:
                                          # "expected" (of the gate probabilities; the polarizer makes them agree)
     flops_weight: float = 20.0           # constraint: squared only
     polarization_weight: float = 1.0
-    polarization_schedule: str = "after_warmup"  # "after_target": off until the target is final, then ramped
-                                         # in up to freeze_fraction
     polarization_t: float = 0.0          # extra closing push; the FLOPs term already sets how much closes
     polarization_center: str = "threshold"  # "threshold" (p = 0.5, default) or "mean" (Zhuang et al.)
     consensus_weight: float = 1.0        # dynamic gates: pull inputs towards one consensus sub-network
@@ -91,7 +88,7 @@ class PolarizedSettings:
 
 def cost_floor(graph, round_to: int, cost: Cost | None = None) -> tuple[float, str]:
     """The smallest kept-cost ratio (default: FLOPs) a mask can reach, and how: every residual block
-    closed, every other group at one step of `round_to` channels (as `choose_mask` allows)."""
+    closed, every other group at one unit (`training.mask.unit_sizes`, as `choose_mask` allows)."""
     problem = mask_problem(graph, cost, round_to)
     gone = {g for groups in problem.block_groups.values() for g in groups}
     smallest = Mask({n: list(range(sizes[0])) for n, sizes in problem.units.items() if n not in gone},
@@ -117,8 +114,6 @@ class PolarizedMethod(Method):
              f"must be one of {', '.join(CONSTRAINT_MOVES)}"),
             (cfg.constraint_ratio in CONSTRAINT_RATIOS, "constraint_ratio",
              f"must be one of {', '.join(CONSTRAINT_RATIOS)}"),
-            (cfg.polarization_schedule in POLARIZATION_SCHEDULES, "polarization_schedule",
-             f"must be one of {', '.join(POLARIZATION_SCHEDULES)}"),
             (cfg.gate_momentum < 1, "gate_momentum", "must be in [0, 1)"),
             (0 <= cfg.freeze_patience < 1, "freeze_patience", "must be in [0, 1)"),
             (cfg.polarization_center in POLARIZATION_CENTERS, "polarization_center",
@@ -163,6 +158,7 @@ class PolarizedMethod(Method):
         self.latency_table = None      # cost: latency: the table (measured or cached) the run prices masks by
         self.latency_report: dict | None = None  # predicted vs measured latency of the final mask
         self.cost: Cost | None = None
+        self._problem = None  # (cost, its MaskProblem), see mask_problem
         if cfg.cost == "flops":
             self._use_cost(self.flops)
         self.mask: Mask | None = None
@@ -182,6 +178,12 @@ class PolarizedMethod(Method):
     def target(self) -> float:
         """The final kept-cost ratio the gates aim for."""
         return self.cfg.target_latency_ratio if self.cfg.cost == "latency" else self.cfg.target_flops_ratio
+
+    def mask_problem(self):
+        """What this run's masks choose among (units of round_to), priced by its cost: built once per cost."""
+        if self._problem is None or self._problem[0] is not self.cost:
+            self._problem = (self.cost, mask_problem(self.graph, self.cost, self.cfg.round_to))
+        return self._problem[1]
 
     def _use_cost(self, cost: Cost) -> None:
         """Price everything with `cost` from now on, once it is known that the target can be reached."""
@@ -228,25 +230,26 @@ class PolarizedMethod(Method):
     def extra_loss(self, model: GatedNetwork, progress: float):
         if self.mask is not None:  # frozen: the sub-network is fixed, only the weights train
             return None, self._logs()
-        ratio = model.kept_ratio(self.cost)
+        cfg = self.cfg
+        target, learning = self.target_at(progress), progress >= cfg.warmup_fraction
+        if learning and cfg.constraint_ratio == "hard" and cfg.constraint_moves == "band":
+            ratio = model.band_ratio(self.cost, target, cfg.flops_tolerance)  # the hard ratio, its gradient banded
+        else:
+            ratio = model.kept_ratio(self.cost)
         self.last_ratio = float(ratio.detach())
         self.last_flops = self.last_ratio if self.cost is self.flops else float(model.kept_ratio(self.flops).detach())
-        if progress < self.cfg.warmup_fraction:
+        if not learning:
             return None, self._logs()
-        cfg = self.cfg
         channel_probs, block_probs = model.gate_probs()
         if len(self.trace) == 0 or progress - self.trace[-1][0] >= TRACE_EVERY:
-            self.trace.append([round(progress, 4), round(self.last_ratio, 4), round(self.target_at(progress), 4),
+            self.trace.append([round(progress, 4), round(self.last_ratio, 4), round(target, 4),
                                round(self.constraint.lambda1, 4),
                                round(float(model.kept_ratio(self.cost, expected=True).detach()), 4)])
-        target = self.target_at(progress)
         if cfg.constraint_ratio == "expected":
             ratio = model.kept_ratio(self.cost, expected=True)
-        elif cfg.constraint_moves == "band":
-            ratio = model.band_ratio(self.cost, target, cfg.flops_tolerance)
         target_term = self.constraint if cfg.constraint == "lagrangian" else cfg.flops_weight
         loss = polarized_penalty(ratio, channel_probs, block_probs, target, target_term,
-                                 self.polarization_at(progress), cfg.polarization_t, cfg.polarization_center,
+                                 cfg.polarization_weight, cfg.polarization_t, cfg.polarization_center,
                                  ramping=cfg.one_sided_ramp and progress < cfg.ramp_fraction)
         if cfg.dynamic_gates:
             disagreement = [consensus_disagreement(p) for p in channel_probs + block_probs]
@@ -262,20 +265,11 @@ class PolarizedMethod(Method):
         cfg = self.cfg
         return kept_target(progress, self.target, cfg.warmup_fraction, cfg.ramp_fraction)
 
-    def polarization_at(self, progress: float) -> float:
-        """The polarizer's weight at `progress`: from warm-up on, or (`after_target`) off until the target
-        is final, then rising linearly to full at `freeze_fraction`."""
-        cfg = self.cfg
-        if cfg.polarization_schedule == "after_warmup":
-            return cfg.polarization_weight
-        span = max(cfg.freeze_fraction - cfg.ramp_fraction, 1e-9)
-        return cfg.polarization_weight * min(1.0, max(0.0, (progress - cfg.ramp_fraction) / span))
-
     def learned_ratio(self, model: GatedNetwork, ctx: RunContext) -> float:
         """Kept cost ratio of the mask the gates hold now (after the last step), nothing moved."""
         if self.cfg.dynamic_gates:  # the vote walks the validation set: the last steps' mean stands in
             return self.last_ratio
-        problem = mask_problem(self.graph, self.cost, self.cfg.round_to)
+        problem = self.mask_problem()
         return problem.ratio(choose_mask(problem, *model.decisions(), None, self.cfg.flops_tolerance))
 
     def between_steps(self, model: nn.Module, progress: float, ctx: RunContext) -> nn.Module:
@@ -374,7 +368,7 @@ class PolarizedMethod(Method):
         unless `projection: none`; what the move changed is reported, never hidden."""
         channels, blocks = self.decisions(model, ctx)
         cfg = self.cfg
-        problem, macs = mask_problem(self.graph, self.cost, cfg.round_to), mask_problem(self.graph, self.flops)
+        problem, macs = self.mask_problem(), mask_problem(self.graph, self.flops)
         learned = choose_mask(problem, channels, blocks, None, cfg.flops_tolerance)
         self.mask = learned if cfg.projection == "none" else choose_mask(
             problem, channels, blocks, self.target, cfg.flops_tolerance)
