@@ -58,10 +58,12 @@ def test_killed_stub_fails_only_its_in_flight_requests_and_serves_again(pair):
         server.stop()
     assert result["killed_pid"] is not None and result["reloads"] == 1, result
     assert result["failed_other_model"] == 0 and result["requests_other_model"] > 0, result
-    # In flight at the kill: at most one request per client of the killed model, each failing with the
-    # stub's own reason (none at all when the kill fell between requests, as it did under heavy load).
+    # In flight at the kill: at most one request per client of the killed model (none when the kill fell
+    # between requests, as under heavy load), each failing with the stub's reason or, sent just before its
+    # clients were held, with the reload's unload (seen once in a fresh-clone CI run).
     assert 0 <= result["failed_killed_model"] <= result["clients_of_killed_model"] == 8, result
-    assert set(result["failures_by_reason"]) <= {"stub process not healthy (python-backend stub died)"}, result
+    assert all(reason == "stub process not healthy (python-backend stub died)" or "has no available versions" in reason
+               for reason in result["failures_by_reason"]), result
     assert result["only_in_flight_failed"]
     assert result["recovery_s"] is not None and 0 < result["recovery_s"] < 30, result
     assert result["served_after"]["killed_model"] > 0, result  # the last quarter of the run: it serves again
