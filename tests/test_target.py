@@ -30,11 +30,16 @@ def test_constraint_pulls_harder_the_longer_the_target_is_missed():
     assert pulls[0] == 0 and pulls[1] < pulls[2]  # multipliers start at 0 and rise while above the target
     assert constraint.lambda1 == pytest.approx(0.9) and constraint.lambda2 == pytest.approx(0.27)
     for _ in range(10):  # below a target that still ramps: lambda1 falls to 0, not below
-        constraint(torch.tensor(0.3), 0.5, one_sided=True)
+        constraint(torch.tensor(0.3), 0.5, ramping=True)
     assert constraint.lambda1 == 0
     below = torch.tensor(0.3, requires_grad=True)
     constraint(below, 0.5).backward()  # the target is final: an equality, lambda1 turns negative
     assert float(below.grad) < 0 and constraint.lambda1 < 0  # gradient descent raises the ratio: gates reopen
+    for restart, expected in ((True, -0.05), (False, 2.95)):  # lambda1 built up above the target, then below it
+        pulled = TargetConstraint(1.0, restart=restart)
+        pulled.lambda1 = 3.0
+        pulled(torch.tensor(0.45), 0.5)
+        assert pulled.lambda1 == pytest.approx(expected)  # restart: from 0, pulling up at once; else still closing
     again = TargetConstraint(1.0)
     again.load_state_dict(constraint.state_dict())
     assert again.state_dict() == constraint.state_dict()
@@ -114,3 +119,56 @@ def test_gates_that_miss_the_band_freeze_at_the_latest_and_the_projection_report
     assert report["flipped_flops_share"] == pytest.approx(1.0 - report["final_flops_ratio"])
     shares = report["closed_flops_share"]
     assert shares["blocks"] + shares["channels"] == pytest.approx(1.0 - report["final_flops_ratio"])
+
+
+@pytest.mark.parametrize("progress", [0.3, 0.6])  # the target ramping, then final
+def test_the_api_penalty_is_the_training_methods_gate_loss(progress):
+    from training.api import polarize
+    info = NetworkInfo("resnet20", 1, 10, (16, 16))
+    network = build_network(info)
+    images = torch.randn(4, 1, 16, 16)
+    gated = polarize(network, images, target_flops=0.5, ramp_fraction=0.4)
+    method, twin, _ = _method(gated.graph, target_flops_ratio=0.5)
+    twin.load_state_dict(gated.state_dict())
+    _close(gated, ["layer1.0"])
+    _close(twin, ["layer1.0"])
+    losses, grads = [], []
+    for net, loss_of in ((gated, lambda: gated.penalty(progress)), (twin, lambda: method.extra_loss(twin, progress)[0])):
+        for _ in range(3):  # the multipliers rise between calls alike
+            net.zero_grad()
+            net(images)
+            loss = loss_of()
+            loss.backward()
+        losses.append(float(loss))
+        grads.append(torch.cat([g.score.grad.reshape(-1) for g in net.gates().values() if g.score.grad is not None]))
+    assert losses[0] == pytest.approx(losses[1]) and losses[0] != 0
+    assert torch.allclose(grads[0], grads[1])
+
+
+def test_out_of_the_band_the_polarizer_spares_the_gates_the_target_term_moves(graph):
+    from training.gates import gate_loss
+    grads = {}
+    for release in (True, False):
+        gated = GatedNetwork(graph, round_to=16)
+        _close(gated, ["layer1.0", "layer2.0", "layer3.0", "layer1.1"])
+        with torch.no_grad():
+            for gate in gated.channel_gates.values():
+                gate.score.uniform_(-2.5, 2.5, generator=torch.Generator().manual_seed(0))
+        gated(torch.randn(2, 1, 16, 16))
+        target = float(gated.kept_ratio()) + 0.05  # the ratio lies under the band
+        # the target term weighs 0: what reaches the scores is the polarizer's alone
+        loss, kept = gate_loss(gated, gated.macs_cost, target, 0.02, 0.0, 1.0, 0.0, release_pulled=release)
+        loss.backward()
+        pulled = {name: g.pulled.clone() for name, g in gated.gates().items() if g.pulled is not None}
+        grads[release] = {name: g.score.grad.clone() for name, g in gated.gates().items() if g.score.grad is not None}
+    assert any(p.sum() > 0 for p in pulled.values()) and any((1 - p).sum() > 0 for p in pulled.values())
+    for name, moved in pulled.items():
+        assert torch.all(grads[True][name][moved > 0] == 0)  # spared: the target term moves these
+        assert torch.equal(grads[True][name][moved == 0], grads[False][name][moved == 0])  # the rest still held
+    assert any(grads[False][name][moved > 0].abs().sum() > 0 for name, moved in pulled.items())
+    # during the ramp, or in the band, nothing is spared
+    gated.zero_grad()
+    gated(torch.randn(2, 1, 16, 16))
+    ramp_loss, _ = gate_loss(gated, gated.macs_cost, kept + 0.05, 0.02, 0.0, 1.0, 0.0, ramping=True)
+    ramp_loss.backward()
+    assert all(torch.equal(g.score.grad, grads[False][n]) for n, g in gated.gates().items() if g.score.grad is not None)

@@ -29,7 +29,7 @@ from common.atomicio import write_bytes, write_json
 
 from .config import TrainConfig
 from .errors import TrainingError
-from .gates import TargetConstraint, kept_target, polarized_penalty
+from .gates import TargetConstraint, gate_loss, kept_target
 from .gating import GatedNetwork, cut, mask_macs
 from .graph import trace_network
 from .mask import Mask, projection_report
@@ -51,6 +51,7 @@ class Polarization:
     polarization_weight: float = PolarizedSettings.polarization_weight
     polarization_t: float = PolarizedSettings.polarization_t
     polarization_center: str = PolarizedSettings.polarization_center
+    release_pulled_gates: bool = PolarizedSettings.release_pulled_gates  # polarizer: out of band, spare the moved
     warmup_fraction: float = PolarizedSettings.warmup_fraction   # of training, before the gate losses start
     ramp_fraction: float = 0.4         # of training, when the target reaches its final value
     init_score: float = PolarizedSettings.gate_init  # gates start open: the gated network equals the network
@@ -72,20 +73,27 @@ class PolarizedNetwork(GatedNetwork):
     def __init__(self, graph, settings: Polarization):
         super().__init__(graph, settings.init_score, round_to=settings.round_to, score_clamp=settings.score_clamp)
         self.settings = settings
-        self.constraint = TargetConstraint(settings.constraint_lr)
+        self.constraint = TargetConstraint(settings.constraint_lr)  # one-sided while ramping, restarts after
 
     def penalty(self, progress: float) -> torch.Tensor:
-        """The gate loss for the last forward pass at `progress` (0..1 of training): the kept-MACs target as
-        a constraint (`training.gates.TargetConstraint`, its multipliers raised on every call) plus the
+        """The gate loss for the last forward pass at `progress` (0..1 of training): the training method's
+        (`training.gates.gate_loss`): the kept-MACs target as a constraint whose multipliers rise on every call
+        (one-sided while the target ramps), pushing only the flips that land nearer the target band, plus the
         polarizer. Zero during warm-up and once frozen."""
         s = self.settings
-        ratio = self.kept_ratio()
-        channel_probs, block_probs = self.gate_probs()
-        if progress < s.warmup_fraction or not (channel_probs or block_probs):
+        if progress < s.warmup_fraction or not any(g.learns for g in self.gates().values()):
             return torch.zeros((), device=next(self.parameters()).device)
         target = kept_target(progress, s.target_flops, s.warmup_fraction, s.ramp_fraction)
-        return polarized_penalty(ratio, channel_probs, block_probs, target, self.constraint,
-                                 s.polarization_weight, s.polarization_t, s.polarization_center)
+        loss, _ = gate_loss(self, self.macs_cost, target, s.tolerance, self.constraint, s.polarization_weight,
+                            s.polarization_t, s.polarization_center, ramping=progress < s.ramp_fraction,
+                            release_pulled=s.release_pulled_gates)
+        return loss
+
+    def learned_ratio(self) -> float:
+        """Kept MACs / dense MACs of the mask the gates hold now, rounded to `round_to`, nothing moved.
+        Within `tolerance` of the target, the gates have learned it: `final_mask()` then moves nothing
+        (the training method freezes once this has held for a while, `freeze_patience`)."""
+        return self.flops_ratio(self.mask())
 
     def summary(self, mask: Mask | None = None) -> dict:
         """The pruning report of `mask` (default: `final_mask()`, with what the gates chose and what moving

@@ -50,6 +50,7 @@ class Gate(nn.Module):
         self.last_values: torch.Tensor | None = None
         self.last_probs: torch.Tensor | None = None
         self.movable: torch.Tensor | None = None  # 0/1 per unit: which units a cost term may move (None: all)
+        self.pulled: torch.Tensor | None = None   # 0/1 per unit: the units the target term moved this step
 
     @property
     def is_frozen(self) -> bool:
@@ -74,7 +75,7 @@ class Gate(nn.Module):
             self.last_values, self.last_probs = None, None
             return self.frozen_mask
         values, probs = straight_through(self.logits(layer_input), self.min_open)
-        self.last_values, self.last_probs = values, probs
+        self.last_values, self.last_probs, self.pulled = values, probs, None
         return values.index_select(-1, self.unit_of_channel)
 
     def kept_width(self, expected: bool = False) -> torch.Tensor | float:
@@ -87,6 +88,14 @@ class Gate(nn.Module):
             values = values.detach() + self.movable * (values - values.detach())
         width = (values * self.unit_width).sum(dim=-1)
         return width.mean() if width.dim() else width
+
+    def held_probs(self) -> torch.Tensor:
+        """`last_probs` whose gradient skips the units the target term moved this step (`pulled`): a loss
+        that holds gates where they are (the polarizer) leaves those to it."""
+        if self.pulled is None:
+            return self.last_probs
+        probs = self.last_probs
+        return probs.detach() + (1 - self.pulled) * (probs - probs.detach())
 
     def freeze(self, mask: torch.Tensor) -> None:
         """Fix the gate to a 0/1 mask per channel; the score stops receiving gradients."""
@@ -145,21 +154,28 @@ class TargetConstraint:
     """The kept-cost target as a constraint (CoFi, Xia et al. 2022): lambda1 * gap + lambda2 * gap^2 with
     gap = kept ratio - target, the multipliers raised by gradient ascent after every step (lambda1 += lr *
     gap, lambda2 += lr * gap^2). The pull grows for as long as the target is missed and turns round when
-    the gates overshoot, so the gates reach the target themselves, with no weight tuned per network."""
+    the gates overshoot, so the gates reach the target themselves, with no weight tuned per network.
 
-    def __init__(self, lr: float):
-        self.lr = lr
+    Two phases. While the target still ramps down (`ramping`), "kept <= target" is an inequality
+    (`one_sided_ramp`): lambda1 stays >= 0, so gates running ahead of the schedule are not pushed back open.
+    Once the target is final it is an equality, and with `restart` lambda1 never pushes the ratio away from
+    it: when the ratio lies on the other side of the target than lambda1 pushes, lambda1 starts again from
+    0. Without the restart, the lambda1 built up while the ratio lagged the ramp kept closing gates for
+    hundreds of steps after the ratio had fallen below the band (docs/method.md)."""
+
+    def __init__(self, lr: float, one_sided_ramp: bool = True, restart: bool = True):
+        self.lr, self.one_sided_ramp, self.restart = lr, one_sided_ramp, restart
         self.lambda1 = self.lambda2 = 0.0
 
-    def __call__(self, ratio: torch.Tensor, target: float, one_sided: bool = False) -> torch.Tensor:
-        """The term for this step. `one_sided` (while the target still ramps down): "kept <= target", an
-        inequality, so lambda1 stays >= 0 and gates running ahead of the schedule are not pushed back open
-        by it; afterwards the target is an equality and lambda1 may turn negative to pull the ratio up."""
+    def __call__(self, ratio: torch.Tensor, target: float, ramping: bool = False) -> torch.Tensor:
+        """The term for this step; the multipliers are raised after it is formed."""
         gap = ratio - target
         loss = self.lambda1 * gap + self.lambda2 * gap ** 2
         miss = float(gap.detach())  # equal on every rank: the gates are synchronised
+        if self.restart and not ramping and miss * self.lambda1 < 0:
+            self.lambda1 = 0.0
         self.lambda1 += self.lr * miss
-        if one_sided:
+        if ramping and self.one_sided_ramp:
             self.lambda1 = max(0.0, self.lambda1)
         self.lambda2 += self.lr * miss * miss
         return loss
@@ -171,17 +187,32 @@ class TargetConstraint:
         self.lambda1, self.lambda2 = float(state.get("lambda1", 0.0)), float(state.get("lambda2", 0.0))
 
 
-def polarized_penalty(ratio: torch.Tensor, channel_probs: list[torch.Tensor], block_probs: list[torch.Tensor],
-                      target: float, constraint: TargetConstraint | float, polarization_weight: float, t: float,
-                      center: str = "threshold", ramping: bool = False) -> torch.Tensor:
-    """The polarized method's gate loss: the target term plus the polarizer. The target term is a
-    `TargetConstraint` (default; one-sided while `ramping`) or, given a number w, the fixed squared term
-    w * (ratio - target)^2."""
-    target_term = constraint(ratio, target, ramping) if isinstance(constraint, TargetConstraint) \
-        else constraint * (ratio - target) ** 2
-    if polarization_weight == 0 or not (channel_probs or block_probs):
-        return target_term
-    return target_term + polarization_weight * polarizer(channel_probs, block_probs, t, center)
+def gate_loss(model, cost, target: float, tolerance: float, target_term: TargetConstraint | float,
+              polarization_weight: float, t: float, center: str = "threshold", ramping: bool = False,
+              moves: str = "band", ratio: str = "hard", release_pulled: bool = True) -> tuple[torch.Tensor, float]:
+    """The polarized method's gate loss for the last forward pass of `model` (a `GatedNetwork`), and its kept
+    ratio of `cost` (hard gates): the target term plus the polarizer. One definition for the training method
+    and the Python API.
+
+    - The target term: a `TargetConstraint` (`ramping`: the target still falls), or, given a number w, the
+      fixed w * (ratio - target)^2. It sees the hard ratio (`ratio: expected`: of the gate probabilities);
+      with `moves: band` its gradient reaches only the gates whose flip lands nearer the band
+      (`GatedNetwork.band_ratio`), else every gate.
+    - The polarizer holds gates where they are. With `release_pulled`, once the target is final and the
+      ratio lies outside the band, it leaves out the gates the target term moves: some gate has to flip
+      there, and the polarizer held exactly those against it (docs/method.md)."""
+    hard = model.band_ratio(cost, target, tolerance) if moves == "band" else model.kept_ratio(cost)
+    seen = model.kept_ratio(cost, expected=True) if ratio == "expected" else hard
+    loss = target_term(seen, target, ramping) if isinstance(target_term, TargetConstraint) \
+        else target_term * (seen - target) ** 2
+    kept = float(hard.detach())
+    if polarization_weight == 0:
+        return loss, kept
+    release = release_pulled and not ramping and abs(kept - target) > tolerance
+    channel_probs, block_probs = model.gate_probs(held=release)
+    if channel_probs or block_probs:
+        loss = loss + polarization_weight * polarizer(channel_probs, block_probs, t, center)
+    return loss, kept
 
 
 def kept_target(progress: float, final: float, warmup_fraction: float, ramp_fraction: float) -> float:

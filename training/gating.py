@@ -315,7 +315,7 @@ class GatedNetwork(nn.Module):
                 continue
             after = torch.where(gate.last_values.detach() > 0.5, now - slope, now + slope)
             miss = (after - target).abs()
-            gate.movable = ((miss <= tolerance) | (miss < abs(now - target))).float()
+            gate.movable = gate.pulled = ((miss <= tolerance) | (miss < abs(now - target))).float()
         try:
             return self.kept_ratio(cost)
         finally:
@@ -326,11 +326,12 @@ class GatedNetwork(nn.Module):
     def dense_macs(self) -> float:
         return self.macs_cost.dense
 
-    def gate_probs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def gate_probs(self, held: bool = False) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """(unit probabilities per channel gate, block gate probabilities) of the last forward pass, of the
-        gates that learn."""
-        return ([g.last_probs for g in self.channel_gates.values() if g.learns],
-                [g.last_probs for g in self.block_gates.values() if g.learns])
+        gates that learn; `held`: without gradient to the units the target term moved (`Gate.held_probs`)."""
+        probs = (lambda g: g.held_probs()) if held else (lambda g: g.last_probs)
+        return ([probs(g) for g in self.channel_gates.values() if g.learns],
+                [probs(g) for g in self.block_gates.values() if g.learns])
 
     # -- the mask ---------------------------------------------------------------------------------
     @torch.no_grad()

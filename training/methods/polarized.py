@@ -26,7 +26,7 @@ from torch import nn
 from common.atomicio import write_json
 
 from ..errors import ConfigError
-from ..gates import TargetConstraint, consensus_disagreement, kept_target, polarized_penalty
+from ..gates import TargetConstraint, consensus_disagreement, gate_loss, kept_target
 from ..gating import Cost, GatedNetwork, MacsCost, cut, embed, mask_cost, mask_problem
 from ..mask import GateDecision, Mask, choose_mask, closed_by, projection_report
 from .base import Method, RunContext, failed
@@ -54,6 +54,8 @@ class PolarizedSettings:
                                          # "squared": the fixed term flops_weight * (ratio - target)^2
     one_sided_ramp: bool = True          # while the target ramps, lambda1 >= 0: gates ahead of it are not
                                          # pushed back open (afterwards the target is an equality)
+    constraint_restart: bool = True      # once the target is final, lambda1 never pushes the ratio away from it:
+                                         # it starts again from 0 when the ratio crosses the target
     constraint_lr: float = 1.0           # ascent step of the multipliers, per step and unit of ratio missed
     constraint_moves: str = "band"       # "band": the target term pushes only gates whose flip keeps the ratio
                                          # within flops_tolerance of the target (GatedNetwork.band_ratio); "all"
@@ -63,6 +65,8 @@ class PolarizedSettings:
     polarization_weight: float = 1.0
     polarization_t: float = 0.0          # extra closing push; the FLOPs term already sets how much closes
     polarization_center: str = "threshold"  # "threshold" (p = 0.5, default) or "mean" (Zhuang et al.)
+    release_pulled_gates: bool = True    # once the target is final and the kept ratio is outside the band, the
+                                         # polarizer leaves out the gates the target term moves (it held them)
     consensus_weight: float = 1.0        # dynamic gates: pull inputs towards one consensus sub-network
     gate_init: float = 2.0               # initial gate score: all gates open, sigmoid = 0.88
     gate_lr: float = 3.0                 # SGD on gate scores (see loop.make_optimizers)
@@ -169,7 +173,7 @@ class PolarizedMethod(Method):
         self._table_written = False
         self.agreement: float | None = None
         self.last_ratio = self.last_flops = 1.0
-        self.constraint = TargetConstraint(cfg.constraint_lr)
+        self.constraint = TargetConstraint(cfg.constraint_lr, cfg.one_sided_ramp, cfg.constraint_restart)
         self.steps_in_band = 0          # consecutive steps with the target final and the learned ratio in band
         self.freeze_point: dict | None = None  # when and why the mask froze
         self.trace: list[list[float]] = []     # [progress, kept ratio, target, lambda1] every TRACE_EVERY steps
@@ -232,27 +236,24 @@ class PolarizedMethod(Method):
             return None, self._logs()
         cfg = self.cfg
         target, learning = self.target_at(progress), progress >= cfg.warmup_fraction
-        if learning and cfg.constraint_ratio == "hard" and cfg.constraint_moves == "band":
-            ratio = model.band_ratio(self.cost, target, cfg.flops_tolerance)  # the hard ratio, its gradient banded
+        lambda1 = self.constraint.lambda1  # before this step raises it
+        if learning:
+            loss, self.last_ratio = gate_loss(
+                model, self.cost, target, cfg.flops_tolerance,
+                self.constraint if cfg.constraint == "lagrangian" else cfg.flops_weight,
+                cfg.polarization_weight, cfg.polarization_t, cfg.polarization_center,
+                ramping=progress < cfg.ramp_fraction, moves=cfg.constraint_moves, ratio=cfg.constraint_ratio,
+                release_pulled=cfg.release_pulled_gates)
         else:
-            ratio = model.kept_ratio(self.cost)
-        self.last_ratio = float(ratio.detach())
+            self.last_ratio = float(model.kept_ratio(self.cost).detach())
         self.last_flops = self.last_ratio if self.cost is self.flops else float(model.kept_ratio(self.flops).detach())
         if not learning:
             return None, self._logs()
-        channel_probs, block_probs = model.gate_probs()
         if len(self.trace) == 0 or progress - self.trace[-1][0] >= TRACE_EVERY:
-            self.trace.append([round(progress, 4), round(self.last_ratio, 4), round(target, 4),
-                               round(self.constraint.lambda1, 4),
+            self.trace.append([round(progress, 4), round(self.last_ratio, 4), round(target, 4), round(lambda1, 4),
                                round(float(model.kept_ratio(self.cost, expected=True).detach()), 4)])
-        if cfg.constraint_ratio == "expected":
-            ratio = model.kept_ratio(self.cost, expected=True)
-        target_term = self.constraint if cfg.constraint == "lagrangian" else cfg.flops_weight
-        loss = polarized_penalty(ratio, channel_probs, block_probs, target, target_term,
-                                 cfg.polarization_weight, cfg.polarization_t, cfg.polarization_center,
-                                 ramping=cfg.one_sided_ramp and progress < cfg.ramp_fraction)
         if cfg.dynamic_gates:
-            disagreement = [consensus_disagreement(p) for p in channel_probs + block_probs]
+            disagreement = [consensus_disagreement(p) for p in sum(model.gate_probs(), [])]
             loss = loss + cfg.consensus_weight * torch.stack(disagreement).mean()
         return loss, self._logs()
 
