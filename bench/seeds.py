@@ -56,7 +56,7 @@ def arm_row(seed: int, folder: Path, metrics: dict, dense: dict) -> dict:
             "flipped_flops_share": projection.get("flipped_flops_share"),
             "closed_flops_share": projection.get("closed_flops_share"),
             "freeze": metrics.get("freeze"), "target_flops_ratio": metrics.get("target_flops_ratio"),
-            "threads": config.get("threads"), "cpu": (metrics.get("provenance") or {}).get("cpu"),
+            "threads": config.get("threads"), "cpu": ((metrics.get("provenance") or {}).get("machine") or {}).get("cpu"),
             "train_seconds": metrics["train_seconds"], "epochs": metrics["epochs"],
             "compute_epochs": metrics["epochs"] + (dense["epochs"] if starts_dense else 0),
             "init_weights": config.get("init_weights"), "distill_from": config.get("distill_from"),
