@@ -16,10 +16,10 @@ from typing import Callable, Mapping
 import numpy as np
 import onnxruntime as ort
 
-from bench import BenchError
-from common.ort_timing import (NO_SPINNING, ProviderUnavailable, Runner, interleaved, quiet_torch,  # noqa: F401
+from polarprune.bench import BenchError
+from polarprune.common.ort_timing import (NO_SPINNING, ProviderUnavailable, Runner, interleaved, quiet_torch,  # noqa: F401
                                start_session)
-from common.results import cpu_flags, cpu_model
+from polarprune.common.results import cpu_flags, cpu_model
 
 ORT_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from common.cli import EXIT_OK, PolarpruneError, cli_parser, fail
+from polarprune.common.cli import EXIT_OK, PolarpruneError, cli_parser, fail
 
 from . import tensorrt_build as trt_build
 from .api import REPORT_NAME, TARGETS, ExportOptions, run

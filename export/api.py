@@ -18,14 +18,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.atomicio import WriteFailed, write_bytes, write_json
-from common.results import provenance
-from training.arch import SpecError
-from training.checkpoint import load_checkpoint, model_from_checkpoint
-from training.data import FolderOptions, load_splits, normalize
-from training.flops import count_macs
-from training.gating import GatedNetwork
-from training.mask import Mask, load_mask
+from polarprune.common.atomicio import WriteFailed, write_bytes, write_json
+from polarprune.common.results import provenance
+from polarprune.training.arch import SpecError
+from polarprune.training.checkpoint import load_checkpoint, model_from_checkpoint
+from polarprune.training.data import FolderOptions, load_splits, normalize
+from polarprune.training.flops import count_macs
+from polarprune.training.gating import GatedNetwork
+from polarprune.training.mask import Mask, load_mask
 
 from . import ExportError
 from . import tensorrt_build as trt_build

@@ -22,8 +22,8 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from common.atomicio import atomic_path
-from common.cli import EXIT_FAILED
+from polarprune.common.atomicio import atomic_path
+from polarprune.common.cli import EXIT_FAILED
 
 from . import TOLERANCE, ExportError, allowed_difference
 

@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.atomicio import write_json
-from training.api import NORMALIZATION_FILE, PROGRAM_FILES
-from training.pruning_report import FILES as PRUNING_FILES
-from training.flops import count_params
+from polarprune.common.atomicio import write_json
+from polarprune.training.api import NORMALIZATION_FILE, PROGRAM_FILES
+from polarprune.training.pruning_report import FILES as PRUNING_FILES
+from polarprune.training.flops import count_params
 
 from . import ExportError
 from .onnx_export import count_onnx_macs, export_onnx, validate_with_onnxruntime

@@ -16,12 +16,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from common.cli import EXIT_FAILED
-from training.api import load_pruned as _load_program
-from training.api import save_pruned as _save_program
-from training.gating import GatedNetwork, kept_index, check_mask, cut, full_mask
-from training.graph import NetworkGraph
-from training.mask import Mask, MaskError
+from polarprune.common.cli import EXIT_FAILED
+from polarprune.training.api import load_pruned as _load_program
+from polarprune.training.api import save_pruned as _save_program
+from polarprune.training.gating import GatedNetwork, kept_index, check_mask, cut, full_mask
+from polarprune.training.graph import NetworkGraph
+from polarprune.training.mask import Mask, MaskError
 
 from . import TOLERANCE, ExportError, allowed_difference
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
-from common.model_repository import ENGINE_CACHE_DIR, TRITON_RELEASE, ConfigError, parse_config
+from polarprune.common.model_repository import ENGINE_CACHE_DIR, TRITON_RELEASE, ConfigError, parse_config
 
 GPU_PLATFORMS = ("onnxruntime_onnx", "tensorrt_plan")
 DEFAULT_ENGINE_CACHE = Path.home() / ".cache" / "polarprune" / "trt_engines"   # host side of the cache mount

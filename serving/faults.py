@@ -32,13 +32,13 @@ from pathlib import Path
 
 import numpy as np
 
-from common.energy import process_tree
-from serving.admin import TritonAdmin
-from serving.client import TritonClassifier
-from serving.errors import ServingStageError
-from serving.loadtest import _process_label
-from serving.server import LocalTriton, LocalTritonConfig
-from serving.soak import SoakSettings, soak, summarize
+from polarprune.common.energy import process_tree
+from polarprune.serving.admin import TritonAdmin
+from polarprune.serving.client import TritonClassifier
+from polarprune.serving.errors import ServingStageError
+from polarprune.serving.loadtest import _process_label
+from polarprune.serving.server import LocalTriton, LocalTritonConfig
+from polarprune.serving.soak import SoakSettings, soak, summarize
 
 ROOT = Path(__file__).resolve().parents[1]
 

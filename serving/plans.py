@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from common.model_repository import MANIFEST_NAME, ConfigError, model_versions, parse_config, plan_problem
+from polarprune.common.model_repository import MANIFEST_NAME, ConfigError, model_versions, parse_config, plan_problem
 
 
 def plan_tensorrt(model_dir: Path) -> tuple[bool, str | None]:

@@ -17,13 +17,13 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.timing import interleaved, ort_session, percentile, summarize
-from common.tolerance import allowed_difference, tolerance
-from common.model_repository import ConfigError, parse_config
-from serving.client import TritonClassifier
-from serving.perf_analyzer import find_perf_analyzer
-from serving.run_artifacts import RunArtifacts
-from serving.server import Endpoints
+from polarprune.bench.timing import interleaved, ort_session, percentile, summarize
+from polarprune.common.tolerance import allowed_difference, tolerance
+from polarprune.common.model_repository import ConfigError, parse_config
+from polarprune.serving.client import TritonClassifier
+from polarprune.serving.perf_analyzer import find_perf_analyzer
+from polarprune.serving.run_artifacts import RunArtifacts
+from polarprune.serving.server import Endpoints
 
 ROLES = ("dense", "pruned")
 # A closed-loop run's clients meet at a barrier before its window opens, so every client sees the same

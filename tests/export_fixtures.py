@@ -13,11 +13,11 @@ import pytest
 import torch
 from torch import nn
 
-from training.checkpoint import save_checkpoint
-from training.gating import GatedNetwork, full_mask, mask_problem
-from training.graph import NetworkGraph, trace_network
-from training.mask import Mask, mask_document, save_mask
-from training.networks import NetworkInfo, build_network
+from polarprune.training.checkpoint import save_checkpoint
+from polarprune.training.gating import GatedNetwork, full_mask, mask_problem
+from polarprune.training.graph import NetworkGraph, trace_network
+from polarprune.training.mask import Mask, mask_document, save_mask
+from polarprune.training.networks import NetworkInfo, build_network
 
 
 @pytest.fixture(scope="module", autouse=True)

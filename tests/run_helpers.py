@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from common.energy import process_tree
+from polarprune.common.energy import process_tree
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
@@ -61,8 +61,8 @@ def require_triton() -> None:
     """Skip the calling test, saying why, where the bundled Triton server is not installed."""
     import pytest
 
-    from serving.errors import TritonNotFound
-    from serving.triton_install import find_triton_install
+    from polarprune.serving.errors import TritonNotFound
+    from polarprune.serving.triton_install import find_triton_install
     try:
         find_triton_install()
     except TritonNotFound as missing:

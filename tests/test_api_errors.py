@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from training.api import ApiError, ProgramError, load_pruned, polarize, save_for_export
-from training.graph import GraphError
-from training.networks import load_weights
+from polarprune.training.api import ApiError, ProgramError, load_pruned, polarize, save_for_export
+from polarprune.training.graph import GraphError
+from polarprune.training.networks import load_weights
 
 from user_networks import VGG
 

@@ -1,7 +1,7 @@
 """Configs: YAML + overrides, and bad input refused with the key named."""
 import pytest
 
-from training.config import ConfigError, load_config, make_config
+from polarprune.training.config import ConfigError, load_config, make_config
 
 
 def test_defaults_and_overrides(tmp_path):
@@ -70,8 +70,8 @@ def test_a_method_checks_the_rest_of_the_run_only_when_it_runs():
 def test_every_method_key_belongs_to_one_method():
     """The config is the common keys plus each method's settings dataclass; no key is declared twice."""
     import dataclasses
-    from training.config import TrainConfig
-    from training.methods import REGISTRY
+    from polarprune.training.config import TrainConfig
+    from polarprune.training.methods import REGISTRY
     owned = [f.name for m in REGISTRY.values() if m.settings for f in dataclasses.fields(m.settings)]
     assert len(owned) == len(set(owned))
     common = set(TrainConfig.__dataclass_fields__) - set(owned)

@@ -8,17 +8,17 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from training.checkpoint import load_checkpoint
-from training.config import ConfigError, make_config
-from training.gating import GatedNetwork, costed_layers, mask_cost
-from training.graph import Layer, trace_network
-from training.latency import (LatencyCost, LatencySettings, LatencyTable, cache_path, grid_value, load_or_measure,
+from polarprune.training.checkpoint import load_checkpoint
+from polarprune.training.config import ConfigError, make_config
+from polarprune.training.gating import GatedNetwork, costed_layers, mask_cost
+from polarprune.training.graph import Layer, trace_network
+from polarprune.training.latency import (LatencyCost, LatencySettings, LatencyTable, cache_path, grid_value, load_or_measure,
                               table_key)
-from training.loop import train
-from training.mask import Mask
-from training.methods import RunContext, make_method
-from training.methods.polarized import PolarizedSettings
-from training.networks import NetworkInfo, build_network
+from polarprune.training.loop import train
+from polarprune.training.mask import Mask
+from polarprune.training.methods import RunContext, make_method
+from polarprune.training.methods.polarized import PolarizedSettings
+from polarprune.training.networks import NetworkInfo, build_network
 from user_networks import MobileNetV2
 
 INFO = NetworkInfo("resnet20", 1, 10, (8, 8))
@@ -59,7 +59,7 @@ def test_table_prices_every_costed_layer_on_its_round_to_grid(graph, built):
 def test_layers_timed_slower_than_the_network_are_scaled_into_it(graph, monkeypatch):
     """Under load a layer timed alone can read slower than the whole network; the table must still predict
     every mask above the runtime's per-call floor, never below zero."""
-    import training.latency as latency
+    import polarprune.training.latency as latency
 
     def loaded_medians(graphs, settings):  # every layer 0.2 ms alone, the network 1.0 ms, masks 0.3-0.9 ms
         return {name: {"floor": 0.05, "dense": 1.0}.get(name, 0.3 if name.startswith("calibration") else 0.25)
@@ -79,7 +79,7 @@ def test_second_build_hits_the_cache_and_a_new_fingerprint_misses(graph, built, 
     again, source = load_or_measure(graph, 16, settings, log=lambda _: None)
     assert source == "cache" and again.to_dict() == table.to_dict()
     other_machine = {"cpu": "another CPU", "logical_cores": 64, "isa": ["avx2"]}
-    monkeypatch.setattr("training.latency.machine_fingerprint", lambda: other_machine)
+    monkeypatch.setattr("polarprune.training.latency.machine_fingerprint", lambda: other_machine)
     assert cache_path(settings, table_key(graph, 16, settings)) != cache_path(settings, table.key)
     moved, source = load_or_measure(graph, 16, settings, log=lambda _: None)
     assert source == "measured" and moved.key["machine"] == other_machine
@@ -140,7 +140,7 @@ def test_depthwise_layers_are_priced_by_their_one_width(tmp_path):
 
 
 def test_monotone_entries_rise_strictly_so_noise_never_removes_a_gradient():
-    from training.latency import monotone
+    from polarprune.training.latency import monotone
     noisy = [[1.0, 2.0, 1.9], [2.0, 1.5, 4.0], [3.0, 3.0, 3.0]]  # dips and flat steps, as noise makes them
     fixed = np.asarray(monotone(noisy))
     assert (np.diff(fixed, axis=0) > 0).all() and (np.diff(fixed, axis=1) > 0).all()
@@ -185,7 +185,7 @@ def test_cuda_runtime_without_its_provider_is_refused():
 
 
 def test_a_target_below_the_smallest_mask_is_refused(graph, built):
-    from training.methods.polarized import cost_floor
+    from polarprune.training.methods.polarized import cost_floor
     settings, table, _ = built
     floor, _ = cost_floor(graph, 16, LatencyCost(graph, table))  # what this table says the smallest mask keeps
     below = (floor - PolarizedSettings.flops_tolerance) / 2

@@ -11,13 +11,13 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from common.cli import EXIT_BAD_INPUT, EXIT_FAILED
-from export.__main__ import main
-from export.onnx_export import (INPUT_NAME, OUTPUT_NAME, OnnxExportError, count_onnx_macs, export_onnx,
+from polarprune.common.cli import EXIT_BAD_INPUT, EXIT_FAILED
+from polarprune.export.__main__ import main
+from polarprune.export.onnx_export import (INPUT_NAME, OUTPUT_NAME, OnnxExportError, count_onnx_macs, export_onnx,
                                 validate_with_onnxruntime)
-from export.surgery import load_pruned, prune
+from polarprune.export.surgery import load_pruned, prune
 from export_fixtures import make_run, single_torch_thread, trained_model  # noqa: F401 (autouse fixture)
-from training.data import FMNIST_SEARCH_DIRS
+from polarprune.training.data import FMNIST_SEARCH_DIRS
 
 CLOSED = ["layer1.1", "layer1.2", "layer2.0", "layer2.1"]  # several in a row, one of them downsampling
 
@@ -126,7 +126,7 @@ def test_triton_repository_and_serving_view(exported):
     for name in report["model_names"].values():
         assert (repository / name / "config.pbtxt").is_file()
         assert (repository / name / "1" / "model.onnx").is_file()
-    from serving.run_artifacts import load_run
+    from polarprune.serving.run_artifacts import load_run
     artifacts = load_run(run_dir)
     assert artifacts.model_names == report["model_names"] and artifacts.input_shape == (1, 28, 28)
 
@@ -211,7 +211,7 @@ def test_unknown_architecture(small_run):
 
 @needs_fmnist
 def test_failure_mid_export_leaves_run_folder_as_it_was(small_run, monkeypatch):
-    import export.api as cli
+    import polarprune.export.api as cli
 
     def half_written(model, path, input_shape):
         path.write_bytes(b"half an onnx file")

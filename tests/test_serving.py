@@ -18,14 +18,14 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from export.triton_repo import write_model_version
+from polarprune.export.triton_repo import write_model_version
 from tiny_onnx import tiny_classifier
-from serving.__main__ import main as serving_main
-from serving.client import InputSpecError, ServingError, TritonClassifier
-from serving.perf_analyzer import find_perf_analyzer
-from serving.errors import ServerError
-from serving.server import LocalTriton, LocalTritonConfig
-from serving.shm import leftover_shm_regions
+from polarprune.serving.__main__ import main as serving_main
+from polarprune.serving.client import InputSpecError, ServingError, TritonClassifier
+from polarprune.serving.perf_analyzer import find_perf_analyzer
+from polarprune.serving.errors import ServerError
+from polarprune.serving.server import LocalTriton, LocalTritonConfig
+from polarprune.serving.shm import leftover_shm_regions
 from run_helpers import require_triton
 
 MODELS = {"dense": "tiny_dense", "pruned": "tiny_pruned"}
@@ -141,7 +141,7 @@ def test_missing_export_outputs_say_run_make_export(tmp_path, capsys):
 
 def gpu_run(root: Path) -> tuple[Path, Path]:
     """A GPU repository (onnxruntime_onnx models, as export --target gpu writes) and its run folder."""
-    from export.triton_repo import TritonModelOptions
+    from polarprune.export.triton_repo import TritonModelOptions
 
     onnx_file = tiny_classifier(root / "tiny.onnx")
     for name in MODELS.values():
@@ -156,7 +156,7 @@ def gpu_run(root: Path) -> tuple[Path, Path]:
 
 def test_gpu_repository_without_url_is_refused_in_one_line_naming_the_container(tmp_path, capsys):
     """The bundled server has only the python backend: it is not started for onnxruntime_onnx models."""
-    from common.model_repository import ENGINE_CACHE_DIR, TRITON_RELEASE
+    from polarprune.common.model_repository import ENGINE_CACHE_DIR, TRITON_RELEASE
 
     repo, run = gpu_run(tmp_path)
     assert serving_main(["--repository", str(repo), "--run", str(run), "--quick"]) == 2

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import sys
 
-from common.atomicio import WriteFailed
-from common.cli import EXIT_OK, cli_parser, fail
+from polarprune.common.atomicio import WriteFailed
+from polarprune.common.cli import EXIT_OK, cli_parser, fail
 
 from .config import load_config
 from .errors import TrainingError

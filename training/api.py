@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.atomicio import write_bytes, write_json
+from polarprune.common.atomicio import write_bytes, write_json
 
 from .config import TrainConfig
 from .errors import TrainingError

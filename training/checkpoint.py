@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from common.atomicio import write_bytes
+from polarprune.common.atomicio import write_bytes
 
 from .arch import check_header
 from .config import ConfigError, make_config

@@ -42,9 +42,9 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from common.atomicio import write_json
-from common.ort_timing import ProviderUnavailable, interleaved, provider_problem, quiet_torch, start_session
-from common.results import cpu_flags, cpu_model
+from polarprune.common.atomicio import write_json
+from polarprune.common.ort_timing import ProviderUnavailable, interleaved, provider_problem, quiet_torch, start_session
+from polarprune.common.results import cpu_flags, cpu_model
 
 from .errors import ConfigError
 from .gating import Number, costed_layers, cut, layer_sum, mask_widths

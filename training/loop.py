@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common.atomicio import write_json, write_text
-from common.results import provenance
-from common.energy import EnergyMeter, EnergyReading
+from polarprune.common.atomicio import write_json, write_text
+from polarprune.common.results import provenance
+from polarprune.common.energy import EnergyMeter, EnergyReading
 
 from .checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from .config import ConfigError, TrainConfig

@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from common.atomicio import write_json
+from polarprune.common.atomicio import write_json
 
 from .arch import SpecError, check_header
 
