@@ -235,7 +235,7 @@ class GpuCheck:
                 "session ran and a TensorRT engine built", data)
 
     def train(self):
-        command = [sys.executable, "-m", "training", "--config", "configs/fmnist_resnet20.yaml",
+        command = [sys.executable, "-m", "polarprune.training", "--config", "configs/fmnist_resnet20.yaml",
                    *[f"--set={k}={v}" for k, v in {**TRAIN, "out_dir": self.work / "runs", "name": RUN_NAME}.items()]]
         run(command, 300, self.work / "train.log")
         metrics = json.loads((self.run_dir / "metrics.json").read_text())
@@ -246,7 +246,7 @@ class GpuCheck:
                 f"kept FLOPs {metrics['flops_ratio']:.3f}", data)
 
     def export(self):
-        command = [sys.executable, "-m", "export", "--run", str(self.run_dir), "--target", "gpu", "--engine",
+        command = [sys.executable, "-m", "polarprune.export", "--run", str(self.run_dir), "--target", "gpu", "--engine",
                    "--repository", str(self.repository)]
         run(command, 300, self.work / "export.log")
         report = json.loads((self.run_dir / "export_report.json").read_text())
@@ -330,7 +330,7 @@ class GpuCheck:
             server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         try:
             self.seconds_apart["engine_warmup"] = wait_until_loaded(server, f"localhost:{http}", log_path)
-            run([sys.executable, "-m", "serving", "--repository", str(self.repository), "--run", str(self.run_dir),
+            run([sys.executable, "-m", "polarprune.serving", "--repository", str(self.repository), "--run", str(self.run_dir),
                  "--url", f"localhost:{http}", "--grpc-url", f"localhost:{grpc}", "--quick", "--no-perf-analyzer",
                  "--startup-timeout", "60", "--report-dir", str(self.work / "serving")], 300,
                 self.work / "serving.log")

@@ -173,6 +173,13 @@ def polarize(model: nn.Module, example_input: torch.Tensor, **settings) -> Polar
     return gated
 
 
+def prune(gated: PolarizedNetwork, mask: Mask | None = None, check_input: torch.Tensor | None = None) -> nn.Module:
+    """`gated.prune(mask, check_input)` as a function: the smaller plain network, checked against `gated`."""
+    if not isinstance(gated, PolarizedNetwork):
+        raise ApiError(f"prune takes what polarize returned, got {type(gated).__name__}")
+    return gated.prune(mask, check_input)
+
+
 def save_pruned(path: str | Path, pruned: nn.Module, example_input: torch.Tensor) -> None:
     """Write `pruned` (architecture and weights) as a torch.export program with a dynamic batch axis."""
     pruned = pruned.eval()
