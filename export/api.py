@@ -16,7 +16,7 @@ from pathlib import Path
 from polarprune.common.atomicio import WriteFailed, write_json
 from polarprune.common.results import provenance
 from polarprune.training.arch import SpecError
-from polarprune.training.checkpoint import load_checkpoint, model_from_checkpoint
+from polarprune.training.checkpoint import load_checkpoint, trained_model
 from polarprune.training.data import FolderOptions, load_splits, normalize
 from polarprune.training.flops import count_macs
 from polarprune.training.gating import GatedNetwork
@@ -110,7 +110,7 @@ def load_dense_reference(dense_run: Path, state: dict):
                           f"(this one is {dense_state['config'].get('method')!r})")
     if dense_state["network"] != state["network"] or dense_state["config"].get("dataset") != state["config"].get("dataset"):
         raise ExportError(f"{dense_checkpoint}: --dense-run trained another network or dataset than the run")
-    model, _, _ = model_from_checkpoint(dense_state, dense_checkpoint)
+    model, _ = trained_model(dense_state, dense_checkpoint)
     return model.eval()
 
 
@@ -149,7 +149,7 @@ def run(options: ExportOptions) -> dict:
         return run_programs(options)
     state, document, mask = load_run(run_dir)
     checkpoint_path, mask_path = run_dir / "checkpoint.pt", run_dir / "mask.json"
-    model, graph, _ = model_from_checkpoint(state, checkpoint_path)
+    model, graph = trained_model(state, checkpoint_path)
     networks = prune(model, graph, mask, str(checkpoint_path), str(mask_path))
     dense_source = "gates_removed" if isinstance(model, GatedNetwork) else "trained"
     if options.dense_run is not None:

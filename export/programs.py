@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from polarprune.common.atomicio import write_json
-from polarprune.training.api import NORMALIZATION_FILE, PROGRAM_FILES
+from polarprune.training.program import NORMALIZATION_FILE, PROGRAM_FILES
 from polarprune.training.pruning_report import FILES as PRUNING_FILES
 from polarprune.training.flops import count_params
 

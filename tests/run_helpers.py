@@ -16,6 +16,11 @@ ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
 
 
+# What only training needs: export, which reads what training wrote, loads none of these.
+TRAINING_ONLY = ("polarprune.training.config", "polarprune.training.methods", "polarprune.training.api",
+                 "polarprune.training.loop")
+
+
 def modules_loaded_by(*modules: str) -> set[str]:
     """Every module name in sys.modules of a fresh interpreter (run from the checkout) after importing
     `modules`: what a stage pulls in, e.g. that serving loads no torch."""

@@ -7,6 +7,7 @@ import ast
 from pathlib import Path
 
 from polarprune import STAGES
+from run_helpers import TRAINING_ONLY, modules_loaded_by
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -104,3 +105,11 @@ def test_lower_layers_import_no_upper_ones():
     wrong = [(name, target) for name, targets in import_graph().items() for target in sorted(targets)
              if name.split(".")[1] in forbidden and target.split(".")[1] in forbidden[name.split(".")[1]]]
     assert wrong == []
+
+
+def test_export_imports_no_training_config_or_methods():
+    """`python -m export` reads what training wrote; it does not rebuild training (its config, methods,
+    loop or Python API). Running an export loads none of them either: tests/test_onnx_export.py."""
+    loaded = modules_loaded_by("polarprune.export.__main__")
+    assert "polarprune.export.api" in loaded
+    assert sorted(m for m in loaded if m.startswith(TRAINING_ONLY)) == []

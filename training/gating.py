@@ -199,7 +199,7 @@ class GatedNetwork(nn.Module):
     def __init__(self, graph: NetworkGraph, init_score: float = 2.0, dynamic: bool = False, round_to: int = 1,
                  score_clamp: float = 0.0):
         super().__init__()
-        self.graph, self.dynamic, self.round_to = graph, dynamic, round_to
+        self.graph, self.dynamic, self.round_to, self.score_clamp = graph, dynamic, round_to, score_clamp
         self.macs_cost = MacsCost(graph)  # the default cost of `kept_ratio`, priced every step: built once
         template = copy.deepcopy(graph.module)  # the trace stays as it was: a template, not the weights
         network = fx.GraphModule(template, template.graph, class_name="GatedNetwork")
