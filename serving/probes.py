@@ -19,7 +19,7 @@ import numpy as np
 
 from polarprune.common.ort_timing import interleaved, percentile, start_session, summarize
 from polarprune.common.tolerance import allowed_difference, tolerance
-from polarprune.common.model_repository import ConfigError, parse_config
+from polarprune.common.model_repository import ModelConfigError, parse_config
 from polarprune.serving.client import TritonClassifier
 from polarprune.serving.perf_analyzer import find_perf_analyzer
 from polarprune.serving.run_artifacts import RunArtifacts
@@ -94,7 +94,7 @@ def served_precision(model_dir: Path, engine_precision: str | None) -> tuple[str
     accelerator's precision_mode; a tensorrt_plan at the precision export built it with."""
     try:
         config = parse_config((model_dir / "config.pbtxt").read_text(errors="replace"))
-    except (OSError, ConfigError) as error:
+    except (OSError, ModelConfigError) as error:
         raise ValueError(f"{model_dir}/config.pbtxt: cannot tell what the model computes in ({error})") from None
     if config.backend == "python":
         return "cpu", "fp32", "python backend: onnxruntime on the CPU"

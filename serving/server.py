@@ -45,10 +45,10 @@ class Endpoints:
 
 def config_problem(config_path: Path) -> str | None:
     """Why Triton could not use this config.pbtxt (protobuf's line:column message), or None."""
-    from polarprune.common.model_repository import ConfigError, RepositoryError, parse_config  # torch-free: export's own check
+    from polarprune.common.model_repository import ModelConfigError, RepositoryError, parse_config  # torch-free: export's own check
     try:
         config = parse_config(config_path.read_text(errors="replace"), config_path.parent.name)
-    except ConfigError as error:
+    except ModelConfigError as error:
         return f"{config_path}: not a valid model config ({error.detail})"
     except RepositoryError as error:  # parses, but is no usable config (empty, another model's, no output)
         return f"{config_path}: not a valid model config ({error})"

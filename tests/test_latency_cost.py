@@ -10,12 +10,12 @@ import torch
 
 from polarprune.training.checkpoint import load_checkpoint
 from polarprune.training.config import ConfigError, make_config
-from polarprune.training.gating import GatedNetwork, costed_layers, mask_cost
+from polarprune.training.gating import GatedNetwork, costed_layers, group_units, mask_cost
 from polarprune.training.graph import Layer, trace_network
-from polarprune.training.latency import (LatencyCost, LatencySettings, LatencyTable, cache_path, grid_value, load_or_measure,
-                              table_key)
+from polarprune.training.latency import (LatencyCost, LatencySettings, LatencyTable, axis_widths, cache_path,
+                                         calibration_masks, grid_value, load_or_measure, table_key)
 from polarprune.training.loop import train
-from polarprune.training.mask import Mask
+from polarprune.training.mask import Mask, kept_widths
 from polarprune.training.methods import RunContext, make_method
 from polarprune.training.methods.polarized import PolarizedSettings
 from polarprune.training.networks import NetworkInfo, build_network
@@ -54,6 +54,19 @@ def test_table_prices_every_costed_layer_on_its_round_to_grid(graph, built):
     assert {"runtime", "onnxruntime", "provider", "machine", "batch", "threads", "network"} <= set(table.key)
     assert table.key["machine"]["logical_cores"] >= 1 and table.key["threads"] == 2
     assert len(table.calibration["measured_ratios"]) == table.calibration["networks"]
+
+
+def test_the_grid_times_only_widths_the_gates_can_keep(graph):
+    """One round_to rule: the table's axes and calibration masks use the gates' units (unit_sizes), so a
+    64-wide group at round_to 24 (units 24 + 40) is timed at 24, 40 and 64, never at 48."""
+    units = group_units(graph, 24)
+    assert units["layer3.0.conv1"] == [24, 40] and kept_widths([24, 40]) == [24, 40, 64]
+    assert axis_widths(graph, graph.layers["layer3.0.conv1"].out_layout, 24) == [24, 40, 64]
+    assert axis_widths(graph, graph.layers["layer1.0.conv1"].out_layout, 24) == [16]  # one unit: stays whole
+    masks = calibration_masks(graph, 24)
+    assert len(masks) > 2
+    for mask in masks:
+        assert all(len(kept) in kept_widths(units[group]) for group, kept in mask.kept_channels.items())
 
 
 def test_layers_timed_slower_than_the_network_are_scaled_into_it(graph, monkeypatch):

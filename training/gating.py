@@ -26,7 +26,7 @@ from .cuts import CUTS
 from .gates import Gate, straight_through
 from .graph import Layer, Layout, NetworkGraph, layer_macs
 from .mask import GateDecision, Mask, MaskError, MaskProblem, choose_mask, unit_sizes
-from .mask import check_mask as check_fits
+from .mask import check_fits, leading_mask
 
 Number = torch.Tensor | float
 
@@ -185,8 +185,13 @@ def mask_problem(graph: NetworkGraph, cost: Cost | None = None, round_to: int = 
                        lambda mask: mask_cost(cost, mask))
 
 
+def group_widths(graph: NetworkGraph) -> dict[str, int]:
+    """Channels of every prunable group."""
+    return {name: group.width for name, group in graph.prunable().items()}
+
+
 def full_mask(graph: NetworkGraph) -> Mask:
-    return Mask({name: list(range(group.width)) for name, group in graph.prunable().items()}, [])
+    return leading_mask(group_widths(graph))
 
 
 class GatedNetwork(nn.Module):
@@ -441,9 +446,8 @@ def embed(graph: NetworkGraph, small: nn.Module, mask: Mask, init_score: float =
 
 
 def check_mask(graph: NetworkGraph, mask: Mask, source: str = "mask") -> None:
-    """`training.mask.check_mask` against the traced network's groups and blocks."""
-    widths = {name: group.width for name, group in graph.prunable().items()}
-    check_fits(mask, widths, {name: graph.groups_inside(name) for name in graph.blocks}, source)
+    """`training.mask.check_fits` against the traced network's groups and blocks."""
+    check_fits(mask, group_widths(graph), {name: graph.groups_inside(name) for name in graph.blocks}, source)
 
 
 # -- the cut ----------------------------------------------------------------------------------------

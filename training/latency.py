@@ -47,9 +47,9 @@ from polarprune.common.ort_timing import ProviderUnavailable, interleaved, provi
 from polarprune.common.results import cpu_flags, cpu_model
 
 from .errors import ConfigError
-from .gating import Number, costed_layers, cut, layer_sum, mask_widths
+from .gating import Number, costed_layers, cut, group_units, group_widths, layer_sum, mask_widths
 from .graph import Layer, Layout, NetworkGraph
-from .mask import Mask
+from .mask import Mask, leading_mask, kept_widths
 
 TABLE_FORMAT, TABLE_VERSION = "polarprune-latency-table", 3  # 2: strictly rising; 3: layers fit in the network
 RUNTIMES = {"onnxruntime-cpu": "CPUExecutionProvider", "onnxruntime-cuda": "CUDAExecutionProvider"}
@@ -121,16 +121,16 @@ def layer_spec(graph: NetworkGraph, layer: Layer) -> dict[str, Any]:
 
 def axis_widths(graph: NetworkGraph, layout: Layout, round_to: int) -> list[int]:
     """The widths a layer's input or output can take: its full width when no prunable group lies on it,
-    else from the narrowest kept width (one `round_to` step per prunable group) to full in steps of
-    `round_to`, thinned evenly to at most MAX_AXIS_POINTS."""
-    prunable = graph.prunable()
-    full = sum(s.width for s in layout)
-    parts = [s.width for s in layout if graph.group_of_space[s.space] in prunable]
-    if not parts:
-        return [full]
-    step = min(round_to, *parts)
-    lowest = full - sum(parts) + sum(min(round_to, w) for w in parts)
-    widths = sorted(set(range(lowest, full, step)) | {full})
+    else every sum of the widths its groups can keep (`training.mask.kept_widths` of the gates' units),
+    thinned evenly to at most MAX_AXIS_POINTS."""
+    units = group_units(graph, round_to)
+    widths = {0}
+    for segment in layout:
+        group = graph.group_of_space[segment.space]
+        sizes = units.get(group) if sum(units.get(group, [])) == segment.width else None
+        choices = kept_widths(sizes) if sizes else [segment.width]
+        widths = {total + width for total in widths for width in choices}
+    widths = sorted(widths)
     if len(widths) > MAX_AXIS_POINTS:
         picks = np.linspace(0, len(widths) - 1, MAX_AXIS_POINTS).round().astype(int)
         widths = [widths[i] for i in sorted(set(picks.tolist()))]
@@ -324,23 +324,18 @@ def calibration_masks(graph: NetworkGraph, round_to: int, count: int = 6, seed: 
     """Masks whose cut networks calibrate the table: every group at its narrowest, every block closed, and
     `count` random ones (each group at a random width of its grid, each block closed with p = 0.3)."""
     rng = np.random.default_rng(seed)
-    prunable = graph.prunable()
+    grids = {name: kept_widths(sizes) for name, sizes in group_units(graph, round_to).items()}
     inside = {block: graph.groups_inside(block) for block in graph.blocks}
 
     def mask(widths: dict[str, int], closed: list[str]) -> Mask:
-        gone = {group for block in closed for group in inside[block]}
-        return Mask({n: list(range(w)) for n, w in widths.items() if n not in gone}, closed)
+        return leading_mask(widths, closed, {group for block in closed for group in inside[block]})
 
-    def grid(group) -> list[int]:
-        step = min(round_to, group.width)
-        return sorted(set(range(step, group.width, step)) | {group.width})
-
-    masks = [mask({n: grid(g)[0] for n, g in prunable.items()}, [])]
+    masks = [mask({n: grid[0] for n, grid in grids.items()}, [])]
     if graph.blocks:
-        masks.append(mask({n: g.width for n, g in prunable.items()}, list(graph.blocks)))
+        masks.append(mask(group_widths(graph), list(graph.blocks)))
     for _ in range(count):
         closed = [block for block in graph.blocks if rng.random() < 0.3]
-        masks.append(mask({n: int(rng.choice(grid(g))) for n, g in prunable.items()}, closed))
+        masks.append(mask({n: int(rng.choice(grid)) for n, grid in grids.items()}, closed))
     return masks
 
 
