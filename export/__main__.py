@@ -7,10 +7,9 @@ import sys
 from pathlib import Path
 
 from polarprune.common.cli import EXIT_OK, PolarpruneError, cli_parser, fail
-
-from . import tensorrt_build as trt_build
-from .api import REPORT_NAME, TARGETS, ExportOptions, run
-from .onnx_export import ORT_LEVELS
+from polarprune.export import tensorrt_build as trt_build
+from polarprune.export.api import REPORT_NAME, TARGETS, ExportOptions, run
+from polarprune.export.onnx_export import ORT_LEVELS
 
 PROG = "python -m export"
 

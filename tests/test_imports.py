@@ -113,3 +113,15 @@ def test_export_imports_no_training_config_or_methods():
     loaded = modules_loaded_by("polarprune.export.__main__")
     assert "polarprune.export.api" in loaded
     assert sorted(m for m in loaded if m.startswith(TRAINING_ONLY)) == []
+
+
+def test_modules_run_with_python_m_import_the_project_absolutely():
+    """`python -m training` runs training/__main__.py as __main__ inside the bare package `training`: a
+    relative import there would load a second copy of the stage under that name (with its own error
+    classes) beside polarprune.training. So entry modules import polarprune.<stage> by name."""
+    entries = [path for path in project_modules().values()
+               if path.name == "__main__.py" or 'if __name__ == "__main__"' in path.read_text()]
+    assert len(entries) >= 5
+    relative = [f"{path.relative_to(ROOT)}:{node.lineno}" for path in entries
+                for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.ImportFrom) and node.level]
+    assert relative == []
