@@ -1,4 +1,5 @@
-"""Measured latency as the gates' cost (`cost: latency`): a per-layer table timed on the deployment runtime.
+"""Measured latency as the gates' cost (`cost: latency`): a per-layer table timed on the deployment runtime
+(the timing itself: `training.latency_timing`), its fit to the whole network, its cache, and the cost.
 
 Every costed layer of the trace (conv, depthwise conv, linear) is exported alone as a tiny ONNX graph and
 timed on onnxruntime at each kept width `round_to` allows along each of its prunable axes (full width
@@ -22,75 +23,30 @@ masks exactly as before.
 """
 from __future__ import annotations
 
-import contextlib
-import copy
 import hashlib
-import io
 import json
-import os
-import statistics
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Mapping
 
 import numpy as np
-import onnx
-import onnx.helper
 import onnxruntime as ort
 import torch
 from torch import nn
 
 from polarprune.common.atomicio import write_json
-from polarprune.common.ort_timing import ProviderUnavailable, interleaved, provider_problem, quiet_torch, start_session
-from polarprune.common.results import cpu_flags, cpu_model
 
 from .errors import ConfigError
 from .gating import Number, costed_layers, cut, group_units, group_widths, layer_sum, mask_widths
 from .graph import Layer, Layout, NetworkGraph
+# measure_networks and runtime_problem are used through this module (training.methods.polarized)
+from .latency_timing import (LatencySettings, empty_graph, machine_fingerprint, measure_networks,  # noqa: F401
+                             median_ms, onnx_bytes, runtime_problem)
 from .mask import Mask, leading_mask, kept_widths
 
 TABLE_FORMAT, TABLE_VERSION = "polarprune-latency-table", 3  # 2: strictly rising; 3: layers fit in the network
-RUNTIMES = {"onnxruntime-cpu": "CPUExecutionProvider", "onnxruntime-cuda": "CUDAExecutionProvider"}
-# ISA extensions that change which kernels onnxruntime picks (its blocked conv path follows the widest)
-KERNEL_FLAGS = ("avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni", "amx_tile")
 MAX_AXIS_POINTS = 8     # widths timed per axis at most (round_to 1 on a 512-wide layer would be 512)
-OPSET = 18
-
-
-@dataclass(frozen=True)
-class LatencySettings:
-    """How and where the table is measured: the `latency_*` config keys."""
-    runtime: str = "onnxruntime-cpu"
-    batch: int = 1
-    threads: int = 2
-    cache: str = "~/.cache/polarprune/latency"
-    rounds: int = 600          # interleaved rounds; the median of each graph's times is its entry
-    budget_s: float = 40.0     # the rounds stop early after this (never before 20 rounds)
-
-    @classmethod
-    def from_config(cls, cfg) -> "LatencySettings":
-        return cls(cfg.latency_runtime, cfg.latency_batch, cfg.latency_threads, cfg.latency_cache)
-
-    @property
-    def provider(self) -> str:
-        return RUNTIMES[self.runtime]
-
-
-def runtime_problem(runtime: str) -> str | None:
-    """Why `latency_runtime` cannot be used here (None: it can)."""
-    if runtime not in RUNTIMES:
-        return f"must be one of {', '.join(RUNTIMES)}"
-    problem = provider_problem(RUNTIMES[runtime])
-    return None if problem is None else f"{problem}; install the onnxruntime build for it or use onnxruntime-cpu"
-
-
-def machine_fingerprint() -> dict[str, Any]:
-    """What makes timings from two machines incomparable: CPU model, logical cores, kernel-relevant ISA."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    flags = cpu_flags()
-    return {"cpu": cpu_model(), "logical_cores": cores, "isa": [f for f in KERNEL_FLAGS if f in flags]}
 
 
 # -- what gets timed ------------------------------------------------------------------------------------
@@ -156,61 +112,6 @@ def _layer_module(spec: dict, width_in: int, width_out: int) -> nn.Module:
     groups = width_in // spec.get("group_width", 1) if spec["kind"] in ("depthwise", "grouped") else 1
     return nn.Conv2d(width_in, width_in if groups > 1 else width_out, spec["kernel"], spec["stride"],
                      spec["padding"], spec["dilation"], groups=groups, bias=True)
-
-
-@contextlib.contextmanager
-def _quiet_exporter() -> Iterator[None]:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
-
-
-def onnx_bytes(module: nn.Module, input_shape: tuple[int, ...], batch: int) -> bytes:
-    """A copy of `module` in eval mode as serialized ONNX at a fixed batch: the TorchScript exporter, which
-    takes ~0.05 s a graph where the torch.export-based one takes seconds; both emit the same operators here."""
-    buffer = io.BytesIO()
-    module = copy.deepcopy(module).eval()
-    with _quiet_exporter(), torch.no_grad():
-        torch.onnx.export(module, (torch.zeros(batch, *input_shape),), buffer, dynamo=False, opset_version=OPSET,
-                          input_names=["input"], output_names=["output"])
-    return buffer.getvalue()
-
-
-def _empty_graph(batch: int) -> bytes:
-    """The runtime's per-call floor: an Identity on a (batch, 1) tensor."""
-    tensor = onnx.helper.make_tensor_value_info
-    graph = onnx.helper.make_graph([onnx.helper.make_node("Identity", ["input"], ["output"])], "floor",
-                                   [tensor("input", onnx.TensorProto.FLOAT, [batch, 1])],
-                                   [tensor("output", onnx.TensorProto.FLOAT, [batch, 1])])
-    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", OPSET)])
-    model.ir_version = 8  # readable by every onnxruntime this project supports
-    return model.SerializeToString()
-
-
-def _runner(session: ort.InferenceSession) -> Callable[[], object]:
-    model_input = session.get_inputs()[0]
-    shape = [int(d) for d in model_input.shape]
-    feed = {model_input.name: np.random.default_rng(0).standard_normal(shape, dtype=np.float32)}
-    return lambda: session.run(None, feed)
-
-
-def time_graphs(graphs: Mapping[str, bytes], settings: LatencySettings,
-                rounds: int | None = None) -> dict[str, list[float]]:
-    """Milliseconds of every call of each serialized graph, all interleaved in this process.
-    ConfigError (key latency_runtime) when the runtime's provider cannot run them."""
-    try:
-        sessions = {name: start_session(graph, settings.threads, settings.provider) for name, graph in graphs.items()}
-    except ProviderUnavailable as error:
-        raise ConfigError(f"config key 'latency_runtime': {error}", "latency_runtime") from None
-    runners = {name: _runner(session) for name, session in sessions.items()}
-    with quiet_torch():
-        seconds = interleaved(runners, rounds or settings.rounds, warmup=5, budget_s=settings.budget_s,
-                              min_rounds=20)
-    return {name: [value * 1e3 for value in values] for name, values in seconds.items()}
-
-
-def median_ms(graphs: Mapping[str, bytes], settings: LatencySettings) -> dict[str, float]:
-    return {name: statistics.median(values) for name, values in time_graphs(graphs, settings).items()}
 
 
 # -- the table ------------------------------------------------------------------------------------------
@@ -364,7 +265,7 @@ def _graphs_to_time(graph: NetworkGraph, round_to: int, settings: LatencySetting
                     masks: list[Mask]) -> tuple[dict[str, dict], dict[str, bytes]]:
     """(per layer: spec, width grid and activation elements at each grid point; serialized graphs by name:
     "floor", one per distinct layer point, "dense", "calibration<i>" per mask)."""
-    layers, graphs = {}, {"floor": _empty_graph(settings.batch)}
+    layers, graphs = {}, {"floor": empty_graph(settings.batch)}
     with torch.random.fork_rng(devices=[]):  # random layer weights must not move the run's random stream
         for path, layer in timed_layers(graph).items():
             spec, (input_shape, output_shape) = layer_spec(graph, layer), _shapes(graph, layer)
@@ -482,20 +383,3 @@ class LatencyCost:
 
     def kept(self, widths: Mapping[str, Number], blocks_open: Mapping[str, Number]) -> Number:
         return self.table.other_ms + layer_sum(self.graph, widths, blocks_open, self.table.layer_ms)
-
-
-def measure_networks(dense: nn.Module, pruned: nn.Module, input_shape: tuple[int, ...],
-                     settings: LatencySettings, rounds: int = 3000, blocks: int = 5) -> dict[str, Any]:
-    """The dense and the pruned network timed interleaved with the table's settings: medians in ms, their
-    ratio, and the ratio within each of `blocks` consecutive stretches of the rounds and of the fastest
-    calls (how much the machine's load moved it; under load the fastest calls are the least disturbed)."""
-    graphs = {name: onnx_bytes(module, input_shape, settings.batch)
-              for name, module in (("dense", dense), ("pruned", pruned))}
-    times = time_graphs(graphs, settings, rounds)
-    dense_ms, pruned_ms = (np.asarray(times[name]) for name in ("dense", "pruned"))
-    stretches = [(float(np.median(p)) / float(np.median(d)))
-                 for d, p in zip(np.array_split(dense_ms, blocks), np.array_split(pruned_ms, blocks))]
-    return {"dense_ms": float(np.median(dense_ms)), "pruned_ms": float(np.median(pruned_ms)),
-            "measured_ratio": float(np.median(pruned_ms) / np.median(dense_ms)),
-            "measured_ratio_blocks": stretches, "fastest_call_ratio": float(pruned_ms.min() / dense_ms.min()),
-            "rounds": int(dense_ms.size)}
