@@ -18,9 +18,26 @@ TESTS = Path(__file__).resolve().parent
 BUILD_INPUTS = ("pyproject.toml", "setup.py", "MANIFEST.in", "README.md", "LICENSE", "polarprune", *STAGES)
 
 
+def check_build_backend() -> None:
+    """The wheel is built with the project venv's setuptools (no download): it must be as new as
+    pyproject.toml's build-system asks (make venv installs it)."""
+    import re
+    import tomllib
+
+    import setuptools
+
+    wanted = next(r for r in tomllib.loads((ROOT / "pyproject.toml").read_text())["build-system"]["requires"]
+                  if r.startswith("setuptools"))
+    least = int(re.search(r">=(\d+)", wanted).group(1))
+    assert int(setuptools.__version__.split(".")[0]) >= least, (
+        f"the project venv has setuptools {setuptools.__version__}; building the wheel needs {wanted}: "
+        f"run make venv, or {sys.executable} -m pip install '{wanted}'")
+
+
 @pytest.fixture(scope="module")
 def venv(tmp_path_factory) -> Path:
     """A fresh venv holding only the wheel built from a copy of the checkout's build inputs."""
+    check_build_backend()
     work = tmp_path_factory.mktemp("package")
     source = work / "source"
     source.mkdir()
