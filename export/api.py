@@ -24,8 +24,8 @@ from polarprune.training.mask import Mask, load_mask
 
 from . import ExportError
 from . import tensorrt_build as trt_build
-from .onnx_export import ORT_LEVELS, count_onnx_macs, export_onnx, save_ort_optimized, validate_with_onnxruntime
 from .artifacts import KINDS, REPORT_NAME, Samples, commit, engines, stage_samples, write_triton_models  # noqa: F401
+from .onnx_export import ORT_LEVELS, count_onnx_macs, export_onnx, save_ort_optimized, validate_with_onnxruntime
 from .programs import is_program_folder, run_programs
 from .report import build_report, network_summary
 from .surgery import PRUNED_FILE, MaskMismatchError, Networks, SurgeryError, check_equivalence, prune, save_pruned

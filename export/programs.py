@@ -1,6 +1,6 @@
 """Export what the Python API saved: a folder with the pruned and dense networks as torch.export programs.
 
-`training.api.save_for_export(folder, pruned, dense, images, labels)` writes pruned.pt2, dense.pt2 and
+`polarprune.save_for_export(folder, pruned, dense, images, labels)` writes pruned.pt2, dense.pt2 and
 test_samples.npz; `python -m export --run folder` (here: `run_programs`) turns them into ONNX, checks
 onnxruntime against torch on the samples and the MACs of each graph, and adds <folder>_dense and
 <folder>_pruned to the Triton repository. The pruned network was already checked against its gated
@@ -54,7 +54,7 @@ def _program(path: Path):
     except ExportError:
         raise
     except FileNotFoundError:
-        raise ExportError(f"{path}: missing (training.api.save_for_export writes it)") from None
+        raise ExportError(f"{path}: missing (polarprune.save_for_export writes it)") from None
     except Exception as error:  # a damaged zip, a file that is no program: torch's many error types
         reason = str(error).strip().splitlines()[0][:160] if str(error).strip() else ""
         raise ExportError(f"{path}: not a torch.export program saved by polarprune ({type(error).__name__}"

@@ -3,9 +3,11 @@
 Three questions, answered in three places:
   which layers shrink together  -> `training.graph` (channel groups traced from the network itself)
   which channels and blocks stay -> mask.json (`training.mask`)
-  how the network is cut         -> `training.gating.cut`, one small function per layer type (`training.cuts`)
-The pruned network is saved as a torch.export program (`training.api.save_pruned`): its architecture
+  how the network is cut         -> `training.cutting.cut`, one small function per layer type (`training.cuts`)
+The pruned network is saved as a torch.export program (`training.program.save_pruned`): its architecture
 travels with its weights, so loading it never needs the training code or hits "size mismatch".
+Whether the cut computes what the gated network computes is `training.equivalence`, the check the Python
+API's `prune` runs too.
 """
 from __future__ import annotations
 

@@ -37,6 +37,7 @@ from .methods.polarized import PolarizedSettings
 from .program import NORMALIZATION_FILE, PROGRAM_FILES, ProgramError, check_program, load_pruned, save_pruned  # noqa: F401
 from .pruning_report import pruning_report, reachability, write_pruning_report
 
+
 @dataclass(frozen=True)
 class Polarization:
     """How the gates learn. Defaults: the training method's (`PolarizedSettings`), except the ramp, which
