@@ -117,7 +117,7 @@ def _limited(code: str, limit_bytes: int) -> subprocess.CompletedProcess:
     def limit():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
-    program = "import sys\nfrom common.cli import PolarpruneError, fail\ntry:\n" + textwrap.indent(
+    program = "import sys\nfrom polarprune.common.cli import PolarpruneError, fail\ntry:\n" + textwrap.indent(
         textwrap.dedent(code), "    ") + "\nexcept PolarpruneError as error:\n    sys.exit(fail('writer', error))\n"
     return subprocess.run([sys.executable, "-c", program], cwd=ROOT, capture_output=True, text=True, timeout=120,
                           preexec_fn=limit, env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])})

@@ -4,6 +4,7 @@ The graph is read from the source (every import, function-local ones included; i
 `if TYPE_CHECKING:` are annotations, never executed, and are left out), so a circle broken only by a
 function-local import still counts."""
 import ast
+import re
 from pathlib import Path
 
 from polarprune import STAGES
@@ -125,3 +126,18 @@ def test_modules_run_with_python_m_import_the_project_absolutely():
     relative = [f"{path.relative_to(ROOT)}:{node.lineno}" for path in entries
                 for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.ImportFrom) and node.level]
     assert relative == []
+
+
+BARE_STAGE_IMPORT = re.compile(r"(?:^|\\n|;|\")[ \t]*(?:from|import) (?:training|export|serving|bench|common)(?=[. \t])",
+                               re.MULTILINE)
+
+
+def test_no_code_imports_a_stage_by_its_bare_name():
+    """Everything imports polarprune.<stage>: a bare `training` or `common` is not installed, and in a
+    checkout it is a second copy of the stage (its own error classes). Code in strings (child processes)
+    counts too. After merging a branch written before the rename, re-run the rewrite of commit dbb00f1."""
+    files = [path for folder in (*STAGES, "polarprune", "tests", "scripts") for path in (ROOT / folder).rglob("*.py")]
+    assert len(files) > 100
+    found = [f"{path.relative_to(ROOT)}:{path.read_text()[:match.start()].count(chr(10)) + 1}"
+             for path in files for match in BARE_STAGE_IMPORT.finditer(path.read_text())]
+    assert found == []
