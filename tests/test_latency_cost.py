@@ -1,9 +1,11 @@
 """cost: latency: the per-layer latency table, its cache, its interpolation, its gradient, its config
 errors, and a short run that reports predicted beside measured latency. No assertion on absolute times."""
+import copy
 import dataclasses
 import json
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -12,13 +14,15 @@ from polarprune.training.checkpoint import load_checkpoint
 from polarprune.training.config import ConfigError, make_config
 from polarprune.training.gating import GatedNetwork, costed_layers, group_units, mask_cost
 from polarprune.training.graph import Layer, trace_network
-from polarprune.training.latency import (LatencyCost, LatencySettings, LatencyTable, axis_widths, cache_path,
-                                         calibration_masks, grid_value, load_or_measure, table_key)
+from polarprune.training.latency import (LatencyCost, LatencySettings, LatencyTable, graphs_to_time, axis_widths,
+                                         cache_path, calibration_masks, grid_value, layer_bytes, load_or_measure,
+                                         table_key)
 from polarprune.training.loop import train
 from polarprune.training.mask import Mask, kept_widths
 from polarprune.training.methods import RunContext, make_method
 from polarprune.training.methods.polarized import PolarizedSettings
 from polarprune.training.networks import NetworkInfo, build_network
+from polarprune.training.onnx_graph import network_graph
 from user_networks import MobileNetV2
 
 INFO = NetworkInfo("resnet20", 1, 10, (8, 8))
@@ -67,6 +71,21 @@ def test_the_grid_times_only_widths_the_gates_can_keep(graph):
     assert len(masks) > 2
     for mask in masks:
         assert all(len(kept) in kept_widths(units[group]) for group, kept in mask.kept_channels.items())
+
+
+def test_the_table_times_the_graphs_export_writes(graph):
+    """One exporter: the networks the table times are export's ONNX graphs, and each single layer, which
+    the faster TorchScript exporter writes, is the same one operator the shared exporter gives it."""
+    settings = LatencySettings(batch=1)
+    _, graphs = graphs_to_time(graph, 16, settings, calibration_masks(graph, 16, count=1))
+    ops = lambda model: [node.op_type for node in model.graph.node]  # noqa: E731
+    exported = network_graph(copy.deepcopy(graph.module), tuple(graph.input_shape), batch=1)
+    assert ops(onnx.load_from_string(graphs["dense"])) == ops(exported)
+    for module, shape, op in ((torch.nn.Conv2d(16, 32, 3, 2, 1), (16, 8, 8), "Conv"),
+                              (torch.nn.Conv2d(32, 32, 3, 1, 1, groups=32), (32, 8, 8), "Conv"),
+                              (torch.nn.Linear(64, 10), (64,), "Gemm")):
+        fast = onnx.load_from_string(layer_bytes(module, shape, 1))
+        assert ops(fast) == ops(network_graph(module, shape, batch=1)) == [op]
 
 
 def test_layers_timed_slower_than_the_network_are_scaled_into_it(graph, monkeypatch):

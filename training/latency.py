@@ -6,7 +6,8 @@ timed on onnxruntime at each kept width `round_to` allows along each of its prun
 included), at batch `latency_batch` with `latency_threads` intra-op threads and no spinning
 (`common.ort_timing`). Identical layers (same kind, kernel, stride, padding, input size and widths) are
 timed once. All layer graphs, an empty graph (the runtime's per-call floor), the dense network and a few
-cut calibration networks are timed in one process, interleaved; each gets the median over the rounds, and
+cut calibration networks (exported as export writes them, `training.onnx_graph`) are timed in one process,
+interleaved; each gets the median over the rounds, and
 a layer's isolated time is its median minus the floor.
 
 A layer timed alone costs more than in place (it reads and writes its activations in the plain layout);
@@ -42,7 +43,7 @@ from .gating import Number, costed_layers, cut, group_units, group_widths, layer
 from .graph import Layer, Layout, NetworkGraph
 # measure_networks and runtime_problem are used through this module (training.methods.polarized)
 from .latency_timing import (LatencySettings, empty_graph, machine_fingerprint, measure_networks,  # noqa: F401
-                             median_ms, onnx_bytes, runtime_problem)
+                             layer_bytes, median_ms, network_bytes, runtime_problem)
 from .mask import Mask, leading_mask, kept_widths
 
 TABLE_FORMAT, TABLE_VERSION = "polarprune-latency-table", 3  # 2: strictly rising; 3: layers fit in the network
@@ -261,7 +262,7 @@ def fit_in_network(deltas: list[tuple[float, float, float]]) -> tuple[float, flo
     return 1.0, 0.0
 
 
-def _graphs_to_time(graph: NetworkGraph, round_to: int, settings: LatencySettings,
+def graphs_to_time(graph: NetworkGraph, round_to: int, settings: LatencySettings,
                     masks: list[Mask]) -> tuple[dict[str, dict], dict[str, bytes]]:
     """(per layer: spec, width grid and activation elements at each grid point; serialized graphs by name:
     "floor", one per distinct layer point, "dense", "calibration<i>" per mask)."""
@@ -279,12 +280,12 @@ def _graphs_to_time(graph: NetworkGraph, round_to: int, settings: LatencySetting
                 for w_out in widths_out:
                     point = _point_key(spec, w_in, w_out)
                     if point not in graphs:
-                        graphs[point] = onnx_bytes(_layer_module(spec, w_in, w_out), (w_in, *input_shape[1:]),
-                                                   settings.batch)
-        graphs["dense"] = onnx_bytes(graph.module, tuple(graph.input_shape), settings.batch)
+                        graphs[point] = layer_bytes(_layer_module(spec, w_in, w_out), (w_in, *input_shape[1:]),
+                                                    settings.batch)
+        graphs["dense"] = network_bytes(graph.module, tuple(graph.input_shape), settings.batch)
         for index, mask in enumerate(masks):
-            graphs[f"calibration{index}"] = onnx_bytes(cut(graph, mask, graph.module), tuple(graph.input_shape),
-                                                       settings.batch)
+            graphs[f"calibration{index}"] = network_bytes(cut(graph, mask, graph.module),
+                                                          tuple(graph.input_shape), settings.batch)
     return layers, graphs
 
 
@@ -294,7 +295,7 @@ def measure_table(graph: NetworkGraph, round_to: int, settings: LatencySettings)
     started = time.perf_counter()
     key = table_key(graph, round_to, settings)
     masks = calibration_masks(graph, round_to)
-    layers, graphs = _graphs_to_time(graph, round_to, settings, masks)
+    layers, graphs = graphs_to_time(graph, round_to, settings, masks)
     medians = median_ms(graphs, settings)
     floor, dense = medians["floor"], medians["dense"]
     for entry in layers.values():

@@ -4,14 +4,12 @@ timings, its fit and the cost it gives the gates: `training.latency`.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import io
 import os
 import statistics
-import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import onnx
@@ -24,11 +22,11 @@ from polarprune.common.ort_timing import ProviderUnavailable, interleaved, provi
 from polarprune.common.results import cpu_flags, cpu_model
 
 from .errors import ConfigError
+from .onnx_graph import INPUT_NAME, OPSET, OUTPUT_NAME, network_graph, quiet_exporter
 
 RUNTIMES = {"onnxruntime-cpu": "CPUExecutionProvider", "onnxruntime-cuda": "CUDAExecutionProvider"}
 # ISA extensions that change which kernels onnxruntime picks (its blocked conv path follows the widest)
 KERNEL_FLAGS = ("avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni", "amx_tile")
-OPSET = 18
 
 
 @dataclass(frozen=True)
@@ -65,22 +63,23 @@ def machine_fingerprint() -> dict[str, Any]:
     return {"cpu": cpu_model(), "logical_cores": cores, "isa": [f for f in KERNEL_FLAGS if f in flags]}
 
 
-@contextlib.contextmanager
-def _quiet_exporter() -> Iterator[None]:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
-
-
-def onnx_bytes(module: nn.Module, input_shape: tuple[int, ...], batch: int) -> bytes:
-    """A copy of `module` in eval mode as serialized ONNX at a fixed batch: the TorchScript exporter, which
-    takes ~0.05 s a graph where the torch.export-based one takes seconds; both emit the same operators here."""
+def layer_bytes(module: nn.Module, input_shape: tuple[int, ...], batch: int) -> bytes:
+    """One layer (conv, depthwise conv, linear) as serialized ONNX at a fixed batch, through the TorchScript
+    exporter: ~0.03 s a graph where the shared exporter (`training.onnx_graph`) takes ~1 s, and for a single
+    layer both emit the same one operator (tests/test_latency_cost.py checks each kind)."""
     buffer = io.BytesIO()
     module = copy.deepcopy(module).eval()
-    with _quiet_exporter(), torch.no_grad():
+    with quiet_exporter(), torch.no_grad():
         torch.onnx.export(module, (torch.zeros(batch, *input_shape),), buffer, dynamo=False, opset_version=OPSET,
-                          input_names=["input"], output_names=["output"])
+                          input_names=[INPUT_NAME], output_names=[OUTPUT_NAME])
     return buffer.getvalue()
+
+
+def network_bytes(module: nn.Module, input_shape: tuple[int, ...], batch: int) -> bytes:
+    """A whole network as serialized ONNX at a fixed batch: the graph export writes (`training.onnx_graph`),
+    so the dense, calibration and pruned networks are timed as they will be served."""
+    with torch.no_grad():
+        return network_graph(copy.deepcopy(module).eval(), input_shape, batch).SerializeToString()
 
 
 def empty_graph(batch: int) -> bytes:
@@ -125,7 +124,7 @@ def measure_networks(dense: nn.Module, pruned: nn.Module, input_shape: tuple[int
     """The dense and the pruned network timed interleaved with the table's settings: medians in ms, their
     ratio, and the ratio within each of `blocks` consecutive stretches of the rounds and of the fastest
     calls (how much the machine's load moved it; under load the fastest calls are the least disturbed)."""
-    graphs = {name: onnx_bytes(module, input_shape, settings.batch)
+    graphs = {name: network_bytes(module, input_shape, settings.batch)
               for name, module in (("dense", dense), ("pruned", pruned))}
     times = time_graphs(graphs, settings, rounds)
     dense_ms, pruned_ms = (np.asarray(times[name]) for name in ("dense", "pruned"))
