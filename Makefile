@@ -48,7 +48,7 @@ all: train export serve
 
 $(STAMP): requirements-common.txt $(if $(CPU_STACK),,requirements-gpu.txt) $(REQUIREMENTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q --upgrade pip "setuptools>=77"  # setuptools: builds the wheel (pyproject.toml)
 	! $(PY) -m pip show -q $(OTHER_ORT) 2>/dev/null || $(PY) -m pip uninstall -q -y onnxruntime onnxruntime-gpu
 	$(PY) -m pip install -q -r $(REQUIREMENTS)
 	$(PY) -m serving.perf_analyzer --install || echo "perf_analyzer not installed: serving probes run without it"

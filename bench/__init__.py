@@ -3,7 +3,7 @@
 The scripts run as `python -m bench.<script>` from the repository root; they share the timing helpers
 in `bench.timing`.
 """
-from common.cli import PolarpruneError
+from polarprune.common.cli import PolarpruneError
 
 
 class BenchError(PolarpruneError):

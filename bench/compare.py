@@ -30,16 +30,16 @@ import sys
 import time
 from pathlib import Path
 
-from bench import compare_report as report_io
-from bench import torch_pruning_peer as peer
-from bench.timing import cpu_name, time_onnx
-from common.cli import EXIT_OK, PolarpruneError, cli_parser, fail
-from common.results import provenance
-from export.api import ExportOptions
-from export.api import run as run_export
-from training.checkpoint import CheckpointError, load_checkpoint
-from training.config import TrainConfig, load_config, make_config
-from training.loop import train
+from polarprune.bench import compare_report as report_io
+from polarprune.bench import torch_pruning_peer as peer
+from polarprune.bench.timing import cpu_name, time_onnx
+from polarprune.common.cli import EXIT_OK, PolarpruneError, cli_parser, fail
+from polarprune.common.results import provenance
+from polarprune.export.api import ExportOptions
+from polarprune.export.api import run as run_export
+from polarprune.training.checkpoint import CheckpointError, load_checkpoint
+from polarprune.training.config import TrainConfig, load_config, make_config
+from polarprune.training.loop import train
 
 METHODS = ("dense", "polarized", peer.NAME, "activation_density", "flipout")  # row order
 LABELS = {"dense": "dense", "polarized": "polarized (ours)", peer.NAME: peer.LABEL,

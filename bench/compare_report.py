@@ -9,7 +9,7 @@ import io
 import statistics
 from pathlib import Path
 
-from common.atomicio import write_bytes, write_json, write_text
+from polarprune.common.atomicio import write_bytes, write_json, write_text
 
 BATCH_KEYS = ("1", "64")  # the timed batch sizes, as JSON keys
 

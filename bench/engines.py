@@ -16,7 +16,7 @@ INPUT_NAME = "input"
 def build_engines(onnx_paths: dict[str, Path], sample_shape: tuple[int, ...], max_batch: int) -> dict[str, Path]:
     """FP32 engines with one batch profile up to `max_batch`, written beside each ONNX; an engine already
     there is reused (building one takes far longer than timing it)."""
-    from export import tensorrt_build
+    from polarprune.export import tensorrt_build
 
     reason = tensorrt_build.unavailable_reason()
     if reason is not None:

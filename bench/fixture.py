@@ -12,8 +12,8 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.atomicio import write_json
-from training.gating import full_mask
+from polarprune.common.atomicio import write_json
+from polarprune.training.gating import full_mask
 
 from .engines import build_engines, engine_runner, engine_settings, open_engines
 from .networks import close_blocks, dense_network, write_onnx

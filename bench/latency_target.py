@@ -18,18 +18,18 @@ import json
 import sys
 from pathlib import Path
 
-from bench import BenchError
-from bench.timing import time_onnx
-from common.cli import EXIT_OK, PolarpruneError, cli_parser, fail
-from common.results import provenance, write_result
-from export.onnx_export import export_onnx
-from training.config import load_config
-from training.gating import cut, mask_cost
-from training.graph import trace_network
-from training.latency import LatencyCost, LatencyTable
-from training.loop import train
-from training.mask import load_mask
-from training.networks import NetworkInfo, build_network
+from polarprune.bench import BenchError
+from polarprune.bench.timing import time_onnx
+from polarprune.common.cli import EXIT_OK, PolarpruneError, cli_parser, fail
+from polarprune.common.results import provenance, write_result
+from polarprune.export.onnx_export import export_onnx
+from polarprune.training.config import load_config
+from polarprune.training.gating import cut, mask_cost
+from polarprune.training.graph import trace_network
+from polarprune.training.latency import LatencyCost, LatencyTable
+from polarprune.training.loop import train
+from polarprune.training.mask import load_mask
+from polarprune.training.networks import NetworkInfo, build_network
 
 ROOT = Path(__file__).resolve().parents[1]
 PROG = "python -m bench.latency_target"

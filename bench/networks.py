@@ -13,12 +13,12 @@ from pathlib import Path
 
 import torch
 
-from export.onnx_export import export_onnx
-from training.arch import Spec, make_spec
-from training.gating import cut, full_mask, mask_macs
-from training.graph import NetworkGraph, trace_network
-from training.mask import Mask
-from training.models import build_model
+from polarprune.export.onnx_export import export_onnx
+from polarprune.training.arch import Spec, make_spec
+from polarprune.training.gating import cut, full_mask, mask_macs
+from polarprune.training.graph import NetworkGraph, trace_network
+from polarprune.training.mask import Mask
+from polarprune.training.models import build_model
 
 # Keep shares of successive blocks around the target: uneven, as an importance criterion leaves them,
 # and at 16/32/64 channels they land on counts that are not multiples of 8.

@@ -20,11 +20,11 @@ import statistics
 import sys
 from pathlib import Path
 
-from bench import BenchError
-from common.cli import EXIT_OK, PolarpruneError, cli_parser, fail
-from common.results import provenance, write_result
-from training.checkpoint import load_checkpoint
-from training.mask import load_mask
+from polarprune.bench import BenchError
+from polarprune.common.cli import EXIT_OK, PolarpruneError, cli_parser, fail
+from polarprune.common.results import provenance, write_result
+from polarprune.training.checkpoint import load_checkpoint
+from polarprune.training.mask import load_mask
 
 ROOT = Path(__file__).resolve().parents[1]
 

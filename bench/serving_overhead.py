@@ -30,14 +30,14 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.timing import cpu_name, interleaved, ort_session, session_settings, summarize
-from common.atomicio import write_json
-from export.triton_repo import TritonModelOptions, write_model_versions
-from serving.client import TritonClassifier
-from serving.errors import ServerError
-from serving.probes import ProbeSettings, probe_throughput, server_delta
-from serving.run_artifacts import RunArtifactsMissing, load_run
-from serving.server import LocalTriton, LocalTritonConfig
+from polarprune.bench.timing import cpu_name, interleaved, ort_session, session_settings, summarize
+from polarprune.common.atomicio import write_json
+from polarprune.export.triton_repo import TritonModelOptions, write_model_versions
+from polarprune.serving.client import TritonClassifier
+from polarprune.serving.errors import ServerError
+from polarprune.serving.probes import ProbeSettings, probe_throughput, server_delta
+from polarprune.serving.run_artifacts import RunArtifactsMissing, load_run
+from polarprune.serving.server import LocalTriton, LocalTritonConfig
 
 ROLES = ("dense", "pruned")
 BATCHES = (1, 16)

@@ -17,12 +17,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench.networks import close_blocks, dense_network, halve_inner_widths, uneven_inner_widths, write_onnx
-from bench.timing import compare, cpu_name, interleaved, ort_runner, ort_session, session_settings
-from common.atomicio import write_json
-from common.cli import EXIT_OK, cli_parser
-from training.arch import CIFAR_RESNET_DEPTHS
-from training.gating import full_mask
+from polarprune.bench.networks import close_blocks, dense_network, halve_inner_widths, uneven_inner_widths, write_onnx
+from polarprune.bench.timing import compare, cpu_name, interleaved, ort_runner, ort_session, session_settings
+from polarprune.common.atomicio import write_json
+from polarprune.common.cli import EXIT_OK, cli_parser
+from polarprune.training.arch import CIFAR_RESNET_DEPTHS
+from polarprune.training.gating import full_mask
 
 TARGET = 0.5
 BATCHES = (1, 64)

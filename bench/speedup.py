@@ -18,13 +18,13 @@ from pathlib import Path
 
 import torch
 
-from bench import BenchError, fixture
-from bench.timing import (cpu_name, efficiency, measure_pair, ort_runner, ort_session,
+from polarprune.bench import BenchError, fixture
+from polarprune.bench.timing import (cpu_name, efficiency, measure_pair, ort_runner, ort_session,
                           session_settings, speedup, torch_runner)
-from common.atomicio import write_json
-from common.cli import EXIT_OK, PolarpruneError, cli_parser, fail
-from training.mask import load_mask
-from training.networks import NetworkInfo, build_network
+from polarprune.common.atomicio import write_json
+from polarprune.common.cli import EXIT_OK, PolarpruneError, cli_parser, fail
+from polarprune.training.mask import load_mask
+from polarprune.training.networks import NetworkInfo, build_network
 
 PROG = "python -m bench.speedup"
 BATCHES = (1, 64)
@@ -78,7 +78,7 @@ def measure_run(run_dir: Path, pair: dict, threads: int, settings: dict, with_to
                             **settings)]
     if with_torch:
         torch.set_num_threads(threads)
-        from export.surgery import PRUNED_FILE, load_pruned  # what ships: the exported architecture
+        from polarprune.export.surgery import PRUNED_FILE, load_pruned  # what ships: the exported architecture
 
         shape = pair["network"].input_shape
         dense_model = build_network(pair["network"]).eval()
@@ -92,10 +92,10 @@ def measure_run(run_dir: Path, pair: dict, threads: int, settings: dict, with_to
 def probe_served(run_dir: Path, url: str, quick: bool, dense_flops: float, pruned_flops: float) -> dict:
     """Batch-1 latency through a running Triton, by the serving stage's own probe."""
     try:
-        from serving.errors import ServingStageError
-        from serving.probes import ProbeSettings, probe_latency
-        from serving.run_artifacts import load_run
-        from serving.server import RemoteTriton
+        from polarprune.serving.errors import ServingStageError
+        from polarprune.serving.probes import ProbeSettings, probe_latency
+        from polarprune.serving.run_artifacts import load_run
+        from polarprune.serving.server import RemoteTriton
     except ImportError as missing:
         return {"skipped": f"the serving stage is not importable ({missing}); use python -m serving"}
     try:

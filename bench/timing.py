@@ -16,10 +16,10 @@ from typing import Callable, Mapping
 import numpy as np
 import onnxruntime as ort
 
-from bench import BenchError
-from common.ort_timing import (NO_SPINNING, ProviderUnavailable, Runner, interleaved, quiet_torch,  # noqa: F401
-                               start_session)
-from common.results import cpu_flags, cpu_model
+from polarprune.bench import BenchError
+from polarprune.common.ort_timing import (NO_SPINNING, ProviderUnavailable, Runner, interleaved,  # noqa: F401
+                                         percentile, quiet_torch, start_session, summarize)
+from polarprune.common.results import cpu_flags, cpu_model
 
 ORT_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
@@ -77,22 +77,6 @@ def torch_runner(model, input_shape: tuple[int, ...], batch: int) -> Runner:
         with torch.inference_mode():
             return model(images)
     return run
-
-
-def percentile(values, q: float) -> float:
-    """The q-th percentile (0-100), linear interpolation between the two nearest ranks."""
-    values = np.asarray(values, dtype=np.float64)
-    if values.size == 0:
-        raise ValueError("percentile of no values")
-    return float(np.percentile(values, q))
-
-
-def summarize(seconds: list[float]) -> dict[str, float]:
-    """Median, p95, p99, min and mean in milliseconds, the sample count, and the spread p95 / median."""
-    ms = np.asarray(seconds, dtype=np.float64) * 1e3
-    median, p95 = percentile(ms, 50), percentile(ms, 95)
-    return {"n": int(ms.size), "median_ms": median, "p95_ms": p95, "p99_ms": percentile(ms, 99),
-            "min_ms": float(ms.min()), "mean_ms": float(ms.mean()), "p95_over_median": p95 / median}
 
 
 def speedup(dense_time: float, pruned_time: float) -> float:

@@ -28,19 +28,19 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bench import BenchError
-from common.atomicio import write_json, write_text
-from common.cli import EXIT_FAILED, EXIT_OK, PolarpruneError, cli_parser, fail
-from common.energy import EnergyMeter
-from common.results import provenance
-from export.onnx_export import count_onnx_macs, export_onnx, validate_with_onnxruntime
-from training.config import TrainConfig, load_config, make_config
-from training.flops import count_macs, count_params
-from training.loop import add_energy, evaluate, make_optimizers, seed_and_load, train_step
-from training.graph import trace_network
-from training.methods import RunContext, make_method
-from training.networks import NetworkInfo, build_network
-from training.models import PadShortcut
+from polarprune.bench import BenchError
+from polarprune.common.atomicio import write_json, write_text
+from polarprune.common.cli import EXIT_FAILED, EXIT_OK, PolarpruneError, cli_parser, fail
+from polarprune.common.energy import EnergyMeter
+from polarprune.common.results import provenance
+from polarprune.export.onnx_export import count_onnx_macs, export_onnx, validate_with_onnxruntime
+from polarprune.training.config import TrainConfig, load_config, make_config
+from polarprune.training.flops import count_macs, count_params
+from polarprune.training.loop import add_energy, evaluate, make_optimizers, seed_and_load, train_step
+from polarprune.training.graph import trace_network
+from polarprune.training.methods import RunContext, make_method
+from polarprune.training.networks import NetworkInfo, build_network
+from polarprune.training.models import PadShortcut
 
 try:
     import torch_pruning as tp

@@ -16,16 +16,16 @@ from pathlib import Path
 
 import torch
 
-from bench.timing import interleaved, summarize
-from common.atomicio import write_json
-from common.cli import EXIT_OK, PolarpruneError, cli_parser, fail
-from common.results import provenance
-from training.config import load_config
-from training.data import FolderOptions, dataset_info
-from training.loop import make_optimizers, train_step
-from training.methods import RunContext, make_method
-from training.graph import trace_network
-from training.networks import NetworkInfo, build_network
+from polarprune.bench.timing import interleaved, summarize
+from polarprune.common.atomicio import write_json
+from polarprune.common.cli import EXIT_OK, PolarpruneError, cli_parser, fail
+from polarprune.common.results import provenance
+from polarprune.training.config import load_config
+from polarprune.training.data import FolderOptions, dataset_info
+from polarprune.training.loop import make_optimizers, train_step
+from polarprune.training.methods import RunContext, make_method
+from polarprune.training.graph import trace_network
+from polarprune.training.networks import NetworkInfo, build_network
 
 GOAL_PERCENT = 5.0  # a gated step at most 1.05x a dense one (issue 13)
 FULL = {"rounds": 30, "warmup": 3, "budget_s": 120.0}

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from common.cli import EXIT_FAILED, PolarpruneError
+from polarprune.common.cli import EXIT_FAILED, PolarpruneError
 
 
 class WriteFailed(PolarpruneError, OSError):

@@ -24,7 +24,7 @@ class RepositoryError(RuntimeError):
     """The repository entry cannot be written safely; nothing was written."""
 
 
-class ConfigError(RepositoryError):
+class ModelConfigError(RepositoryError):
     """config.pbtxt text that is not a usable Triton ModelConfig; `detail` is protobuf's line:column
     message or what is missing."""
 
@@ -87,13 +87,13 @@ def parse_config(text: str, model_name: str | None = None) -> model_config_pb2.M
     try:
         text_format.Parse(text, config)
     except text_format.ParseError as bad:
-        raise ConfigError(f"config.pbtxt does not parse as Triton ModelConfig: {bad}", str(bad)) from None
+        raise ModelConfigError(f"config.pbtxt does not parse as Triton ModelConfig: {bad}", str(bad)) from None
     if model_name is not None and config.name != model_name:
         problem = f"config name {config.name!r} != model folder {model_name!r}"
-        raise ConfigError(problem, problem)
+        raise ModelConfigError(problem, problem)
     if not (config.backend or config.platform) or not config.input or not config.output:
         problem = "config.pbtxt needs a backend/platform, an input and an output"
-        raise ConfigError(problem, problem)
+        raise ModelConfigError(problem, problem)
     return config
 
 

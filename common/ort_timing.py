@@ -1,4 +1,4 @@
-"""onnxruntime sessions and interleaved timing, shared by the benchmarks (bench/, serving/) and the
+"""onnxruntime sessions, interleaved timing and its summary statistics, shared by the benchmarks (bench/, serving/) and the
 latency cost model of training (training/latency.py), which may not import bench.
 
 Sessions get pinned, identical options so that two measurements differ only in the model, and no idle
@@ -13,6 +13,7 @@ import time
 from contextlib import contextmanager
 from typing import Callable, Iterator, Mapping
 
+import numpy as np
 import onnxruntime as ort
 
 # Spinning (onnxruntime's default) keeps a session's idle workers busy-waiting after each run: with several
@@ -102,3 +103,19 @@ def interleaved(runners: Mapping[str, Runner], rounds: int, warmup: int = 3, bud
         if deadline is not None and round_index + 1 >= min_rounds and clock() > deadline:
             break
     return times
+
+
+def percentile(values, q: float) -> float:
+    """The q-th percentile (0-100), linear interpolation between the two nearest ranks."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.size == 0:
+        raise ValueError("percentile of no values")
+    return float(np.percentile(values, q))
+
+
+def summarize(seconds: list[float]) -> dict[str, float]:
+    """Median, p95, p99, min and mean in milliseconds, the sample count, and the spread p95 / median."""
+    ms = np.asarray(seconds, dtype=np.float64) * 1e3
+    median, p95 = percentile(ms, 50), percentile(ms, 95)
+    return {"n": int(ms.size), "median_ms": median, "p95_ms": p95, "p99_ms": percentile(ms, 99),
+            "min_ms": float(ms.min()), "mean_ms": float(ms.mean()), "p95_over_median": p95 / median}

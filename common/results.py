@@ -15,7 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from common.atomicio import write_json
+from polarprune.common.atomicio import write_json
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 STAMP_KEYS = ("command", "commit", "date", "machine")

@@ -2,8 +2,8 @@
 machines) and write the Triton model repository. Library entry point: `export.api.run(ExportOptions(...))`;
 command line: `python -m export --run runs/<name>`.
 """
-from common.cli import PolarpruneError
-from common.tolerance import allowed_difference, tolerance  # noqa: F401 (the stages share one definition)
+from polarprune.common.cli import PolarpruneError
+from polarprune.common.tolerance import allowed_difference, tolerance  # noqa: F401 (the stages share one definition)
 
 # Pruned vs gated network in torch, and onnxruntime CPU vs torch: the cpu/fp32 row of the one table.
 TOLERANCE = tolerance("cpu", "fp32")

@@ -6,18 +6,17 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from common.cli import EXIT_OK, PolarpruneError, cli_parser, fail
-
-from . import tensorrt_build as trt_build
-from .api import REPORT_NAME, TARGETS, ExportOptions, run
-from .onnx_export import ORT_LEVELS
+from polarprune.common.cli import EXIT_OK, PolarpruneError, cli_parser, fail
+from polarprune.export import tensorrt_build as trt_build
+from polarprune.export.api import REPORT_NAME, TARGETS, ExportOptions, run
+from polarprune.export.onnx_export import ORT_LEVELS
 
 PROG = "python -m export"
 
 
 def parse_args(argv: list[str] | None) -> ExportOptions:
     arguments = cli_parser(PROG, __doc__.splitlines()[0])
-    arguments.add_argument("--run", required=True, type=Path, help="run folder (checkpoint.pt, mask.json), or a folder training.api.save_for_export wrote")
+    arguments.add_argument("--run", required=True, type=Path, help="run folder (checkpoint.pt, mask.json), or a folder polarprune.save_for_export wrote")
     arguments.add_argument("--target", choices=TARGETS, default="cpu", help="Triton deployment target")
     arguments.add_argument("--dense-run", type=Path,
                            help="a run of method dense on the same data and model (e.g. runs/<name>_dense): "

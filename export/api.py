@@ -8,37 +8,30 @@ the run folder as it was; export_report.json comes last, once the Triton reposit
 """
 from __future__ import annotations
 
-import io
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import torch
-
-from common.atomicio import WriteFailed, write_bytes, write_json
-from common.results import provenance
-from training.arch import SpecError
-from training.checkpoint import load_checkpoint, model_from_checkpoint
-from training.data import FolderOptions, load_splits, normalize
-from training.flops import count_macs
-from training.gating import GatedNetwork
-from training.mask import Mask, load_mask
+from polarprune.common.atomicio import WriteFailed, write_json
+from polarprune.common.results import provenance
+from polarprune.training.arch import SpecError
+from polarprune.training.checkpoint import load_checkpoint, trained_model
+from polarprune.training.data import FolderOptions, load_splits, normalize
+from polarprune.training.flops import count_macs
+from polarprune.training.gating import GatedNetwork
+from polarprune.training.mask import Mask, load_mask
 
 from . import ExportError
 from . import tensorrt_build as trt_build
+from .artifacts import KINDS, REPORT_NAME, Samples, commit, engines, stage_samples, write_triton_models  # noqa: F401
 from .onnx_export import ORT_LEVELS, count_onnx_macs, export_onnx, save_ort_optimized, validate_with_onnxruntime
 from .programs import is_program_folder, run_programs
 from .report import build_report, network_summary
 from .surgery import PRUNED_FILE, MaskMismatchError, Networks, SurgeryError, check_equivalence, prune, save_pruned
-from .triton_repo import RepositoryError, TritonModelOptions, write_model_versions
+from .triton_repo import RepositoryError
 
-KINDS = ("dense", "pruned")
 TARGETS = ("cpu", "gpu")
-REPORT_NAME = "export_report.json"
-OPTIONAL_ARTIFACTS = ("*.ort-*.onnx", "dense.plan", "pruned.plan")
 
 
 @dataclass
@@ -75,13 +68,6 @@ class ExportOptions:
                 raise ExportError(f"export option {name}: {why} (got {getattr(self, name)!r})")
 
 
-@dataclass
-class Samples:
-    images: torch.Tensor  # float32 (N, C, H, W), normalised
-    labels: torch.Tensor  # int64 (N,)
-    normalization: dict | None = None  # {"mean", "std"} per channel, as the images were normalised
-
-
 def load_test_samples(config: dict, network: dict, count: int, source: Path) -> Samples:
     """The first `count` images of the run's official test split (image_folder: val/), normalised as in
     training."""
@@ -97,30 +83,6 @@ def load_test_samples(config: dict, network: dict, count: int, source: Path) -> 
     count = min(count, len(test))
     return Samples(normalize(test.images[:count], info), test.labels[:count].clone(),
                    {"mean": list(info.mean), "std": list(info.std)})
-
-
-def _stage_samples(path: Path, samples: Samples) -> None:
-    buffer = io.BytesIO()  # built in memory: a failed file write then leaves no half-closed zip behind
-    np.savez(buffer, images=samples.images.numpy().astype(np.float32), labels=samples.labels.numpy().astype(np.int64))
-    write_bytes(path, buffer.getvalue())
-
-
-def _engines(options: ExportOptions, staging: Path, samples: Samples, timing_cache: Path) -> dict:
-    if not options.engine:
-        return {"built": False, "reason": "not requested (--engine, on a GPU machine)"}
-    reason = trt_build.unavailable_reason()
-    if reason:
-        print(f"TensorRT: no engine built: {reason}")
-        return {"built": False, "reason": reason}
-    plan = trt_build.plan_build(trt_build.installed_version(), not options.engine_fp32,
-                                trt_build.fp16_converter_installed())
-    profile = trt_build.batch_profile(options.max_batch_size, options.engine_opt_batch, options.engine_max_batch)
-    workspace = options.workspace_mb << 20
-    models = {kind: trt_build.build_and_check(staging / f"{kind}.onnx", staging / f"{kind}.plan",
-                                              samples.images.numpy(), profile, plan, timing_cache, workspace)
-              for kind in KINDS}
-    print(f"TensorRT {plan.trt_version}: {plan.precision} engines built ({plan.note})")
-    return {"built": True, **trt_build.describe_plan(plan, profile, workspace), "models": models}
 
 
 def load_run(run_dir: Path) -> tuple[dict, dict, Mask]:
@@ -148,7 +110,7 @@ def load_dense_reference(dense_run: Path, state: dict):
                           f"(this one is {dense_state['config'].get('method')!r})")
     if dense_state["network"] != state["network"] or dense_state["config"].get("dataset") != state["config"].get("dataset"):
         raise ExportError(f"{dense_checkpoint}: --dense-run trained another network or dataset than the run")
-    model, _, _ = model_from_checkpoint(dense_state, dense_checkpoint)
+    model, _ = trained_model(dense_state, dense_checkpoint)
     return model.eval()
 
 
@@ -172,22 +134,9 @@ def stage_artifacts(options: ExportOptions, staging: Path, networks: Networks, s
             facts["ort_files"][kind] = optimized.name
     save_pruned(staging / PRUNED_FILE, networks.pruned, input_shape)
     facts["summaries"]["pruned"]["pruned_model_file"] = PRUNED_FILE
-    _stage_samples(staging / "test_samples.npz", samples)
-    facts["engine"] = _engines(options, staging, samples, timing_cache)
+    stage_samples(staging / "test_samples.npz", samples)
+    facts["engine"] = engines(options, staging, samples, timing_cache)
     return facts
-
-
-def commit(staging: Path, run_dir: Path) -> None:
-    """Move the staged artifacts in. The old report goes first (no report = no complete export), and
-    optional artifacts of an earlier export that this one did not make go too, so nothing stale stays."""
-    (run_dir / REPORT_NAME).unlink(missing_ok=True)
-    staged = {path.name for path in staging.iterdir()}
-    for pattern in OPTIONAL_ARTIFACTS:
-        for stale in run_dir.glob(pattern):
-            if stale.name not in staged:
-                stale.unlink()
-    for name in sorted(staged):
-        os.replace(staging / name, run_dir / name)
 
 
 def run(options: ExportOptions) -> dict:
@@ -200,7 +149,7 @@ def run(options: ExportOptions) -> dict:
         return run_programs(options)
     state, document, mask = load_run(run_dir)
     checkpoint_path, mask_path = run_dir / "checkpoint.pt", run_dir / "mask.json"
-    model, graph, _ = model_from_checkpoint(state, checkpoint_path)
+    model, graph = trained_model(state, checkpoint_path)
     networks = prune(model, graph, mask, str(checkpoint_path), str(mask_path))
     dense_source = "gates_removed" if isinstance(model, GatedNetwork) else "trained"
     if options.dense_run is not None:
@@ -244,25 +193,3 @@ def run(options: ExportOptions) -> dict:
     report["provenance"] = provenance()
     write_json(run_dir / REPORT_NAME, report)
     return report
-
-
-def write_triton_models(options: ExportOptions, run_dir: Path, engine: dict, normalization: dict | None = None) -> dict:
-    """Add a version of <run>_dense and <run>_pruned, both or neither; TensorRT plans are served only on
-    target gpu. `normalization` ({"mean", "std"}) goes into each config's parameters."""
-    names = {kind: f"{run_dir.name}_{kind}" for kind in KINDS}
-    serve_plan = options.serve_plan
-    if serve_plan and not engine["built"]:
-        raise ExportError(f"--serve-plan: no TensorRT engine was built ({engine['reason']})")
-    entries = []
-    for kind in KINDS:
-        plan = run_dir / f"{kind}.plan" if serve_plan else None
-        model_options = TritonModelOptions(target=options.target, max_batch_size=options.max_batch_size,
-                                           engine_path=str(plan) if plan else None,
-                                           engine_tensorrt=engine.get("tensorrt_version") if plan else None,
-                                           input_normalization=normalization)
-        entries.append((names[kind], run_dir / f"{kind}.onnx", model_options))
-    version_dirs = write_model_versions(Path(options.repository), entries)
-    platform = "python" if options.target == "cpu" else "tensorrt_plan" if serve_plan else "onnxruntime_onnx"
-    return {"repository": str(options.repository), "target": options.target, "platform": platform,
-            "max_batch_size": options.max_batch_size,
-            "model_names": names, "versions": {kind: str(path) for kind, path in zip(KINDS, version_dirs)}}

@@ -1,34 +1,28 @@
 """ONNX: export a network, clean and check the graph, validate it with onnxruntime, count its MACs.
 
-Export goes through torch's torch.export-based exporter (opset 18, input `input`, output `logits`, batch
-axis dynamic). onnx-graphsurgeon then folds constants, drops dead nodes and sorts the graph, and
+Export goes through the project's one exporter (`training.onnx_graph`: torch's torch.export-based one,
+opset 18, input `input`, output `logits`, batch axis dynamic, cleaned by onnx-graphsurgeon), and
 `onnx.checker` (with strict shape inference) must accept it. onnxruntime is compared with torch on real
 images. MACs are counted from the ONNX graph alone (shape inference over Conv and Gemm/MatMul), so the
 file that gets served can be checked against mask.json's pruned_flops.
 """
 from __future__ import annotations
 
-import contextlib
-import logging
 import math
-import warnings
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import onnx
-import onnx_graphsurgeon as gs
 import onnxruntime as ort
 import torch
 from torch import nn
 
-from common.atomicio import atomic_path
-from common.cli import EXIT_FAILED
+from polarprune.common.atomicio import atomic_path
+from polarprune.common.cli import EXIT_FAILED
+from polarprune.training.onnx_graph import INPUT_NAME, OPSET, OUTPUT_NAME, ExporterError, network_graph  # noqa: F401
 
 from . import TOLERANCE, ExportError, allowed_difference
 
-OPSET = 18
-INPUT_NAME, OUTPUT_NAME = "input", "logits"
 ORT_LEVELS = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
               "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
               "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
@@ -38,41 +32,6 @@ class OnnxExportError(ExportError):
     """An ONNX file that fails to export, check, run, or match torch or mask.json."""
 
     exit_code = EXIT_FAILED
-
-
-@contextlib.contextmanager
-def _quiet_exporter() -> Iterator[None]:
-    """The exporter logs progress, deprecations and missing-torchvision notes that say nothing here."""
-    logger = logging.getLogger("torch.onnx")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        logger.setLevel(level)
-
-
-def to_onnx(model: nn.Module, input_shape: tuple[int, ...], opset: int = OPSET) -> onnx.ModelProto:
-    """The exported graph of `model` in eval mode, batch axis dynamic, not yet cleaned."""
-    model.eval()
-    example = torch.zeros(2, *input_shape)  # batch 2: a batch of 1 invites specialisation
-    try:
-        with _quiet_exporter():
-            program = torch.onnx.export(
-                model, (example,), dynamo=True, opset_version=opset, verbose=False,
-                input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
-    except Exception as error:  # the exporter raises many types
-        raise OnnxExportError(f"ONNX export failed: {type(error).__name__}: {str(error).splitlines()[0]}") from None
-    return program.model_proto
-
-
-def clean_graph(model: onnx.ModelProto) -> onnx.ModelProto:
-    graph = gs.import_onnx(model)
-    graph.fold_constants().cleanup().toposort()
-    return gs.export_onnx(graph)
 
 
 def check_onnx(model: onnx.ModelProto, what: str) -> None:
@@ -88,7 +47,10 @@ def check_onnx(model: onnx.ModelProto, what: str) -> None:
 def export_onnx(model: nn.Module, path: str | Path, input_shape: tuple[int, ...],
                 opset: int = OPSET) -> onnx.ModelProto:
     """Export, clean, check and atomically write `path`; returns the written graph."""
-    cleaned = clean_graph(to_onnx(model, input_shape, opset))
+    try:
+        cleaned = network_graph(model, input_shape, opset=opset)
+    except ExporterError as error:
+        raise OnnxExportError(str(error)) from None
     check_onnx(cleaned, str(path))
     with atomic_path(path) as tmp:
         onnx.save(cleaned, str(tmp))

@@ -1,6 +1,6 @@
 """Export what the Python API saved: a folder with the pruned and dense networks as torch.export programs.
 
-`training.api.save_for_export(folder, pruned, dense, images, labels)` writes pruned.pt2, dense.pt2 and
+`polarprune.save_for_export(folder, pruned, dense, images, labels)` writes pruned.pt2, dense.pt2 and
 test_samples.npz; `python -m export --run folder` (here: `run_programs`) turns them into ONNX, checks
 onnxruntime against torch on the samples and the MACs of each graph, and adds <folder>_dense and
 <folder>_pruned to the Triton repository. The pruned network was already checked against its gated
@@ -17,17 +17,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.atomicio import write_json
-from training.api import NORMALIZATION_FILE, PROGRAM_FILES
-from training.pruning_report import FILES as PRUNING_FILES
-from training.flops import count_params
+from polarprune.common.atomicio import write_json
+from polarprune.training.program import NORMALIZATION_FILE, PROGRAM_FILES
+from polarprune.training.pruning_report import FILES as PRUNING_FILES
+from polarprune.training.flops import count_params
 
 from . import ExportError
+from .artifacts import KINDS, REPORT_NAME, Samples, commit, engines, write_triton_models
 from .onnx_export import count_onnx_macs, export_onnx, validate_with_onnxruntime
 from .surgery import load_pruned
-
-KINDS = ("dense", "pruned")
-
 
 def is_program_folder(folder: Path) -> bool:
     return all((folder / name).is_file() for name in PROGRAM_FILES.values()) and not (folder / "checkpoint.pt").exists()
@@ -56,7 +54,7 @@ def _program(path: Path):
     except ExportError:
         raise
     except FileNotFoundError:
-        raise ExportError(f"{path}: missing (training.api.save_for_export writes it)") from None
+        raise ExportError(f"{path}: missing (polarprune.save_for_export writes it)") from None
     except Exception as error:  # a damaged zip, a file that is no program: torch's many error types
         reason = str(error).strip().splitlines()[0][:160] if str(error).strip() else ""
         raise ExportError(f"{path}: not a torch.export program saved by polarprune ({type(error).__name__}"
@@ -84,8 +82,6 @@ def _closed_blocks(pruning: dict | None) -> list[str] | None:
 
 def run_programs(options) -> dict:
     """`export.api.run` for a folder the Python API wrote (options: `export.api.ExportOptions`)."""
-    from .api import REPORT_NAME, Samples, _engines, commit, write_triton_models  # the run-folder export's steps
-
     folder = Path(options.run)
     images, labels = _samples(folder / PROGRAM_FILES["samples"])
     networks = {kind: _program(folder / PROGRAM_FILES[kind]) for kind in KINDS}
@@ -107,7 +103,7 @@ def run_programs(options) -> dict:
                                "onnx_file": onnx_path.name, "onnx_bytes": onnx_path.stat().st_size}
         if summaries["pruned"]["flops"] > summaries["dense"]["flops"]:
             raise ExportError(f"{folder}: pruned.pt2 has more MACs than dense.pt2: the two are swapped or unrelated")
-        engine = _engines(options, staging, Samples(batch, torch.from_numpy(labels[:len(batch)])),
+        engine = engines(options, staging, Samples(batch, torch.from_numpy(labels[:len(batch)])),
                           Path(options.timing_cache or folder / "tensorrt_timing.cache"))
         shutil.copy(folder / PROGRAM_FILES["samples"], staging / "test_samples.npz")
         commit(staging, folder)

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from training.flops import count_macs, count_params
-from training.mask import Mask
+from polarprune.training.flops import count_macs, count_params
+from polarprune.training.mask import Mask
 
-from training.graph import NetworkGraph
+from polarprune.training.graph import NetworkGraph
 from .onnx_export import OPSET
 
 DENSE_SOURCE = {

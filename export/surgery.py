@@ -3,9 +3,11 @@
 Three questions, answered in three places:
   which layers shrink together  -> `training.graph` (channel groups traced from the network itself)
   which channels and blocks stay -> mask.json (`training.mask`)
-  how the network is cut         -> `training.gating.cut`, one small function per layer type (`training.cuts`)
-The pruned network is saved as a torch.export program (`training.api.save_pruned`): its architecture
+  how the network is cut         -> `training.cutting.cut`, one small function per layer type (`training.cuts`)
+The pruned network is saved as a torch.export program (`training.program.save_pruned`): its architecture
 travels with its weights, so loading it never needs the training code or hits "size mismatch".
+Whether the cut computes what the gated network computes is `training.equivalence`, the check the Python
+API's `prune` runs too.
 """
 from __future__ import annotations
 
@@ -16,14 +18,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from common.cli import EXIT_FAILED
-from training.api import load_pruned as _load_program
-from training.api import save_pruned as _save_program
-from training.gating import GatedNetwork, kept_index, check_mask, cut, full_mask
-from training.graph import NetworkGraph
-from training.mask import Mask, MaskError
+from polarprune.common.cli import EXIT_FAILED
+from polarprune.training.program import load_pruned as _load_program
+from polarprune.training.program import save_pruned as _save_program
+from polarprune.training import equivalence
+from polarprune.training.gating import GatedNetwork, check_mask, cut, full_mask
+from polarprune.training.graph import NetworkGraph
+from polarprune.training.mask import Mask, MaskError
 
-from . import TOLERANCE, ExportError, allowed_difference
+from . import ExportError
 
 PRUNED_FILE = "pruned_model.pt2"
 
@@ -93,72 +96,13 @@ def prune(model: nn.Module, graph: NetworkGraph, mask: Mask, checkpoint_source: 
 
 # -- pruned vs gated ----------------------------------------------------------------------------------
 
-@torch.no_grad()
-def _logits(model: nn.Module, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
-    model.eval()
-    return torch.cat([model(images[i:i + batch]) for i in range(0, len(images), batch)])
-
-
 def check_equivalence(reference: nn.Module, pruned: nn.Module, graph: NetworkGraph, mask: Mask,
-                      images: torch.Tensor, tolerance: float = TOLERANCE) -> float:
-    """Max |logit difference| of pruned vs reference on `images`; SurgeryError naming the first layer
-    that diverges when it exceeds `tolerance` (scaled by logits beyond 1, see `allowed_difference`)."""
-    expected = _logits(reference, images)
-    diff = (expected - _logits(pruned, images)).abs()
-    worst = float(diff.max())
-    if worst <= allowed_difference(tolerance, float(expected.abs().max())):
-        return worst
-    per_image = diff.amax(dim=1)
-    suspects = images[per_image.argsort(descending=True)[:8]]
-    layer, detail = first_divergent_layer(reference, pruned, graph, mask, suspects, tolerance)
-    raise SurgeryError(f"pruned network differs from the gated one by {worst:.3g} in the logits "
-                       f"(tolerance {tolerance:g}); first diverging layer: {layer} ({detail})")
-
-
-@torch.no_grad()
-def first_divergent_layer(reference: nn.Module, pruned: nn.Module, graph: NetworkGraph, mask: Mask,
-                          images: torch.Tensor, tolerance: float) -> tuple[str, str]:
-    """(layer path, what differs) for the first conv/norm/linear, in forward order, whose output on the
-    kept channels differs; the worst layer if none passes its tolerance. A gated layer's output is read
-    before its gate, so closed channels of the reference are compared only where they were kept."""
-    prefix = "network." if isinstance(reference, GatedNetwork) else ""
-    names = [path for path in graph.layers if _has(pruned, path)]
-    ref_out, cut_out = _record(reference, [prefix + n for n in names], images), _record(pruned, names, images)
-    worst = ("", -1.0)
-    for name in names:
-        expected, got = ref_out[prefix + name], cut_out[name]
-        kept = kept_index(graph, graph.layers[name].out_layout, mask)
-        if kept is not None and expected.shape[1] != got.shape[1]:
-            expected = expected[:, kept]
-        if expected.shape != got.shape:
-            return name, f"shape {list(got.shape)} vs {list(expected.shape)}"
-        diff = float((expected - got).abs().max())
-        scale = float(expected.abs().max())
-        if diff > allowed_difference(tolerance, scale):
-            return name, f"max abs diff {diff:.3g} at activation scale {scale:.3g}"
-        worst = max(worst, (name, diff / max(1.0, scale)), key=lambda item: item[1])
-    return worst[0], f"no single layer beyond tolerance; largest relative diff {worst[1]:.3g}"
-
-
-def _has(model: nn.Module, path: str) -> bool:
+                      images: torch.Tensor, tolerance: float = equivalence.TOLERANCE) -> float:
+    """`training.equivalence.check_equivalence`, failing as the export stage's SurgeryError."""
     try:
-        model.get_submodule(path)
-        return True
-    except AttributeError:
-        return False
-
-
-def _record(model: nn.Module, names: list[str], images: torch.Tensor) -> dict[str, torch.Tensor]:
-    outputs: dict[str, torch.Tensor] = {}
-    hooks = [model.get_submodule(name).register_forward_hook(
-        lambda _m, _i, out, name=name: outputs.__setitem__(name, out.detach())) for name in names]
-    try:
-        model.eval()
-        model(images)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return outputs
+        return equivalence.check_equivalence(reference, pruned, graph, mask, images, tolerance)
+    except equivalence.EquivalenceError as error:
+        raise SurgeryError(str(error)) from None
 
 
 # -- pruned_model.pt2 ---------------------------------------------------------------------------------

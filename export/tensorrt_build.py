@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from common.atomicio import write_bytes
-from common.cli import EXIT_FAILED
-from common.tolerance import allowed_difference, tolerance
+from polarprune.common.atomicio import write_bytes
+from polarprune.common.cli import EXIT_FAILED
+from polarprune.common.tolerance import allowed_difference, tolerance
 
 from . import ExportError
 from .onnx_export import INPUT_NAME, OUTPUT_NAME, run_onnxruntime

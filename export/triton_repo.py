@@ -33,8 +33,8 @@ import onnx
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from common.atomicio import WriteFailed, atomic_path
-from common.model_repository import (ENGINE_CACHE_DIR, MANIFEST_NAME, RepositoryError, engine_version, model_versions,
+from polarprune.common.atomicio import WriteFailed, atomic_path
+from polarprune.common.model_repository import (ENGINE_CACHE_DIR, MANIFEST_NAME, RepositoryError, engine_version, model_versions,
                                      parse_config)
 
 TARGETS = ("cpu", "gpu")

@@ -19,7 +19,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from common.results import REPO_ROOT, ResultError, read_source, write_result
+from polarprune.common.results import REPO_ROOT, ResultError, read_source, write_result
 
 RESULTS_DIR = REPO_ROOT / "docs" / "results"
 RUN_KEYS = ("method", "epochs", "test_accuracy", "dense_flops", "pruned_flops", "flops_ratio", "dense_params",

@@ -141,7 +141,7 @@ class GpuCheck:
 
     # ---- steps ---------------------------------------------------------------------------------
     def preconditions(self, pull: bool):
-        from common.model_repository import TRITON_RELEASE
+        from polarprune.common.model_repository import TRITON_RELEASE
 
         python = sys.version_info[:2]
         problems = [p for p in (gpu_stack.tensorrt_python_problem(python), polygraphy_problem(), self.docker_problem)
@@ -166,14 +166,14 @@ class GpuCheck:
                  "docker_root": self.docker_root, "free_gib": space})
 
     def image_present(self) -> bool:
-        from common.model_repository import TRITON_RELEASE
+        from polarprune.common.model_repository import TRITON_RELEASE
 
         return bool(self.docker_root) and subprocess.run(
             [self.docker, "image", "inspect", TRITON_RELEASE.image], capture_output=True).returncode == 0
 
     def pull_image(self) -> None:
         """`--pull`: fetch the Triton image before the budgeted steps; its time is reported apart."""
-        from common.model_repository import TRITON_RELEASE
+        from polarprune.common.model_repository import TRITON_RELEASE
 
         if not self.docker_root or self.image_present():
             return
@@ -191,9 +191,9 @@ class GpuCheck:
         import onnxruntime as ort
         import torch
 
-        from bench.timing import ort_session
-        from export import tensorrt_build
-        from export.onnx_export import INPUT_NAME, export_onnx
+        from polarprune.bench.timing import ort_session
+        from polarprune.export import tensorrt_build
+        from polarprune.export.onnx_export import INPUT_NAME, export_onnx
 
         try:
             driver = gpu_stack.read_driver_version()
@@ -235,7 +235,7 @@ class GpuCheck:
                 "session ran and a TensorRT engine built", data)
 
     def train(self):
-        command = [sys.executable, "-m", "training", "--config", "configs/fmnist_resnet20.yaml",
+        command = [sys.executable, "-m", "polarprune.training", "--config", "configs/fmnist_resnet20.yaml",
                    *[f"--set={k}={v}" for k, v in {**TRAIN, "out_dir": self.work / "runs", "name": RUN_NAME}.items()]]
         run(command, 300, self.work / "train.log")
         metrics = json.loads((self.run_dir / "metrics.json").read_text())
@@ -246,7 +246,7 @@ class GpuCheck:
                 f"kept FLOPs {metrics['flops_ratio']:.3f}", data)
 
     def export(self):
-        command = [sys.executable, "-m", "export", "--run", str(self.run_dir), "--target", "gpu", "--engine",
+        command = [sys.executable, "-m", "polarprune.export", "--run", str(self.run_dir), "--target", "gpu", "--engine",
                    "--repository", str(self.repository)]
         run(command, 300, self.work / "export.log")
         report = json.loads((self.run_dir / "export_report.json").read_text())
@@ -266,7 +266,7 @@ class GpuCheck:
         from polygraphy.backend.common import BytesFromPath
         from polygraphy.backend.trt import EngineFromBytes, TrtRunner
 
-        from common.tolerance import allowed_difference, tolerance
+        from polarprune.common.tolerance import allowed_difference, tolerance
 
         precision = self.steps["export"]["engine"]["precision"]
         images = np.load(self.run_dir / "test_samples.npz")["images"][:256]
@@ -298,8 +298,8 @@ class GpuCheck:
             {"comparisons": results}
 
     def triton(self):
-        from common.model_repository import ENGINE_CACHE_DIR, TRITON_RELEASE
-        from serving.container import container_command, tritonserver_args
+        from polarprune.common.model_repository import ENGINE_CACHE_DIR, TRITON_RELEASE
+        from polarprune.serving.container import container_command, tritonserver_args
 
         names = self.steps["export"]["triton"]["model_names"]
         models = (names["dense"], names["pruned"])
@@ -330,7 +330,7 @@ class GpuCheck:
             server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         try:
             self.seconds_apart["engine_warmup"] = wait_until_loaded(server, f"localhost:{http}", log_path)
-            run([sys.executable, "-m", "serving", "--repository", str(self.repository), "--run", str(self.run_dir),
+            run([sys.executable, "-m", "polarprune.serving", "--repository", str(self.repository), "--run", str(self.run_dir),
                  "--url", f"localhost:{http}", "--grpc-url", f"localhost:{grpc}", "--quick", "--no-perf-analyzer",
                  "--startup-timeout", "60", "--report-dir", str(self.work / "serving")], 300,
                 self.work / "serving.log")
@@ -348,8 +348,8 @@ class GpuCheck:
                 {"server": how, "correctness": summary.get("correctness")})
 
     def latency(self):
-        from bench.engines import engine_runner, open_engines
-        from bench.timing import measure_pair, ort_runner, ort_session, session_settings
+        from polarprune.bench.engines import engine_runner, open_engines
+        from polarprune.bench.timing import measure_pair, ort_runner, ort_session, session_settings
 
         exported = self.steps["export"]
         dense_flops, pruned_flops = 1.0, exported["flops_ratio"]  # only their ratio matters
@@ -373,7 +373,7 @@ class GpuCheck:
 def wait_until_loaded(server: subprocess.Popen, http_url: str, log_path: Path) -> float:
     """Seconds until the server answers: with explicit model control Triton opens its endpoints after the
     startup loads, and the onnxruntime backend builds each model's TensorRT engines while loading (warm-up)."""
-    from serving.admin import TritonAdmin
+    from polarprune.serving.admin import TritonAdmin
 
     started = time.monotonic()
     with TritonAdmin(http_url) as admin:
@@ -412,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--setup-seconds", type=float, default=0.0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
-    from common.atomicio import write_json
+    from polarprune.common.atomicio import write_json
 
     work = args.work or Path(tempfile.mkdtemp(prefix="polarprune-gpu-check-"))
     work.mkdir(parents=True, exist_ok=True)

@@ -17,9 +17,9 @@ import statistics
 import sys
 from pathlib import Path
 
-from bench.compare_report import summary_table
-from common.atomicio import write_text
-from common.results import REPO_ROOT
+from polarprune.bench.compare_report import summary_table
+from polarprune.common.atomicio import write_text
+from polarprune.common.results import REPO_ROOT
 
 README = REPO_ROOT / "README.md"
 DOCUMENTS = (README, *(REPO_ROOT / "docs" / f"{name}.md"

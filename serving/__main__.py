@@ -17,18 +17,18 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from common.cli import EXIT_FAILED, EXIT_OK, cli_parser, fail
-from serving.admin import TritonAdmin
-from serving.container import bundled_server_refusal
-from serving.errors import ServerInputError, ServingStageError
-from serving.loadtest import run_load_probes
-from serving.plans import plan_refusals
-from serving.probes import ProbeSettings, run_probes
-from serving.reload import reload_model
-from serving.report import write_report
-from serving.run_artifacts import load_run
-from serving.server import LocalTriton, LocalTritonConfig, RemoteTriton
-from serving.soak import SoakSettings, soak, summarize as summarize_soak, write_soak_report
+from polarprune.common.cli import EXIT_FAILED, EXIT_OK, cli_parser, fail
+from polarprune.serving.admin import TritonAdmin
+from polarprune.serving.container import bundled_server_refusal
+from polarprune.serving.errors import ServerInputError, ServingStageError
+from polarprune.serving.loadtest import run_load_probes
+from polarprune.serving.plans import plan_refusals
+from polarprune.serving.probes import ProbeSettings, run_probes
+from polarprune.serving.reload import reload_model
+from polarprune.serving.report import write_report
+from polarprune.serving.run_artifacts import load_run
+from polarprune.serving.server import LocalTriton, LocalTritonConfig, RemoteTriton
+from polarprune.serving.soak import SoakSettings, soak, summarize as summarize_soak, write_soak_report
 
 PROG = "python -m serving"
 
@@ -153,9 +153,9 @@ def faults_main(argv: list[str]) -> int:
     import shutil
     import tempfile
 
-    from common.atomicio import write_json
-    from common.results import provenance
-    from serving.faults import copy_models, kill_exports, kill_server_under_soak, kill_stub_under_load
+    from polarprune.common.atomicio import write_json
+    from polarprune.common.results import provenance
+    from polarprune.serving.faults import copy_models, kill_exports, kill_server_under_soak, kill_stub_under_load
 
     try:
         run = load_run(args.run)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from serving.errors import ServerError
+from polarprune.serving.errors import ServerError
 
 # Everything a request to a server that is not (yet) there can raise: refused, reset, timed out.
 UNREACHABLE = (OSError, InferenceServerException, TimeoutError)

@@ -24,8 +24,8 @@ import tritonclient.http as httpclient
 import tritonclient.utils.shared_memory as system_shm
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype, triton_to_np_dtype
 
-from common.cli import EXIT_BAD_INPUT
-from serving.errors import ServingStageError
+from polarprune.common.cli import EXIT_BAD_INPUT
+from polarprune.serving.errors import ServingStageError
 
 PROTOCOLS = ("http", "grpc")
 

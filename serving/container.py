@@ -11,7 +11,7 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
-from common.model_repository import ENGINE_CACHE_DIR, TRITON_RELEASE, ConfigError, parse_config
+from polarprune.common.model_repository import ENGINE_CACHE_DIR, TRITON_RELEASE, ModelConfigError, parse_config
 
 GPU_PLATFORMS = ("onnxruntime_onnx", "tensorrt_plan")
 DEFAULT_ENGINE_CACHE = Path.home() / ".cache" / "polarprune" / "trt_engines"   # host side of the cache mount
@@ -41,7 +41,7 @@ def gpu_models(repository: Path, models: tuple[str, ...]) -> dict[str, str]:
     for model in models:
         try:
             config = parse_config((Path(repository) / model / "config.pbtxt").read_text(errors="replace"))
-        except (OSError, ConfigError):
+        except (OSError, ModelConfigError):
             continue  # not ours to judge here: the server start reports a missing or broken config
         if config.platform in GPU_PLATFORMS:
             found[model] = config.platform

@@ -3,7 +3,7 @@
 The client's (InputSpecError, ServingError) and the run artifacts' (RunArtifactsMissing,
 RunArtifactsError) live beside the code that raises them; the server's are here.
 """
-from common.cli import EXIT_BAD_INPUT, EXIT_FAILED, PolarpruneError
+from polarprune.common.cli import EXIT_BAD_INPUT, EXIT_FAILED, PolarpruneError
 
 
 class ServingStageError(PolarpruneError):

@@ -32,13 +32,13 @@ from pathlib import Path
 
 import numpy as np
 
-from common.energy import process_tree
-from serving.admin import TritonAdmin
-from serving.client import TritonClassifier
-from serving.errors import ServingStageError
-from serving.loadtest import _process_label
-from serving.server import LocalTriton, LocalTritonConfig
-from serving.soak import SoakSettings, soak, summarize
+from polarprune.common.energy import process_tree
+from polarprune.serving.admin import TritonAdmin
+from polarprune.serving.client import TritonClassifier
+from polarprune.serving.errors import ServingStageError
+from polarprune.serving.loadtest import _process_label
+from polarprune.serving.server import LocalTriton, LocalTritonConfig
+from polarprune.serving.soak import SoakSettings, soak, summarize
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -140,7 +140,7 @@ def kill_server_under_soak(run_dir: Path, repository: Path, models: tuple[str, .
     server the tool started) once its clients have run `load_s`; how the tool ended."""
     scratch = None if report_dir else Path(tempfile.mkdtemp(prefix="polarprune-faults-"))
     report_dir = report_dir or scratch
-    command = [sys.executable, "-m", "serving", "soak", "--run", str(run_dir), "--minutes", "5", "--interval", "30",
+    command = [sys.executable, "-m", "polarprune.serving", "soak", "--run", str(run_dir), "--minutes", "5", "--interval", "30",
                "--clients", "16", "--report-dir", str(report_dir)]
     own = None
     if attach:
@@ -260,7 +260,7 @@ def kill_exports(export_args: list[str], repository: Path, models: tuple[str, ..
     export that finishes before its kill point does not count as a kill; another one is started (at most
     3 x `kills` attempts), with the kill points drawn from the latest complete export's duration."""
     rng = random.Random(seed)
-    command = [sys.executable, "-m", "export", *export_args, "--repository", str(repository)]
+    command = [sys.executable, "-m", "polarprune.export", *export_args, "--repository", str(repository)]
 
     def export(kill_at=None, during_write=False) -> dict:
         began = time.monotonic()

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from common.energy import EnergyMeter, process_tree, tree_cpu_seconds, tree_rss_bytes
-from serving.probes import ROLES, ProbeSettings, _drive, longest_drive_s
-from serving.server import Endpoints
+from polarprune.common.energy import EnergyMeter, process_tree, tree_cpu_seconds, tree_rss_bytes
+from polarprune.serving.probes import ROLES, ProbeSettings, _drive, longest_drive_s
+from polarprune.serving.server import Endpoints
 
 MB = 1024 * 1024
 REMOTE_MEMORY = "resident memory of a remote server (--url) is not visible from this machine"

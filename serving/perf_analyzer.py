@@ -21,7 +21,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.cli import EXIT_FAILED, EXIT_OK, cli_parser
+from polarprune.common.cli import EXIT_FAILED, EXIT_OK, cli_parser
 
 WHEEL_PIN = "tritonclient==2.41.1"
 _WHEEL_MEMBER = "tritonclient-2.41.1.data/data/bin/perf_analyzer"

@@ -10,14 +10,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from common.model_repository import MANIFEST_NAME, ConfigError, model_versions, parse_config, plan_problem
+from polarprune.common.model_repository import MANIFEST_NAME, ModelConfigError, model_versions, parse_config, plan_problem
 
 
 def plan_tensorrt(model_dir: Path) -> tuple[bool, str | None]:
     """(serves a plan, the TensorRT that built its newest version) for one repository model folder."""
     try:
         config = parse_config((model_dir / "config.pbtxt").read_text(errors="replace"))
-    except (OSError, ConfigError):
+    except (OSError, ModelConfigError):
         return False, None  # not ours to judge here: the server reports why it cannot load it
     if config.platform != "tensorrt_plan":
         return False, None

@@ -3,7 +3,7 @@
 Every loop is bounded in request count and in time. Dense and pruned are always measured in the same
 process and interleaved (A B B A ... for latency, alternating order per throughput point), because
 absolute times on a shared small machine drift 15-25% between runs: ratios are what we trust. Latency is
-timed by the benchmarks' one timing helper (bench.timing), and the local onnxruntime reference session
+timed by the one timing helper the benchmarks use too (common.ort_timing), and the local onnxruntime reference session
 has the same no-spinning options as every timed session.
 """
 from __future__ import annotations
@@ -17,13 +17,13 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.timing import interleaved, ort_session, percentile, summarize
-from common.tolerance import allowed_difference, tolerance
-from common.model_repository import ConfigError, parse_config
-from serving.client import TritonClassifier
-from serving.perf_analyzer import find_perf_analyzer
-from serving.run_artifacts import RunArtifacts
-from serving.server import Endpoints
+from polarprune.common.ort_timing import interleaved, percentile, start_session, summarize
+from polarprune.common.tolerance import allowed_difference, tolerance
+from polarprune.common.model_repository import ModelConfigError, parse_config
+from polarprune.serving.client import TritonClassifier
+from polarprune.serving.perf_analyzer import find_perf_analyzer
+from polarprune.serving.run_artifacts import RunArtifacts
+from polarprune.serving.server import Endpoints
 
 ROLES = ("dense", "pruned")
 # A closed-loop run's clients meet at a barrier before its window opens, so every client sees the same
@@ -71,7 +71,7 @@ class ProbeSettings:
 
 
 def percentiles_ms(samples_ms) -> dict[str, float]:
-    """bench.timing.summarize of millisecond samples, under the keys serving's reports use."""
+    """common.ort_timing.summarize of millisecond samples, under the keys serving's reports use."""
     values = np.asarray(samples_ms, dtype=np.float64)
     if values.size == 0:
         return {"n": 0}
@@ -94,7 +94,7 @@ def served_precision(model_dir: Path, engine_precision: str | None) -> tuple[str
     accelerator's precision_mode; a tensorrt_plan at the precision export built it with."""
     try:
         config = parse_config((model_dir / "config.pbtxt").read_text(errors="replace"))
-    except (OSError, ConfigError) as error:
+    except (OSError, ModelConfigError) as error:
         raise ValueError(f"{model_dir}/config.pbtxt: cannot tell what the model computes in ({error})") from None
     if config.backend == "python":
         return "cpu", "fp32", "python backend: onnxruntime on the CPU"
@@ -128,7 +128,7 @@ def probe_correctness(endpoints: Endpoints, models: dict[str, str], repository: 
             report[role] = {"skipped": f"{onnx_path} not found here (served version {version or '?'})"}
             continue
         device, precision, basis = served_precision(Path(repository) / name, engine.get("precision"))
-        session = ort_session(onnx_path, threads=1)
+        session = start_session(str(onnx_path), 1, "CPUExecutionProvider")
         expected = session.run(None, {session.get_inputs()[0].name: batch})[0]
         bound = tolerance(device, precision)
         entry = {"model": name, "version": version, "samples": int(len(batch)), "reference": str(onnx_path),
@@ -163,7 +163,7 @@ def probe_accuracy(endpoints: Endpoints, models: dict[str, str], images: np.ndar
 
 # ---- latency -----------------------------------------------------------------------------------
 def _requests_over(client: TritonClassifier, samples: list[np.ndarray]):
-    """A runner for bench.timing.interleaved: one request per call, cycling through `samples`."""
+    """A runner for common.ort_timing.interleaved: one request per call, cycling through `samples`."""
     position = itertools.count()
     return lambda: client.infer_once(samples[next(position) % len(samples)])
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from serving.admin import TritonAdmin
-from serving.errors import ServerError
+from polarprune.serving.admin import TritonAdmin
+from polarprune.serving.errors import ServerError
 
 
 @dataclass(frozen=True)

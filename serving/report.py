@@ -14,10 +14,10 @@ import matplotlib
 matplotlib.use("Agg")  # files only, never a display
 import matplotlib.pyplot as plt  # noqa: E402
 
-from common.atomicio import atomic_path, write_json, write_text  # noqa: E402
-from common.results import provenance  # noqa: E402
-from serving.probes import ROLES  # noqa: E402
-from serving.run_artifacts import RunArtifacts  # noqa: E402
+from polarprune.common.atomicio import atomic_path, write_json, write_text  # noqa: E402
+from polarprune.common.results import provenance  # noqa: E402
+from polarprune.serving.probes import ROLES  # noqa: E402
+from polarprune.serving.run_artifacts import RunArtifacts  # noqa: E402
 
 
 def _ratio(numerator, denominator):

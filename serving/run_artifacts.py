@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from common.cli import EXIT_BAD_INPUT
-from serving.errors import ServingStageError
+from polarprune.common.cli import EXIT_BAD_INPUT
+from polarprune.serving.errors import ServingStageError
 
 
 class RunArtifactsMissing(ServingStageError, FileNotFoundError):

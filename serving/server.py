@@ -24,12 +24,12 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from serving.admin import TritonAdmin, model_problems
-from serving.errors import PortRace, ServerError, ServerInputError
-from serving.ports import free_port, port_is_free
-from serving.reload import ReloadResult, reload_model
-from serving.shm import remove_shm_regions
-from serving.triton_install import assemble_backend_dir, find_triton_install
+from polarprune.serving.admin import TritonAdmin, model_problems
+from polarprune.serving.errors import PortRace, ServerError, ServerInputError
+from polarprune.serving.ports import free_port, port_is_free
+from polarprune.serving.reload import ReloadResult, reload_model
+from polarprune.serving.shm import remove_shm_regions
+from polarprune.serving.triton_install import assemble_backend_dir, find_triton_install
 
 
 @dataclass(frozen=True)
@@ -45,10 +45,10 @@ class Endpoints:
 
 def config_problem(config_path: Path) -> str | None:
     """Why Triton could not use this config.pbtxt (protobuf's line:column message), or None."""
-    from common.model_repository import ConfigError, RepositoryError, parse_config  # torch-free: export's own check
+    from polarprune.common.model_repository import ModelConfigError, RepositoryError, parse_config  # torch-free: export's own check
     try:
         config = parse_config(config_path.read_text(errors="replace"), config_path.parent.name)
-    except ConfigError as error:
+    except ModelConfigError as error:
         return f"{config_path}: not a valid model config ({error.detail})"
     except RepositoryError as error:  # parses, but is no usable config (empty, another model's, no output)
         return f"{config_path}: not a valid model config ({error})"

@@ -32,12 +32,12 @@ from pathlib import Path
 
 import numpy as np
 
-from common.energy import process_tree
-from serving.admin import TritonAdmin
-from serving.client import TritonClassifier
-from serving.errors import ServerError
-from serving.loadtest import MB, _process_label
-from serving.probes import ROLES
+from polarprune.common.energy import process_tree
+from polarprune.serving.admin import TritonAdmin
+from polarprune.serving.client import TritonClassifier
+from polarprune.serving.errors import ServerError
+from polarprune.serving.loadtest import MB, _process_label
+from polarprune.serving.probes import ROLES
 
 STUB_DEAD = "is not healthy"      # Triton's message for a request to a model whose stub died
 JOIN_GRACE_S = 5.0
@@ -520,7 +520,7 @@ def render_markdown(summary: dict) -> str:
 
 
 def plot_memory(raw: dict, path: Path) -> None:
-    from serving.report import _save, plt  # matplotlib (Agg) only when a report is written
+    from polarprune.serving.report import _save, plt  # matplotlib (Agg) only when a report is written
     samples = raw["memory_samples"]
     fig, ax = plt.subplots(figsize=(7, 3.5))
     labels = sorted({label for s in samples for label in s["by_process"]})
@@ -538,8 +538,8 @@ def plot_memory(raw: dict, path: Path) -> None:
 
 
 def write_soak_report(raw: dict, summary: dict, report_dir: Path) -> None:
-    from common.atomicio import write_json, write_text
-    from common.results import provenance
+    from polarprune.common.atomicio import write_json, write_text
+    from polarprune.common.results import provenance
     report_dir.mkdir(parents=True, exist_ok=True)
     write_json(report_dir / "soak.json", {**summary, "provenance": provenance()})
     write_json(report_dir / "soak_raw.json", raw)

@@ -9,7 +9,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from serving.errors import TritonNotFound
+from polarprune.serving.errors import TritonNotFound
 
 
 @dataclass(frozen=True)

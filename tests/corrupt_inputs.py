@@ -107,7 +107,7 @@ def _finished_run() -> Path:
 
 def _export_scene(root: Path) -> tuple[Path, Path]:
     """A copy of the finished run and a repository holding an earlier export of it (tiny models)."""
-    from export.triton_repo import write_model_version
+    from polarprune.export.triton_repo import write_model_version
     from tiny_onnx import tiny_classifier
     run = root / "runs" / "r20"
     shutil.copytree(_finished_run(), run)
@@ -119,7 +119,7 @@ def _export_scene(root: Path) -> tuple[Path, Path]:
 
 
 def _export(root: Path, file: str, damage: Callable[[Path], None]) -> Scene:
-    from export.__main__ import main
+    from polarprune.export.__main__ import main
     run, repository = _export_scene(root)
     damage(run / file)
     return Scene("python -m export", main, ["--run", str(run), "--repository", str(repository)], run / file,
@@ -176,7 +176,7 @@ GOOD_CONFIG = "dataset: fashion_mnist\nmodel: resnet20\nmethod: polarized\nepoch
 
 def _config(text: bytes | str) -> Callable[[Path], Scene]:
     def build(root: Path) -> Scene:
-        from training.__main__ import main
+        from polarprune.training.__main__ import main
         path = root / "run.yaml"
         path.write_bytes(text if isinstance(text, bytes) else text.encode())
         out = root / "runs"
@@ -185,7 +185,7 @@ def _config(text: bytes | str) -> Callable[[Path], Scene]:
         def accepted(cfg, resume=False):  # a config that passes must not start a real training run
             raise AssertionError(f"{path}: the damaged config was accepted")
         return Scene("python -m training", main, ["--config", str(path), "--set", f"out_dir={out}"], path, [out],
-                     (mock.patch("training.__main__.train", accepted),))
+                     (mock.patch("polarprune.training.__main__.train", accepted),))
     return build
 
 
@@ -209,7 +209,7 @@ def _served_run(root: Path) -> Path:
 
 def _serving(file: str, damage: Callable[[Path], None]) -> Callable[[Path], Scene]:
     def build(root: Path) -> Scene:
-        from serving.__main__ import main
+        from polarprune.serving.__main__ import main
         run = _served_run(root)
         damage(run / file)
         reports = root / "reports"
@@ -229,8 +229,8 @@ def _npz(**arrays) -> Callable[[Path], None]:
 # a model repository, read by `python -m serving` before the server starts ----------------------------------
 def _repository(file: str, damage: Callable[[Path], None]) -> Callable[[Path], Scene]:
     def build(root: Path) -> Scene:
-        from export.triton_repo import write_model_version
-        from serving.__main__ import main
+        from polarprune.export.triton_repo import write_model_version
+        from polarprune.serving.__main__ import main
         from tiny_onnx import tiny_classifier
         run = _served_run(root)
         repository = root / "repo"
@@ -250,8 +250,8 @@ def _program(file: str, damage: Callable[[Path], None]) -> Callable[[Path], Scen
     def build(root: Path) -> Scene:
         import torch
         from torch import nn
-        from export.__main__ import main
-        from training.api import save_for_export
+        from polarprune.export.__main__ import main
+        from polarprune.training.api import save_for_export
         if "program" not in _CACHE:
             torch.manual_seed(0)
             net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
@@ -295,7 +295,7 @@ def _results(damage: Callable[[Path], None]) -> Callable[[Path], Scene]:
 def _images(damage: Callable[[Path], None]) -> Callable[[Path], Scene]:
     def build(root: Path) -> Scene:
         from PIL import Image
-        from training.__main__ import main
+        from polarprune.training.__main__ import main
         rng = np.random.default_rng(0)
         folder = root / "images"
         for split in ("train", "val"):
@@ -479,8 +479,8 @@ def run_case(case: Case, root: Path) -> Outcome:
 def main(argv: list[str] | None = None) -> int:
     import argparse
     import tempfile
-    from common.atomicio import write_json
-    from common.results import provenance
+    from polarprune.common.atomicio import write_json
+    from polarprune.common.results import provenance
     parser = argparse.ArgumentParser(prog="python -m tests.corrupt_inputs", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="where the counts go (JSON)")
     args = parser.parse_args(argv)

@@ -13,11 +13,11 @@ import pytest
 import torch
 from torch import nn
 
-from training.checkpoint import save_checkpoint
-from training.gating import GatedNetwork, full_mask, mask_problem
-from training.graph import NetworkGraph, trace_network
-from training.mask import Mask, mask_document, save_mask
-from training.networks import NetworkInfo, build_network
+from polarprune.training.checkpoint import describe_model, save_checkpoint
+from polarprune.training.gating import GatedNetwork, full_mask, mask_problem
+from polarprune.training.graph import NetworkGraph, trace_network
+from polarprune.training.mask import Mask, mask_document, save_mask
+from polarprune.training.networks import NetworkInfo, build_network
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -106,14 +106,15 @@ def make_run(run_dir: str | Path, model_name: str = "resnet20", input_size=(16, 
     """Write checkpoint.pt, mask.json and metrics.json of a finished synthetic run; returns run_dir."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    model, mask, document, _ = trained_model(model_name, input_size, in_channels, num_classes, seed, gated,
-                                             dynamic, **mask_options)
+    model, mask, document, graph = trained_model(model_name, input_size, in_channels, num_classes, seed, gated,
+                                                 dynamic, **mask_options)
     method = "polarized" if gated else "dense"
     config = {"dataset": dataset, "data_dir": None, "model": model_name, "method": method, "seed": seed,
               "dynamic_gates": dynamic, "round_to": 1}
     method_state = {"mask": {"kept_channels": mask.kept_channels, "closed_blocks": mask.closed_blocks}} if gated else {}
     save_checkpoint(run_dir / "checkpoint.pt", {
-        "config": config, "network": document["network"], "model": model.state_dict(), "epoch": 1,
+        "config": config, "network": document["network"], "model": model.state_dict(),
+        "trained_model": describe_model(model, graph), "epoch": 1,
         "method_state": method_state})
     save_mask(run_dir / "mask.json", document)
     metrics = {"dataset": dataset, "model": model_name, "method": method, "test_accuracy": 0.1,

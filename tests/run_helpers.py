@@ -1,4 +1,5 @@
-"""Launching training as a real subprocess, and killing it the way a crash would."""
+"""Launching training as a real subprocess, killing it the way a crash would, and what a fresh interpreter
+loads for a stage."""
 from __future__ import annotations
 
 import contextlib
@@ -9,10 +10,25 @@ import sys
 import time
 from pathlib import Path
 
-from common.energy import process_tree
+from polarprune.common.energy import process_tree
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+
+
+# What only training needs: export, which reads what training wrote, loads none of these.
+TRAINING_ONLY = ("polarprune.training.config", "polarprune.training.methods", "polarprune.training.api",
+                 "polarprune.training.loop")
+
+
+def modules_loaded_by(*modules: str) -> set[str]:
+    """Every module name in sys.modules of a fresh interpreter (run from the checkout) after importing
+    `modules`: what a stage pulls in, e.g. that serving loads no torch."""
+    code = f"import sys; import {', '.join(modules)}; print('\\n'.join(sorted(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return set(done.stdout.split())
 
 
 def training_command(settings: dict, nproc: int = 1) -> list[str]:
@@ -61,8 +77,8 @@ def require_triton() -> None:
     """Skip the calling test, saying why, where the bundled Triton server is not installed."""
     import pytest
 
-    from serving.errors import TritonNotFound
-    from serving.triton_install import find_triton_install
+    from polarprune.serving.errors import TritonNotFound
+    from polarprune.serving.triton_install import find_triton_install
     try:
         find_triton_install()
     except TritonNotFound as missing:

@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from training.api import ApiError, ProgramError, load_pruned, polarize, save_for_export
-from training.graph import GraphError
-from training.networks import load_weights
+from polarprune.training.api import ApiError, ProgramError, load_pruned, polarize, save_for_export
+from polarprune.training.graph import GraphError
+from polarprune.training.networks import load_weights
 
 from user_networks import VGG
 
@@ -53,3 +53,25 @@ def test_a_data_parallel_state_dict_loads_without_its_prefix():
     source, target = VGG(), VGG()
     load_weights(target, {f"module.{k}": v for k, v in source.state_dict().items()}, "init_weights")
     assert all(torch.equal(v, target.state_dict()[k]) for k, v in source.state_dict().items())
+
+
+def test_a_wrong_cut_fails_the_shared_equivalence_check_naming_the_layer(monkeypatch):
+    """prune() runs the export stage's equivalence check: a cut that changes a layer is refused (exit code 1),
+    naming the first layer whose kept channels diverge, and the gated network keeps its training mode."""
+    import polarprune.training.api as api
+    from polarprune.training.equivalence import EquivalenceError
+
+    real_cut = api.cut
+
+    def damaged_cut(graph, mask, network):
+        pruned = real_cut(graph, mask, network)
+        with torch.no_grad():
+            pruned.get_submodule("features.4").weight.add_(0.5)
+        return pruned
+
+    monkeypatch.setattr(api, "cut", damaged_cut)
+    gated = polarize(VGG(), torch.randn(2, 3, 32, 32), target_flops=0.5, round_to=8)
+    gated.train()
+    with pytest.raises(EquivalenceError, match=r"first diverging layer: features\.4 ") as caught:
+        gated.prune()
+    assert caught.value.exit_code == 1 and gated.training

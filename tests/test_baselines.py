@@ -7,23 +7,23 @@ import pytest
 import torch
 from torch import nn
 
-from export.api import ExportOptions
-from export.api import run as run_export
+from polarprune.export.api import ExportOptions
+from polarprune.export.api import run as run_export
 from export_fixtures import single_torch_thread  # noqa: F401 (autouse fixture)
-from export.surgery import load_pruned
-from training.config import ConfigError, make_config
-from training.methods.flipout import flipout_prune_epochs
-from training.flops import count_macs
-from training.gating import cut, embed, full_mask, mask_problem
-from training.graph import trace_network
-from training.loop import train
-from training.mask import Mask, load_mask, mask_document
-from training.methods import REGISTRY
-from training.methods.activation_density import (ActivationDensityMethod, DensityMeter, most_active,
+from polarprune.export.surgery import load_pruned
+from polarprune.training.config import ConfigError, make_config
+from polarprune.training.methods.flipout import flipout_prune_epochs
+from polarprune.training.flops import count_macs
+from polarprune.training.gating import cut, embed, full_mask, mask_problem
+from polarprune.training.graph import trace_network
+from polarprune.training.loop import train
+from polarprune.training.mask import Mask, load_mask, mask_document
+from polarprune.training.methods import REGISTRY
+from polarprune.training.methods.activation_density import (ActivationDensityMethod, DensityMeter, most_active,
                                                  resized_width)
-from training.methods.base import RunContext
-from training.methods.flipout import FlipOutMethod, add_gradient_noise, sign_flips
-from training.networks import NetworkInfo, build_network
+from polarprune.training.methods.base import RunContext
+from polarprune.training.methods.flipout import FlipOutMethod, add_gradient_noise, sign_flips
+from polarprune.training.networks import NetworkInfo, build_network
 
 TINY = dict(dataset="fashion_mnist", epochs=2, batch_size=64, train_subset=256, val_size=64, test_subset=200,
             eval_batch_size=200, progress=False, seed=0, threads=1, device="cpu")
@@ -293,7 +293,7 @@ def test_flipout_trains_to_its_sparsity_and_exports_a_dense_shape(tmp_path):
 @pytest.mark.skipif(not os.environ.get("POLARPRUNE_SLOW_TESTS"),
                     reason="about a minute (five trainings and exports): set POLARPRUNE_SLOW_TESTS=1")
 def test_compare_quick_writes_its_report(tmp_path):
-    from bench.compare import main
+    from polarprune.bench.compare import main
     # The Torch-Pruning row has its own test (tests/test_torch_pruning_peer.py): it needs a bench-only package.
     runs = tmp_path / "runs"
     assert main(["--quick", "--runs", str(runs), "--out", str(tmp_path / "out"), "--samples", "32",

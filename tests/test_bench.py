@@ -10,15 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.fixture import FixturePair, required_speedup
-from bench.networks import close_blocks, dense_network, uneven_inner_widths, write_onnx
-from bench.speedup import main as speedup_main
-from bench.timing import compare, efficiency, interleaved, percentile, speedup, summarize
-from bench.train_overhead import main as train_overhead_main
-from export.surgery import PRUNED_FILE, save_pruned
-from training.gating import cut, full_mask, mask_problem
-from training.mask import Mask, mask_document, save_mask
-from training.networks import NetworkInfo
+from polarprune.bench.fixture import FixturePair, required_speedup
+from polarprune.bench.networks import close_blocks, dense_network, uneven_inner_widths, write_onnx
+from polarprune.bench.speedup import main as speedup_main
+from polarprune.bench.timing import compare, efficiency, interleaved, percentile, speedup, summarize
+from polarprune.bench.train_overhead import main as train_overhead_main
+from polarprune.export.surgery import PRUNED_FILE, save_pruned
+from polarprune.training.gating import cut, full_mask, mask_problem
+from polarprune.training.mask import Mask, mask_document, save_mask
+from polarprune.training.networks import NetworkInfo
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -170,7 +170,7 @@ def _finished_run(folder, accuracy, **config):
 
 def test_seeds_summary_from_finished_runs(tmp_path):
     """bench.seeds on run folders laid out as the seed runs leave them: per-seed gaps, mean and spread."""
-    from bench.seeds import main as seeds_main
+    from polarprune.bench.seeds import main as seeds_main
 
     runs = tmp_path / "runs"
     for seed, (polarized, dense) in enumerate([(0.86, 0.875), (0.87, 0.872), (0.85, 0.87)]):
@@ -189,7 +189,7 @@ def test_seeds_summary_from_finished_runs(tmp_path):
 
 
 def test_seeds_arms_count_the_dense_run_a_fine_tune_started_from(tmp_path):
-    from bench.seeds import main as seeds_main
+    from polarprune.bench.seeds import main as seeds_main
 
     for seed in (0, 1):
         _finished_run(tmp_path / f"dense{seed}", 0.87)

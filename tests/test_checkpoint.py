@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from training.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, CheckpointError, load_checkpoint, save_checkpoint
-from training.networks import NetworkInfo, build_network
+from polarprune.training.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, CheckpointError, load_checkpoint, save_checkpoint
+from polarprune.training.networks import NetworkInfo, build_network
 
 
 class WritesAFile:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from bench import compare
-from bench import compare_report as report_io
+from polarprune.bench import compare
+from polarprune.bench import compare_report as report_io
 
 
 def test_default_arguments_are_three_targets_and_one_seed():

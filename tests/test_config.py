@@ -1,7 +1,7 @@
 """Configs: YAML + overrides, and bad input refused with the key named."""
 import pytest
 
-from training.config import ConfigError, load_config, make_config
+from polarprune.training.config import ConfigError, changed_keys, load_config, make_config
 
 
 def test_defaults_and_overrides(tmp_path):
@@ -70,10 +70,20 @@ def test_a_method_checks_the_rest_of_the_run_only_when_it_runs():
 def test_every_method_key_belongs_to_one_method():
     """The config is the common keys plus each method's settings dataclass; no key is declared twice."""
     import dataclasses
-    from training.config import TrainConfig
-    from training.methods import REGISTRY
+    from polarprune.training.config import TrainConfig
+    from polarprune.training.methods import REGISTRY
     owned = [f.name for m in REGISTRY.values() if m.settings for f in dataclasses.fields(m.settings)]
     assert len(owned) == len(set(owned))
     common = set(TrainConfig.__dataclass_fields__) - set(owned)
     assert {"target_flops_ratio", "density_every", "final_sparsity"} <= set(owned)
     assert {"epochs", "lr", "round_to", "method"} <= common
+
+
+def test_same_run_is_one_predicate_with_the_free_keys_of_the_question():
+    from polarprune.training.loop import RESUME_FREE_KEYS
+
+    cfg = make_config({"epochs": 3, "name": "b", "threads": 2})
+    recorded = {**make_config({"epochs": 2, "name": "a", "lr": 0.2}).to_dict()}
+    del recorded["round_to"]  # a key newer than the recorded run counts as its default
+    assert changed_keys(recorded, cfg) == ["epochs", "lr", "threads"]  # name only places the run
+    assert changed_keys(recorded, cfg, RESUME_FREE_KEYS) == ["lr"]  # a resume may lengthen or move a run

@@ -33,9 +33,9 @@ def test_corrupt_input_is_refused_with_one_line_naming_the_file(case, tmp_path):
 
 @pytest.fixture(scope="module")
 def latency_scene():
-    from training.graph import trace_network
-    from training.latency import LatencySettings
-    from training.networks import NetworkInfo, build_network
+    from polarprune.training.graph import trace_network
+    from polarprune.training.latency import LatencySettings
+    from polarprune.training.networks import NetworkInfo, build_network
     info = NetworkInfo("resnet20", 1, 10, (16, 16))
     return trace_network(build_network(info), info.example_input()), LatencySettings
 
@@ -48,7 +48,7 @@ LATENCY_CASES = {**{name: damage for name, damage in BYTE_DAMAGE.items()},
 
 @pytest.mark.parametrize("damage", LATENCY_CASES)
 def test_damaged_latency_cache_is_named_and_rebuilt_whole(latency_scene, damage, tmp_path, monkeypatch):
-    from training import latency
+    from polarprune.training import latency
     graph, settings_class = latency_scene
     settings = settings_class(cache=str(tmp_path / "cache"))
     calls = []

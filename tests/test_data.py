@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from training import data
-from training.data.readers import fashion_mnist
-from training.data import BatchIterator, DataError, DatasetInfo, ImageSet, load_splits, normalize
+from polarprune.training import data
+from polarprune.training.data.readers import fashion_mnist
+from polarprune.training.data import BatchIterator, DataError, DatasetInfo, ImageSet, load_splits, normalize
 
 IDX_STEMS = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 

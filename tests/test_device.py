@@ -8,11 +8,11 @@ input raises).
 import pytest
 import torch
 
-from training.config import make_config
-from training.flops import count_macs
-from training.graph import trace_network
-from training.methods.activation_density import ActivationDensityMethod
-from training.networks import NetworkInfo, build_network
+from polarprune.training.config import make_config
+from polarprune.training.flops import count_macs
+from polarprune.training.graph import trace_network
+from polarprune.training.methods.activation_density import ActivationDensityMethod
+from polarprune.training.networks import NetworkInfo, build_network
 
 INFO = NetworkInfo("resnet20", 1, 10, (16, 16))
 

@@ -5,13 +5,13 @@ import subprocess
 import pytest
 import torch
 
-from training.checkpoint import load_checkpoint, model_from_checkpoint
-from training.data import BatchIterator, DatasetInfo, ImageSet
-from training.distributed import Cluster, DistributedError, check_consensus, fingerprint
-from training.gating import GatedNetwork
-from training.graph import trace_network
-from training.mask import load_mask
-from training.networks import NetworkInfo, build_network
+from polarprune.training.checkpoint import load_checkpoint, model_from_checkpoint
+from polarprune.training.data import BatchIterator, DatasetInfo, ImageSet
+from polarprune.training.distributed import Cluster, DistributedError, check_consensus, fingerprint
+from polarprune.training.gating import GatedNetwork
+from polarprune.training.graph import trace_network
+from polarprune.training.mask import load_mask
+from polarprune.training.networks import NetworkInfo, build_network
 
 from run_helpers import ENV, ROOT, kill_after_first_checkpoint, training_command
 

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from common.energy import (WATTS_ENV, EnergyMeter, EnergyReading, process_tree, rapl_zones, tree_cpu_seconds,
+from polarprune.common.energy import (WATTS_ENV, EnergyMeter, EnergyReading, process_tree, rapl_zones, tree_cpu_seconds,
                            tree_rss_bytes, watts_per_core)
 
 

@@ -24,14 +24,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from export.triton_repo import write_model_version
+from polarprune.export.triton_repo import write_model_version
 from export_fixtures import make_run, single_torch_thread  # noqa: F401 (autouse fixture)
-from serving.faults import kill_exports, kill_server_under_soak, kill_stub_under_load
-from serving.server import LocalTriton, LocalTritonConfig
+from polarprune.serving.faults import kill_exports, kill_server_under_soak, kill_stub_under_load
+from polarprune.serving.server import LocalTriton, LocalTritonConfig
 from run_helpers import require_triton
 from test_soak import served_pair
 from tiny_onnx import tiny_classifier
-from training.data import FMNIST_SEARCH_DIRS
+from polarprune.training.data import FMNIST_SEARCH_DIRS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -117,7 +117,7 @@ def _limited(code: str, limit_bytes: int) -> subprocess.CompletedProcess:
     def limit():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
-    program = "import sys\nfrom common.cli import PolarpruneError, fail\ntry:\n" + textwrap.indent(
+    program = "import sys\nfrom polarprune.common.cli import PolarpruneError, fail\ntry:\n" + textwrap.indent(
         textwrap.dedent(code), "    ") + "\nexcept PolarpruneError as error:\n    sys.exit(fail('writer', error))\n"
     return subprocess.run([sys.executable, "-c", program], cwd=ROOT, capture_output=True, text=True, timeout=120,
                           preexec_fn=limit, env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])})
@@ -135,12 +135,12 @@ def _writes_refused(tmp_path, code: str, target: Path, watched: Path, limit: int
 
 
 def test_full_disk_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path):
-    from training.checkpoint import save_checkpoint
+    from polarprune.training.checkpoint import save_checkpoint
     path = tmp_path / "run" / "checkpoint.pt"
     save_checkpoint(path, {"config": {}, "network": {}, "model": {}, "epoch": 1})
     _writes_refused(tmp_path, f"""
         import torch
-        from training.checkpoint import save_checkpoint
+        from polarprune.training.checkpoint import save_checkpoint
         save_checkpoint({str(path)!r}, {{"config": {{}}, "network": {{}}, "model": {{"w": torch.zeros(100_000)}},
                                          "epoch": 2}})
     """, path, path.parent, 64 * 1024)
@@ -151,18 +151,18 @@ def test_full_disk_while_writing_a_mask_keeps_the_previous_one(tmp_path):
     path.parent.mkdir()
     path.write_text(json.dumps({"version": 2, "kept_channels": {}}))
     _writes_refused(tmp_path, f"""
-        from training.mask import save_mask
+        from polarprune.training.mask import save_mask
         save_mask({str(path)!r}, {{"version": 2, "kept_channels": {{"g": list(range(20000))}}}})
     """, path, path.parent, 16 * 1024)
 
 
 def test_full_disk_while_writing_a_model_version_leaves_the_repository_as_it_was(tmp_path):
-    from export.triton_repo import write_model_version
+    from polarprune.export.triton_repo import write_model_version
     from tiny_onnx import tiny_classifier
     repository = tmp_path / "repo"
     write_model_version(repository, "m", tiny_classifier(tmp_path / "small.onnx", hidden=8))
     big = tiny_classifier(tmp_path / "big.onnx", hidden=4096)  # ~1 MB of weights
     _writes_refused(tmp_path, f"""
-        from export.triton_repo import write_model_version
+        from polarprune.export.triton_repo import write_model_version
         write_model_version({str(repository)!r}, "m", {str(big)!r})
     """, repository / "m" / "2" / "model.onnx", repository, 256 * 1024)

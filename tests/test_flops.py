@@ -1,11 +1,11 @@
 """MAC counting against the analytic count, and the gated count against the physical one."""
 import torch
 
-from training.flops import count_macs
-from training.gating import cut, full_mask, kept_macs, mask_macs
-from training.graph import trace_network
-from training.mask import Mask
-from training.networks import NetworkInfo, build_network
+from polarprune.training.flops import count_macs
+from polarprune.training.gating import cut, full_mask, kept_macs, mask_macs
+from polarprune.training.graph import trace_network
+from polarprune.training.mask import Mask
+from polarprune.training.networks import NetworkInfo, build_network
 
 
 def analytic_cifar_resnet_macs(blocks_per_stage: int, hw: int = 32, in_ch: int = 3, classes: int = 10) -> int:

@@ -2,10 +2,10 @@
 import pytest
 import torch
 
-from training.gates import Gate, kept_target, polarization, straight_through
-from training.gating import GatedBatchNorm2d, GatedNetwork, gate_channels
-from training.graph import trace_network
-from training.networks import NetworkInfo, build_network
+from polarprune.training.gates import Gate, kept_target, polarization, straight_through
+from polarprune.training.gating import GatedBatchNorm2d, GatedNetwork, gate_channels
+from polarprune.training.graph import trace_network
+from polarprune.training.networks import NetworkInfo, build_network
 
 
 def test_straight_through_forward_is_hard_and_backward_is_sigmoid():

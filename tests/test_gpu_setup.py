@@ -293,8 +293,8 @@ def test_preconditions_check_the_disk_docker_pulls_to(tmp_path, monkeypatch):
 
 
 def test_the_container_mounts_the_repository_and_the_engine_cache(tmp_path):
-    from common.model_repository import ENGINE_CACHE_DIR, TRITON_RELEASE
-    from serving.container import container_command
+    from polarprune.common.model_repository import ENGINE_CACHE_DIR, TRITON_RELEASE
+    from polarprune.serving.container import container_command
 
     command = container_command(tmp_path / "repo", ("a", "b"), tmp_path / "cache", (9000, 9001, 9002), name="x")
     assert command[:2] == ["docker", "run"] and TRITON_RELEASE.image in command
@@ -312,7 +312,7 @@ def test_engine_warmup_is_timed_apart_from_the_budget():
 
 def test_the_gpu_step_on_a_gpu_machine(tmp_path):
     """The real step: driver, torch's CUDA, onnxruntime-CUDA session, TensorRT build. GPU machines only."""
-    from export.tensorrt_build import unavailable_reason
+    from polarprune.export.tensorrt_build import unavailable_reason
 
     if shutil.which("nvidia-smi") is None:
         pytest.skip("no nvidia-smi: not a GPU machine")

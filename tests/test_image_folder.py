@@ -13,8 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from training.config import ConfigError, make_config
-from training.data import BatchIterator, DataError, FolderOptions, ImageSet, describe_splits, load_splits, normalize
+from polarprune.training.config import ConfigError, make_config
+from polarprune.training.data import BatchIterator, DataError, FolderOptions, ImageSet, describe_splits, load_splits, normalize
 
 from run_helpers import ENV, ROOT, kill_after_first_checkpoint, training_command
 

@@ -1,24 +1,28 @@
 """cost: latency: the per-layer latency table, its cache, its interpolation, its gradient, its config
 errors, and a short run that reports predicted beside measured latency. No assertion on absolute times."""
+import copy
 import dataclasses
 import json
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
 
-from training.checkpoint import load_checkpoint
-from training.config import ConfigError, make_config
-from training.gating import GatedNetwork, costed_layers, mask_cost
-from training.graph import Layer, trace_network
-from training.latency import (LatencyCost, LatencySettings, LatencyTable, cache_path, grid_value, load_or_measure,
-                              table_key)
-from training.loop import train
-from training.mask import Mask
-from training.methods import RunContext, make_method
-from training.methods.polarized import PolarizedSettings
-from training.networks import NetworkInfo, build_network
+from polarprune.training.checkpoint import load_checkpoint
+from polarprune.training.config import ConfigError, make_config
+from polarprune.training.gating import GatedNetwork, costed_layers, group_units, mask_cost
+from polarprune.training.graph import Layer, trace_network
+from polarprune.training.latency import (LatencyCost, LatencySettings, LatencyTable, graphs_to_time, axis_widths,
+                                         cache_path, calibration_masks, grid_value, layer_bytes, load_or_measure,
+                                         table_key)
+from polarprune.training.loop import train
+from polarprune.training.mask import Mask, kept_widths
+from polarprune.training.methods import RunContext, make_method
+from polarprune.training.methods.polarized import PolarizedSettings
+from polarprune.training.networks import NetworkInfo, build_network
+from polarprune.training.onnx_graph import network_graph
 from user_networks import MobileNetV2
 
 INFO = NetworkInfo("resnet20", 1, 10, (8, 8))
@@ -56,10 +60,38 @@ def test_table_prices_every_costed_layer_on_its_round_to_grid(graph, built):
     assert len(table.calibration["measured_ratios"]) == table.calibration["networks"]
 
 
+def test_the_grid_times_only_widths_the_gates_can_keep(graph):
+    """One round_to rule: the table's axes and calibration masks use the gates' units (unit_sizes), so a
+    64-wide group at round_to 24 (units 24 + 40) is timed at 24, 40 and 64, never at 48."""
+    units = group_units(graph, 24)
+    assert units["layer3.0.conv1"] == [24, 40] and kept_widths([24, 40]) == [24, 40, 64]
+    assert axis_widths(graph, graph.layers["layer3.0.conv1"].out_layout, 24) == [24, 40, 64]
+    assert axis_widths(graph, graph.layers["layer1.0.conv1"].out_layout, 24) == [16]  # one unit: stays whole
+    masks = calibration_masks(graph, 24)
+    assert len(masks) > 2
+    for mask in masks:
+        assert all(len(kept) in kept_widths(units[group]) for group, kept in mask.kept_channels.items())
+
+
+def test_the_table_times_the_graphs_export_writes(graph):
+    """One exporter: the networks the table times are export's ONNX graphs, and each single layer, which
+    the faster TorchScript exporter writes, is the same one operator the shared exporter gives it."""
+    settings = LatencySettings(batch=1)
+    _, graphs = graphs_to_time(graph, 16, settings, calibration_masks(graph, 16, count=1))
+    ops = lambda model: [node.op_type for node in model.graph.node]  # noqa: E731
+    exported = network_graph(copy.deepcopy(graph.module), tuple(graph.input_shape), batch=1)
+    assert ops(onnx.load_from_string(graphs["dense"])) == ops(exported)
+    for module, shape, op in ((torch.nn.Conv2d(16, 32, 3, 2, 1), (16, 8, 8), "Conv"),
+                              (torch.nn.Conv2d(32, 32, 3, 1, 1, groups=32), (32, 8, 8), "Conv"),
+                              (torch.nn.Linear(64, 10), (64,), "Gemm")):
+        fast = onnx.load_from_string(layer_bytes(module, shape, 1))
+        assert ops(fast) == ops(network_graph(module, shape, batch=1)) == [op]
+
+
 def test_layers_timed_slower_than_the_network_are_scaled_into_it(graph, monkeypatch):
     """Under load a layer timed alone can read slower than the whole network; the table must still predict
     every mask above the runtime's per-call floor, never below zero."""
-    import training.latency as latency
+    import polarprune.training.latency as latency
 
     def loaded_medians(graphs, settings):  # every layer 0.2 ms alone, the network 1.0 ms, masks 0.3-0.9 ms
         return {name: {"floor": 0.05, "dense": 1.0}.get(name, 0.3 if name.startswith("calibration") else 0.25)
@@ -79,7 +111,7 @@ def test_second_build_hits_the_cache_and_a_new_fingerprint_misses(graph, built, 
     again, source = load_or_measure(graph, 16, settings, log=lambda _: None)
     assert source == "cache" and again.to_dict() == table.to_dict()
     other_machine = {"cpu": "another CPU", "logical_cores": 64, "isa": ["avx2"]}
-    monkeypatch.setattr("training.latency.machine_fingerprint", lambda: other_machine)
+    monkeypatch.setattr("polarprune.training.latency.machine_fingerprint", lambda: other_machine)
     assert cache_path(settings, table_key(graph, 16, settings)) != cache_path(settings, table.key)
     moved, source = load_or_measure(graph, 16, settings, log=lambda _: None)
     assert source == "measured" and moved.key["machine"] == other_machine
@@ -140,7 +172,7 @@ def test_depthwise_layers_are_priced_by_their_one_width(tmp_path):
 
 
 def test_monotone_entries_rise_strictly_so_noise_never_removes_a_gradient():
-    from training.latency import monotone
+    from polarprune.training.latency import monotone
     noisy = [[1.0, 2.0, 1.9], [2.0, 1.5, 4.0], [3.0, 3.0, 3.0]]  # dips and flat steps, as noise makes them
     fixed = np.asarray(monotone(noisy))
     assert (np.diff(fixed, axis=0) > 0).all() and (np.diff(fixed, axis=1) > 0).all()
@@ -185,7 +217,7 @@ def test_cuda_runtime_without_its_provider_is_refused():
 
 
 def test_a_target_below_the_smallest_mask_is_refused(graph, built):
-    from training.methods.polarized import cost_floor
+    from polarprune.training.methods.polarized import cost_floor
     settings, table, _ = built
     floor, _ = cost_floor(graph, 16, LatencyCost(graph, table))  # what this table says the smallest mask keeps
     below = (floor - PolarizedSettings.flops_tolerance) / 2

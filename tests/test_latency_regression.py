@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import pytest
 
-from bench import fixture
-from bench.timing import BackendUnavailable
+from polarprune.bench import fixture
+from polarprune.bench.timing import BackendUnavailable
 
 ATTEMPTS = 3
 # speed-up >= 1 + share * (dense MACs / pruned MACs - 1). The CPU is compute-bound at batch 1 already; a GPU

@@ -3,11 +3,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from training.config import ConfigError, make_config
-from training.data import FMNIST_SEARCH_DIRS
-from training.loop import train
-from training.losses import TaskLoss
+from polarprune.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from polarprune.training.config import ConfigError, make_config
+from polarprune.training.data import FMNIST_SEARCH_DIRS
+from polarprune.training.loop import train
+from polarprune.training.losses import TaskLoss
 
 needs_fmnist = pytest.mark.skipif(not any((d / "train-images-idx3-ubyte.gz").is_file() for d in FMNIST_SEARCH_DIRS),
                                   reason="Fashion-MNIST not installed (make data)")

@@ -26,31 +26,31 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-import export.triton_repo as triton_repo
-from bench.compare import main as compare_main
-from bench.shapes import main as shapes_main
-from bench.speedup import main as speedup_main
-from bench.train_overhead import main as train_overhead_main
-from common.cli import EXIT_BAD_INPUT, EXIT_CODES, EXIT_OK
-from export.__main__ import main as export_main
-from export.api import ExportOptions, write_triton_models
-from common.model_repository import RepositoryError, parse_config
-from export.triton_repo import TritonModelOptions, read_onnx_signature, write_model_version, write_model_versions
+import polarprune.export.triton_repo as triton_repo
+from polarprune.bench.compare import main as compare_main
+from polarprune.bench.shapes import main as shapes_main
+from polarprune.bench.speedup import main as speedup_main
+from polarprune.bench.train_overhead import main as train_overhead_main
+from polarprune.common.cli import EXIT_BAD_INPUT, EXIT_CODES, EXIT_OK
+from polarprune.export.__main__ import main as export_main
+from polarprune.export.api import ExportOptions, write_triton_models
+from polarprune.common.model_repository import RepositoryError, parse_config
+from polarprune.export.triton_repo import TritonModelOptions, read_onnx_signature, write_model_version, write_model_versions
 from export_fixtures import make_run, single_torch_thread  # noqa: F401 (autouse fixture)
-from serving.__main__ import main as serving_main
-from serving.client import InputSpecError, ServingError, TritonClassifier
-from serving.run_artifacts import RunArtifactsError, RunArtifactsMissing, load_run
-from serving.errors import ServerError
-from serving.server import LocalTriton, LocalTritonConfig
+from polarprune.serving.__main__ import main as serving_main
+from polarprune.serving.client import InputSpecError, ServingError, TritonClassifier
+from polarprune.serving.run_artifacts import RunArtifactsError, RunArtifactsMissing, load_run
+from polarprune.serving.errors import ServerError
+from polarprune.serving.server import LocalTriton, LocalTritonConfig
 from test_checkpoint import WritesAFile
 from tiny_onnx import tiny_classifier
 from run_helpers import require_triton
-from training.__main__ import main as training_main
-from training.arch import SpecError
-from training.config import ConfigError, load_config
-from training.data import FMNIST_SEARCH_DIRS
-from training.distributed import Cluster
-from training.mask import load_mask
+from polarprune.training.__main__ import main as training_main
+from polarprune.training.arch import SpecError
+from polarprune.training.config import ConfigError, load_config
+from polarprune.training.data import FMNIST_SEARCH_DIRS
+from polarprune.training.distributed import Cluster
+from polarprune.training.mask import load_mask
 
 
 needs_fmnist = pytest.mark.skipif(
@@ -141,7 +141,7 @@ def test_target_below_the_networks_floor_is_refused_when_the_run_starts(tmp_path
 def test_training_cli_exits_2_and_writes_nothing(tmp_path, capsys, monkeypatch, yaml_text, overrides, expected):
     def train(cfg, resume=False):  # were the config accepted, fail here instead of training for minutes
         raise AssertionError(f"config accepted: {cfg}")
-    monkeypatch.setattr("training.__main__.train", train)
+    monkeypatch.setattr("polarprune.training.__main__.train", train)
     config = tmp_path / "run.yaml"
     config.write_text(yaml_text)
     out_dir = tmp_path / "runs"
@@ -176,7 +176,7 @@ def test_global_batch_that_does_not_split_across_processes_is_a_config_error(tmp
     class ThreeRanks(Cluster):  # rank 0 of three, without a process group: it fails before any collective
         def from_main(self, work):
             return work()
-    monkeypatch.setattr("training.loop.start_cluster", lambda device: (ThreeRanks(0, 3, 0, "gloo"), device))
+    monkeypatch.setattr("polarprune.training.loop.start_cluster", lambda device: (ThreeRanks(0, 3, 0, "gloo"), device))
     code, err = _train_cli(tmp_path, capsys, "batch_size=64", "train_subset=256", "val_size=64")
     assert code == EXIT_BAD_INPUT and "Traceback" not in err, (code, err)
     assert err.startswith("python -m training: error: config key 'batch_size': 64 (the global batch) must be a "
@@ -184,7 +184,7 @@ def test_global_batch_that_does_not_split_across_processes_is_a_config_error(tmp
 
 
 def test_dynamic_gates_without_a_validation_set_is_a_config_error(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("training.__main__.train", lambda cfg, resume=False: pytest.fail("config accepted"))
+    monkeypatch.setattr("polarprune.training.__main__.train", lambda cfg, resume=False: pytest.fail("config accepted"))
     code, err = _train_cli(tmp_path, capsys, "dynamic_gates=true", "val_size=0")
     assert code == EXIT_BAD_INPUT and "Traceback" not in err, (code, err)
     assert "config key 'val_size': dynamic gates need a validation set" in err and "set val_size > 0" in err, err
@@ -265,8 +265,13 @@ CHECKPOINT_CASES = {
     "a bare state_dict": (lambda d: _save_state(d, _state(d)["model"]), "not a polarprune checkpoint"),
     "weights not a state dict": (_edit_state(model=lambda _: "weights"), "'model' must be a state dict"),
     "config not a dict": (_edit_state(config=lambda _: ["fashion_mnist"]), "config must be a dict, not list"),
-    "unknown gate option": (_edit_state(config=lambda c: {**c, "temperature": 3}),
-                            "cannot rebuild the network it was trained on (unknown config key 'temperature'"),
+    # export rebuilds the network from the trained_model record, not from the training config
+    "unknown trained model": (_edit_state(trained_model=lambda _: {"kind": "sliced"}),
+                              "trained_model must be a record of kind gated, plain or cut"),
+    "a network cut mid-run": (_edit_state(trained_model=lambda _: {"kind": "cut"}),
+                              "cut to its mask by a run that stopped before its end; resume the run"),
+    "gate record incomplete": (_edit_state(trained_model=lambda _: {"kind": "gated", "dynamic": False}),
+                               "trained_model of kind gated lacks round_to, score_clamp"),
     "negative epoch": (_edit_state(epoch=lambda _: -1), "epoch must be a count >= 0"),
     "network not a dict": (_edit_state(network=lambda _: "resnet20"), "'network' must be a dict describing"),
     "network without a key": (_drop_network_key("in_channels"),

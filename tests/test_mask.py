@@ -4,11 +4,11 @@ import json
 import pytest
 import torch
 
-from training.gating import full_mask, mask_macs, mask_problem
-from training.graph import trace_network
-from training.mask import (GateDecision, Mask, MaskError, choose_mask, closed_by, flipped_cost, load_mask,
+from polarprune.training.gating import full_mask, mask_macs, mask_problem
+from polarprune.training.graph import trace_network
+from polarprune.training.mask import (GateDecision, Mask, MaskError, choose_mask, closed_by, flipped_cost, load_mask,
                            mask_document, projection_report, save_mask, unit_sizes)
-from training.networks import NetworkInfo, build_network
+from polarprune.training.networks import NetworkInfo, build_network
 
 
 def traced(model: str, in_channels: int, size: int):

@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from export.onnx_export import count_onnx_macs, export_onnx, run_onnxruntime
-from training.api import polarize
-from training.gating import mask_macs
+from polarprune.export.onnx_export import count_onnx_macs, export_onnx, run_onnxruntime
+from polarprune.training.api import polarize
+from polarprune.training.gating import mask_macs
 
 from user_networks import ConvNeXt, RegNet, ResNeXt, ShuffleNetV2
 

@@ -4,6 +4,8 @@ import io
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import onnx
@@ -11,13 +13,16 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from common.cli import EXIT_BAD_INPUT, EXIT_FAILED
-from export.__main__ import main
-from export.onnx_export import (INPUT_NAME, OUTPUT_NAME, OnnxExportError, count_onnx_macs, export_onnx,
+from polarprune.common.cli import EXIT_BAD_INPUT, EXIT_FAILED
+from polarprune.export.__main__ import main
+from polarprune.export.onnx_export import (INPUT_NAME, OUTPUT_NAME, OnnxExportError, count_onnx_macs, export_onnx,
                                 validate_with_onnxruntime)
-from export.surgery import load_pruned, prune
+from polarprune.export.surgery import load_pruned, prune
 from export_fixtures import make_run, single_torch_thread, trained_model  # noqa: F401 (autouse fixture)
-from training.data import FMNIST_SEARCH_DIRS
+from polarprune.training.config import make_config
+from polarprune.training.data import FMNIST_SEARCH_DIRS
+from polarprune.training.errors import ConfigError
+from run_helpers import ENV, ROOT, TRAINING_ONLY
 
 CLOSED = ["layer1.1", "layer1.2", "layer2.0", "layer2.1"]  # several in a row, one of them downsampling
 
@@ -126,7 +131,7 @@ def test_triton_repository_and_serving_view(exported):
     for name in report["model_names"].values():
         assert (repository / name / "config.pbtxt").is_file()
         assert (repository / name / "1" / "model.onnx").is_file()
-    from serving.run_artifacts import load_run
+    from polarprune.serving.run_artifacts import load_run
     artifacts = load_run(run_dir)
     assert artifacts.model_names == report["model_names"] and artifacts.input_shape == (1, 28, 28)
 
@@ -211,7 +216,7 @@ def test_unknown_architecture(small_run):
 
 @needs_fmnist
 def test_failure_mid_export_leaves_run_folder_as_it_was(small_run, monkeypatch):
-    import export.api as cli
+    import polarprune.export.api as cli
 
     def half_written(model, path, input_shape):
         path.write_bytes(b"half an onnx file")
@@ -222,3 +227,44 @@ def test_failure_mid_export_leaves_run_folder_as_it_was(small_run, monkeypatch):
     assert not [p for p in os.listdir(small_run) if p.startswith(".")]
     assert "earlier export" in (small_run / "export_report.json").read_text()
     assert "dense.onnx" in err
+
+
+@needs_fmnist
+def test_a_latency_run_on_a_runtime_this_machine_lacks_exports_here(small_run):
+    """A run trained with cost: latency on onnxruntime-cuda (on a GPU machine) exports on this CPU machine:
+    the network is rebuilt from the checkpoint's trained_model record, and a fresh interpreter running the
+    export loads neither the training config nor its methods (which would refuse the runtime here)."""
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has the CUDA provider: the runtime is not missing here")
+    state = torch.load(small_run / "checkpoint.pt", weights_only=True)
+    state["config"] = {**state["config"], "cost": "latency", "target_latency_ratio": 0.5,
+                       "latency_runtime": "onnxruntime-cuda"}
+    torch.save(state, small_run / "checkpoint.pt")
+    with pytest.raises(ConfigError, match="latency_runtime"):  # what rebuilding through the config meets here
+        make_config(dict(state["config"]))
+    repository = small_run.parent.parent / "model_repository"
+    code = ("import sys; from polarprune.export.__main__ import main; "
+            f"code = main(['--run', {str(small_run)!r}, '--repository', {str(repository)!r}, '--samples', '64']); "
+            "print('MODULES', code, *sorted(sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    exit_code, *loaded = done.stdout.split("MODULES ", 1)[1].split()
+    assert exit_code == "0", done.stderr[-3000:]
+    assert [m for m in loaded if m.startswith(TRAINING_ONLY)] == []
+    assert "polarprune.training.checkpoint" in loaded  # it did read the checkpoint
+    report = json.loads((small_run / "export_report.json").read_text())
+    assert report["method"] == "polarized" and report["removed_blocks"] == ["layer2.0"]
+    assert (repository / "r20_pruned").is_dir()
+
+
+@needs_fmnist
+def test_a_checkpoint_without_the_trained_model_record_still_exports(small_run):
+    """Checkpoints written before the trained_model record are rebuilt through their config and method."""
+    state = torch.load(small_run / "checkpoint.pt", weights_only=True)
+    del state["trained_model"]
+    torch.save(state, small_run / "checkpoint.pt")
+    code, _, err = run_cli("--run", str(small_run), "--repository", str(small_run.parent.parent / "repo"),
+                           "--samples", "64")
+    assert code == 0, err
+    assert json.loads((small_run / "export_report.json").read_text())["removed_blocks"] == ["layer2.0"]

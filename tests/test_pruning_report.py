@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
-from training.api import polarize
-from training.pruning_report import FILES, decisions, report_markdown, write_pruning_report
+from polarprune.training.api import polarize
+from polarprune.training.pruning_report import FILES, decisions, report_markdown, write_pruning_report
 
 from user_networks import GroupNormNet, resnet18
 

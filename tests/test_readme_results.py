@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from common.results import REPO_ROOT, ResultError, command_line, provenance, read_source, write_result
+from polarprune.common.results import REPO_ROOT, ResultError, command_line, provenance, read_source, write_result
 from scripts import render_readme
 from scripts.collect_results import collect
 
@@ -126,7 +126,7 @@ def test_collect_then_render_the_torch_pruning_peer(tmp_path):
 
 def compare_report(seeds: list[int]) -> dict:
     """compare.json as bench/compare.py writes it (its rows and summary from bench/compare_report.py)."""
-    from bench.compare_report import row_for, seed_summary
+    from polarprune.bench.compare_report import row_for, seed_summary
 
     def latency(ms: float) -> dict:
         return {b: {"median_ms": ms * int(b), "p95_ms": 2 * ms * int(b), "min_ms": ms * int(b)} for b in ("1", "64")}

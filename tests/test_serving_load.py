@@ -11,14 +11,14 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from export.triton_repo import write_model_version
+from polarprune.export.triton_repo import write_model_version
 from tiny_onnx import tiny_classifier
-from serving.__main__ import main as serving_main
-from serving.client import TritonClassifier
-from serving.loadtest import BackgroundLoad, probe_energy, run_load_test
-from serving.probes import ProbeSettings, _drive
-from serving.report import render_energy, render_load_test, summarize_energy, summarize_load_test
-from serving.server import LocalTriton, LocalTritonConfig
+from polarprune.serving.__main__ import main as serving_main
+from polarprune.serving.client import TritonClassifier
+from polarprune.serving.loadtest import BackgroundLoad, probe_energy, run_load_test
+from polarprune.serving.probes import ProbeSettings, _drive
+from polarprune.serving.report import render_energy, render_load_test, summarize_energy, summarize_load_test
+from polarprune.serving.server import LocalTriton, LocalTritonConfig
 from run_helpers import require_triton
 
 # "heavy" does ~50x the arithmetic of "light" per inference (hidden 65536 vs 8 in a 64 -> h -> 10 MLP).

@@ -15,11 +15,11 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from bench import check_timing
-from bench.timing import NO_SPINNING, ort_session, summarize
-from export.triton_repo import write_model_version
-from serving.client import InputSpecError, TritonClassifier
-from serving.server import LocalTriton, LocalTritonConfig
+from polarprune.bench import check_timing
+from polarprune.bench.timing import NO_SPINNING, ort_session, summarize
+from polarprune.export.triton_repo import write_model_version
+from polarprune.serving.client import InputSpecError, TritonClassifier
+from polarprune.serving.server import LocalTriton, LocalTritonConfig
 from test_serving import require_triton
 from tiny_onnx import tiny_classifier
 

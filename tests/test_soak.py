@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from export.triton_repo import write_model_version
-from serving.__main__ import main as serving_main
-from serving.soak import SoakSettings, leak_check, summarize
+from polarprune.export.triton_repo import write_model_version
+from polarprune.serving.__main__ import main as serving_main
+from polarprune.serving.soak import SoakSettings, leak_check, summarize
 from tiny_onnx import tiny_classifier
 from run_helpers import require_triton
 

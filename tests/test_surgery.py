@@ -5,15 +5,15 @@ import pytest
 import torch
 from torch import nn
 
-from export import ExportError
-from export.surgery import MaskMismatchError, SurgeryError, check_equivalence, load_pruned, prune, save_pruned
+from polarprune.export import ExportError
+from polarprune.export.surgery import MaskMismatchError, SurgeryError, check_equivalence, load_pruned, prune, save_pruned
 from export_fixtures import single_torch_thread, trained_model  # noqa: F401 (autouse fixture)
-from training.cuts import cut_batchnorm, cut_conv_in, cut_conv_out, cut_depthwise, cut_linear_in, cut_linear_out
-from training.flops import count_macs
-from training.gates import Gate
-from training.graph import trace_network
-from training.mask import Mask
-from training.networks import NetworkInfo, build_network
+from polarprune.training.cuts import cut_batchnorm, cut_conv_in, cut_conv_out, cut_depthwise, cut_linear_in, cut_linear_out
+from polarprune.training.flops import count_macs
+from polarprune.training.gates import Gate
+from polarprune.training.graph import trace_network
+from polarprune.training.mask import Mask
+from polarprune.training.networks import NetworkInfo, build_network
 
 CASES = {
     # many closed blocks in a row, including the stride-2 option-A block; one 1-channel layer

@@ -3,14 +3,14 @@ and the freeze that waits for the learned ratio to hold the band."""
 import pytest
 import torch
 
-from training.config import make_config
-from training.gates import TargetConstraint
-from training.gating import GatedNetwork
-from training.graph import trace_network
-from training.mask import unit_sizes
-from training.methods.base import RunContext
-from training.methods.polarized import PolarizedMethod
-from training.networks import NetworkInfo, build_network
+from polarprune.training.config import make_config
+from polarprune.training.gates import TargetConstraint
+from polarprune.training.gating import GatedNetwork
+from polarprune.training.graph import trace_network
+from polarprune.training.mask import unit_sizes
+from polarprune.training.methods.base import RunContext
+from polarprune.training.methods.polarized import PolarizedMethod
+from polarprune.training.networks import NetworkInfo, build_network
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import re
 import pytest
 import torch
 
-from export.tensorrt_build import (BatchProfile, EngineError, batch_profile, major_version, plan_build,
+from polarprune.export.tensorrt_build import (BatchProfile, EngineError, batch_profile, major_version, plan_build,
                                    unavailable_reason)
 
 REASON = unavailable_reason()
@@ -58,9 +58,9 @@ def test_unavailability_is_explained():
 def test_engine_matches_onnxruntime(tmp_path):
     import tensorrt
 
-    from export.onnx_export import export_onnx
-    from export.surgery import prune
-    from export.tensorrt_build import build_and_check, build_facts, fp16_converter_installed
+    from polarprune.export.onnx_export import export_onnx
+    from polarprune.export.surgery import prune
+    from polarprune.export.tensorrt_build import build_and_check, build_facts, fp16_converter_installed
     from export_fixtures import trained_model
 
     model, mask, document, graph = trained_model("resnet20", (16, 16), seed=0, closed_blocks=["layer2.0"])

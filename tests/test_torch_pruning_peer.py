@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 
-from bench.torch_pruning_peer import ChannelMapPruner, ChannelMapShortcut, replace_pad_shortcuts
-from training.arch import make_spec
-from training.models import PadShortcut, build_model
+from polarprune.bench.torch_pruning_peer import ChannelMapPruner, ChannelMapShortcut, replace_pad_shortcuts
+from polarprune.training.arch import make_spec
+from polarprune.training.models import PadShortcut, build_model
 
 needs_torch_pruning = pytest.mark.skipif(
     importlib.util.find_spec("torch_pruning") is None,
@@ -41,7 +41,7 @@ def test_channel_map_pruner_drops_outputs_and_zeroes_lost_inputs():
 
 @needs_torch_pruning
 def test_tiny_peer_run_prunes_to_the_target_and_exports(tmp_path):
-    from bench.torch_pruning_peer import run_config, train_peer
+    from polarprune.bench.torch_pruning_peer import run_config, train_peer
 
     cfg = run_config("configs/fmnist_resnet20.yaml",
                      ["epochs=2", "batch_size=64", "train_subset=256", "val_size=64", "test_subset=200",

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.api import polarize
+from polarprune.training.api import polarize
 
 COMBINE = {
     "add_broadcast": lambda y, t, z: y + t,

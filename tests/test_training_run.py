@@ -7,14 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from training.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
-from training.config import make_config
-from training.flops import count_macs
-from training.gating import GatedNetwork, cut
-from training.graph import trace_network
-from training.loop import RunError, train
-from training.mask import load_mask
-from training.networks import NetworkInfo, build_network
+from polarprune.training.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from polarprune.training.config import make_config
+from polarprune.training.flops import count_macs
+from polarprune.training.gating import GatedNetwork, cut
+from polarprune.training.graph import trace_network
+from polarprune.training.loop import RunError, train
+from polarprune.training.mask import load_mask
+from polarprune.training.networks import NetworkInfo, build_network
 
 from run_helpers import kill_after_first_checkpoint, training_command
 
@@ -69,7 +69,7 @@ def test_mask_rebuilds_the_pruned_network_from_its_network_description(polarized
 
 def test_checkpoint_round_trip_reproduces_the_reported_accuracy(polarized_run):
     run_dir, metrics = polarized_run
-    from training.data import BatchIterator, load_splits
+    from polarprune.training.data import BatchIterator, load_splits
     state = load_checkpoint(run_dir / "checkpoint.pt")
     model, _, _ = model_from_checkpoint(state)
     model.eval()
@@ -86,7 +86,7 @@ def test_resume_after_interruption_gives_the_same_run(tmp_path, polarized_run, m
     _, full = polarized_run
     cfg = quick_config(tmp_path, target_flops_ratio=0.5)
     run_dir = tmp_path / "run"
-    import training.loop as loop
+    import polarprune.training.loop as loop
     save = loop.save_checkpoint
 
     def save_then_die_after_epoch_2(path, state):  # as if killed right after the second checkpoint
@@ -169,7 +169,7 @@ def test_sigkilled_run_resumes_to_the_mask_of_an_uninterrupted_run(tmp_path, pol
 
 
 def test_resume_from_a_checkpoint_without_optimizer_state_is_refused(tmp_path, polarized_run):
-    from training.checkpoint import save_checkpoint
+    from polarprune.training.checkpoint import save_checkpoint
     run_dir, _ = polarized_run
     state = load_checkpoint(run_dir / "checkpoint.pt")
     del state["optimizer"], state["rng"]

@@ -14,9 +14,9 @@ import pytest
 from google.protobuf import json_format
 
 from tiny_onnx import tiny_classifier
-from common.model_repository import (KNOWN_RELEASES, MANIFEST_NAME, TRITON_RELEASE, RepositoryError,
+from polarprune.common.model_repository import (KNOWN_RELEASES, MANIFEST_NAME, TRITON_RELEASE, RepositoryError,
                                      model_versions, parse_config, plan_problem)
-from export.triton_repo import TritonModelOptions, build_config, read_onnx_signature, render_config, write_model_version
+from polarprune.export.triton_repo import TritonModelOptions, build_config, read_onnx_signature, render_config, write_model_version
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -181,7 +181,7 @@ def test_invalid_inputs_fail_before_any_write(tmp_path, onnx_file, monkeypatch):
         write_model_version(repo, "bad name", onnx_file)
     with pytest.raises(RepositoryError, match="unknown target"):
         write_model_version(repo, "t", onnx_file, TritonModelOptions(target="tpu"))
-    monkeypatch.setattr("export.triton_repo.render_config", lambda *a: 'name: "t"\nmax_batch_size: "many"\n')
+    monkeypatch.setattr("polarprune.export.triton_repo.render_config", lambda *a: 'name: "t"\nmax_batch_size: "many"\n')
     with pytest.raises(RepositoryError, match="does not parse"):
         write_model_version(repo, "t", onnx_file)
     assert not repo.exists()
@@ -249,9 +249,9 @@ def test_python_model_batches_requests_and_rejects_bad_ones(tmp_path, onnx_file,
 
 
 def test_serving_refuses_a_plan_before_the_server_is_asked_to_load_it(tmp_path, onnx_file):
-    from serving.container import gpu_models
-    from serving.plans import plan_refusals
-    from serving.probes import served_precision
+    from polarprune.serving.container import gpu_models
+    from polarprune.serving.plans import plan_refusals
+    from polarprune.serving.probes import served_precision
 
     repo = tmp_path / "repo"
     engine = tmp_path / "model.plan"

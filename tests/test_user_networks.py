@@ -11,16 +11,16 @@ import json
 import pytest
 import torch
 
-from export.onnx_export import count_onnx_macs, export_onnx, run_onnxruntime
-from training.api import load_pruned, polarize, save_pruned
-from training.gating import MaskError, mask_macs
-from training.graph import GraphError
-from training.mask import Mask
+from polarprune.export.onnx_export import count_onnx_macs, export_onnx, run_onnxruntime
+from polarprune.training.api import load_pruned, polarize, save_pruned
+from polarprune.training.gating import MaskError, mask_macs
+from polarprune.training.graph import GraphError
+from polarprune.training.mask import Mask
 
 from user_networks import (BranchingNet, ConcatNet, GroupNormNet, MobileNetV2, SENet, ShuffleNet, VGG,
                            resnet18, resnet50)
-from training.arch import MODEL_NAMES
-from training.data import FMNIST_SEARCH_DIRS
+from polarprune.training.arch import MODEL_NAMES
+from polarprune.training.data import FMNIST_SEARCH_DIRS
 
 ARCHITECTURES = {
     "resnet18": resnet18, "resnet50": resnet50, "mobilenet_v2": MobileNetV2, "vgg_bn": VGG,
@@ -193,9 +193,9 @@ USER_RUN = dict(dataset="fashion_mnist", model="user_networks:VGG", model_args={
 
 @needs_fmnist
 def test_user_network_by_import_path_trains_and_exports(tmp_path):
-    from export.__main__ import main as export_main
-    from training.config import make_config
-    from training.loop import train
+    from polarprune.export.__main__ import main as export_main
+    from polarprune.training.config import make_config
+    from polarprune.training.loop import train
 
     metrics = train(make_config({**USER_RUN, "out_dir": str(tmp_path), "name": "vgg"}))
     assert abs(metrics["flops_ratio"] - 0.5) <= 0.03 and metrics["model"] == "user_networks:VGG"
@@ -206,8 +206,8 @@ def test_user_network_by_import_path_trains_and_exports(tmp_path):
 
 @needs_fmnist
 def test_init_weights_start_the_run_and_a_mismatch_names_the_keys(tmp_path):
-    from training.config import ConfigError, make_config
-    from training.loop import train
+    from polarprune.training.config import ConfigError, make_config
+    from polarprune.training.loop import train
 
     torch.manual_seed(3)
     pretrained = VGG(in_channels=1)
@@ -215,7 +215,7 @@ def test_init_weights_start_the_run_and_a_mismatch_names_the_keys(tmp_path):
     run = {**USER_RUN, "out_dir": str(tmp_path), "method": "dense", "epochs": 1, "lr": 1e-9, "momentum": 0.0,
            "weight_decay": 0.0, "init_weights": str(tmp_path / "vgg.pt"), "name": "dense"}
     train(make_config(run))
-    from training.checkpoint import load_checkpoint
+    from polarprune.training.checkpoint import load_checkpoint
     state = load_checkpoint(tmp_path / "dense" / "checkpoint.pt")["model"]
     conv = state["features.0.weight"]
     assert torch.allclose(conv, pretrained.state_dict()["features.0.weight"], atol=1e-6)  # lr ~ 0: kept
@@ -229,7 +229,7 @@ def test_init_weights_start_the_run_and_a_mismatch_names_the_keys(tmp_path):
 
 
 def test_bad_import_paths_are_named():
-    from training.networks import NetworkError, NetworkInfo, build_network
+    from polarprune.training.networks import NetworkError, NetworkInfo, build_network
 
     for model, message in [("no_such_pkg.nets:Net", "cannot import no_such_pkg.nets"),
                            ("user_networks:NoSuchNet", "has no NoSuchNet"),
@@ -242,9 +242,9 @@ def test_bad_import_paths_are_named():
 
 def test_what_the_api_saves_the_export_stage_takes(tmp_path):
     """save_for_export -> python -m export --run FOLDER: ONNX files, the Triton models, a report serving reads."""
-    from export.__main__ import main as export_main
-    from serving.run_artifacts import load_run
-    from training.api import save_for_export
+    from polarprune.export.__main__ import main as export_main
+    from polarprune.serving.run_artifacts import load_run
+    from polarprune.training.api import save_for_export
 
     torch.manual_seed(0)
     network = MobileNetV2()
@@ -273,7 +273,7 @@ def test_what_the_api_saves_the_export_stage_takes(tmp_path):
 @pytest.mark.parametrize("model_name", MODEL_NAMES)
 def test_the_built_in_zoo_goes_through_the_same_path(model_name):
     """Every built-in network: gates from its trace, a random mask, pruned == gated, fewer MACs."""
-    from training.networks import NetworkInfo, build_network
+    from polarprune.training.networks import NetworkInfo, build_network
 
     torch.manual_seed(0)
     info = NetworkInfo(model_name, 3, 10, (16, 16))

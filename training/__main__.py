@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import sys
 
-from common.atomicio import WriteFailed
-from common.cli import EXIT_OK, cli_parser, fail
-
-from .config import load_config
-from .errors import TrainingError
-from .loop import train
+from polarprune.common.atomicio import WriteFailed
+from polarprune.common.cli import EXIT_OK, cli_parser, fail
+from polarprune.training.config import load_config
+from polarprune.training.errors import TrainingError
+from polarprune.training.loop import train
 
 PROG = "python -m training"
 

@@ -17,7 +17,6 @@ import dataclasses
 import difflib
 import io
 import warnings
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,18 +24,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.atomicio import write_bytes, write_json
+from polarprune.common.atomicio import write_bytes, write_json
 
 from .config import TrainConfig
+from .equivalence import check_equivalence
 from .errors import TrainingError
 from .gates import TargetConstraint, gate_loss, kept_target
 from .gating import GatedNetwork, cut, mask_macs
 from .graph import trace_network
 from .mask import Mask, projection_report
 from .methods.polarized import PolarizedSettings
+from .program import NORMALIZATION_FILE, PROGRAM_FILES, ProgramError, check_program, load_pruned, save_pruned  # noqa: F401
 from .pruning_report import pruning_report, reachability, write_pruning_report
-
-EQUIVALENCE_TOLERANCE = 1e-4
 
 
 @dataclass(frozen=True)
@@ -124,18 +123,13 @@ class PolarizedNetwork(GatedNetwork):
         mask = mask or self.final_mask()
         self.freeze(mask)
         pruned = cut(self.graph, mask, self.plain()).eval()
+        images = check_input if check_input is not None else torch.randn(
+            4, *self.graph.input_shape, device=next(self.parameters()).device)
         was_training = self.training
-        self.eval()
         try:
-            images = check_input if check_input is not None else torch.randn(
-                4, *self.graph.input_shape, device=next(self.parameters()).device)
-            expected, got = self(images), pruned(images)
+            check_equivalence(self, pruned, self.graph, mask, images)
         finally:
             self.train(was_training)
-        worst = float((expected - got).abs().max())
-        if worst > EQUIVALENCE_TOLERANCE * max(1.0, float(expected.abs().max())):
-            raise RuntimeError(f"the cut network differs from the gated one by {worst:.3g}: please report "
-                               "this network, its cut is wrong")
         return pruned
 
 
@@ -145,10 +139,6 @@ CLI_NAMES = {"target_flops_ratio": "target_flops", "flops_tolerance": "tolerance
 
 class ApiError(TrainingError, TypeError):
     """A Python API call with an argument of the wrong kind or name (one line: what to pass instead)."""
-
-
-class ProgramError(TrainingError, ValueError):
-    """A file that is not a program `save_pruned` wrote."""
 
 
 def check_settings(settings: dict) -> None:
@@ -181,52 +171,11 @@ def polarize(model: nn.Module, example_input: torch.Tensor, **settings) -> Polar
     return gated
 
 
-def save_pruned(path: str | Path, pruned: nn.Module, example_input: torch.Tensor) -> None:
-    """Write `pruned` (architecture and weights) as a torch.export program with a dynamic batch axis."""
-    pruned = pruned.eval()
-    batch = torch.export.Dim("batch", min=1, max=4096)
-    example = example_input[:1].expand(2, *example_input.shape[1:]).contiguous()  # batch 2: no 0/1 specialising
-    program = torch.export.export(pruned, (example,), dynamic_shapes=({0: batch},))
-    buffer = io.BytesIO()
-    torch.export.save(program, buffer)
-    write_bytes(path, buffer.getvalue())
-
-
-def check_program(path: str | Path) -> None:
-    """Refuse, in one line, a file that is not a `save_pruned` program: missing, not a zip archive, or a
-    torch.save file (a state dict or a pickled module)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ProgramError(f"{path}: no such file")
-    if not zipfile.is_zipfile(path):
-        raise ProgramError(f"{path}: not a program written by save_pruned (not a zip archive)")
-    with zipfile.ZipFile(path) as archive:
-        names = archive.namelist()
-    if not any(name.endswith("archive_format") for name in names):
-        what = "a torch.save file (a state dict or a pickled module)" if any(
-            name.endswith("data.pkl") for name in names) else "a zip archive of something else"
-        raise ProgramError(f"{path}: {what}, not a program written by save_pruned; load a state dict into "
-                           "your network with load_state_dict")
-
-
-def load_pruned(path: str | Path) -> nn.Module:
-    """A network saved by `save_pruned`, ready for inference (no user code needed), with the module paths
-    and state-dict keys of the network that was saved. The program was captured in inference mode and
-    stays so: its train()/eval() only set the flag (an exported graph refuses to switch modes itself)."""
-    check_program(path)
-    network = torch.export.load(str(path)).module()
-
-    def set_mode(mode: bool = True) -> nn.Module:
-        network.training = mode
-        return network
-    network.train, network.eval = set_mode, lambda: set_mode(False)  # torch.export sets both to raise
-    return network
-
-
-PROGRAM_FILES = {"pruned": "pruned.pt2", "dense": "dense.pt2", "samples": "test_samples.npz"}
-
-
-NORMALIZATION_FILE = "normalization.json"  # optional beside PROGRAM_FILES: the input normalisation
+def prune(gated: PolarizedNetwork, mask: Mask | None = None, check_input: torch.Tensor | None = None) -> nn.Module:
+    """`gated.prune(mask, check_input)` as a function: the smaller plain network, checked against `gated`."""
+    if not isinstance(gated, PolarizedNetwork):
+        raise ApiError(f"prune takes what polarize returned, got {type(gated).__name__}")
+    return gated.prune(mask, check_input)
 
 
 def save_for_export(folder: str | Path, pruned: nn.Module, dense: nn.Module, images: torch.Tensor,

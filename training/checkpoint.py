@@ -1,9 +1,12 @@
 """checkpoint.pt: everything needed to resume a run or export it, validated on load.
 
 Keys: format, version, config (dict), network (`training.networks.NetworkInfo.describe()`), model (state
-dict of the model the method trains), optimizers, scheduler, epoch (epochs completed), method_state, rng,
-history (per-epoch log rows). The model is rebuilt from the network description, its trace and the
-method's state (`model_from_checkpoint`), so its weights always fit it.
+dict of the model the method trains), trained_model (which network those weights fit: `describe_model`),
+optimizers, scheduler, epoch (epochs completed), method_state, rng, history (per-epoch log rows).
+`trained_model(state)` rebuilds the network from the checkpoint alone: the network description, its trace
+and the trained_model record, never the training config or its method, so a run exports (and teaches)
+on a machine that could not train it (say, one without the latency cost's runtime). A resume goes through
+the method instead (training.loop), which also knows the optimiser and schedule state.
 
 Loaded with torch's weights-only unpickler: tensors and plain data only, so a checkpoint from someone
 else cannot run code (numpy's RNG state is stored as a tensor for that). Versions 1 and 2 described the
@@ -20,13 +23,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from common.atomicio import write_bytes
+from polarprune.common.atomicio import write_bytes
+
+from torch import nn
 
 from .arch import check_header
-from .config import ConfigError, make_config
-from .errors import TrainingError
-from .graph import GraphError, trace_network
-from .methods import make_method
+from .errors import ConfigError, TrainingError
+from .gating import GatedNetwork
+from .graph import GraphError, NetworkGraph, trace_network
 from .networks import NetworkError, NetworkInfo, build_network
 
 CHECKPOINT_FORMAT = "polarprune-checkpoint"
@@ -128,9 +132,50 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return state
 
 
+def describe_model(model: nn.Module, graph: NetworkGraph) -> dict[str, Any]:
+    """The checkpoint's trained_model record: which network `model`'s weights fit, given the trace `graph`
+    of the plain network. "gated": the traced network with gates (and how they were built); "plain": the
+    traced network itself; "cut": a network already cut to a frozen mask (a run stopped before its end)."""
+    if isinstance(model, GatedNetwork):
+        return {"kind": "gated", "dynamic": model.dynamic, "round_to": model.round_to,
+                "score_clamp": model.score_clamp}
+    shapes = lambda module: {key: tuple(value.shape) for key, value in module.state_dict().items()}  # noqa: E731
+    return {"kind": "plain" if shapes(model) == shapes(graph.module) else "cut"}
+
+
+def trained_model(state: dict[str, Any], path: str | Path = "checkpoint") -> tuple[nn.Module, NetworkGraph]:
+    """(model, graph): the network the checkpoint's weights were trained in (gated, if it had gates), with
+    them loaded strictly, and the trace of the plain network. Needs no training config and no method."""
+    record = state.get("trained_model")
+    if record is None:  # written before checkpoints recorded their network: the method knows it
+        model, graph, _ = model_from_checkpoint(state, path)
+        return model, graph
+    if not isinstance(record, dict) or record.get("kind") not in ("gated", "plain", "cut"):
+        raise CheckpointError(f"{path}: trained_model must be a record of kind gated, plain or cut, not {record!r}")
+    lacking = sorted({"dynamic", "round_to", "score_clamp"} - set(record)) if record["kind"] == "gated" else []
+    if lacking:
+        raise CheckpointError(f"{path}: trained_model of kind gated lacks {', '.join(lacking)}")
+    if record["kind"] == "cut":
+        raise CheckpointError(f"{path}: holds a network cut to its mask by a run that stopped before its end; "
+                              "resume the run to its end (make train resumes it), then export")
+    try:
+        info = NetworkInfo.from_dict(state["network"])
+        graph = trace_network(build_network(info), info.example_input())
+        model = (GatedNetwork(graph, dynamic=bool(record["dynamic"]), round_to=int(record["round_to"]),
+                              score_clamp=float(record["score_clamp"]))
+                 if record["kind"] == "gated" else graph.module)
+    except (NetworkError, GraphError, KeyError, TypeError, ValueError) as error:
+        raise CheckpointError(f"{path}: cannot rebuild the network it was trained on ({error})") from None
+    _load_weights(model, state, path)
+    return model, graph
+
+
 def model_from_checkpoint(state: dict[str, Any], path: str | Path = "checkpoint"):
-    """(model, graph, method) of a checkpoint: the network its description names, traced, and the model
-    its method trained (gated, if the method uses gates) with the checkpoint's weights loaded strictly."""
+    """(model, graph, method) of a checkpoint without a trained_model record: the network its description
+    names, traced, and the model its method trained, rebuilt through the training config and the method
+    (which therefore must be valid on this machine)."""
+    from .config import make_config  # only for checkpoints older than the trained_model record
+    from .methods import make_method
     try:
         info = NetworkInfo.from_dict(state["network"])
         cfg = make_config(dict(state["config"]))
@@ -140,6 +185,11 @@ def model_from_checkpoint(state: dict[str, Any], path: str | Path = "checkpoint"
         model = method.restore_model()
     except (NetworkError, ConfigError, GraphError, KeyError, TypeError, ValueError) as error:
         raise CheckpointError(f"{path}: cannot rebuild the network it was trained on ({error})") from None
+    _load_weights(model, state, path)
+    return model, graph, method
+
+
+def _load_weights(model: nn.Module, state: dict[str, Any], path: str | Path) -> None:
     try:
         model.load_state_dict(state["model"], strict=True)
     except (RuntimeError, TypeError, AttributeError) as error:
@@ -148,4 +198,3 @@ def model_from_checkpoint(state: dict[str, Any], path: str | Path = "checkpoint"
         more = f" (and {len(problems) - 2} more)" if len(problems) > 2 else ""
         raise CheckpointError(f"{path}: weights do not fit the network it describes: "
                               f"{'; '.join(problems[:2]) or error}{more}") from None
-    return model, graph, method

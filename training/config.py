@@ -113,6 +113,19 @@ class TrainConfig(PolarizedSettings, ActivationDensitySettings, FlipOutSettings)
         return dataclasses.asdict(self)
 
 
+# Keys that never change what a run trains, only where it is written and how it reports progress.
+PLACEMENT_KEYS = frozenset({"name", "out_dir", "progress"})
+
+
+def changed_keys(recorded: dict[str, Any], cfg: TrainConfig, free: frozenset[str] = PLACEMENT_KEYS) -> list[str]:
+    """The keys outside `free` in which a run's recorded config differs from `cfg`: the one "same run?"
+    test (a resume and a reused run ask it with their own `free` keys). A key added to the config after
+    that run was made counts as its default, which keeps the earlier behaviour."""
+    defaults = TrainConfig().to_dict()
+    return sorted(key for key, value in cfg.to_dict().items()
+                  if key not in free and recorded.get(key, defaults[key]) != value)
+
+
 def _coerce(key: str, value: Any, annotation: Any) -> Any:
     """Check/convert one value against its field type; YAML and --set strings both pass through here."""
     allowed = get_args(annotation) if get_origin(annotation) is not None else (annotation,)

@@ -4,7 +4,7 @@ Its subclasses live beside the code that raises them (SpecError, DataError, Chec
 DistributedError); ConfigError lives here because the config and each method (its own settings) raise it.
 They keep their older bases (ValueError, RuntimeError) for callers that catch those.
 """
-from common.cli import PolarpruneError
+from polarprune.common.cli import PolarpruneError
 
 
 class TrainingError(PolarpruneError):

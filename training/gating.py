@@ -1,4 +1,4 @@
-"""Gates in any traced network, their cost, and the cut: the one place that knows what a mask means.
+"""Gates in any traced network (their cost: `training.cost`; the cut: `training.cutting`).
 
 `GatedNetwork` wraps a copy of the user's network, traced once (`training.graph`), with a channel `Gate`
 per prunable group and a block `Gate` per residual branch inserted into the traced graph: a gate point's
@@ -7,28 +7,26 @@ block gate. The user's modules keep their paths and state-dict keys. All gates s
 `init_score` > 0, hard value 1), so before the first step the gated network computes exactly what the
 network computed.
 
-The cost is a sum over conv and linear layers of a per-layer cost of the kept widths (`layer_sum`): their
-MACs (`kept_macs`, `MacsCost`) or their measured latency (`training.latency.LatencyCost`). Widths are sums
-of gate values, a closed block switches its layers off, so hard gates give the exact kept cost and the
-straight-through estimator its gradient. `cut` turns a mask into the physically smaller network.
+The gates' cost is `training.cost` with gate values for widths: widths are sums of gate values and a
+closed block switches its layers off, so hard gates give the exact kept cost and the straight-through
+estimator its gradient.
 """
 from __future__ import annotations
 
 import copy
-import math
-from typing import Callable, Mapping, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .cuts import CUTS
+# The cost and the cut moved to training/cost.py and training/cutting.py; importers of other branches still
+# find them here.
+from .cost import (Cost, MacsCost, Number, check_mask, costed_layers, full_mask, group_units,  # noqa: F401
+                   group_widths, kept_macs, layer_sum, mask_cost, mask_macs, mask_problem, mask_widths)
+from .cutting import cut, kept_index  # noqa: F401
 from .gates import Gate, straight_through
-from .graph import Layer, Layout, NetworkGraph, layer_macs
-from .mask import GateDecision, Mask, MaskError, MaskProblem, choose_mask, unit_sizes
-from .mask import check_mask as check_fits
-
-Number = torch.Tensor | float
+from .graph import NetworkGraph
+from .mask import GateDecision, Mask, MaskError, MaskProblem, choose_mask  # noqa: F401 (MaskError: importers)
 
 
 def gate_values(*parts: torch.Tensor | int, block: torch.Tensor | None = None) -> torch.Tensor:
@@ -104,91 +102,6 @@ def _replace_module(root: nn.Module, path: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, leaf, module)
 
 
-LayerCost = Callable[[Layer, Number, Number], Number]
-
-
-def costed_layers(graph: NetworkGraph) -> dict[str, Layer]:
-    """The layers a cost model prices: convs, depthwise convs and linears (norms fold into them)."""
-    return {path: layer for path, layer in graph.layers.items() if layer.kind != "norm"}
-
-
-def layer_sum(graph: NetworkGraph, widths: Mapping[str, Number], blocks_open: Mapping[str, Number],
-              layer_cost: LayerCost) -> Number:
-    """Sum over costed layers of `layer_cost(layer, in_width, out_width)`, each times the values of the
-    blocks holding it, given kept widths of prunable groups (absent: full width) and block values (absent:
-    open). Tensors in, tensor out (differentiable); numbers in, number out."""
-    total: Number = 0.0
-
-    def width(layout: Layout) -> Number:
-        return sum((widths.get(graph.group_of_space[s.space], s.width) for s in layout), 0.0)
-
-    for layer in costed_layers(graph).values():
-        term = layer_cost(layer, width(layer.in_layout), width(layer.out_layout))
-        for block in layer.blocks:
-            term = term * blocks_open.get(block, 1.0)
-        total = total + term
-    return total
-
-
-def kept_macs(graph: NetworkGraph, widths: Mapping[str, Number], blocks_open: Mapping[str, Number]) -> Number:
-    """MACs of conv and linear layers (`layer_sum` of `layer_macs`)."""
-    return layer_sum(graph, widths, blocks_open, layer_macs)
-
-
-def mask_widths(mask: Mask) -> tuple[dict[str, float], dict[str, float]]:
-    """A mask as `layer_sum` arguments: kept widths of its groups, its closed blocks at 0."""
-    return {name: float(len(kept)) for name, kept in mask.kept_channels.items()}, \
-        {block: 0.0 for block in mask.closed_blocks}
-
-
-def mask_macs(graph: NetworkGraph, mask: Mask) -> float:
-    return float(kept_macs(graph, *mask_widths(mask)))
-
-
-class Cost(Protocol):
-    """What the gates' cost model provides (`MacsCost`, `training.latency.LatencyCost`): `kept` of expected
-    widths and block values (differentiable, like `kept_macs`), its dense value, and a name for metrics."""
-    name: str
-    dense: float
-
-    def kept(self, widths: Mapping[str, Number], blocks_open: Mapping[str, Number]) -> Number: ...
-
-
-class MacsCost:
-    """Kept MACs of conv and linear layers: the `cost: flops` model."""
-    name = "flops"
-
-    def __init__(self, graph: NetworkGraph):
-        self.graph = graph
-        self.dense = float(kept_macs(graph, {}, {}))
-
-    def kept(self, widths: Mapping[str, Number], blocks_open: Mapping[str, Number]) -> Number:
-        return kept_macs(self.graph, widths, blocks_open)
-
-
-def mask_cost(cost: Cost, mask: Mask) -> float:
-    return float(cost.kept(*mask_widths(mask)))
-
-
-def group_units(graph: NetworkGraph, round_to: int) -> dict[str, list[int]]:
-    """Channels per unit of every prunable group (`training.mask.unit_sizes`): units of `round_to` channels,
-    widened to whole, aligned conv groups where a grouped conv reads the group (`ChannelGroup.unit`)."""
-    return {n: unit_sizes(g.width, math.lcm(round_to, g.unit)) for n, g in graph.prunable().items()}
-
-
-def mask_problem(graph: NetworkGraph, cost: Cost | None = None, round_to: int = 1) -> MaskProblem:
-    """What a mask of this network chooses among (groups in units, `group_units`), and its cost (default:
-    MACs)."""
-    cost = cost or MacsCost(graph)
-    return MaskProblem(group_units(graph, round_to),
-                       {name: graph.groups_inside(name) for name in graph.blocks},
-                       lambda mask: mask_cost(cost, mask))
-
-
-def full_mask(graph: NetworkGraph) -> Mask:
-    return Mask({name: list(range(group.width)) for name, group in graph.prunable().items()}, [])
-
-
 class GatedNetwork(nn.Module):
     """A user's network with polarized gates; see the module docstring. A channel gate decides per unit of
     `round_to` channels (`training.mask.unit_sizes`) and keeps at least one, so the gated network always has
@@ -199,7 +112,7 @@ class GatedNetwork(nn.Module):
     def __init__(self, graph: NetworkGraph, init_score: float = 2.0, dynamic: bool = False, round_to: int = 1,
                  score_clamp: float = 0.0):
         super().__init__()
-        self.graph, self.dynamic, self.round_to = graph, dynamic, round_to
+        self.graph, self.dynamic, self.round_to, self.score_clamp = graph, dynamic, round_to, score_clamp
         self.macs_cost = MacsCost(graph)  # the default cost of `kept_ratio`, priced every step: built once
         template = copy.deepcopy(graph.module)  # the trace stays as it was: a template, not the weights
         network = fx.GraphModule(template, template.graph, class_name="GatedNetwork")
@@ -439,64 +352,3 @@ def embed(graph: NetworkGraph, small: nn.Module, mask: Mask, init_score: float =
     gated.network.load_state_dict(targets, strict=True)
     gated.freeze(mask)
     return gated
-
-
-def check_mask(graph: NetworkGraph, mask: Mask, source: str = "mask") -> None:
-    """`training.mask.check_mask` against the traced network's groups and blocks."""
-    widths = {name: group.width for name, group in graph.prunable().items()}
-    check_fits(mask, widths, {name: graph.groups_inside(name) for name in graph.blocks}, source)
-
-
-# -- the cut ----------------------------------------------------------------------------------------
-
-def kept_index(graph: NetworkGraph, layout: Layout, mask: Mask) -> torch.Tensor | None:
-    """Channel indices kept along an axis laid out as `layout` (None: all of them)."""
-    parts, offset, cut = [], 0, False
-    for segment in layout:
-        kept = mask.kept_channels.get(graph.group_of_space[segment.space])
-        if kept is not None and len(kept) < segment.width:
-            parts.append(torch.tensor(sorted(kept), dtype=torch.long) + offset)
-            cut = True
-        else:
-            parts.append(torch.arange(segment.width) + offset)
-        offset += segment.width
-    return torch.cat(parts) if cut else None
-
-
-def cut(graph: NetworkGraph, mask: Mask, network: fx.GraphModule) -> fx.GraphModule:
-    """The physically smaller network: `network` (plain, node for node `graph.module`, e.g.
-    `GatedNetwork.plain()`; not modified) with the mask's channels and blocks removed."""
-    check_mask(graph, mask)
-    pruned = copy.deepcopy(network)
-    nodes = {node.name: node for node in pruned.graph.nodes}
-    for name in mask.closed_blocks:
-        block = graph.blocks[name]
-        add = nodes[block.add_node]
-        survivor = next(a for a in add.all_input_nodes if a.name != block.branch_output)
-        add.replace_all_uses_with(survivor)
-        pruned.graph.erase_node(add)
-        for node_name in reversed(block.branch_nodes):
-            pruned.graph.erase_node(nodes[node_name])
-    live = {n.target for n in pruned.graph.nodes if n.op == "call_module"}
-    for path, layer in graph.layers.items():
-        if path not in live:
-            continue
-        keep_in, keep_out = kept_index(graph, layer.in_layout, mask), kept_index(graph, layer.out_layout, mask)
-        if keep_in is None and keep_out is None:
-            continue
-        module = pruned.get_submodule(path)
-        parent, _, leaf = path.rpartition(".")
-        setattr(pruned.get_submodule(parent) if parent else pruned, leaf,
-                _cut_layer(layer, module, keep_in, keep_out))
-    pruned.delete_all_unused_submodules()
-    pruned.graph.lint()
-    pruned.recompile()
-    return pruned
-
-
-def _cut_layer(layer: Layer, module: nn.Module, keep_in: torch.Tensor | None,
-               keep_out: torch.Tensor | None) -> nn.Module:
-    cut_for = CUTS.get((type(module), layer.kind))
-    if cut_for is None:
-        raise MaskError(f"no cut for {type(module).__name__} ({layer.kind}) at {layer.path}")
-    return cut_for(module, keep_in, keep_out)

@@ -1,11 +1,13 @@
-"""Measured latency as the gates' cost (`cost: latency`): a per-layer table timed on the deployment runtime.
+"""Measured latency as the gates' cost (`cost: latency`): a per-layer table timed on the deployment runtime
+(the timing itself: `training.latency_timing`), its fit to the whole network, its cache, and the cost.
 
 Every costed layer of the trace (conv, depthwise conv, linear) is exported alone as a tiny ONNX graph and
 timed on onnxruntime at each kept width `round_to` allows along each of its prunable axes (full width
 included), at batch `latency_batch` with `latency_threads` intra-op threads and no spinning
 (`common.ort_timing`). Identical layers (same kind, kernel, stride, padding, input size and widths) are
 timed once. All layer graphs, an empty graph (the runtime's per-call floor), the dense network and a few
-cut calibration networks are timed in one process, interleaved; each gets the median over the rounds, and
+cut calibration networks (exported as export writes them, `training.onnx_graph`) are timed in one process,
+interleaved; each gets the median over the rounds, and
 a layer's isolated time is its median minus the floor.
 
 A layer timed alone costs more than in place (it reads and writes its activations in the plain layout);
@@ -22,75 +24,30 @@ masks exactly as before.
 """
 from __future__ import annotations
 
-import contextlib
-import copy
 import hashlib
-import io
 import json
-import os
-import statistics
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Mapping
 
 import numpy as np
-import onnx
-import onnx.helper
 import onnxruntime as ort
 import torch
 from torch import nn
 
-from common.atomicio import write_json
-from common.ort_timing import ProviderUnavailable, interleaved, provider_problem, quiet_torch, start_session
-from common.results import cpu_flags, cpu_model
+from polarprune.common.atomicio import write_json
 
 from .errors import ConfigError
-from .gating import Number, costed_layers, cut, layer_sum, mask_widths
+from .gating import Number, costed_layers, cut, group_units, group_widths, layer_sum, mask_widths
 from .graph import Layer, Layout, NetworkGraph
-from .mask import Mask
+# measure_networks and runtime_problem are used through this module (training.methods.polarized)
+from .latency_timing import (LatencySettings, empty_graph, machine_fingerprint, measure_networks,  # noqa: F401
+                             layer_bytes, median_ms, network_bytes, runtime_problem)
+from .mask import Mask, leading_mask, kept_widths
 
 TABLE_FORMAT, TABLE_VERSION = "polarprune-latency-table", 3  # 2: strictly rising; 3: layers fit in the network
-RUNTIMES = {"onnxruntime-cpu": "CPUExecutionProvider", "onnxruntime-cuda": "CUDAExecutionProvider"}
-# ISA extensions that change which kernels onnxruntime picks (its blocked conv path follows the widest)
-KERNEL_FLAGS = ("avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni", "amx_tile")
 MAX_AXIS_POINTS = 8     # widths timed per axis at most (round_to 1 on a 512-wide layer would be 512)
-OPSET = 18
-
-
-@dataclass(frozen=True)
-class LatencySettings:
-    """How and where the table is measured: the `latency_*` config keys."""
-    runtime: str = "onnxruntime-cpu"
-    batch: int = 1
-    threads: int = 2
-    cache: str = "~/.cache/polarprune/latency"
-    rounds: int = 600          # interleaved rounds; the median of each graph's times is its entry
-    budget_s: float = 40.0     # the rounds stop early after this (never before 20 rounds)
-
-    @classmethod
-    def from_config(cls, cfg) -> "LatencySettings":
-        return cls(cfg.latency_runtime, cfg.latency_batch, cfg.latency_threads, cfg.latency_cache)
-
-    @property
-    def provider(self) -> str:
-        return RUNTIMES[self.runtime]
-
-
-def runtime_problem(runtime: str) -> str | None:
-    """Why `latency_runtime` cannot be used here (None: it can)."""
-    if runtime not in RUNTIMES:
-        return f"must be one of {', '.join(RUNTIMES)}"
-    problem = provider_problem(RUNTIMES[runtime])
-    return None if problem is None else f"{problem}; install the onnxruntime build for it or use onnxruntime-cpu"
-
-
-def machine_fingerprint() -> dict[str, Any]:
-    """What makes timings from two machines incomparable: CPU model, logical cores, kernel-relevant ISA."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    flags = cpu_flags()
-    return {"cpu": cpu_model(), "logical_cores": cores, "isa": [f for f in KERNEL_FLAGS if f in flags]}
 
 
 # -- what gets timed ------------------------------------------------------------------------------------
@@ -121,16 +78,16 @@ def layer_spec(graph: NetworkGraph, layer: Layer) -> dict[str, Any]:
 
 def axis_widths(graph: NetworkGraph, layout: Layout, round_to: int) -> list[int]:
     """The widths a layer's input or output can take: its full width when no prunable group lies on it,
-    else from the narrowest kept width (one `round_to` step per prunable group) to full in steps of
-    `round_to`, thinned evenly to at most MAX_AXIS_POINTS."""
-    prunable = graph.prunable()
-    full = sum(s.width for s in layout)
-    parts = [s.width for s in layout if graph.group_of_space[s.space] in prunable]
-    if not parts:
-        return [full]
-    step = min(round_to, *parts)
-    lowest = full - sum(parts) + sum(min(round_to, w) for w in parts)
-    widths = sorted(set(range(lowest, full, step)) | {full})
+    else every sum of the widths its groups can keep (`training.mask.kept_widths` of the gates' units),
+    thinned evenly to at most MAX_AXIS_POINTS."""
+    units = group_units(graph, round_to)
+    widths = {0}
+    for segment in layout:
+        group = graph.group_of_space[segment.space]
+        sizes = units.get(group) if sum(units.get(group, [])) == segment.width else None
+        choices = kept_widths(sizes) if sizes else [segment.width]
+        widths = {total + width for total in widths for width in choices}
+    widths = sorted(widths)
     if len(widths) > MAX_AXIS_POINTS:
         picks = np.linspace(0, len(widths) - 1, MAX_AXIS_POINTS).round().astype(int)
         widths = [widths[i] for i in sorted(set(picks.tolist()))]
@@ -156,61 +113,6 @@ def _layer_module(spec: dict, width_in: int, width_out: int) -> nn.Module:
     groups = width_in // spec.get("group_width", 1) if spec["kind"] in ("depthwise", "grouped") else 1
     return nn.Conv2d(width_in, width_in if groups > 1 else width_out, spec["kernel"], spec["stride"],
                      spec["padding"], spec["dilation"], groups=groups, bias=True)
-
-
-@contextlib.contextmanager
-def _quiet_exporter() -> Iterator[None]:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
-
-
-def onnx_bytes(module: nn.Module, input_shape: tuple[int, ...], batch: int) -> bytes:
-    """A copy of `module` in eval mode as serialized ONNX at a fixed batch: the TorchScript exporter, which
-    takes ~0.05 s a graph where the torch.export-based one takes seconds; both emit the same operators here."""
-    buffer = io.BytesIO()
-    module = copy.deepcopy(module).eval()
-    with _quiet_exporter(), torch.no_grad():
-        torch.onnx.export(module, (torch.zeros(batch, *input_shape),), buffer, dynamo=False, opset_version=OPSET,
-                          input_names=["input"], output_names=["output"])
-    return buffer.getvalue()
-
-
-def _empty_graph(batch: int) -> bytes:
-    """The runtime's per-call floor: an Identity on a (batch, 1) tensor."""
-    tensor = onnx.helper.make_tensor_value_info
-    graph = onnx.helper.make_graph([onnx.helper.make_node("Identity", ["input"], ["output"])], "floor",
-                                   [tensor("input", onnx.TensorProto.FLOAT, [batch, 1])],
-                                   [tensor("output", onnx.TensorProto.FLOAT, [batch, 1])])
-    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", OPSET)])
-    model.ir_version = 8  # readable by every onnxruntime this project supports
-    return model.SerializeToString()
-
-
-def _runner(session: ort.InferenceSession) -> Callable[[], object]:
-    model_input = session.get_inputs()[0]
-    shape = [int(d) for d in model_input.shape]
-    feed = {model_input.name: np.random.default_rng(0).standard_normal(shape, dtype=np.float32)}
-    return lambda: session.run(None, feed)
-
-
-def time_graphs(graphs: Mapping[str, bytes], settings: LatencySettings,
-                rounds: int | None = None) -> dict[str, list[float]]:
-    """Milliseconds of every call of each serialized graph, all interleaved in this process.
-    ConfigError (key latency_runtime) when the runtime's provider cannot run them."""
-    try:
-        sessions = {name: start_session(graph, settings.threads, settings.provider) for name, graph in graphs.items()}
-    except ProviderUnavailable as error:
-        raise ConfigError(f"config key 'latency_runtime': {error}", "latency_runtime") from None
-    runners = {name: _runner(session) for name, session in sessions.items()}
-    with quiet_torch():
-        seconds = interleaved(runners, rounds or settings.rounds, warmup=5, budget_s=settings.budget_s,
-                              min_rounds=20)
-    return {name: [value * 1e3 for value in values] for name, values in seconds.items()}
-
-
-def median_ms(graphs: Mapping[str, bytes], settings: LatencySettings) -> dict[str, float]:
-    return {name: statistics.median(values) for name, values in time_graphs(graphs, settings).items()}
 
 
 # -- the table ------------------------------------------------------------------------------------------
@@ -324,23 +226,18 @@ def calibration_masks(graph: NetworkGraph, round_to: int, count: int = 6, seed: 
     """Masks whose cut networks calibrate the table: every group at its narrowest, every block closed, and
     `count` random ones (each group at a random width of its grid, each block closed with p = 0.3)."""
     rng = np.random.default_rng(seed)
-    prunable = graph.prunable()
+    grids = {name: kept_widths(sizes) for name, sizes in group_units(graph, round_to).items()}
     inside = {block: graph.groups_inside(block) for block in graph.blocks}
 
     def mask(widths: dict[str, int], closed: list[str]) -> Mask:
-        gone = {group for block in closed for group in inside[block]}
-        return Mask({n: list(range(w)) for n, w in widths.items() if n not in gone}, closed)
+        return leading_mask(widths, closed, {group for block in closed for group in inside[block]})
 
-    def grid(group) -> list[int]:
-        step = min(round_to, group.width)
-        return sorted(set(range(step, group.width, step)) | {group.width})
-
-    masks = [mask({n: grid(g)[0] for n, g in prunable.items()}, [])]
+    masks = [mask({n: grid[0] for n, grid in grids.items()}, [])]
     if graph.blocks:
-        masks.append(mask({n: g.width for n, g in prunable.items()}, list(graph.blocks)))
+        masks.append(mask(group_widths(graph), list(graph.blocks)))
     for _ in range(count):
         closed = [block for block in graph.blocks if rng.random() < 0.3]
-        masks.append(mask({n: int(rng.choice(grid(g))) for n, g in prunable.items()}, closed))
+        masks.append(mask({n: int(rng.choice(grid)) for n, grid in grids.items()}, closed))
     return masks
 
 
@@ -365,11 +262,11 @@ def fit_in_network(deltas: list[tuple[float, float, float]]) -> tuple[float, flo
     return 1.0, 0.0
 
 
-def _graphs_to_time(graph: NetworkGraph, round_to: int, settings: LatencySettings,
+def graphs_to_time(graph: NetworkGraph, round_to: int, settings: LatencySettings,
                     masks: list[Mask]) -> tuple[dict[str, dict], dict[str, bytes]]:
     """(per layer: spec, width grid and activation elements at each grid point; serialized graphs by name:
     "floor", one per distinct layer point, "dense", "calibration<i>" per mask)."""
-    layers, graphs = {}, {"floor": _empty_graph(settings.batch)}
+    layers, graphs = {}, {"floor": empty_graph(settings.batch)}
     with torch.random.fork_rng(devices=[]):  # random layer weights must not move the run's random stream
         for path, layer in timed_layers(graph).items():
             spec, (input_shape, output_shape) = layer_spec(graph, layer), _shapes(graph, layer)
@@ -383,12 +280,12 @@ def _graphs_to_time(graph: NetworkGraph, round_to: int, settings: LatencySetting
                 for w_out in widths_out:
                     point = _point_key(spec, w_in, w_out)
                     if point not in graphs:
-                        graphs[point] = onnx_bytes(_layer_module(spec, w_in, w_out), (w_in, *input_shape[1:]),
-                                                   settings.batch)
-        graphs["dense"] = onnx_bytes(graph.module, tuple(graph.input_shape), settings.batch)
+                        graphs[point] = layer_bytes(_layer_module(spec, w_in, w_out), (w_in, *input_shape[1:]),
+                                                    settings.batch)
+        graphs["dense"] = network_bytes(graph.module, tuple(graph.input_shape), settings.batch)
         for index, mask in enumerate(masks):
-            graphs[f"calibration{index}"] = onnx_bytes(cut(graph, mask, graph.module), tuple(graph.input_shape),
-                                                       settings.batch)
+            graphs[f"calibration{index}"] = network_bytes(cut(graph, mask, graph.module),
+                                                          tuple(graph.input_shape), settings.batch)
     return layers, graphs
 
 
@@ -398,7 +295,7 @@ def measure_table(graph: NetworkGraph, round_to: int, settings: LatencySettings)
     started = time.perf_counter()
     key = table_key(graph, round_to, settings)
     masks = calibration_masks(graph, round_to)
-    layers, graphs = _graphs_to_time(graph, round_to, settings, masks)
+    layers, graphs = graphs_to_time(graph, round_to, settings, masks)
     medians = median_ms(graphs, settings)
     floor, dense = medians["floor"], medians["dense"]
     for entry in layers.values():
@@ -487,20 +384,3 @@ class LatencyCost:
 
     def kept(self, widths: Mapping[str, Number], blocks_open: Mapping[str, Number]) -> Number:
         return self.table.other_ms + layer_sum(self.graph, widths, blocks_open, self.table.layer_ms)
-
-
-def measure_networks(dense: nn.Module, pruned: nn.Module, input_shape: tuple[int, ...],
-                     settings: LatencySettings, rounds: int = 3000, blocks: int = 5) -> dict[str, Any]:
-    """The dense and the pruned network timed interleaved with the table's settings: medians in ms, their
-    ratio, and the ratio within each of `blocks` consecutive stretches of the rounds and of the fastest
-    calls (how much the machine's load moved it; under load the fastest calls are the least disturbed)."""
-    graphs = {name: onnx_bytes(module, input_shape, settings.batch)
-              for name, module in (("dense", dense), ("pruned", pruned))}
-    times = time_graphs(graphs, settings, rounds)
-    dense_ms, pruned_ms = (np.asarray(times[name]) for name in ("dense", "pruned"))
-    stretches = [(float(np.median(p)) / float(np.median(d)))
-                 for d, p in zip(np.array_split(dense_ms, blocks), np.array_split(pruned_ms, blocks))]
-    return {"dense_ms": float(np.median(dense_ms)), "pruned_ms": float(np.median(pruned_ms)),
-            "measured_ratio": float(np.median(pruned_ms) / np.median(dense_ms)),
-            "measured_ratio_blocks": stretches, "fastest_call_ratio": float(pruned_ms.min() / dense_ms.min()),
-            "rounds": int(dense_ms.size)}

@@ -21,12 +21,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common.atomicio import write_json, write_text
-from common.results import provenance
-from common.energy import EnergyMeter, EnergyReading
+from polarprune.common.atomicio import write_json, write_text
+from polarprune.common.results import provenance
+from polarprune.common.energy import EnergyMeter, EnergyReading
 
-from .checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-from .config import ConfigError, TrainConfig
+from .checkpoint import describe_model, load_checkpoint, save_checkpoint, trained_model
+from .config import PLACEMENT_KEYS, ConfigError, TrainConfig, changed_keys
 from .data import BatchIterator, DatasetInfo, FolderOptions, describe_splits, load_splits
 from .distributed import Cluster, check_consensus, fingerprint, start_cluster, structure_key
 from .errors import TrainingError
@@ -42,8 +42,9 @@ from .plots import write_plots
 from .pruning_report import pruning_report, report_markdown, write_pruning_report
 
 # Keys that may differ between the interrupted run and its resume (they do not change the result).
-RESUME_FREE_KEYS = {"progress", "device", "threads", "epochs", "out_dir", "name",  # a moved run folder resumes
-                    "latency_cache"}  # the run's latency table travels in its checkpoint
+# A resume may also move the run to another device or thread count and lengthen it; the run's latency table
+# travels in its checkpoint (a moved run folder resumes).
+RESUME_FREE_KEYS = PLACEMENT_KEYS | {"device", "threads", "epochs", "latency_cache"}
 
 
 class RunError(TrainingError, RuntimeError):
@@ -199,11 +200,9 @@ def swap_optimizers(old_model, new_model, sgd, method, cfg: TrainConfig, total_s
 def check_resumable(cfg: TrainConfig, state: dict[str, Any], checkpoint_path: Path) -> None:
     """RunError unless `state` can be resumed with `cfg`: the same result-changing keys, optimiser and RNG
     states present."""
-    defaults = TrainConfig().to_dict()  # keys newer than the checkpoint: it ran with their defaults
-    changed = {k for k in cfg.to_dict() if k not in RESUME_FREE_KEYS
-               and state["config"].get(k, defaults[k]) != getattr(cfg, k)}
+    changed = changed_keys(state["config"], cfg, RESUME_FREE_KEYS)
     if changed:
-        raise RunError(f"--resume with a different config: {', '.join(sorted(changed))} changed")
+        raise RunError(f"--resume with a different config: {', '.join(changed)} changed")
     lacking = [key for key in ("optimizer", "rng") if key not in state]
     if lacking:
         raise RunError(f"--resume: {checkpoint_path} holds no {' or '.join(lacking)} state; it can be "
@@ -262,7 +261,8 @@ def _train(cfg: TrainConfig, resume: bool, cluster: Cluster, device: torch.devic
         set_rng_state(state["rng"])
 
     def checkpoint_state(epochs_done: int) -> dict[str, Any]:
-        return {"config": cfg.to_dict(), "network": network_info.describe(), "model": model.state_dict(), "optimizer": sgd.state_dict(),
+        return {"config": cfg.to_dict(), "network": network_info.describe(), "model": model.state_dict(),
+                "trained_model": describe_model(model, graph), "optimizer": sgd.state_dict(),
                 "gate_optimizer": gate_sgd.state_dict() if gate_sgd is not None else None,
                 "epoch": epochs_done, "method_state": method.state_dict(), "rng": rng_state(),
                 "history": history, "train_seconds": train_seconds,
@@ -388,7 +388,7 @@ def _teacher(cfg: TrainConfig, network_info: NetworkInfo, cluster: Cluster, devi
     if (theirs["in_channels"], list(theirs["input_size"]), theirs["num_classes"]) != (
             network_info.in_channels, list(network_info.input_size), network_info.num_classes):
         raise ConfigError(f"config key 'distill_from': {path} was trained on other inputs or classes", "distill_from")
-    teacher, _, _ = model_from_checkpoint(state, path)
+    teacher, _ = trained_model(state, path)
     return teacher.to(device).eval()
 
 

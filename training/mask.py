@@ -1,7 +1,7 @@
 """The static sub-network: which channels stay and which residual blocks go, and `mask.json` on disk.
 
 A mask names channel groups and residual blocks as the trace names them (`training.graph`): a group by
-its first producer's module path, a block by its branch's common module path. `check_mask` is what a mask
+its first producer's module path, a block by its branch's common module path. `check_fits` is what a mask
 must satisfy; `training.gating` applies one to a network.
 
 A group shrinks in whole units of `round_to` channels (`unit_sizes`, the one rule for deployable widths);
@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from common.atomicio import write_json
+from polarprune.common.atomicio import write_json
 
 from .arch import SpecError, check_header
 
@@ -37,7 +37,13 @@ class Mask:
     closed_blocks: list[str] = field(default_factory=list)
 
 
-def check_mask(mask: Mask, widths: dict[str, int], block_groups: dict[str, list[str]], source: str) -> None:
+def leading_mask(widths: dict[str, int], closed_blocks=(), gone=()) -> Mask:
+    """The one constructor of width-only masks: the first `width` channels of every group in `widths` kept
+    (all of them for the full mask), except the groups in `gone` (those inside `closed_blocks`, which close)."""
+    return Mask({name: list(range(width)) for name, width in widths.items() if name not in gone}, list(closed_blocks))
+
+
+def check_fits(mask: Mask, widths: dict[str, int], block_groups: dict[str, list[str]], source: str) -> None:
     """Every group and block the mask names exists, every group that stays keeps distinct, in-range,
     non-empty indices, and the groups of a closed block keep none."""
     unknown = sorted(set(mask.kept_channels) - set(widths)) + sorted(set(mask.closed_blocks) - set(block_groups))
@@ -68,6 +74,15 @@ def unit_sizes(width: int, round_to: int) -> list[int]:
     return [round_to] * (count - 1) + [width - round_to * (count - 1)]
 
 
+def kept_widths(sizes: list[int]) -> list[int]:
+    """Every width a group laid out in units of `sizes` channels can keep (`unit_sizes`): the sums of
+    one or more of its units, ascending."""
+    sums = {0}
+    for size in sizes:
+        sums |= {total + size for total in sums}
+    return sorted(sums - {0})
+
+
 def unit_channels(sizes: list[int], units) -> list[int]:
     """The channel indices of the given units of a group laid out in `sizes`."""
     starts = [sum(sizes[:i]) for i in range(len(sizes))]
@@ -96,7 +111,7 @@ class MaskProblem:
         return {name: sum(sizes) for name, sizes in self.units.items()}
 
     def full(self) -> Mask:
-        return Mask({name: list(range(width)) for name, width in self.widths.items()}, [])
+        return leading_mask(self.widths)
 
     def ratio(self, mask: Mask) -> float:
         return self.cost(mask) / self.cost(self.full())
@@ -202,8 +217,8 @@ def closed_by(problem: MaskProblem, mask: Mask) -> dict[str, float]:
     """The dense cost the mask removes, as shares of the dense cost: by its closed blocks (their branches at
     full width) and by its channel cuts (the rest)."""
     dense = problem.cost(problem.full())
-    blocks_only = problem.cost(Mask({n: list(range(w)) for n, w in problem.widths.items()
-                                     if n in mask.kept_channels}, list(mask.closed_blocks)))
+    blocks_only = problem.cost(leading_mask(problem.widths, mask.closed_blocks,
+                                            set(problem.widths) - set(mask.kept_channels)))
     return {"blocks": (dense - blocks_only) / dense, "channels": (blocks_only - problem.cost(mask)) / dense}
 
 
@@ -266,7 +281,7 @@ def load_mask(path: str | Path) -> tuple[dict, Mask]:
     if not isinstance(block_groups, dict) or not all(
             isinstance(v, list) and all(g in widths for g in v) for v in block_groups.values()):
         raise MaskError(f"{path}: block_groups must map block names to lists of known groups")
-    check_mask(mask, widths, block_groups, str(path))
+    check_fits(mask, widths, block_groups, str(path))
     return document, mask
 
 
@@ -275,7 +290,7 @@ def _is_count(value) -> bool:
 
 
 def _mask_of(document: dict, path: Path) -> Mask:
-    """The Mask a mask.json document holds, its JSON types checked (range checks follow in check_mask):
+    """The Mask a mask.json document holds, its JSON types checked (range checks follow in check_fits):
     a float index 0.5 would otherwise slice as channel 0 and a string block name closes its letters."""
     kept, closed = document["kept_channels"], document["closed_blocks"]
     if not isinstance(kept, dict):

@@ -10,7 +10,7 @@ matplotlib.use("Agg")  # no display on build machines
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from common.atomicio import write_bytes  # noqa: E402
+from polarprune.common.atomicio import write_bytes  # noqa: E402
 
 
 def _save(fig, path: Path) -> None:

@@ -12,7 +12,7 @@ import io
 from pathlib import Path
 from typing import Any
 
-from common.atomicio import write_bytes, write_json, write_text
+from polarprune.common.atomicio import write_bytes, write_json, write_text
 
 from .gating import costed_layers, kept_macs, mask_widths
 from .graph import NetworkGraph

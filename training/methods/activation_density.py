@@ -5,7 +5,7 @@ batches of an epoch. Every `density_every` epochs (until `density_stop` of the r
 cut to about density x its current width, rounded to `round_to` and never below one group, keeping the
 channels that fire most often; training goes on with the physically smaller network, so later epochs
 cost less. Units are the prunable channel groups of the network's trace (`training.graph`), and a resize
-is the same cut export makes (`training.gating.cut`, on a trace of the current network). The kept
+is the same cut export makes (`training.cutting.cut`, on a trace of the current network). The kept
 channels are tracked as indices into the dense widths, so the result is an ordinary mask.json; at the end
 the small network is put back into the dense shape with frozen gates (`gating.embed`), which is what
 export cuts.

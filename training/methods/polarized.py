@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from common.atomicio import write_json
+from polarprune.common.atomicio import write_json
 
 from ..errors import ConfigError
 from ..gates import TargetConstraint, consensus_disagreement, gate_loss, kept_target
