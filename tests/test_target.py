@@ -123,7 +123,7 @@ def test_gates_that_miss_the_band_freeze_at_the_latest_and_the_projection_report
 
 @pytest.mark.parametrize("progress", [0.3, 0.6])  # the target ramping, then final
 def test_the_api_penalty_is_the_training_methods_gate_loss(progress):
-    from training.api import polarize
+    from polarprune.training.api import polarize
     info = NetworkInfo("resnet20", 1, 10, (16, 16))
     network = build_network(info)
     images = torch.randn(4, 1, 16, 16)
@@ -146,7 +146,7 @@ def test_the_api_penalty_is_the_training_methods_gate_loss(progress):
 
 
 def test_out_of_the_band_the_polarizer_spares_the_gates_the_target_term_moves(graph):
-    from training.gates import gate_loss
+    from polarprune.training.gates import gate_loss
     grads = {}
     for release in (True, False):
         gated = GatedNetwork(graph, round_to=16)
