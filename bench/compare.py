@@ -38,7 +38,7 @@ from polarprune.common.results import provenance
 from polarprune.export.api import ExportOptions
 from polarprune.export.api import run as run_export
 from polarprune.training.checkpoint import CheckpointError, load_checkpoint
-from polarprune.training.config import TrainConfig, load_config, make_config
+from polarprune.training.config import TrainConfig, changed_keys, load_config, make_config
 from polarprune.training.loop import train
 
 METHODS = ("dense", "polarized", peer.NAME, "activation_density", "flipout")  # row order
@@ -158,17 +158,10 @@ def run_config(base: dict, run: Run, runs: Path) -> TrainConfig:
     return make_config(values)
 
 
-REUSE_FREE_KEYS = {"name", "out_dir", "progress"}  # they do not change what is trained
-
-
 def same_training(recorded: dict | None, cfg: TrainConfig) -> bool:
-    """`recorded` (a run's config) trains what `cfg` would. A key added to the config after that run was
-    made counts as its default, which keeps the earlier behaviour."""
-    if recorded is None:
-        return False
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-    return all(recorded.get(key, defaults.get(key)) == value
-               for key, value in cfg.to_dict().items() if key not in REUSE_FREE_KEYS)
+    """`recorded` (a run's config) trains what `cfg` would: they differ in no key but where the run is written
+    (`training.config.changed_keys`, the resume check's test)."""
+    return recorded is not None and not changed_keys(recorded, cfg)
 
 
 def finished_with(run_dir: Path, cfg: TrainConfig, prune_to: float | None = None) -> bool:
