@@ -34,6 +34,7 @@ _API = {
     "pruning_report": "polarprune.training.pruning_report",
     "write_pruning_report": "polarprune.training.pruning_report",
     "PolarpruneError": "polarprune.common.cli",
+    "register_layer": "polarprune.training.custom_layers",
 }
 __all__ = sorted(_API)
 

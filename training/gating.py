@@ -25,7 +25,7 @@ from .cost import (Cost, MacsCost, Number, check_mask, costed_layers, full_mask,
                    group_widths, kept_macs, layer_sum, mask_cost, mask_macs, mask_problem, mask_widths)
 from .cutting import cut, kept_index  # noqa: F401
 from .gates import Gate, straight_through
-from .graph import NetworkGraph
+from .graph import PRODUCING_KINDS, NetworkGraph
 from .mask import GateDecision, Mask, MaskError, MaskProblem, choose_mask  # noqa: F401 (MaskError: importers)
 
 
@@ -340,7 +340,7 @@ def embed(graph: NetworkGraph, small: nn.Module, mask: Mask, init_score: float =
             target = value.clone()
         else:
             keep_out = kept_index(graph, layer.out_layout, mask)
-            keep_in = kept_index(graph, layer.in_layout, mask) if layer.kind in ("conv", "linear") else None
+            keep_in = kept_index(graph, layer.in_layout, mask) if layer.kind in PRODUCING_KINDS else None
             if keep_in is not None and value.dim() > 1:
                 spread = torch.zeros(value.shape[0], *target.shape[1:], dtype=value.dtype)
                 value = spread.index_copy_(1, keep_in, value.cpu())

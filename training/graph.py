@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from .custom_layers import rule_for
 from .errors import TrainingError
 from .macs import MATMULS, fixed_macs, layer_macs
 from .macs import traced_shape as _shape
@@ -73,6 +74,9 @@ SUBS = {operator.sub, operator.isub, torch.sub, "sub", "sub_"}
 MULS = {operator.mul, operator.imul, torch.mul, "mul", "mul_"}
 DIVS = {operator.truediv, operator.itruediv, torch.div, "div", "div_"}
 SHAPE_QUERIES = {"dim", "size"}
+PRODUCING_KINDS = ("conv", "linear", "custom")  # layers whose output channels are a space of their own
+READING_KINDS = PRODUCING_KINDS + ("depthwise", "grouped")  # layers whose outputs read their input channels
+
 PERMUTES = {torch.permute, "permute", torch.transpose, "transpose", torch.swapaxes, "swapaxes"}
 SPLITS = {torch.chunk, "chunk", torch.split, "split", torch.tensor_split, "tensor_split", torch.unbind, "unbind"}
 # Tensors made from a shape only (drop-path noise, masks): they read no channel of their source.
@@ -167,7 +171,7 @@ def trace_network(model: nn.Module, example_input: torch.Tensor) -> NetworkGraph
     was_training = model.training
     model.eval()  # `if self.training` (drop path, functional dropout) traces to its eval form: the identity
     try:
-        graph = fx.Tracer().trace(model)  # torch.nn layers stay single calls; user modules are traced through
+        graph = _Tracer().trace(model)  # torch.nn layers and registered layers stay single calls
     except Exception as error:  # fx raises several types for data-dependent control flow
         raise GraphError(f"{type(model).__name__} cannot be traced by torch.fx ({type(error).__name__}: "
                          f"{str(error).splitlines()[0] if str(error) else ''}); the forward pass must not branch "
@@ -191,6 +195,13 @@ def trace_network(model: nn.Module, example_input: torch.Tensor) -> NetworkGraph
     graph = _Analysis(module).run(tuple(example_input.shape[1:]))
     graph.output_shape = tuple(output.shape[1:])
     return graph
+
+
+class _Tracer(fx.Tracer):
+    """torch.fx's tracer, which also keeps the layers users registered (`training.custom_layers`) whole."""
+
+    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        return rule_for(module) is not None or super().is_leaf_module(module, qualified_name)
 
 
 def _expected_input(module: fx.GraphModule) -> str:
@@ -362,7 +373,10 @@ class _Analysis:
             return self.unsupported(node)
         source = sources[0]
         in_layout, in_shape = self.layout[source], _shape(source)
-        if isinstance(module, nn.Conv2d) and self.axis_of(source) == 1:
+        rule = rule_for(module)
+        if rule is not None and self.axis_of(source) == 1:
+            self.visit_registered(node, path, module, rule, in_layout)
+        elif isinstance(module, nn.Conv2d) and self.axis_of(source) == 1:
             self.visit_conv(node, path, module, in_layout)
         elif isinstance(module, nn.Linear) and in_shape and self.axis_of(source) == len(in_shape) - 1:
             unit = math.prod(in_shape[1:-1])  # positions per example: a linear over (N, ..., C) is a 1x1 conv
@@ -403,6 +417,15 @@ class _Analysis:
             self.unsupported(node, f"grouped convolution {path} (groups={conv.groups}) maps {conv.in_channels} "
                                    f"channels to {conv.out_channels}: no cut keeps its groups whole")
             self.count_fixed(node, path, conv)
+
+    def visit_registered(self, node: fx.Node, path: str, module: nn.Module, rule, in_layout: Layout) -> None:
+        """A layer a user registered (`training.custom_layers`): mixing like a conv, or per channel like a norm."""
+        if rule.maps == "per_channel":
+            self.keep(node, node.all_input_nodes[0])
+            self.add_layer(node, Layer(path, "norm", in_layout, in_layout))
+        else:
+            unit = rule.unit(module, _shape(node.all_input_nodes[0]), _shape(node))
+            self.add_layer(node, Layer(path, "custom", in_layout, self.fresh(node), unit))
 
     def count_fixed(self, node: fx.Node, name: str, module: nn.Module | None = None) -> None:
         """A layer no cut shrinks still costs MACs: count them at its fixed widths, or say they are not."""
@@ -595,7 +618,7 @@ class _Analysis:
         # A group is named after its first producer in forward order.
         producers: dict[int, list[str]] = {root: [] for root in roots}
         for path, layer in self.layers.items():
-            if layer.kind in ("conv", "linear"):
+            if layer.kind in PRODUCING_KINDS:
                 producers[find(layer.out_layout[0].space)].append(path)
         groups: dict[int, ChannelGroup] = {}
         for root in roots:
@@ -605,7 +628,7 @@ class _Analysis:
             if layer.kind in ("norm", "depthwise", "grouped"):
                 for segment in layer.out_layout:
                     groups[find(segment.space)].members.append(path)
-            if layer.kind in ("conv", "linear"):
+            if layer.kind in PRODUCING_KINDS:
                 for segment in layer.in_layout:
                     groups[find(segment.space)].consumers.append(path)
         for layer in self.layers.values():
@@ -747,7 +770,7 @@ def _check_zeros(analysis: _Analysis, graph: NetworkGraph) -> None:
             users = list(node.users)
             # a layer whose every user is a norm of the group is covered by the norm's (folded) gate:
             # a depthwise or grouped conv of a closed channel reads zeros, and the norm zeroes its output
-            covered = layer.kind in ("conv", "linear", "depthwise", "grouped") and users and all(
+            covered = layer.kind in READING_KINDS and users and all(
                 u.op == "call_module" and graph.layers.get(u.target, Layer("", "", (), ())).kind == "norm"
                 for u in users)
             if not covered:
@@ -771,7 +794,7 @@ def _check_zeros(analysis: _Analysis, graph: NetworkGraph) -> None:
                 safe.add(node)
         changed = False
         for path, layer in graph.layers.items():
-            if layer.kind not in ("conv", "linear", "depthwise", "grouped"):
+            if layer.kind not in READING_KINDS:
                 continue
             source = next(a for a in analysis.layer_node[path].all_input_nodes if a in analysis.layout)
             if source in safe:

@@ -68,6 +68,9 @@ def layer_spec(graph: NetworkGraph, layer: Layer) -> dict[str, Any]:
     """What a layer's time depends on besides its widths: kind, kernel, stride, padding, dilation and input
     spatial size (a linear: none of these)."""
     module = graph.module.get_submodule(layer.path)
+    if layer.kind == "custom":
+        raise LatencyTableError(f"{layer.path} ({type(module).__name__}) is a registered layer, which the latency "
+                                "table cannot time: use cost: flops for this network")
     if layer.kind == "linear":
         return {"kind": "linear", "bias": module.bias is not None}
     grouping = {"group_width": layer.group_width} if layer.kind == "grouped" else {}
