@@ -24,7 +24,7 @@ from torch import fx, nn
 
 from .cuts import CUTS
 from .gates import Gate, straight_through
-from .graph import Layer, Layout, NetworkGraph, layer_macs
+from .graph import Layer, Layout, NetworkGraph, layer_macs, rewrite_shapes
 from .mask import GateDecision, Mask, MaskError, MaskProblem, choose_mask, unit_sizes
 from .mask import check_mask as check_fits
 
@@ -487,6 +487,7 @@ def cut(graph: NetworkGraph, mask: Mask, network: fx.GraphModule) -> fx.GraphMod
         parent, _, leaf = path.rpartition(".")
         setattr(pruned.get_submodule(parent) if parent else pruned, leaf,
                 _cut_layer(layer, module, keep_in, keep_out))
+    rewrite_shapes(graph, mask.kept_channels, pruned)  # head counts of attention reshapes
     pruned.delete_all_unused_submodules()
     pruned.graph.lint()
     pruned.recompile()

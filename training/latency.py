@@ -103,8 +103,9 @@ def _shapes(graph: NetworkGraph, layer: Layer) -> tuple[tuple[int, ...], tuple[i
 
 
 def timed_layers(graph: NetworkGraph) -> dict[str, Layer]:
-    """The costed layers timed one by one; a "fixed" layer (no cut changes it) is part of `other_ms`."""
-    return {path: layer for path, layer in costed_layers(graph).items() if layer.kind != "fixed"}
+    """The costed layers timed one by one; a "fixed" layer (no cut changes it) is part of `other_ms`, and so
+    are the attention products (not timed per head yet)."""
+    return {path: layer for path, layer in costed_layers(graph).items() if layer.kind not in ("fixed", "attention")}
 
 
 def layer_spec(graph: NetworkGraph, layer: Layer) -> dict[str, Any]:
@@ -232,7 +233,7 @@ class LatencyTable:
 
     def layer_ms(self, layer: Layer, width_in: Number, width_out: Number) -> Number:
         """A layer's entry at kept widths (`grid_value` of its calibrated grid); 0 for a fixed layer."""
-        if layer.kind == "fixed":
+        if layer.kind in ("fixed", "attention"):
             return 0.0
         return grid_value(self.layers[layer.path], "ms", layer, width_in, width_out)
 
