@@ -145,6 +145,7 @@ class ChannelGroup:
     consumers: list[str] = field(default_factory=list)   # layers reading it as input channels
     pinned: list[str] = field(default_factory=list)      # why it may not shrink
     unit: int = 1   # kept channels come in aligned runs of this many (the groups of a grouped conv on it)
+    head_dim: int = 0  # channels per attention head when the group is attention heads (0: it is not)
 
     @property
     def prunable(self) -> bool:
@@ -839,7 +840,7 @@ class _Analysis:
                                                          f"together, which do not tile {group.width}"))
         for space, dim in self.head_dims:
             group = groups[find(space)]
-            group.unit = math.lcm(group.unit, dim)
+            group.unit, group.head_dim = math.lcm(group.unit, dim), dim
             if group.width % group.unit:
                 self.pins.append((space, f"heads of {dim} channels do not tile {group.width}"))
         for space, why in self.pins:
@@ -963,17 +964,15 @@ def _is_zero(args) -> bool:
 
 
 def _branch(operand: fx.Node, add: fx.Node) -> list[fx.Node]:
-    """`operand` and every node whose every use leads only into it: what closing the branch removes."""
-    dead, order = {operand}, [operand]
-    stack = list(operand.all_input_nodes)
-    while stack:
-        node = stack.pop()
-        if node in dead or node.op in ("placeholder", "get_attr") or not node.users:
-            continue
-        if all(user in dead for user in node.users):
+    """`operand` and every node whose every use leads only into it: what closing the branch removes. One
+    pass in reverse graph order settles it (a node's users come after it), shape reads of the branch's
+    input (`x.shape` feeding its reshapes) included."""
+    dead = {operand}
+    for node in reversed(list(add.graph.nodes)[:list(add.graph.nodes).index(operand)]):
+        unused_size = node.target is operator.getitem and not node.users  # `b, n, _ = x.shape`: the `_`
+        if node.op not in ("placeholder", "get_attr") and (node.users or unused_size) and \
+                all(u in dead for u in node.users):
             dead.add(node)
-            order.append(node)
-            stack.extend(node.all_input_nodes)
     return [n for n in add.graph.nodes if n in dead]
 
 

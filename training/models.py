@@ -182,22 +182,27 @@ class TransformerBlock(nn.Module):
 
 class ViT(nn.Module):
     """A small timm-style vision transformer: patch embedding by a strided conv, a class token and learned
-    position embeddings, `depth` pre-norm blocks, the class token's features classified. Defaults: patch 4
-    (28x28 -> 49 patches), dim 192, depth 6, 3 heads of 64, MLP ratio 4. Use it as
+    position embeddings, `depth` pre-norm blocks, the class token's features (`pool="cls"`) or the tokens'
+    mean (`pool="mean"`) classified. Defaults: patch 4
+    (28x28 -> 49 patches), dim 192, depth 6, 3 heads of 64, MLP ratio 4 (the class token only with "cls"). Use it as
     `model: training.models:ViT` with `model_args` (in_channels, num_classes, image_size)."""
 
     def __init__(self, in_channels: int = 3, num_classes: int = 10, image_size: int = 32, patch: int = 4,
-                 dim: int = 192, depth: int = 6, heads: int = 3, mlp_ratio: float = 4.0, fused: bool = True):
+                 dim: int = 192, depth: int = 6, heads: int = 3, mlp_ratio: float = 4.0, fused: bool = True,
+                 pool: str = "cls"):
         super().__init__()
         if image_size % patch:
             raise ValueError(f"ViT: image_size {image_size} is not a multiple of patch {patch}")
+        if pool not in ("cls", "mean"):
+            raise ValueError(f"ViT: pool must be 'cls' or 'mean', got {pool!r}")
         self.patch_embed = nn.Conv2d(in_channels, dim, patch, stride=patch)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, (image_size // patch) ** 2 + 1, dim))
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if pool == "cls" else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, (image_size // patch) ** 2 + (pool == "cls"), dim))
         self.blocks = nn.Sequential(*[TransformerBlock(dim, heads, mlp_ratio, fused) for _ in range(depth)])
         self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, num_classes)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        if self.cls_token is not None:
+            nn.init.trunc_normal_(self.cls_token, std=0.02)
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.trunc_normal_(module.weight, std=0.02)
@@ -205,5 +210,7 @@ class ViT(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x).flatten(2).transpose(1, 2)
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
-        return self.head(self.norm(self.blocks(x))[:, 0])
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        x = self.norm(self.blocks(x + self.pos_embed))
+        return self.head(x[:, 0] if self.cls_token is not None else x.mean(1))
