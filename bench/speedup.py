@@ -23,6 +23,7 @@ from bench.timing import (cpu_name, efficiency, measure_pair, ort_runner, ort_se
                           session_settings, speedup, torch_runner)
 from common.atomicio import write_json
 from common.cli import EXIT_OK, PolarpruneError, cli_parser, fail
+from common.results import provenance
 from training.mask import load_mask
 from training.networks import NetworkInfo, build_network
 
@@ -139,7 +140,7 @@ def run_main(args: argparse.Namespace, settings: dict) -> int:
               "flops": {"dense": dense_flops, "pruned": pruned_flops, "ratio": pruned_flops / dense_flops},
               "settings": {**settings, "threads": args.threads, "onnxruntime_session": session,
                            "torch": torch.__version__, "cpu": cpu_name()},
-              "results": results}
+              "results": results, "provenance": provenance()}
     print(format_table(results, dense_flops, pruned_flops))
     if args.served:
         report["served"] = probe_served(args.run, args.served, args.quick, dense_flops, pruned_flops)

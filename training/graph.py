@@ -20,6 +20,14 @@ the gated training; `nn.Dropout` modules stay and keep working. Channels-last la
 permute or transpose moves a tensor's channel axis, and a Linear over it is a channel layer. Every conv,
 linear and matrix product costs MACs (`training.macs`); one no cut shrinks is a "fixed" layer.
 
+Attention (timm-style, and nn.MultiheadAttention once `training.attention` splits it): a reshape of a
+projection's channels into (heads, head dim), or (q/k/v, heads, head dim), starts a head view (`Heads`), which
+moves, unbinds, products within each head (q kᵀ, scores times v, `F.scaled_dot_product_attention`),
+softmax and scaling follow, until a reshape merges (heads, head dim) back into channels. q, k, v and the
+merged output share one group whose unit is a head; the products are "attention" layers priced per kept
+head; the cut rewrites the reshapes' head counts (`rewrite_shapes`). Softmax revives closed heads and a
+product with a closed head zeroes them, so `_check_zeros` follows them too; any other op on heads pins them.
+
 A group may not shrink when it is pinned, with the reason: network input and output, ops no cut handles
 (a reshape that mixes channels, LayerNorm or GroupNorm across the channels, a split of the channel
 axis, a grouped conv that changes the width), shared modules. A residual
