@@ -233,3 +233,64 @@ def test_split_multihead_attention_computes_what_the_module_computes():
     with torch.no_grad():
         assert torch.allclose(SelfAttention(attention).eval()(x, x, x)[0],
                               attention(x, x, x, need_weights=False)[0], atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def vit_run(tmp_path_factory):
+    """A tiny CLI-config run of the built-in ViT by import path (`model: training.models:ViT`), exported
+    for the GPU target (Triton's onnxruntime backend with its TensorRT accelerator; configured, not run)."""
+    from export.__main__ import main as export_main
+    from training.config import make_config
+    from training.data import FMNIST_SEARCH_DIRS
+    from training.loop import train
+    if not any((d / "t10k-images-idx3-ubyte.gz").is_file() or (d / "t10k-images-idx3-ubyte").is_file()
+               for d in FMNIST_SEARCH_DIRS):
+        pytest.skip("Fashion-MNIST not installed (make data)")
+    out = tmp_path_factory.mktemp("runs")
+    config = make_config({
+        "dataset": "fashion_mnist", "model": "training.models:ViT", "method": "polarized", "device": "cpu",
+        "model_args": {"in_channels": 1, "num_classes": 10, "image_size": 28, "dim": 32, "depth": 2, "heads": 2},
+        "epochs": 2, "batch_size": 64, "train_subset": 512, "val_size": 256, "test_subset": 200,
+        "target_flops_ratio": 0.5, "round_to": 16, "threads": 1, "progress": False, "seed": 0,
+        "out_dir": str(out), "name": "vit"})
+    metrics = train(config)
+    code = export_main(["--run", str(out / "vit"), "--target", "gpu", "--repository", str(out / "repo")])
+    assert code == 0
+    return out, metrics
+
+
+def test_cli_run_exports_a_dynamic_batch_transformer_for_triton(vit_run):
+    import json
+
+    import onnx
+
+    from export.triton_repo import parse_config
+    out, metrics = vit_run
+    report = json.loads((out / "vit" / "export_report.json").read_text())
+    assert report["pruned"]["onnx_macs"] == metrics["pruned_flops"] < metrics["dense_flops"]
+    graph = onnx.load(str(out / "vit" / "pruned.onnx")).graph
+    assert graph.input[0].type.tensor_type.shape.dim[0].dim_param  # a named, dynamic batch axis
+    kept = json.loads((out / "vit" / "pruning.json").read_text())
+    assert set(kept["blocks"]) == {f"blocks.{i}.{b}" for i in range(2) for b in ("attn", "mlp")}
+    assert all(g["heads"][0] == 2 for name, g in kept["groups"].items() if name.endswith("attn.qkv"))
+    config_path = next((out / "repo").glob("*_pruned/config.pbtxt"))
+    config = parse_config(config_path.read_text(), config_path.parent.name)
+    accelerator = config.optimization.execution_accelerators.gpu_execution_accelerator[0]
+    assert config.platform == "onnxruntime_onnx" and accelerator.name == "tensorrt"
+
+
+def test_tensorrt_engine_of_a_transformer(vit_run, tmp_path):
+    """The prebuilt-engine path on the same export; needs TensorRT (GPU machines only)."""
+    import numpy as np
+
+    from export import tensorrt_build as trt_build
+    missing = trt_build.unavailable_reason()
+    if missing:
+        pytest.skip(f"TensorRT: {missing} (not installable here, docs/gpu.md; GPU machines only)")
+    out, _ = vit_run
+    plan = trt_build.plan_build(trt_build.installed_version(), True, trt_build.fp16_converter_installed())
+    images = np.random.default_rng(0).standard_normal((8, 1, 28, 28)).astype(np.float32)
+    entry = trt_build.build_and_check(out / "vit" / "pruned.onnx", tmp_path / "model.plan", images,
+                                      trt_build.batch_profile(64), plan, tmp_path / "timing.cache",
+                                      trt_build.DEFAULT_WORKSPACE_BYTES)
+    assert entry["top1_agreement"] >= 0.9 and (tmp_path / "model.plan").stat().st_size > 0
