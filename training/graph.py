@@ -661,8 +661,8 @@ class _Analysis:
         layout, sizes = self.layout[source], _sizes(node)
         tail = tuple(out[axis:]) if axis == len(shape) - 1 and tuple(out[:axis]) == tuple(shape[:axis]) else ()
         if sizes is None or len(tail) not in (2, 3) or len(layout) != 1 or math.prod(tail) != shape[axis]:
-            return self.unsupported(node, f"{node.name} ({_name(node.target)}) reshapes the channel axis into "
-                                          "something other than attention heads")
+            return self.unsupported(node, f"{node.name} ({_name(node.target)}) reshapes the channel axis: of "
+                                          "reshapes, only a split into attention heads is followed")
         parts, heads, dim = (1, *tail) if len(tail) == 2 else tail
         if parts > 1:
             layout = self.stack_of(source, parts)
