@@ -15,7 +15,7 @@ from torch import nn
 from export.onnx_export import count_onnx_macs, export_onnx, run_onnxruntime
 from training.api import polarize
 from training.attention import SelfAttention
-from training.gating import mask_macs
+from training.gating import mask_cost, mask_macs
 from training.mask import Mask
 from training.models import ViT
 from training.pruning_report import report_markdown
@@ -294,3 +294,18 @@ def test_tensorrt_engine_of_a_transformer(vit_run, tmp_path):
                                       trt_build.batch_profile(64), plan, tmp_path / "timing.cache",
                                       trt_build.DEFAULT_WORKSPACE_BYTES)
     assert entry["top1_agreement"] >= 0.9 and (tmp_path / "model.plan").stat().st_size > 0
+
+
+def test_latency_cost_prices_transformer_linears_on_their_tokens(tmp_path):
+    """`cost: latency` on a transformer: its linears are timed on (tokens, channels) inputs; narrower MLP
+    widths and fewer heads cost less (the attention products are in the untimed rest, not per head)."""
+    from training.graph import trace_network
+    from training.latency import LatencyCost, LatencySettings, load_or_measure
+    graph = trace_network(ViT(1, 10, 28, dim=32, depth=1, heads=2), torch.zeros(2, 1, 28, 28))
+    settings = LatencySettings(cache=str(tmp_path), rounds=10, budget_s=1.0)
+    table, _ = load_or_measure(graph, 16, settings, log=lambda _: None)
+    assert {"blocks.0.attn.qkv", "blocks.0.attn.proj", "blocks.0.mlp.fc1", "blocks.0.mlp.fc2"} <= set(table.layers)
+    cost = LatencyCost(graph, table)
+    full = {name: list(range(group.width)) for name, group in graph.prunable().items()}
+    smaller = Mask({**full, "blocks.0.attn.qkv": list(range(16)), "blocks.0.mlp.fc1": list(range(64))}, [])
+    assert mask_cost(cost, smaller) < cost.dense
