@@ -28,8 +28,8 @@ RESULTS_DIR = REPO_ROOT / "docs" / "results"
 BLOCK = re.compile(r"(<!-- results:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /results:(?P=name) -->)", re.S)
 PRODUCERS = {  # what to run when a file is missing
     "default-run": "`make train export`, then `make results`",
-    "vit-run": "`make train export RUN=fmnist_vit`, `make bench RUN=fmnist_vit`, then "
-               "`python -m scripts.collect_results --only vit_run`",
+    "vit-run": "`make train export RUN=fmnist_vit`, `python -m bench.speedup --run runs/fmnist_vit --out "
+               "reports/fmnist_vit/speedup.json`, then `python -m scripts.collect_results --only vit_run`",
     "export": "`make export`, then `make results`",
     "serving": "`make serve`, then `make results`",
     "torch-pruning": "`python -m bench.torch_pruning_peer`, then `make results`",
