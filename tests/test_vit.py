@@ -309,3 +309,39 @@ def test_latency_cost_prices_transformer_linears_on_their_tokens(tmp_path):
     full = {name: list(range(group.width)) for name, group in graph.prunable().items()}
     smaller = Mask({**full, "blocks.0.attn.qkv": list(range(16)), "blocks.0.mlp.fc1": list(range(64))}, [])
     assert mask_cost(cost, smaller) < cost.dense
+
+
+def test_transformer_result_collects_and_renders(tmp_path):
+    """vit_run.json from the run's stamped metrics, its pruning.json and bench.speedup's report, as the README
+    shows it."""
+    import json
+
+    from common.results import provenance
+    from scripts.collect_results import collect
+    from scripts.render_readme import render
+    stamp, runs, reports = provenance(), tmp_path / "runs", tmp_path / "reports"
+    for name, method, accuracy in (("v", "polarized", 0.81), ("v_dense", "dense", 0.83)):
+        (runs / name).mkdir(parents=True)
+        (runs / name / "metrics.json").write_text(json.dumps({
+            "method": method, "epochs": 4, "test_accuracy": accuracy, "dense_flops": 1000, "pruned_flops": 500,
+            "flops_ratio": 0.5, "dense_params": 100, "pruned_params": 60, "params_ratio": 0.6,
+            "removed_blocks": ["blocks.1.attn"] if method == "polarized" else [], "train_seconds": 9.0,
+            "kept_channels": {}, "provenance": stamp}))
+    (runs / "v" / "pruning.json").write_text(json.dumps({"groups": {
+        "blocks.0.attn.qkv": {"width": 192, "kept": 128, "pinned": [], "heads": [3, 2]},
+        "blocks.0.mlp.fc1": {"width": 768, "kept": 384, "pinned": []},
+        "space3": {"width": 192, "kept": 192, "pinned": ["LayerNorm blocks.0.norm1 normalises across channels"]}},
+        "blocks": {"blocks.0.attn": "kept", "blocks.0.mlp": "kept", "blocks.1.attn": "closed"}}))
+    (reports / "v").mkdir(parents=True)
+    (reports / "v" / "speedup.json").write_text(json.dumps({
+        "settings": {"cpu": "Some CPU, avx2", "threads": 2}, "provenance": stamp, "results": [
+            {"engine": "onnxruntime", "batch": batch, "speedup": 1.7, "efficiency": 0.85,
+             "dense": {"median_ms": 2.0 * batch}, "pruned": {"median_ms": 1.2 * batch}} for batch in (1, 64)]}))
+    written = collect("none", runs, reports, tmp_path / "results", only=["vit_run"], vit_run="v")
+    document = json.loads(written[0].read_text())
+    assert document["heads"] == {"blocks.0.attn.qkv": [3, 2]} and document["mlp_widths"] == {"blocks.0.mlp.fc1": [768, 384]}
+    assert set(document["sources"]) == {str(runs / "v" / "metrics.json"), str(runs / "v_dense" / "metrics.json"),
+                                        str(reports / "v" / "speedup.json")}
+    text = render("<!-- results:vit-run -->\n<!-- /results:vit-run -->\n", tmp_path / "results")
+    assert "Heads kept: blocks.0 2/3. MLP hidden widths kept: blocks.0 384/768. Branches removed: blocks.1.attn (of 3)." in text
+    assert "| 64 | 128.000 | 76.800 | 1.70x | 0.85 |" in text and "Some CPU, avx2" in text
