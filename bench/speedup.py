@@ -25,6 +25,7 @@ from polarprune.common.atomicio import write_json
 from polarprune.common.cli import EXIT_OK, PolarpruneError, cli_parser, fail
 from polarprune.training.mask import load_mask
 from polarprune.training.networks import NetworkInfo, build_network
+from polarprune.common.results import provenance
 
 PROG = "python -m bench.speedup"
 BATCHES = (1, 64)
@@ -139,7 +140,7 @@ def run_main(args: argparse.Namespace, settings: dict) -> int:
               "flops": {"dense": dense_flops, "pruned": pruned_flops, "ratio": pruned_flops / dense_flops},
               "settings": {**settings, "threads": args.threads, "onnxruntime_session": session,
                            "torch": torch.__version__, "cpu": cpu_name()},
-              "results": results}
+              "results": results, "provenance": provenance()}
     print(format_table(results, dense_flops, pruned_flops))
     if args.served:
         report["served"] = probe_served(args.run, args.served, args.quick, dense_flops, pruned_flops)

@@ -105,7 +105,7 @@ def count_onnx_macs(model: onnx.ModelProto | str | Path) -> int:
     """MACs of one image, from the graph: every Conv/Gemm/MatMul output element costs its reduction length
     (Conv: in_channels/groups * kernel area; Gemm/MatMul: the inner dimension). Batch axis excluded."""
     proto = onnx.load(str(model)) if isinstance(model, (str, Path)) else model
-    graph = onnx.shape_inference.infer_shapes(proto, strict_mode=True).graph
+    graph = onnx.shape_inference.infer_shapes(proto, strict_mode=True, data_prop=True).graph  # reshapes to x.shape
     shapes = _shapes(graph)
     total = 0
     for node in graph.node:

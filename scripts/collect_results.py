@@ -4,7 +4,9 @@
     make results [RUN=...]          # collects, then renders the README tables (scripts.render_readme)
 
 Sources, each stamped by the command that wrote it (common.results): runs/<run>/metrics.json and
-runs/<run>_dense/metrics.json -> default_run.json; runs/<run>/export_report.json -> export.json;
+runs/<run>_dense/metrics.json -> default_run.json; the same of the transformer run (--vit-run), its
+pruning.json and reports/<vit-run>/speedup.json (python -m bench.speedup) -> vit_run.json;
+runs/<run>/export_report.json -> export.json;
 reports/<run>/serving.json -> serving.json; runs/compare/torch_pruning/metrics.json (the standalone
 Torch-Pruning peer, python -m bench.torch_pruning_peer) -> torch_pruning.json; reports/compare/compare.json
 (make compare: its summary over seeds, rendered, and its rows) -> compare.json; reports/<run>/soak.json
@@ -16,6 +18,7 @@ provenance stamp, or a `--quick` comparison, is refused: it cannot back a publis
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -60,6 +63,30 @@ def export_result(runs: Path, run: str) -> tuple[dict, dict]:
     data["onnx_macs"] = {kind: report[kind]["onnx_macs"] for kind in ("dense", "pruned")}
     data["mask_pruned_flops"] = report["mask_flops"]["pruned_flops"]
     return data, {str(path): stamp}
+
+
+def transformer_result(runs: Path, reports: Path, run: str) -> tuple[dict, dict]:
+    """A transformer run (issue 21) and its dense reference: accuracy, kept MACs, heads, MLP widths and
+    branches kept (the run's pruning.json, written beside its stamped metrics.json by the same command), and
+    the onnxruntime speed-up at batch 1 and 64 (bench.speedup's report)."""
+    data, stamps = default_run(runs, run)
+    report_path = runs / run / "pruning.json"
+    try:
+        report = json.loads(report_path.read_text())
+    except (OSError, ValueError) as error:
+        raise ResultError(f"{report_path}: not found or unreadable ({error}); the training run writes it") from None
+    groups = report["groups"]
+    data["heads"] = {name: g["heads"] for name, g in groups.items() if "heads" in g}
+    data["mlp_widths"] = {name: [g["width"], g["kept"]] for name, g in groups.items()
+                          if "heads" not in g and not g["pinned"]}
+    data["branches"] = report["blocks"]
+    speed_path = reports / run / "speedup.json"
+    speed, stamps[str(speed_path)] = read_source(speed_path)
+    data["speedup"] = {"cpu": speed["settings"]["cpu"], "threads": speed["settings"]["threads"],
+                       "results": [{key: r[key] for key in ("batch", "speedup", "efficiency")} |
+                                   {role: r[role]["median_ms"] for role in ("dense", "pruned")}
+                                   for r in speed["results"] if r["engine"] == "onnxruntime"]}
+    return data, stamps
 
 
 def serving_result(reports: Path, run: str) -> tuple[dict, dict]:
@@ -134,11 +161,13 @@ def reliability_result(reports: Path, run: str) -> tuple[dict, dict]:
     return data, stamps
 
 
-def collect(run: str, runs: Path, reports: Path, out: Path = RESULTS_DIR, only: list[str] | None = None) -> list[Path]:
+def collect(run: str, runs: Path, reports: Path, out: Path = RESULTS_DIR, only: list[str] | None = None,
+            vit_run: str = "fmnist_vit") -> list[Path]:
     """Write every result whose sources exist (or only those named); training and export sources are
     required unless `only` leaves them out."""
     written = []
     jobs = [("default_run", lambda: default_run(runs, run), True),
+            ("vit_run", lambda: transformer_result(runs, reports, vit_run), False),
             ("export", lambda: export_result(runs, run), True),
             ("serving", lambda: serving_result(reports, run), False),
             ("torch_pruning", lambda: peer_result(runs), False),
@@ -169,15 +198,16 @@ def collect(run: str, runs: Path, reports: Path, out: Path = RESULTS_DIR, only: 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m scripts.collect_results", description=__doc__.splitlines()[0])
     parser.add_argument("--run", default="fmnist_resnet20", help="the run the README reports")
+    parser.add_argument("--vit-run", default="fmnist_vit", help="the transformer run the README reports")
     parser.add_argument("--runs", type=Path, default=Path("runs"), help="folder of run folders")
     parser.add_argument("--reports", type=Path, default=Path("reports"), help="folder of serving/compare reports")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="result files go here")
     parser.add_argument("--only", action="append", metavar="NAME",
-                        help="collect only this result (repeatable): default_run, export, serving, torch_pruning, "
-                             "compare, reliability")
+                        help="collect only this result (repeatable): default_run, vit_run, export, serving, "
+                             "torch_pruning, compare, reliability")
     args = parser.parse_args(argv)
     try:
-        written = collect(args.run, args.runs, args.reports, args.out, args.only)
+        written = collect(args.run, args.runs, args.reports, args.out, args.only, args.vit_run)
     except ResultError as error:
         print(f"collect_results: error: {error}", file=sys.stderr)
         return 2

@@ -28,6 +28,8 @@ RESULTS_DIR = REPO_ROOT / "docs" / "results"
 BLOCK = re.compile(r"(<!-- results:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /results:(?P=name) -->)", re.S)
 PRODUCERS = {  # what to run when a file is missing
     "default-run": "`make train export`, then `make results`",
+    "vit-run": "`make train export RUN=fmnist_vit`, `python -m bench.speedup --run runs/fmnist_vit --out "
+               "reports/fmnist_vit/speedup.json`, then `python -m scripts.collect_results --only vit_run`",
     "export": "`make export`, then `make results`",
     "serving": "`make serve`, then `make results`",
     "torch-pruning": "`python -m bench.torch_pruning_peer`, then `make results`",
@@ -81,6 +83,23 @@ def default_run_table(document: dict) -> list[str]:
     if dense and ours:
         gap = 100 * (dense["test_accuracy"] - ours["test_accuracy"])
         lines += ["", f"Accuracy gap to dense: {gap:.2f} points (one seed)."]
+    return lines
+
+
+def vit_run_table(document: dict) -> list[str]:
+    """The transformer run: default_run_table's rows, what it kept, and its onnxruntime speed-up."""
+    lines = default_run_table(document)
+    heads = ", ".join(f"{name.removesuffix('.attn.qkv')} {kept}/{width}" for name, (width, kept) in document["heads"].items())
+    widths = ", ".join(f"{name.removesuffix('.mlp.fc1')} {kept}/{width}" for name, (width, kept) in document["mlp_widths"].items())
+    closed = [name for name, state in document["branches"].items() if state == "closed"]
+    speed = document["speedup"]
+    lines += ["", f"Heads kept: {heads}. MLP hidden widths kept: {widths}. Branches removed: "
+                  f"{', '.join(closed) or 'none'} (of {len(document['branches'])}).",
+              "", "| onnxruntime CPU, batch | dense ms | pruned ms | speed-up | efficiency |", "|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['batch']} | {r['dense']:.3f} | {r['pruned']:.3f} | {r['speedup']:.2f}x | {r['efficiency']:.2f} |"
+              for r in speed["results"]]
+    lines += ["", f"Speed-up measured by `python -m bench.speedup` ({speed['threads']} threads, {speed['cpu']}); "
+                  "efficiency = speed-up / (dense MACs / pruned MACs)."]
     return lines
 
 
@@ -291,7 +310,7 @@ def reliability_summary(document: dict) -> list[str]:
             f"versions loaded**. Corrupt inputs: **{corrupt['clean']} of {corrupt['cases']}** refused cleanly."]
 
 
-TABLES = {"default-run": default_run_table, "export": export_table, "serving": serving_table,
+TABLES = {"default-run": default_run_table, "vit-run": vit_run_table, "export": export_table, "serving": serving_table,
           "torch-pruning": torch_pruning_table, "compare": compare_table, "seeds": seeds_table,
           "latency-target": latency_target_table, "reliability": reliability_table,
           "reliability-summary": reliability_summary}

@@ -10,7 +10,7 @@ from torch import fx, nn
 
 from .cost import check_mask
 from .cuts import CUTS
-from .graph import Layer, Layout, NetworkGraph
+from .graph import Layer, Layout, NetworkGraph, rewrite_shapes
 from .mask import Mask, MaskError
 
 
@@ -53,6 +53,7 @@ def cut(graph: NetworkGraph, mask: Mask, network: fx.GraphModule) -> fx.GraphMod
         parent, _, leaf = path.rpartition(".")
         setattr(pruned.get_submodule(parent) if parent else pruned, leaf,
                 _cut_layer(layer, module, keep_in, keep_out))
+    rewrite_shapes(graph, mask.kept_channels, pruned)  # head counts of attention reshapes
     pruned.delete_all_unused_submodules()
     pruned.graph.lint()
     pruned.recompile()

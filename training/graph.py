@@ -20,6 +20,14 @@ the gated training; `nn.Dropout` modules stay and keep working. Channels-last la
 permute or transpose moves a tensor's channel axis, and a Linear over it is a channel layer. Every conv,
 linear and matrix product costs MACs (`training.macs`); one no cut shrinks is a "fixed" layer.
 
+Attention (timm-style, and nn.MultiheadAttention once `training.attention` splits it): a reshape of a
+projection's channels into (heads, head dim), or (q/k/v, heads, head dim), starts a head view (`Heads`), which
+moves, unbinds, products within each head (q kᵀ, scores times v, `F.scaled_dot_product_attention`),
+softmax and scaling follow, until a reshape merges (heads, head dim) back into channels. q, k, v and the
+merged output share one group whose unit is a head; the products are "attention" layers priced per kept
+head; the cut rewrites the reshapes' head counts (`rewrite_shapes`). Softmax revives closed heads and a
+product with a closed head zeroes them, so `_check_zeros` follows them too; any other op on heads pins them.
+
 A group may not shrink when it is pinned, with the reason: network input and output, ops no cut handles
 (a reshape that mixes channels, LayerNorm or GroupNorm across the channels, a split of the channel
 axis, a grouped conv that changes the width), shared modules. A residual
@@ -32,7 +40,7 @@ import math
 import operator
 import warnings
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -41,6 +49,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from .custom_layers import rule_for
+from .attention import split_attention
 from .errors import TrainingError
 from .macs import MATMULS, fixed_macs, layer_macs
 from .macs import traced_shape as _shape
@@ -78,6 +87,7 @@ PRODUCING_KINDS = ("conv", "linear", "custom")  # layers whose output channels a
 READING_KINDS = PRODUCING_KINDS + ("depthwise", "grouped")  # layers whose outputs read their input channels
 
 PERMUTES = {torch.permute, "permute", torch.transpose, "transpose", torch.swapaxes, "swapaxes"}
+RESHAPES = {torch.reshape, "reshape", "view"}
 SPLITS = {torch.chunk, "chunk", torch.split, "split", torch.tensor_split, "tensor_split", torch.unbind, "unbind"}
 # Tensors made from a shape only (drop-path noise, masks): they read no channel of their source.
 FACTORIES = {"new_empty", "new_zeros", "new_ones", "new_full", torch.empty_like, torch.zeros_like, torch.ones_like,
@@ -95,6 +105,32 @@ class Segment:
 
 
 Layout = tuple[Segment, ...]
+
+
+@dataclass(frozen=True)
+class Heads:
+    """Where the heads lie in a tensor between the split of a q/k/v projection into heads and their merge
+    into the output projection's input: axes of the batch, the heads, the head dimension (None once a
+    product contracted it: the scores) and the q/k/v stack (None once unbound)."""
+    layout: Layout          # the head space (one segment per part of the stack)
+    batch: int
+    head: int
+    dim: int | None
+    part: int | None = None
+
+    def moved(self, where: Callable[[int], int | None]) -> "Heads":
+        axes = [None if a is None else where(a) for a in (self.batch, self.head, self.dim, self.part)]
+        return replace(self, batch=axes[0], head=axes[1], dim=axes[2], part=axes[3])
+
+
+@dataclass(frozen=True)
+class ShapeRewrite:
+    """A size in a reshape that the cut must rewrite: the kept channels of `space`'s group, divided by
+    `per` (the head dimension for a head count, 1 for the merged heads' width)."""
+    node: str
+    position: int   # index into the reshape's sizes
+    space: int
+    per: int = 1
 
 
 @dataclass
@@ -121,6 +157,7 @@ class ChannelGroup:
     consumers: list[str] = field(default_factory=list)   # layers reading it as input channels
     pinned: list[str] = field(default_factory=list)      # why it may not shrink
     unit: int = 1   # kept channels come in aligned runs of this many (the groups of a grouped conv on it)
+    head_dim: int = 0  # channels per attention head when the group is attention heads (0: it is not)
 
     @property
     def prunable(self) -> bool:
@@ -149,6 +186,8 @@ class NetworkGraph:
     output_shape: tuple[int, ...] = ()  # of one example
     uncounted: list[str] = field(default_factory=list)  # layers whose MACs are not in the cost (warned)
     channel_axis: dict[str, int] = field(default_factory=dict)  # gate point -> its channel axis, when not 1
+    shape_rewrites: list[ShapeRewrite] = field(default_factory=list)  # sizes of head splits and merges
+
     def prunable(self) -> dict[str, ChannelGroup]:
         return {name: g for name, g in self.groups.items() if g.prunable}
 
@@ -169,15 +208,10 @@ class NetworkGraph:
 def trace_network(model: nn.Module, example_input: torch.Tensor) -> NetworkGraph:
     """Trace `model` (plain, no gates) once; `example_input` is one batch (N, C, H, W) on its device."""
     was_training = model.training
-    model.eval()  # `if self.training` (drop path, functional dropout) traces to its eval form: the identity
-    try:
-        graph = _Tracer().trace(model)  # torch.nn layers and registered layers stay single calls
-    except Exception as error:  # fx raises several types for data-dependent control flow
-        raise GraphError(f"{type(model).__name__} cannot be traced by torch.fx ({type(error).__name__}: "
-                         f"{str(error).splitlines()[0] if str(error) else ''}); the forward pass must not branch "
-                         "on tensor values") from None
-    finally:
-        model.train(was_training)
+    graph = _fx_trace(model)
+    split = split_attention(model, graph)  # nn.MultiheadAttention as layers the cuts know, where it can be
+    if split is not model:
+        model, graph = split, _fx_trace(split)
     module = fx.GraphModule(model, graph, class_name=type(model).__name__)
     module.eval()  # shape propagation must not touch BatchNorm statistics
     try:
@@ -202,6 +236,19 @@ class _Tracer(fx.Tracer):
 
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
         return rule_for(module) is not None or super().is_leaf_module(module, qualified_name)
+
+
+def _fx_trace(model: nn.Module) -> fx.Graph:
+    was_training = model.training
+    model.eval()  # `if self.training` (drop path, functional dropout) traces to its eval form: the identity
+    try:
+        return _Tracer().trace(model)  # torch.nn and registered layers stay single calls; the rest is traced through
+    except Exception as error:  # fx raises several types for data-dependent control flow
+        raise GraphError(f"{type(model).__name__} cannot be traced by torch.fx ({type(error).__name__}: "
+                         f"{str(error).splitlines()[0] if str(error) else ''}); the forward pass must not branch "
+                         "on tensor values") from None
+    finally:
+        model.train(was_training)
 
 
 def _expected_input(module: fx.GraphModule) -> str:
@@ -259,6 +306,10 @@ class _Analysis:
         self.zeroing: dict[fx.Node, list[fx.Node]] = {}  # a product: operands whose zeros make its output zero
         self.uncounted: list[str] = []       # layers whose MACs the analysis cannot count
         self.calls: Counter[str] = Counter()
+        self.heads: dict[fx.Node, Heads] = {}              # tensors split into attention heads
+        self.head_pieces: dict[fx.Node, list[Heads]] = {}  # q, k, v of an unbound stack
+        self.head_dims: list[tuple[int, int]] = []         # (head space, head dimension): the group's unit
+        self.shape_rewrites: list[ShapeRewrite] = []
 
     # -- helpers ----------------------------------------------------------------------------------
     def axis_of(self, node: fx.Node) -> int:
@@ -371,6 +422,8 @@ class _Analysis:
         sources = self.tensors(node)
         if not sources:
             return self.unsupported(node)
+        if any(s in self.heads for s in sources):
+            return self.visit_heads(node, sources, module)
         source = sources[0]
         in_layout, in_shape = self.layout[source], _shape(source)
         rule = rule_for(module)
@@ -397,6 +450,9 @@ class _Analysis:
                 else f"module {path} ({type(module).__name__}) is not a layer the cuts understand"
             if isinstance(module, nn.Linear):
                 why = f"linear {path} reads axis -1 of a tensor whose channel axis is {self.axis_of(source)}"
+            if isinstance(module, nn.MultiheadAttention):
+                why = (f"nn.MultiheadAttention {path} is not called as batch-first self-attention without masks "
+                       "(the only form whose heads are cut, `training.attention`)")
             self.unsupported(node, why)
             self.count_fixed(node, path, module)
 
@@ -460,6 +516,8 @@ class _Analysis:
             elif _shape(node) is not None:
                 self.unsupported(node, f"{node.name} (.{node.args[1]}) reorders the axes of a tensor")
             return
+        if target is operator.getitem and node.args[0] in self.head_pieces:
+            return self.set_heads(node, self.head_pieces[node.args[0]][node.args[1]])
         if target is operator.getitem and node.args[0] in self.pieces:
             pieces = self.pieces[node.args[0]]
             self.layout[node] = pieces[node.args[1]]
@@ -468,6 +526,8 @@ class _Analysis:
             return
         if not sources:
             return  # arithmetic on sizes
+        if any(s in self.heads for s in sources):
+            return self.visit_heads(node, sources)
         handler = FUNCTION_HANDLERS.get(target) if _hashable(target) else None
         if handler is None and _name(target) in IDENTITY_IN_EVAL_NAMES:
             handler = _Analysis.visit_zero_keeping
@@ -611,6 +671,176 @@ class _Analysis:
         self.count_fixed(node, node.name)
 
 
+    # -- attention heads: from the split of a projection into heads to their merge ------------------
+    def set_heads(self, node: fx.Node, heads: Heads) -> None:
+        self.heads[node] = heads
+        self.layout[node] = heads.layout  # `_check_zeros` follows closed heads through the attention
+
+    def visit_reshape(self, node: fx.Node, sources: list[fx.Node]) -> None:
+        """A channels-last projection split into (heads, head dim), or (q/k/v, heads, head dim) for a packed
+        one: a head is a unit of the group, the head dimension stays, the head count follows the cut."""
+        source = sources[0]
+        shape, out, axis = _shape(source) or (), _shape(node) or (), self.axis_of(source)
+        layout, sizes = self.layout[source], _sizes(node)
+        tail = tuple(out[axis:]) if axis == len(shape) - 1 and tuple(out[:axis]) == tuple(shape[:axis]) else ()
+        if sizes is None or len(tail) not in (2, 3) or len(layout) != 1 or math.prod(tail) != shape[axis]:
+            return self.unsupported(node, f"{node.name} ({_name(node.target)}) reshapes the channel axis: of "
+                                          "reshapes, only a split into attention heads is followed")
+        parts, heads, dim = (1, *tail) if len(tail) == 2 else tail
+        if parts > 1:
+            layout = self.stack_of(source, parts)
+            if layout is None:
+                return self.unsupported(node, f"{node.name} splits a q/k/v stack that is not one projection's own "
+                                              "output: its parts cannot be cut alike")
+        self.head_dims.extend((segment.space, dim) for segment in layout)
+        if sizes[len(out) - 2] != -1:
+            self.shape_rewrites.append(ShapeRewrite(node.name, len(out) - 2, layout[0].space, dim))
+        self.set_heads(node, Heads(layout, 0, len(out) - 2, len(out) - 1, axis if parts > 1 else None))
+
+    def stack_of(self, source: fx.Node, parts: int) -> Layout | None:
+        """The output of a linear read only by this split, re-laid out as `parts` copies of one head space
+        (closing a head removes its q, k and v rows); None when that is not what `source` is."""
+        layer = next((l for l in self.layers.values() if l.node == source.name and l.kind == "linear"), None)
+        (segment,) = self.layout[source]
+        space = self.spaces.find(segment.space)
+        if layer is None or len(source.users) != 1 or segment.width % parts or \
+                any(self.spaces.find(s) == space for s in range(len(self.spaces.parent)) if s != space):
+            return None
+        self.spaces.width[space] = 0  # the stack's space goes; collect drops groups of width 0
+        width = segment.width // parts
+        layout = (Segment(self.spaces.new(width), width),) * parts
+        layer.out_layout = layout
+        self.layout[source] = layout
+        return layout
+
+    def visit_heads(self, node: fx.Node, sources: list[fx.Node], module: nn.Module | None = None) -> None:
+        """An op on a tensor split into heads: moves, unbinding the q/k/v stack, products within each head,
+        softmax, scaling and dropout are followed; the merge back into channels ends it; anything else (an
+        op that mixes heads, a bias added to the scores) pins the heads."""
+        name = type(module).__name__ if module is not None else _name(node.target)
+        heads = self.heads.get(sources[0])
+        if heads is None or (module is not None and not isinstance(module, (nn.Softmax, *IDENTITY_IN_EVAL_MODULES,
+                                                                                nn.Identity))):
+            self.unsupported(node, f"{node.name} ({name}) works on attention heads in a way the cut cannot follow")
+            return self.count_fixed(node, node.target, module) if module is not None else None
+        rank = len(_shape(sources[0]) or ())
+        if module is not None and not isinstance(module, nn.Softmax) or node.target in IDENTITY_IN_EVAL_FUNCTIONS \
+                or name in ("contiguous", "clone", *IDENTITY_IN_EVAL_NAMES):
+            return self.set_heads(node, heads)
+        if node.target in PERMUTES:
+            return self.heads_moved(node, heads, rank)
+        if name in ("reshape", "view", "flatten"):
+            return self.heads_merged(node, heads)
+        if name in ("softmax", "Softmax"):
+            dim = module.dim if module is not None else _arg(node, 1, "dim", None)
+            if dim is None or dim % rank in (heads.batch, heads.head, heads.part):
+                return self.unsupported(node, f"{node.name} (softmax) normalises across attention heads")
+            self.set_heads(node, heads)
+            self.revives.add(node)  # softmax(0) is uniform: zero only once multiplied by closed values
+            return
+        if node.target in MULS | DIVS and len(sources) == 1 and node.args[0] is sources[0]:
+            return self.set_heads(node, heads)  # scaled by a number: zeros stay zero
+        if node.target in (torch.unbind, "unbind") or node.target is operator.getitem:
+            return self.heads_unbound(node, heads, rank)
+        if node.target in MATMULS:
+            return self.heads_product(node, sources, rank)
+        if node.target is F.scaled_dot_product_attention:
+            return self.heads_attention(node, sources)
+        self.unsupported(node, f"{node.name} ({name}) works on attention heads in a way the cut cannot follow")
+
+    def heads_moved(self, node: fx.Node, heads: Heads, rank: int) -> None:
+        args = list(node.args[1:]) or list(node.kwargs.values())
+        if _name(node.target) == "permute":
+            order = [d % rank for d in (args[0] if len(args) == 1 and isinstance(args[0], (tuple, list)) else args)]
+            self.set_heads(node, heads.moved(order.index))
+        else:
+            a, b = (d % rank for d in args[:2])
+            self.set_heads(node, heads.moved(lambda axis: b if axis == a else a if axis == b else axis))
+
+    def heads_unbound(self, node: fx.Node, heads: Heads, rank: int) -> None:
+        """q, k, v out of the stack: `unbind(part)` or `stack[i]` along the stack's axis."""
+        pinned = f"{node.name} ({_name(node.target)}) indexes attention heads other than along the q/k/v stack"
+        if heads.part is None:
+            return self.unsupported(node, pinned)
+        part = heads.part
+
+        def piece(i: int) -> Heads:
+            return replace(heads, layout=(heads.layout[i],), part=None).moved(lambda a: a - (a > part))
+        if node.target is operator.getitem:
+            index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+            if len(index) != part + 1 or not isinstance(index[part], int) or \
+                    any(i != slice(None) for i in index[:part]):
+                return self.unsupported(node, pinned)
+            return self.set_heads(node, piece(index[part]))
+        if _arg(node, 1, "dim", 0) % rank != part:
+            return self.unsupported(node, pinned)
+        self.layout[node] = heads.layout
+        self.head_pieces[node] = [piece(i) for i in range(len(heads.layout))]
+
+    def heads_product(self, node: fx.Node, sources: list[fx.Node], rank: int) -> None:
+        """a @ b within each head: q kᵀ contracts the head dimension (the scores), scores @ v keeps v's. Zero
+        where either operand's head is closed."""
+        a, b = node.args[:2]
+        ha, hb = self.heads.get(a), self.heads.get(b)
+        batch_axes = set(range(rank - 2))
+        if ha is None or hb is None or len(_shape(b) or ()) != rank or (ha.head, ha.batch) != (hb.head, hb.batch) \
+                or not {ha.head, ha.batch} <= batch_axes or ha.part is not None or hb.part is not None:
+            return self.unsupported(node, f"{node.name} multiplies attention heads with something other than "
+                                          "the same heads")
+        if ha.dim == rank - 1 and hb.dim == rank - 2:
+            dim = None
+        elif ha.dim is None and hb.dim == rank - 1:
+            dim = rank - 1
+        else:
+            return self.unsupported(node, f"{node.name} multiplies the head dimension with tokens")
+        self.join_heads(node, [a, b], replace(ha, dim=dim))
+        self.zeroing[node] = [a, b]
+
+    def heads_attention(self, node: fx.Node, sources: list[fx.Node]) -> None:
+        """F.scaled_dot_product_attention(q, k, v): within each head; zero where v's head is closed."""
+        q, k, v = (_arg(node, i, n, None) for i, n in enumerate(("query", "key", "value")))
+        views = [self.heads.get(t) for t in (q, k, v)]
+        rank = len(_shape(q) or ())
+        mask = _arg(node, 3, "attn_mask", None)
+        if None in views or isinstance(mask, fx.Node) or any(
+                (h.batch, h.head, h.dim, h.part) != (0, views[0].head, rank - 1, None) for h in views):
+            return self.unsupported(node, f"{node.name} (scaled_dot_product_attention) reads heads laid out "
+                                          "differently, or a mask")
+        self.join_heads(node, [q, k, v], views[0])
+        self.zeroing[node] = [v]
+
+    def join_heads(self, node: fx.Node, operands: list[fx.Node], heads: Heads) -> None:
+        """Operands of one product: their heads are one space (q, k and v heads go together), and the
+        product's MACs scale with the kept heads."""
+        first = self.heads[operands[0]].layout
+        for other in operands[1:]:
+            layout = self.heads[other].layout
+            if [s.width for s in layout] != [s.width for s in first]:
+                return self.unsupported(node, f"{node.name} multiplies heads of different widths")
+            for x, y in zip(first, layout):
+                self.spaces.union(x.space, y.space)
+        self.set_heads(node, heads)
+        macs, width = fixed_macs(node), sum(s.width for s in first)
+        if macs is None or macs % width:
+            return self.count_fixed(node, node.name)
+        self.add_layer(node, Layer(node.name, "attention", first, (), macs // width))
+
+    def heads_merged(self, node: fx.Node, heads: Heads) -> None:
+        """(B, N, heads, head dim) back to (B, N, channels): the heads' channels, in order, for the output
+        projection."""
+        shape, out = _shape(node.args[0]) or (), _shape(node) or ()
+        merged = tuple(shape[:heads.head]) + (shape[heads.head] * shape[heads.head + 1],) + tuple(shape[heads.head + 2:])
+        sizes = _sizes(node)
+        if heads.part is not None or heads.batch != 0 or heads.dim != heads.head + 1 or tuple(out) != merged or \
+                (sizes is None and _name(node.target) != "flatten"):
+            return self.unsupported(node, f"{node.name} ({_name(node.target)}) merges attention heads other than "
+                                          "(heads, head dim) into channels")
+        self.layout[node] = heads.layout
+        if heads.head != 1:
+            self.axis[node] = heads.head
+        if sizes is not None and sizes[heads.head] != -1:
+            self.shape_rewrites.append(ShapeRewrite(node.name, heads.head, heads.layout[0].space))
+
     # -- results ----------------------------------------------------------------------------------
     def collect(self, input_shape: tuple[int, ...]) -> NetworkGraph:
         find = self.spaces.find
@@ -639,6 +869,11 @@ class _Analysis:
                     if group.width % group.unit:
                         self.pins.append((segment.space, f"{layer.path} groups {layer.group_width} channels "
                                                          f"together, which do not tile {group.width}"))
+        for space, dim in self.head_dims:
+            group = groups[find(space)]
+            group.unit, group.head_dim = math.lcm(group.unit, dim), dim
+            if group.width % group.unit:
+                self.pins.append((space, f"heads of {dim} channels do not tile {group.width}"))
         for space, why in self.pins:
             group = groups[find(space)]
             if why not in group.pinned:
@@ -652,7 +887,7 @@ class _Analysis:
                 if layer.node in inside:
                     layer.blocks += (block.name,)
         graph = NetworkGraph(self.module, input_shape, by_name, self.layers, blocks, {}, group_of_space,
-                             uncounted=self.uncounted)
+                             uncounted=self.uncounted, shape_rewrites=self.shape_rewrites)
         _check_zeros(self, graph)
         graph.channel_axis = {name: self.axis_of(self.layer_node[path]) for path, layer in self.layers.items()
                               if (name := layer.node) in graph.gate_points and self.axis_of(self.layer_node[path]) != 1}
@@ -662,7 +897,7 @@ class _Analysis:
         return graph
 
     def find_blocks(self) -> dict[str, BlockGate]:
-        blocks: dict[str, BlockGate] = {}
+        found = []
         for node in self.module.graph.nodes:
             if node.target not in ADDS or len(self.tensors(node)) != 2:
                 continue
@@ -676,11 +911,17 @@ class _Analysis:
                 layers = [layer for layer in self.layers.values() if layer.node in names]
                 macs = sum(layer_macs(layer) for layer in layers if layer.kind != "norm")
                 if macs > 0 and all(n.op != "placeholder" for n in nodes):
-                    candidates.append((macs, operand, nodes, modules))
-            if not candidates:
-                continue
-            _, operand, nodes, modules = max(candidates, key=lambda c: c[0])  # the heavier path is the branch
-            name = _common_path(modules) or node.name
+                    candidates.append((macs, operand, nodes, modules, layers))
+            if candidates:
+                found.append((node, *max(candidates, key=lambda c: c[0])[1:]))  # the heavier path is the branch
+        # a branch is named by its modules' common path; branches of one module (a transformer block's
+        # attention and MLP) by their conv and linear layers' common paths
+        names = [_common_path(modules) or node.name for node, _, _, modules, _ in found]
+        by_layers = [_common_path([l.path for l in layers if l.kind in PRODUCING_KINDS]) for *_, layers in found]
+        shared = {name for name in names if names.count(name) > 1}
+        blocks: dict[str, BlockGate] = {}
+        for (node, operand, nodes, modules, _), name, own in zip(found, names, by_layers):
+            name = own if name in shared and own and by_layers.count(own) == 1 else name
             while name in blocks:
                 name += "_"
             blocks[name] = BlockGate(name, node.name, operand.name, [n.name for n in nodes], modules)
@@ -715,7 +956,7 @@ FUNCTION_HANDLERS = _table(
     ({torch.cat, torch.concat}, A.visit_cat), ({torch.flatten, "flatten"}, A.visit_flatten_call),
     ({torch.mean, "mean"}, A.visit_mean), ({operator.getitem}, A.visit_getitem), ({F.pad}, A.visit_pad),
     (PERMUTES, A.visit_permute), (SPLITS | {torch.narrow, "narrow"}, A.visit_split),
-    (FACTORIES, A.visit_factory), ({F.layer_norm, F.group_norm, F.instance_norm, F.local_response_norm}, A.visit_normalising), (MATMULS | {torch.addmm, torch.baddbmm, F.linear, F.conv1d, F.conv2d,
+    (FACTORIES, A.visit_factory), (RESHAPES, A.visit_reshape), ({F.layer_norm, F.group_norm, F.instance_norm, F.local_response_norm}, A.visit_normalising), (MATMULS | {torch.addmm, torch.baddbmm, F.linear, F.conv1d, F.conv2d,
                                              F.conv3d, F.scaled_dot_product_attention}, A.visit_matmul),
 )
 """Op -> how the trace reads it (call_function targets and call_method names); an op not here is pinned."""
@@ -723,22 +964,46 @@ HEAVY_FUNCTIONS = {torch.einsum, F.bilinear, F.conv_transpose1d, F.conv_transpos
 del A
 
 
+def _sizes(node: fx.Node) -> list | None:
+    """The sizes a reshape or view asks for (ints or size nodes), None for another op."""
+    if _name(node.target) not in ("reshape", "view"):
+        return None
+    sizes = list(node.args[1:]) or list(node.kwargs.get("shape", ()))
+    return list(sizes[0]) if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)) else sizes
+
+
+def rewrite_shapes(graph: NetworkGraph, kept: dict[str, list[int]], network: fx.GraphModule) -> None:
+    """Set the head counts and merged widths of the reshapes in `network` (node for node the traced one) to
+    the kept heads: `kept` maps a group to its kept channels; a group not in it keeps its width."""
+    nodes = {node.name: node for node in network.graph.nodes}
+    for rewrite in graph.shape_rewrites:
+        node, group = nodes.get(rewrite.node), graph.group_of_space[rewrite.space]
+        if node is None or group not in kept:
+            continue  # removed with its branch, or not cut
+        sizes = _sizes(node)
+        sizes[rewrite.position] = len(kept[group]) // rewrite.per
+        if "shape" in node.kwargs:
+            node.kwargs = {**node.kwargs, "shape": tuple(sizes)}
+        elif len(node.args) == 2 and isinstance(node.args[1], (tuple, list)):
+            node.args = (node.args[0], tuple(sizes))
+        else:
+            node.args = (node.args[0], *sizes)
+
+
 def _is_zero(args) -> bool:
     return any(isinstance(a, (int, float)) and a == 0 for a in args)
 
 
 def _branch(operand: fx.Node, add: fx.Node) -> list[fx.Node]:
-    """`operand` and every node whose every use leads only into it: what closing the branch removes."""
-    dead, order = {operand}, [operand]
-    stack = list(operand.all_input_nodes)
-    while stack:
-        node = stack.pop()
-        if node in dead or node.op in ("placeholder", "get_attr") or not node.users:
-            continue
-        if all(user in dead for user in node.users):
+    """`operand` and every node whose every use leads only into it: what closing the branch removes. One
+    pass in reverse graph order settles it (a node's users come after it), shape reads of the branch's
+    input (`x.shape` feeding its reshapes) included."""
+    dead = {operand}
+    for node in reversed(list(add.graph.nodes)[:list(add.graph.nodes).index(operand)]):
+        unused_size = node.target is operator.getitem and not node.users  # `b, n, _ = x.shape`: the `_`
+        if node.op not in ("placeholder", "get_attr") and (node.users or unused_size) and \
+                all(u in dead for u in node.users):
             dead.add(node)
-            order.append(node)
-            stack.extend(node.all_input_nodes)
     return [n for n in add.graph.nodes if n in dead]
 
 

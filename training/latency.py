@@ -60,8 +60,9 @@ def _shapes(graph: NetworkGraph, layer: Layer) -> tuple[tuple[int, ...], tuple[i
 
 
 def timed_layers(graph: NetworkGraph) -> dict[str, Layer]:
-    """The costed layers timed one by one; a "fixed" layer (no cut changes it) is part of `other_ms`."""
-    return {path: layer for path, layer in costed_layers(graph).items() if layer.kind != "fixed"}
+    """The costed layers timed one by one; a "fixed" layer (no cut changes it) is part of `other_ms`, and so
+    are the attention products (not timed per head yet)."""
+    return {path: layer for path, layer in costed_layers(graph).items() if layer.kind not in ("fixed", "attention")}
 
 
 def layer_spec(graph: NetworkGraph, layer: Layer) -> dict[str, Any]:
@@ -137,7 +138,7 @@ class LatencyTable:
 
     def layer_ms(self, layer: Layer, width_in: Number, width_out: Number) -> Number:
         """A layer's entry at kept widths (`grid_value` of its calibrated grid); 0 for a fixed layer."""
-        if layer.kind == "fixed":
+        if layer.kind in ("fixed", "attention"):
             return 0.0
         return grid_value(self.layers[layer.path], "ms", layer, width_in, width_out)
 
@@ -274,7 +275,9 @@ def graphs_to_time(graph: NetworkGraph, round_to: int, settings: LatencySettings
         for path, layer in timed_layers(graph).items():
             spec, (input_shape, output_shape) = layer_spec(graph, layer), _shapes(graph, layer)
             widths_in, widths_out = layer_grid(graph, layer, round_to)
-            pixels_in, pixels_out = (int(np.prod(shape[1:])) for shape in (input_shape, output_shape))
+            channels_last = layer.kind == "linear"  # a linear reads the last axis: (tokens, C) on a transformer
+            pixels_in, pixels_out = (int(np.prod(shape[:-1] if channels_last else shape[1:]))
+                                     for shape in (input_shape, output_shape))
             depthwise = layer.kind in ("depthwise", "grouped")  # its output is as wide as its input
             layers[path] = {"spec": spec, "in_widths": widths_in, "out_widths": widths_out,
                             "elements": [[settings.batch * (w_in * pixels_in + (w_in if depthwise else w_out) *
@@ -283,8 +286,8 @@ def graphs_to_time(graph: NetworkGraph, round_to: int, settings: LatencySettings
                 for w_out in widths_out:
                     point = _point_key(spec, w_in, w_out)
                     if point not in graphs:
-                        graphs[point] = layer_bytes(_layer_module(spec, w_in, w_out), (w_in, *input_shape[1:]),
-                                                    settings.batch)
+                        shape = (*input_shape[:-1], w_in) if channels_last else (w_in, *input_shape[1:])
+                        graphs[point] = layer_bytes(_layer_module(spec, w_in, w_out), shape, settings.batch)
         graphs["dense"] = network_bytes(graph.module, tuple(graph.input_shape), settings.batch)
         for index, mask in enumerate(masks):
             graphs[f"calibration{index}"] = network_bytes(cut(graph, mask, graph.module),
@@ -306,8 +309,8 @@ def measure_table(graph: NetworkGraph, round_to: int, settings: LatencySettings)
                                  for w_out in entry["out_widths"]] for w_in in entry["in_widths"]]
 
     def total(values: str, mask: Mask | None) -> float:
-        def cost(layer: Layer, w_in: Number, w_out: Number) -> Number:
-            return grid_value(layers[layer.path], values, layer, w_in, w_out)
+        def cost(layer: Layer, w_in: Number, w_out: Number) -> Number:  # untimed layers are in other_ms
+            return grid_value(layers[layer.path], values, layer, w_in, w_out) if layer.path in layers else 0.0
         return float(layer_sum(graph, *(mask_widths(mask) if mask else ({}, {})), cost))
 
     deltas = [(medians[f"calibration{i}"] - dense, total("measured_ms", m) - total("measured_ms", None),

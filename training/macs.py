@@ -25,10 +25,13 @@ def layer_macs(layer, in_width=None, out_width=None):
     """MACs of one example through a layer at these widths (default: its full widths); numbers or tensors.
     The one MAC formula: the trace's block costs, the gates' MACs cost (`training.gating.kept_macs`), and
     through them the API, export's report and bench. A conv or linear costs unit * in * out; a grouped or
-    depthwise conv unit * width * channels per group; a layer no cut shrinks its fixed count."""
+    depthwise conv unit * width * channels per group; the attention products (q kᵀ and scores times v,
+    `F.scaled_dot_product_attention`) unit * kept head channels; a layer no cut shrinks its fixed count."""
     if layer.kind == "fixed":
         return layer.unit_macs
     in_width = sum(s.width for s in layer.in_layout) if in_width is None else in_width
+    if layer.kind == "attention":  # unit: tokens x tokens (x 2 for both products of one attention call)
+        return layer.unit_macs * in_width
     out_width = sum(s.width for s in layer.out_layout) if out_width is None else out_width
     if layer.kind in ("depthwise", "grouped"):
         return layer.unit_macs * in_width * layer.group_width

@@ -67,7 +67,8 @@ def pruning_report(graph: NetworkGraph, mask: Mask, target: float | None = None,
             continue  # the network input's channels
         after = 0 if name in gone else len(mask.kept_channels[name]) if name in mask.kept_channels else group.width
         groups[name] = {"width": group.width, "kept": after, "pinned": list(group.pinned),
-                        **({"unit": group.unit} if group.unit > 1 else {})}
+                        **({"unit": group.unit} if group.unit > 1 else {}),
+                        **({"heads": [group.width // group.head_dim, after // group.head_dim]} if group.head_dim else {})}
     layers = {}
     for path, layer in costed_layers(graph).items():
         closed = any(b in mask.closed_blocks for b in layer.blocks)
@@ -127,7 +128,10 @@ def report_markdown(report: dict[str, Any]) -> str:
                      f"reopened: {', '.join(made['blocks_reopened_by_projection']) or 'none'}.")
     lines += ["", "## Channel groups", "", "| group | width | kept | pinned because |", "|---|---:|---:|---|"]
     for name, group in report["groups"].items():
-        lines.append(f"| {name} | {group['width']} | {group['kept']} | {'; '.join(group['pinned'])} |")
+        heads = group.get("heads")
+        width, kept = (f"{group['width']} ({heads[0]} heads)", f"{group['kept']} ({heads[1]} heads)") if heads \
+            else (group["width"], group["kept"])
+        lines.append(f"| {name} | {width} | {kept} | {'; '.join(group['pinned'])} |")
     if report["blocks"]:
         lines += ["", "## Residual blocks", "", "| block | |", "|---|---|"]
         lines += [f"| {name} | {state} |" for name, state in report["blocks"].items()]
