@@ -8,7 +8,7 @@ from torch import nn
 from polarprune.export import ExportError
 from polarprune.export.surgery import MaskMismatchError, SurgeryError, check_equivalence, load_pruned, prune, save_pruned
 from export_fixtures import single_torch_thread, trained_model  # noqa: F401 (autouse fixture)
-from polarprune.training.cuts import cut_batchnorm, cut_conv_in, cut_conv_out, cut_depthwise, cut_linear_in, cut_linear_out
+from polarprune.training.cuts import cut_conv_in, cut_conv_out, cut_depthwise, cut_linear_in, cut_linear_out, cut_norm
 from polarprune.training.flops import count_macs
 from polarprune.training.gates import Gate
 from polarprune.training.graph import trace_network
@@ -145,7 +145,7 @@ def test_cuts_match_sliced_layers(kept):
     bn = nn.BatchNorm2d(6).eval()
     bn.running_mean.uniform_(-1, 1)
     bn.running_var.uniform_(0.5, 2)
-    assert torch.allclose(cut_batchnorm(bn, index)(x[:, index]), bn(x)[:, index], atol=1e-6)
+    assert torch.allclose(cut_norm(bn, index)(x[:, index]), bn(x)[:, index], atol=1e-6)
     linear, features = nn.Linear(6, 6), torch.randn(4, 6)
     masked = torch.zeros_like(features)
     masked[:, index] = features[:, index]

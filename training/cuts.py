@@ -34,10 +34,6 @@ def cut_conv_in(conv: nn.Conv2d, kept: torch.Tensor) -> nn.Conv2d:
     return _conv_with(conv, conv.weight.data[:, kept], None if conv.bias is None else conv.bias.data)
 
 
-def cut_batchnorm(bn: nn.BatchNorm2d, kept: torch.Tensor) -> nn.BatchNorm2d:
-    return cut_norm(bn, kept)
-
-
 def cut_linear_in(linear: nn.Linear, kept: torch.Tensor) -> nn.Linear:
     cut = nn.Linear(len(kept), linear.out_features, linear.bias is not None, **_like(linear.weight))
     cut.weight.data.copy_(linear.weight.data[:, kept])

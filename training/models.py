@@ -110,7 +110,6 @@ class SpecNet(nn.Module):
             width = spec["layers"][-1]["out"]
         for name, module in units:
             _register(self, name, module)
-        self.unit_names = [name for name, _ in units]
         self._units = units  # plain list: forward order; the modules are registered above
         self.fc = nn.Linear(width, spec["num_classes"])
         self._init_weights()
