@@ -90,7 +90,7 @@ $(VENV)/.installed-bench: requirements-bench.txt | venv
 
 compare: venv data $(VENV)/.installed-bench
 	OMP_WAIT_POLICY=PASSIVE $(PY) -m bench.compare $(if $(TARGETS),--targets $(TARGETS)) \
-	  $(if $(SEEDS),--seeds $(SEEDS)) $(COMPARE_ARGS)
+	  $(if $(SEEDS),--seeds $(SEEDS)) $(if $(JOBS),--jobs $(JOBS)) $(COMPARE_ARGS)
 
 # README numbers: copy the run's figures (with the command, commit, date and machine that made them) into
 # docs/results/, then regenerate the README's result tables from them. tests/test_readme_results.py checks.

@@ -1,37 +1,42 @@
-"""Trade-off curves on one budget: dense, polarized (ours), Torch-Pruning, activation density and FlipOut.
+"""Trade-off curves on one budget: dense, polarized (ours), three Torch-Pruning recipes, activation density, FlipOut.
 
-    python -m bench.compare [--quick] [--targets 0.3,0.5,0.7] [--seeds 0] [--config configs/fmnist_resnet20.yaml]
-                            [--set key=value ...] [--methods dense,polarized,...] [--runs runs/compare]
+    python -m bench.compare [--quick] [--targets 0.3,0.5,0.7] [--seeds 0] [--model resnet20_proj]
+                            [--config configs/fmnist_resnet20.yaml] [--set key=value ...]
+                            [--methods dense,polarized,...] [--jobs 1] [--runs runs/compare]
                             [--out reports/compare] [--threads 2] [--rounds N] [--reuse]
-    make compare [TARGETS=0.3,0.5,0.7] [SEEDS=0,1,2] [COMPARE_ARGS="--quick"]
+    make compare [TARGETS=0.3,0.5,0.7] [SEEDS=0,1,2] [JOBS=2] [COMPARE_ARGS="--quick"]
 
-Every run trains with `training.loop.train` on the same config (only `method`, `seed`, the kept-FLOPs
-target and the run name differ) into <runs>/seed<S>/<name>/ and is exported by the export library
-(`export.api.run`; Triton models go to <runs>/seed<S>/model_repository, that seed's dense run serving
-as every run's dense model). Per seed: dense once (the reference); polarized and Torch-Pruning at every
-target (<method>_t<target>); activation density and FlipOut once, with their own knobs (they have no
-kept-FLOPs target). Torch-Pruning, the library users would pick instead, trains in
-bench/torch_pruning_peer.py and prunes to the kept MACs the polarized run reached at the same target and
-seed. All exported ONNX models of one seed are timed with onnxruntime CPU in one call, interleaved
-(`bench.timing`), at batch 1 and 64. Out: <out>/compare.json, compare.md and compare.png (bench/compare_report.py).
+Every run trains with `training.loop.train` on the same config (only `method` and its recipe, `seed`, the
+kept-FLOPs target and the run name differ) into <runs>/seed<S>/<name>/ and is exported by the export
+library (`export.api.run`; Triton models go to <runs>/seed<S>/model_repository, that seed's dense run
+serving as every run's dense model). The network is ResNet-20 with 1x1-conv projection shortcuts
+(`resnet20_proj`, `--model`): both polarized and Torch-Pruning can shrink its residual streams, and only
+polarized can close whole blocks. Per seed: dense once (the reference); polarized and the Torch-Pruning
+recipes at every target (<method>_t<target>); activation density and FlipOut once, with their own knobs
+(they have no kept-FLOPs target). Each Torch-Pruning recipe (`training.methods.torch_pruning`) prunes to
+the kept MACs the polarized run reached at the same target and seed. All exported ONNX models of one seed
+are timed with onnxruntime CPU in one call, interleaved (`bench.timing`), at batch 1 and 64, after every
+run has trained. Out: <out>/compare.json, compare.md and compare.png (bench/compare_report.py).
 
-Time of the default (3 targets, 1 seed) on 2 quiet cores: 9 trainings of ~2-2.6 min, 6 exports of ~20 s
-and ~1.5 min of timing (4 s per model and batch size), about 21-27 min. Each further seed adds as much.
-Training times come from runs made one after another in this process: on a shared machine they drift
-with its load, so read them as rough; the latencies of one seed are interleaved and comparable.
+`--jobs 2` trains two seeds at once, one torch thread each (the `threads` key of every run is set to
+cores / jobs, and recorded): on 2 cores that is faster than one seed at a time with 2 threads. Training
+times drift with the machine's load, so read them as rough; the latencies of one seed are interleaved
+and comparable.
 """
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import json
+import multiprocessing
+import os
 import shutil
 import sys
 import time
 from pathlib import Path
 
 from polarprune.bench import compare_report as report_io
-from polarprune.bench import torch_pruning_peer as peer
 from polarprune.bench.timing import cpu_name, time_onnx
 from polarprune.common.cli import EXIT_OK, PolarpruneError, cli_parser, fail
 from polarprune.common.results import provenance
@@ -40,12 +45,17 @@ from polarprune.export.api import run as run_export
 from polarprune.training.checkpoint import CheckpointError, load_checkpoint
 from polarprune.training.config import TrainConfig, changed_keys, load_config, make_config
 from polarprune.training.loop import train
+from polarprune.training.methods.torch_pruning import torch_pruning
 
-METHODS = ("dense", "polarized", peer.NAME, "activation_density", "flipout")  # row order
-LABELS = {"dense": "dense", "polarized": "polarized (ours)", peer.NAME: peer.LABEL,
+# The Torch-Pruning rows: compare's name -> the recipe (`tp_recipe`) of the torch_pruning method
+TORCH_PRUNING_ARMS = {"tp_taylor": "taylor_iterative", "tp_group_sl": "group_sl", "tp_l1": "l1_oneshot"}
+METHODS = ("dense", "polarized", *TORCH_PRUNING_ARMS, "activation_density", "flipout")  # row order
+LABELS = {"dense": "dense", "polarized": "polarized (ours)", "tp_taylor": "Torch-Pruning iterative Taylor",
+          "tp_group_sl": "Torch-Pruning group-SL", "tp_l1": "Torch-Pruning one-shot L1",
           "activation_density": "activation density", "flipout": "FlipOut"}
-PER_TARGET = ("polarized", peer.NAME)  # trained at every kept-FLOPs target; the others once per seed
+PER_TARGET = ("polarized", *TORCH_PRUNING_ARMS)  # trained at every kept-FLOPs target; the others once per seed
 DEFAULT_TARGETS = (0.3, 0.5, 0.7)
+DEFAULT_MODEL = "resnet20_proj"  # the search space polarized and Torch-Pruning share
 BATCHES = (1, 64)
 # Per batch size, every model of a seed interleaved; the time budget grows with the number of models so
 # that each gets about as many batch-64 rounds however many are compared.
@@ -87,6 +97,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="the shared budget (its method, seed and target are replaced per run)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key for every run")
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help=f"the network of every run (default {DEFAULT_MODEL}: projection shortcuts, which "
+                             "Torch-Pruning can prune through; resnet20 is the option-A default run's)")
+    parser.add_argument("--jobs", type=int, default=1, choices=(1, 2, 3, 4),
+                        help="seeds trained at once, each with cores / jobs torch threads (default 1)")
     parser.add_argument("--quick", action="store_true", help="tiny budget and few timing rounds (smoke runs)")
     parser.add_argument("--methods", type=method_list, default=METHODS, metavar="A,B,...",
                         help=f"which rows (dense is always trained: it is the reference); default all of "
@@ -145,62 +160,52 @@ def planned_runs(methods: tuple[str, ...], targets: tuple[float, ...], seed: int
 
 
 def base_config(args: argparse.Namespace) -> dict:
-    base = load_config(args.config, args.overrides).to_dict()
+    base = {**load_config(args.config, args.overrides).to_dict(), "model": args.model}
+    if args.jobs > 1:  # the seeds training side by side share the cores
+        base["threads"] = max(1, (os.cpu_count() or 1) // args.jobs)
     return {**base, **QUICK_CONFIG} if args.quick else base
 
 
-def run_config(base: dict, run: Run, runs: Path) -> TrainConfig:
-    """The run's training config. The peer's is the dense one under its own name (it starts dense)."""
-    values = {**base, "method": "dense" if run.method == peer.NAME else run.method, "seed": run.seed,
-              "name": run.name, "out_dir": str(seed_folder(runs, run.seed))}
+def run_config(base: dict, run: Run, runs: Path, prune_to: float | None = None) -> TrainConfig:
+    """The run's training config. A Torch-Pruning arm is the torch_pruning method with its recipe, pruning
+    to `prune_to` kept MACs (the polarized run's, else its target)."""
+    values = {**base, "method": run.method, "seed": run.seed, "name": run.name, "out_dir": str(seed_folder(runs, run.seed))}
+    if run.method in TORCH_PRUNING_ARMS:
+        values.update(method="torch_pruning", tp_recipe=TORCH_PRUNING_ARMS[run.method])
     if run.target is not None:
-        values["target_flops_ratio"] = run.target
+        values["target_flops_ratio"] = run.target if prune_to is None else prune_to
     return make_config(values)
 
 
-def same_training(recorded: dict | None, cfg: TrainConfig) -> bool:
-    """`recorded` (a run's config) trains what `cfg` would: they differ in no key but where the run is written
+def finished_with(run_dir: Path, cfg: TrainConfig) -> bool:
+    """A complete, exported run trained with this config (a run folder copied from `make train` counts):
+    its checkpoint's config differs from `cfg` in no key but where the run is written
     (`training.config.changed_keys`, the resume check's test)."""
+    if not (run_dir / "metrics.json").is_file() or not (run_dir / "export_report.json").is_file():
+        return False
+    try:
+        recorded = load_checkpoint(run_dir / "checkpoint.pt").get("config")
+    except CheckpointError:
+        return False
     return recorded is not None and not changed_keys(recorded, cfg)
 
 
-def finished_with(run_dir: Path, cfg: TrainConfig, prune_to: float | None = None) -> bool:
-    """A complete, exported run trained with this config (a run folder copied from `make train` counts);
-    the peer's must also have pruned to `prune_to`."""
-    if not (run_dir / "metrics.json").is_file():
-        return False
-    if prune_to is not None:  # the peer records its config and its pruning in metrics.json
-        metrics = json.loads((run_dir / "metrics.json").read_text())
-        return (same_training(metrics.get("config"), cfg)
-                and (metrics.get("pruning") or {}).get("target_flops_ratio") == prune_to)
-    if not (run_dir / "export_report.json").is_file():
-        return False
-    try:
-        return same_training(load_checkpoint(run_dir / "checkpoint.pt").get("config"), cfg)
-    except CheckpointError:
-        return False
-
-
-def train_and_export(run: Run, cfg: TrainConfig, args: argparse.Namespace, prune_to: float | None = None) -> dict:
-    """metrics.json of the run (trained and exported here unless --reuse found it done). `prune_to`: the
-    kept MACs the peer prunes to."""
+def train_and_export(run: Run, cfg: TrainConfig, args: argparse.Namespace) -> dict:
+    """metrics.json of the run (trained and exported here unless --reuse found it done)."""
     run_dir = run.folder(args.runs)
-    if args.reuse and finished_with(run_dir, cfg, prune_to):
+    if args.reuse and finished_with(run_dir, cfg):
         print(f"== seed {run.seed}, {run.name}: reused", flush=True)
         return json.loads((run_dir / "metrics.json").read_text())
     shutil.rmtree(run_dir, ignore_errors=True)  # this folder belongs to the comparison
-    if run.method == peer.NAME:
-        print(f"== seed {run.seed}, {run.name}: dense half, prune to kept MACs {prune_to:.4f}, fine-tune, export",
-              flush=True)
-        peer.train_peer(cfg, prune_to)
-    else:
-        print(f"== seed {run.seed}, {run.name}: training", flush=True)
-        train(cfg)
-        print(f"== seed {run.seed}, {run.name}: export", flush=True)
-        # The seed's other runs serve its trained dense run as their dense model (export's --dense-run).
-        dense_run = None if run.method == "dense" else Run("dense", None, run.seed).folder(args.runs)
-        run_export(ExportOptions(run=run_dir, repository=seed_folder(args.runs, run.seed) / "model_repository",
-                                 samples=args.samples, dense_run=dense_run))
+    print(f"== seed {run.seed}, {run.name}: training"
+          + (f" (prunes to kept MACs {cfg.target_flops_ratio:.4f})" if run.method in TORCH_PRUNING_ARMS else ""),
+          flush=True)
+    train(cfg)
+    print(f"== seed {run.seed}, {run.name}: export", flush=True)
+    # The seed's other runs serve its trained dense run as their dense model (export's --dense-run).
+    dense_run = None if run.method == "dense" else Run("dense", None, run.seed).folder(args.runs)
+    run_export(ExportOptions(run=run_dir, repository=seed_folder(args.runs, run.seed) / "model_repository",
+                             samples=args.samples, dense_run=dense_run))
     return json.loads((run_dir / "metrics.json").read_text())
 
 
@@ -218,22 +223,38 @@ def time_models(paths: dict[str, Path], threads: int, settings: dict) -> tuple[d
     return {name: {str(batch): summaries[batch][name] for batch in BATCHES} for name in paths}, session
 
 
-def compare_seed(seed: int, base: dict, args: argparse.Namespace, settings: dict) -> tuple[list[dict], dict]:
-    """Train and export every run of one seed, time them together; (its rows, the session settings)."""
+def train_seed(seed: int, base: dict, args: argparse.Namespace) -> dict[Run, dict]:
+    """Train and export every run of one seed: metrics.json by run."""
     metrics: dict[Run, dict] = {}
     for run in planned_runs(args.methods, args.targets, seed):
-        prune_to = None
-        if run.method == peer.NAME:  # the kept MACs polarized reached (the target itself without that row)
-            matched = metrics.get(Run("polarized", run.target, seed))
-            prune_to = matched["flops_ratio"] if matched else run.target
-        metrics[run] = train_and_export(run, run_config(base, run, args.runs), args, prune_to)
+        matched = metrics.get(Run("polarized", run.target, seed)) if run.method in TORCH_PRUNING_ARMS else None
+        cfg = run_config(base, run, args.runs, matched["flops_ratio"] if matched else None)
+        metrics[run] = train_and_export(run, cfg, args)
+    return metrics
+
+
+def train_seeds(base: dict, args: argparse.Namespace) -> dict[int, dict[Run, dict]]:
+    """Every seed's runs; `--jobs` seeds at a time, each in its own process."""
+    if args.jobs == 1 or len(args.seeds) == 1:
+        return {seed: train_seed(seed, base, args) for seed in args.seeds}
+    spawn = multiprocessing.get_context("spawn")  # no forked torch thread pools
+    with concurrent.futures.ProcessPoolExecutor(min(args.jobs, len(args.seeds)), mp_context=spawn) as pool:
+        futures = {seed: pool.submit(train_seed, seed, base, args) for seed in args.seeds}
+        return {seed: future.result() for seed, future in futures.items()}
+
+
+def seed_rows(seed: int, metrics: dict[Run, dict], args: argparse.Namespace, settings: dict) -> tuple[list[dict], dict]:
+    """Time every exported model of one seed together; (its rows, the session settings)."""
     print(f"== seed {seed}: timing {len(metrics)} exported models, interleaved", flush=True)
     latency, session = time_models({run.name: run.folder(args.runs) / "pruned.onnx" for run in metrics},
                                    args.threads, settings)
     dense = Run("dense", None, seed)
-    rows = [report_io.row_for(run.identity(args.runs), metrics[run], latency[run.name], latency[dense.name],
-                              metrics[dense]["test_accuracy"])
-            for run in metrics]
+    rows = []
+    for run in metrics:
+        matched = metrics.get(Run("polarized", run.target, seed)) if run.method in TORCH_PRUNING_ARMS else None
+        rows.append(report_io.row_for(run.identity(args.runs), metrics[run], latency[run.name], latency[dense.name],
+                                      metrics[dense]["test_accuracy"],
+                                      matched["flops_ratio"] if matched else None))
     return rows, session
 
 
@@ -242,18 +263,20 @@ BUDGET_KEYS = ("dataset", "model", "epochs", "batch_size", "train_subset", "test
 
 
 def run(args: argparse.Namespace) -> dict:
-    if peer.NAME in args.methods:
-        peer.require_torch_pruning()  # before hours of training, not after
+    if any(method in TORCH_PRUNING_ARMS for method in args.methods):
+        torch_pruning()  # installed? before hours of training, not after
     base = base_config(args)
     settings = timing_settings(args)
     started = time.perf_counter()
+    trained = train_seeds(base, args)
     rows, session = [], {}
-    for seed in args.seeds:
-        seed_rows, session = compare_seed(seed, base, args, settings)
-        rows += seed_rows
+    for seed in args.seeds:  # timing after all training: no run trains beside the timed models
+        rows_of_seed, session = seed_rows(seed, trained[seed], args, settings)
+        rows += rows_of_seed
     report = {
         "quick": args.quick,
-        "budget": {**{key: base[key] for key in BUDGET_KEYS}, "targets": list(args.targets), "seeds": list(args.seeds)},
+        "budget": {**{key: base[key] for key in BUDGET_KEYS}, "targets": list(args.targets), "seeds": list(args.seeds),
+                   "jobs": args.jobs, "threads": base.get("threads")},
         "cpu": cpu_name(),
         "timing": {**settings, "threads": args.threads, "batches": list(BATCHES), "onnxruntime_session": session},
         "rows": rows, "summary": report_io.seed_summary(rows),

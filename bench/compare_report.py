@@ -12,12 +12,15 @@ from pathlib import Path
 from polarprune.common.atomicio import write_bytes, write_json, write_text
 
 BATCH_KEYS = ("1", "64")  # the timed batch sizes, as JSON keys
+EQUAL_MACS = 0.02  # a Torch-Pruning row is at equal MACs within this of the polarized run it matches
 
 
-def row_for(identity: dict, metrics: dict, latency: dict, dense_latency: dict, dense_accuracy: float) -> dict:
+def row_for(identity: dict, metrics: dict, latency: dict, dense_latency: dict, dense_accuracy: float,
+            matched_flops_ratio: float | None = None) -> dict:
     """One run of the comparison. `identity`: method, label, target, seed and run folder. Keys a method
     does not report take the dense-shaped meaning: every weight is a parameter, training runs the full
-    network."""
+    network. `matched_flops_ratio`: the kept MACs of the polarized run a Torch-Pruning row prunes to; the
+    row is at equal MACs when within EQUAL_MACS of it."""
     kept_params = metrics.get("nonzero_params", metrics["pruned_params"])
     return {
         **identity, "test_accuracy": metrics["test_accuracy"],
@@ -31,7 +34,10 @@ def row_for(identity: dict, metrics: dict, latency: dict, dense_latency: dict, d
         "latency_ms": {batch: stats["median_ms"] for batch, stats in latency.items()},
         "latency": latency,
         "speedup": {batch: dense_latency[batch]["median_ms"] / stats["median_ms"] for batch, stats in latency.items()},
-        "pruning": metrics.get("pruning"),
+        "torch_pruning": metrics.get("torch_pruning"),
+        "matched_flops_ratio": matched_flops_ratio,
+        "equal_macs": None if matched_flops_ratio is None
+        else abs(metrics["flops_ratio"] - matched_flops_ratio) <= EQUAL_MACS,
         "val_accuracy": metrics.get("val_accuracy"),
         # polarized: the ratio the gates learned before any move into the band, and the share of dense MACs moved
         "learned_flops_ratio": (metrics.get("projection") or {}).get("learned_flops_ratio"),
@@ -46,7 +52,8 @@ def spread(values: list[float]) -> dict:
 
 def seed_summary(rows: list[dict]) -> list[dict]:
     """Per method and target (in the rows' order), over its seeds: spread of accuracy, of the gap to the
-    same seed's dense run (points), of kept FLOPs and params, training time, latency and speed-up."""
+    same seed's dense run (points), of kept FLOPs and params, training time, latency and speed-up; for a
+    Torch-Pruning row also whether every seed sat at equal MACs and how polarized fared against it."""
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault((row["method"], row["target"]), []).append(row)
@@ -54,12 +61,36 @@ def seed_summary(rows: list[dict]) -> list[dict]:
     def over(group: list[dict], key: str) -> dict:
         return spread([row[key] for row in group])
 
-    return [{"method": method, "label": group[0]["label"], "target": target, "seeds": [r["seed"] for r in group],
-             **{key: over(group, key) for key in ("test_accuracy", "gap_points", "flops_ratio", "params_ratio",
-                                                  "train_seconds")},
-             "latency_ms": {b: spread([r["latency_ms"][b] for r in group]) for b in BATCH_KEYS},
-             "speedup": {b: spread([r["speedup"][b] for r in group]) for b in BATCH_KEYS}}
-            for (method, target), group in groups.items()]
+    summary = [{"method": method, "label": group[0]["label"], "target": target, "seeds": [r["seed"] for r in group],
+                **{key: over(group, key) for key in ("test_accuracy", "gap_points", "flops_ratio", "params_ratio",
+                                                     "train_seconds")},
+                "latency_ms": {b: spread([r["latency_ms"][b] for r in group]) for b in BATCH_KEYS},
+                "speedup": {b: spread([r["speedup"][b] for r in group]) for b in BATCH_KEYS}}
+               for (method, target), group in groups.items()]
+    for entry in summary:
+        group = groups[(entry["method"], entry["target"])]
+        if all(row["equal_macs"] is not None for row in group):
+            entry["equal_macs"] = all(row["equal_macs"] for row in group)
+            entry["polarized_vs"] = versus(groups.get(("polarized", entry["target"]), []), group)
+    return summary
+
+
+def versus(ours: list[dict], theirs: list[dict]) -> dict | None:
+    """Polarized against a peer at one target, seed by seed: the accuracy difference (points, ours minus
+    theirs) and the verdict. A win or a loss only when the mean difference exceeds the spread: the sample
+    standard deviation of the per-seed differences and of each side's accuracy; else a tie."""
+    theirs_by_seed = {row["seed"]: row for row in theirs}
+    pairs = [(row, theirs_by_seed[row["seed"]]) for row in ours if row["seed"] in theirs_by_seed]
+    if not pairs:
+        return None
+    differences = [100 * (a["test_accuracy"] - b["test_accuracy"]) for a, b in pairs]
+    diff = spread(differences)
+    widest = max([diff["std"] or 0.0,
+                  *(100 * (spread([r["test_accuracy"] for r in side])["std"] or 0.0)
+                    for side in ([a for a, _ in pairs], [b for _, b in pairs]))])
+    verdict = "tie" if len(pairs) < 2 or abs(diff["mean"]) <= widest else ("win" if diff["mean"] > 0 else "loss")
+    return {"seeds": [a["seed"] for a, _ in pairs], "difference_points": diff, "spread_points": widest,
+            "verdict": verdict}
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -82,19 +113,27 @@ def plus_minus(stat: dict, digits: int) -> str:
 
 def summary_table(summary: list[dict]) -> list[str]:
     """Per method and target: accuracy and gap to dense as mean ± standard deviation over seeds (no ± for
-    one seed), the rest as means."""
+    one seed), the rest as means; for a Torch-Pruning row, polarized's lead over it and the verdict."""
     lines = ["| method | target | seeds | test acc | gap to dense (points) | kept FLOPs | kept params | train s "
-             "| batch 1 ms (speed-up) | batch 64 ms (speed-up) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| batch 1 ms (speed-up) | batch 64 ms (speed-up) | polarized minus this (points) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for entry in summary:
         lat, gain = entry["latency_ms"], entry["speedup"]
         lines.append(f"| {entry['label']} | {target_text(entry['target'])} | {len(entry['seeds'])} "
                      f"| {plus_minus(entry['test_accuracy'], 4)} | {plus_minus(entry['gap_points'], 2)} "
-                     f"| {entry['flops_ratio']['mean']:.3f} | {entry['params_ratio']['mean']:.2f} "
-                     f"| {entry['train_seconds']['mean']:.0f} "
+                     f"| {entry['flops_ratio']['mean']:.3f}{'' if entry.get('equal_macs', True) else ' (not equal)'} "
+                     f"| {entry['params_ratio']['mean']:.2f} | {entry['train_seconds']['mean']:.0f} "
                      f"| {lat['1']['mean']:.3f} ({gain['1']['mean']:.2f}x) "
-                     f"| {lat['64']['mean']:.2f} ({gain['64']['mean']:.2f}x) |")
+                     f"| {lat['64']['mean']:.2f} ({gain['64']['mean']:.2f}x) | {versus_text(entry)} |")
     return lines
+
+
+def versus_text(entry: dict) -> str:
+    against = entry.get("polarized_vs")
+    if against is None:
+        return "-"
+    verdict = against["verdict"] if entry["equal_macs"] else "not at equal MACs"
+    return f"{plus_minus(against['difference_points'], 2)}: {verdict}"
 
 
 def runs_table(rows: list[dict]) -> list[str]:
@@ -130,36 +169,43 @@ def run_name(row: dict) -> str:
 def notes(report: dict) -> list[str]:
     rows, epochs = report["rows"], report["budget"]["epochs"]
     lines = [
-        "- target: the kept-FLOPs target of polarized and Torch-Pruning runs. Activation density and FlipOut are "
+        "- target: the kept-FLOPs target of polarized and the Torch-Pruning rows. Activation density and FlipOut are "
         "baselines with their own knobs (activation density sizes layers by their measured activation density, "
         f"FlipOut zeroes {report['budget']['final_sparsity']:.0%} of the weights): they run once per seed, not "
         "per target (-).",
-        "- Torch-Pruning prunes to the kept MACs the polarized run reached at the same target and seed: dense for "
-        "half the epochs, one global L1 prune (channel counts multiples of 16), then fine-tuning with the "
-        "learning-rate schedule continuing. Where round_to 16 cannot get that low it stops at the closest it "
-        "can: read its kept FLOPs column, not its target.",
+        "- Torch-Pruning rows (training/methods/torch_pruning.py; recipes after its CIFAR benchmark): iterative "
+        "Taylor (first-order Taylor group importance, 4 cuts spread over the first half), group-SL (GroupNormPruner, "
+        "its group regulariser 5e-4 until one cut at the midpoint) and one-shot L1 (one cut at the midpoint); each "
+        "fine-tunes for the rest. Each prunes to the kept MACs the polarized run reached at the same target and "
+        f"seed; a row within {EQUAL_MACS:g} of it is at equal MACs, the others are marked not equal (widths "
+        "are multiples of 16 and it cannot close blocks, so it cannot go as low). Its network is cut and exported "
+        "by the same code as polarized's, so no export artefact costs one side only.",
+        "- polarized minus this: polarized's test accuracy minus the row's, per seed, mean ± sd in points; a win "
+        "or a loss only when the mean exceeds the spread (the sd of the differences and of either side's "
+        "accuracy), else a tie.",
         "- gap to dense: the same seed's dense accuracy minus the row's, in points (negative: above dense).",
         "- kept FLOPs: conv + linear MACs of the exported network / dense. kept params: parameters of the exported "
         "network; for FlipOut the non-zero ones (its network keeps the dense shape, so its FLOPs stay 1).",
         "- train FLOPs: forward MACs x examples x 3 summed over training, relative to dense. Only activation density "
-        "trains a smaller network as it goes (and Torch-Pruning after its prune); the others train a dense-shaped "
+        "trains a smaller network as it goes (and Torch-Pruning after its cuts); the others train a dense-shaped "
         "one (gates and masks multiply zeros).",
         "- train J: energy of the training steps (metrics.json `train_energy`: RAPL/NVML where readable, "
         "else an estimate from CPU time; its assumptions are in compare.json).",
-        "- train s: the loop's training time. The runs ran one after another in one process, so machine load "
-        "moves them. Latencies of one seed were timed in one call, interleaved, and are comparable; "
+        "- train s: the loop's training time. Runs of one seed ran one after another (with --jobs, seeds side by "
+        "side), so machine load moves them. Latencies of one seed were timed in one call, interleaved, and are comparable; "
         "different seeds were timed in different calls.",
     ]
     for row in rows:
         if row["train_seconds_ratio_vs_dense_pace"] is not None:
             lines.append(f"- {run_name(row)}: its training took {row['train_seconds_ratio_vs_dense_pace']:.2f}x the "
                          "time its own dense epochs (before the first resize) would have taken, measured in one run.")
-    for row in (r for r in rows if r.get("pruning")):
-        step = row["pruning"]
-        lines.append(f"- {run_name(row)}: dense for {step['epoch']} of {epochs} epochs, global ratio "
-                     f"{step['pruning_ratio']:.2f}, kept MACs {step['flops_ratio']:.3f} against "
-                     f"{step['target_flops_ratio']:.3f} (finding the ratio took {step['seconds']:.0f} s of its "
-                     "train s).")
+    for row in (r for r in rows if r.get("torch_pruning")):
+        cuts = row["torch_pruning"]["cuts"]
+        at = ", ".join(f"{cut['progress']:.2f}" for cut in cuts)
+        matched = row["matched_flops_ratio"] if row["matched_flops_ratio"] is not None else cuts[-1]["target_flops_ratio"]
+        lines.append(f"- {run_name(row)}: {len(cuts)} cut(s) at {at} of the steps, last global ratio "
+                     f"{cuts[-1]['pruning_ratio']:.2f}, kept MACs {row['flops_ratio']:.3f} against {matched:.3f}"
+                     f"{' (not at equal MACs)' if row['equal_macs'] is False else ''}.")
     for row in (r for r in rows if r["weight_sparsity"] is not None):
         lines.append(f"- {run_name(row)}: {row['weight_sparsity']:.1%} of conv/linear weights are zero, in dense "
                      "kernels: onnxruntime does every MAC, so no speed-up is expected or claimed.")

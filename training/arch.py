@@ -20,12 +20,17 @@ from .errors import TrainingError
 Spec = dict[str, Any]
 
 CIFAR_RESNET_DEPTHS = {"resnet20": 3, "resnet32": 5, "resnet56": 9, "resnet110": 18}
+# He et al.'s option B: the same CIFAR ResNets with 1x1-conv projections where the shape changes, so
+# every residual stream has weights that can shrink (the search space `make compare` shares with
+# Torch-Pruning, which cannot cut through option A's zero padding)
+PROJECTION_SUFFIX = "_proj"
 VGG_PLANS = {
     "vgg16": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"],
     "vgg19": [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M",
               512, 512, 512, 512, "M"],
 }
-MODEL_NAMES = (*CIFAR_RESNET_DEPTHS, "resnet18", *VGG_PLANS)
+MODEL_NAMES = (*CIFAR_RESNET_DEPTHS, *(name + PROJECTION_SUFFIX for name in CIFAR_RESNET_DEPTHS), "resnet18",
+               *VGG_PLANS)
 
 
 class SpecError(TrainingError, ValueError):
@@ -59,9 +64,11 @@ def _resnet_spec(stage_widths, blocks_per_stage, downsample_shortcut, in_channel
 
 def make_spec(model: str, in_channels: int, num_classes: int, input_size: tuple[int, int]) -> Spec:
     """Dense spec for a named model; input channels and classes follow the dataset."""
-    if model in CIFAR_RESNET_DEPTHS:  # He et al. 2016, CIFAR variant: 16/32/64 widths, option-A shortcuts
-        depth = CIFAR_RESNET_DEPTHS[model]
-        return _resnet_spec([16, 32, 64], [depth] * 3, "pad", in_channels, num_classes, input_size)
+    cifar_name = model.removesuffix(PROJECTION_SUFFIX)
+    if cifar_name in CIFAR_RESNET_DEPTHS:  # He et al. 2016, CIFAR variant: 16/32/64 widths, option A or B
+        shortcut = "conv" if model.endswith(PROJECTION_SUFFIX) else "pad"
+        depth = CIFAR_RESNET_DEPTHS[cifar_name]
+        return _resnet_spec([16, 32, 64], [depth] * 3, shortcut, in_channels, num_classes, input_size)
     if model == "resnet18":  # 3x3 stem without max-pool, as usual for 32-64 px inputs; projection shortcuts
         return _resnet_spec([64, 128, 256, 512], [2, 2, 2, 2], "conv", in_channels, num_classes, input_size)
     if model in VGG_PLANS:

@@ -21,12 +21,13 @@ from .methods import REGISTRY
 from .methods.activation_density import ActivationDensitySettings
 from .methods.flipout import FlipOutSettings
 from .methods.polarized import PolarizedSettings
+from .methods.torch_pruning import TorchPruningSettings
 
 DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass
-class TrainConfig(PolarizedSettings, ActivationDensitySettings, FlipOutSettings):
+class TrainConfig(PolarizedSettings, ActivationDensitySettings, FlipOutSettings, TorchPruningSettings):
     """Every key of a training run: the ones below, and each method's own (its `*Settings` dataclass, in
     training/methods/<method>.py, with the method's `config_problems` validating them)."""
     # what to train
@@ -53,7 +54,8 @@ class TrainConfig(PolarizedSettings, ActivationDensitySettings, FlipOutSettings)
     distill_temperature: float = 4.0
     round_to: int = 16                   # pruned widths are multiples of this (onnxruntime's fast conv path)
     # The pruning methods' own keys come from their settings classes (below the class name): polarized
-    # (target_flops_ratio, flops_weight, the gate schedule, ...), activation_density, flipout.
+    # (target_flops_ratio, flops_weight, the gate schedule, ...), activation_density, flipout, torch_pruning
+    # (tp_*; its kept-MACs target is target_flops_ratio too).
     # --- dataset image_folder only (training/data/readers/image_folder.py says what each does) ---------
     image_size: int = FolderOptions.image_size           # side of the square network input
     resize: int | None = FolderOptions.resize            # shorter side scaled to this first (None: image_size)

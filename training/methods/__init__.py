@@ -9,6 +9,7 @@ from .base import Method, RunContext
 from .dense import DenseMethod
 from .flipout import FlipOutMethod
 from .polarized import PolarizedMethod
+from .torch_pruning import TorchPruningMethod
 
 if TYPE_CHECKING:
     from ..config import TrainConfig
@@ -18,6 +19,7 @@ REGISTRY: dict[str, type[Method]] = {
     "polarized": PolarizedMethod,
     "activation_density": ActivationDensityMethod,
     "flipout": FlipOutMethod,
+    "torch_pruning": TorchPruningMethod,  # the peer: needs the benchmark-only Torch-Pruning package
 }
 
 

@@ -5,10 +5,7 @@ batches of an epoch. Every `density_every` epochs (until `density_stop` of the r
 cut to about density x its current width, rounded to `round_to` and never below one group, keeping the
 channels that fire most often; training goes on with the physically smaller network, so later epochs
 cost less. Units are the prunable channel groups of the network's trace (`training.graph`), and a resize
-is the same cut export makes (`training.cutting.cut`, on a trace of the current network). The kept
-channels are tracked as indices into the dense widths, so the result is an ordinary mask.json; at the end
-the small network is put back into the dense shape with frozen gates (`gating.embed`), which is what
-export cuts.
+is the same cut export makes, and the run ends with an ordinary mask (`shrinking.ShrinkingMethod`).
 """
 from __future__ import annotations
 
@@ -19,10 +16,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..gating import GatedNetwork, cut, embed, full_mask, mask_macs
-from ..graph import example_for, trace_network
+from ..gating import full_mask, mask_macs
 from ..mask import Mask
-from .base import Method, RunContext, failed
+from .base import RunContext, failed
+from .shrinking import ShrinkingMethod
 
 
 @dataclass
@@ -88,7 +85,7 @@ def most_active(channel_density: torch.Tensor, count: int) -> list[int]:
     return sorted(order[:count].tolist())
 
 
-class ActivationDensityMethod(Method):
+class ActivationDensityMethod(ShrinkingMethod):
     settings = ActivationDensitySettings
 
     @classmethod
@@ -102,9 +99,6 @@ class ActivationDensityMethod(Method):
 
     def __init__(self, cfg, graph):
         super().__init__(cfg, graph)
-        self.dense_widths = {name: group.width for name, group in graph.prunable().items()}
-        self.kept = {unit: list(range(width)) for unit, width in self.dense_widths.items()}  # dense indices
-        self.finished = False        # the model is the dense-shaped gated network of `finish`
         self.resizes: list[dict[str, Any]] = []
         self.train_macs = 0          # forward MACs x examples x 3 (forward + backward), as trained
         self.dense_train_macs = 0    # the same examples through the dense network
@@ -113,11 +107,6 @@ class ActivationDensityMethod(Method):
         self.macs = self.dense_macs = mask_macs(graph, full_mask(graph))
         self._hooks: list[Any] = []
         self._epoch_started, self._world_size = 0.0, 1
-
-    def restore_model(self) -> nn.Module:
-        if self.finished:
-            return GatedNetwork(self.graph, self.cfg.gate_init)
-        return cut(self.graph, Mask(self.kept), self.graph.module)
 
     def resize_epochs(self, total_epochs: int) -> list[int]:
         every, stop = self.cfg.density_every, self.cfg.density_stop * total_epochs
@@ -174,12 +163,7 @@ class ActivationDensityMethod(Method):
             record["density"][unit], record["width"][unit] = density, keep
         record["changed"] = any(len(local[u]) < len(self.kept[u]) for u in local)
         self.resizes.append(record)
-        if not record["changed"]:
-            return model
-        for unit, channels in local.items():  # compose: indices into the current width -> dense indices
-            self.kept[unit] = [self.kept[unit][i] for i in channels]
-        current = trace_network(model, example_for(model, self.graph.input_shape))
-        return cut(current, Mask(local), current.module).train(model.training)
+        return self.shrink(model, local)
 
     def extra_loss(self, model: nn.Module, progress: float):
         return None, {"kept_flops": self.macs / self.dense_macs}
@@ -190,14 +174,7 @@ class ActivationDensityMethod(Method):
 
     def finish(self, model: nn.Module, ctx: RunContext) -> nn.Module:
         self._detach()
-        if self.finished:
-            return model
-        self.finished = True
-        device = next(model.parameters()).device
-        return embed(self.graph, model, Mask(self.kept), self.cfg.gate_init).to(device).train(model.training)
-
-    def final_mask(self, model: nn.Module) -> Mask:
-        return Mask({unit: list(channels) for unit, channels in self.kept.items()}, [])
+        return super().finish(model, ctx)
 
     # --- reporting and resume -----------------------------------------------------------------------
     def summary(self) -> dict[str, Any]:
@@ -217,13 +194,12 @@ class ActivationDensityMethod(Method):
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        return {"kept": self.kept, "finished": self.finished, "resizes": self.resizes, "train_macs": self.train_macs,
+        return {**super().state_dict(), "resizes": self.resizes, "train_macs": self.train_macs,
                 "dense_train_macs": self.dense_train_macs, "epoch_seconds": self.epoch_seconds,
                 "meter": {"positive": self.meter.positive, "seen": self.meter.seen}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.kept = {unit: list(channels) for unit, channels in state.get("kept", self.kept).items()}
-        self.finished = bool(state.get("finished", False))
+        super().load_state_dict(state)
         self.resizes = list(state.get("resizes", []))
         self.train_macs = state.get("train_macs", 0)
         self.dense_train_macs = state.get("dense_train_macs", 0)
