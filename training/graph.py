@@ -41,7 +41,7 @@ import operator
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field, replace
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -417,6 +417,9 @@ class _Analysis:
         # get_attr: a constant tensor; the op reading it decides (`join` pins what it touches)
 
     def visit_module(self, node: fx.Node) -> None:
+        """A module call: on attention heads `visit_heads`; a layer the user registered (`rule_for`) on
+        channels at axis 1 `visit_registered`; otherwise the MODULE_HANDLERS entry of its class or nearest
+        base class, `visit_unsupported_module` when there is none."""
         path, module = node.target, self.modules[node.target]
         self.calls[path] += 1
         sources = self.tensors(node)
@@ -424,58 +427,16 @@ class _Analysis:
             return self.unsupported(node)
         if any(s in self.heads for s in sources):
             return self.visit_heads(node, sources, module)
-        source = sources[0]
-        in_layout, in_shape = self.layout[source], _shape(source)
         rule = rule_for(module)
-        if rule is not None and self.axis_of(source) == 1:
-            self.visit_registered(node, path, module, rule, in_layout)
-        elif isinstance(module, nn.Conv2d) and self.axis_of(source) == 1:
-            self.visit_conv(node, path, module, in_layout)
-        elif isinstance(module, nn.Linear) and in_shape and self.axis_of(source) == len(in_shape) - 1:
-            unit = math.prod(in_shape[1:-1])  # positions per example: a linear over (N, ..., C) is a 1x1 conv
-            self.add_layer(node, Layer(path, "linear", in_layout, self.fresh(node, axis=len(in_shape) - 1), unit))
-        elif isinstance(module, NORM_MODULES) and self.axis_of(source) == 1:
-            self.keep(node, source)
-            self.add_layer(node, Layer(path, "norm", in_layout, in_layout))
-        elif isinstance(module, nn.Flatten):
-            self.visit_flatten(node, source, module.start_dim, module.end_dim)
-        elif isinstance(module, ZERO_KEEPING_MODULES + IDENTITY_IN_EVAL_MODULES):
-            self.keep(node, source)
-        elif isinstance(module, ZERO_REVIVING_MODULES):
-            self.keep(node, source)
-            self.revives.add(node)
-        else:
-            why = (f"{type(module).__name__} {path} normalises across channels: cutting some changes what it "
-                   "computes for the rest") if isinstance(module, CROSS_CHANNEL_NORMS) \
-                else f"module {path} ({type(module).__name__}) is not a layer the cuts understand"
-            if isinstance(module, nn.Linear):
-                why = f"linear {path} reads axis -1 of a tensor whose channel axis is {self.axis_of(source)}"
-            if isinstance(module, nn.MultiheadAttention):
-                why = (f"nn.MultiheadAttention {path} is not called as batch-first self-attention without masks "
-                       "(the only form whose heads are cut, `training.attention`)")
-            self.unsupported(node, why)
-            self.count_fixed(node, path, module)
+        if rule is not None and self.axis_of(sources[0]) == 1:
+            return self.visit_registered(node, sources, rule)
+        handler = next((MODULE_HANDLERS[cls] for cls in type(module).__mro__ if cls in MODULE_HANDLERS),
+                       _Analysis.visit_unsupported_module)
+        handler(self, node, sources)
 
-    def visit_conv(self, node: fx.Node, path: str, conv: nn.Conv2d, in_layout: Layout) -> None:
-        out_shape = _shape(node)
-        unit = conv.kernel_size[0] * conv.kernel_size[1] * out_shape[2] * out_shape[3]
-        group_width = conv.in_channels // conv.groups
-        if conv.groups == 1:
-            self.add_layer(node, Layer(path, "conv", in_layout, self.fresh(node), unit))
-        elif conv.in_channels == conv.out_channels:  # each output channel reads its own group: one space
-            self.layout[node] = in_layout
-            kind = "depthwise" if group_width == 1 else "grouped"
-            self.add_layer(node, Layer(path, kind, in_layout, in_layout, unit, group_width=group_width))
-            offsets = [sum(s.width for s in in_layout[:i]) for i in range(len(in_layout) + 1)]
-            if any(offset % group_width for offset in offsets):
-                self.pin(in_layout, f"grouped convolution {path} has groups that straddle concatenated inputs")
-        else:
-            self.unsupported(node, f"grouped convolution {path} (groups={conv.groups}) maps {conv.in_channels} "
-                                   f"channels to {conv.out_channels}: no cut keeps its groups whole")
-            self.count_fixed(node, path, conv)
-
-    def visit_registered(self, node: fx.Node, path: str, module: nn.Module, rule, in_layout: Layout) -> None:
+    def visit_registered(self, node: fx.Node, sources: list[fx.Node], rule) -> None:
         """A layer a user registered (`training.custom_layers`): mixing like a conv, or per channel like a norm."""
+        path, module, in_layout = node.target, self.modules[node.target], self.layout[sources[0]]
         if rule.maps == "per_channel":
             self.keep(node, node.all_input_nodes[0])
             self.add_layer(node, Layer(path, "norm", in_layout, in_layout))
@@ -538,7 +499,66 @@ class _Analysis:
             return
         handler(self, node, sources)
 
-    # -- handlers: FUNCTION_HANDLERS maps ops to these ----------------------------------------------
+    # -- module handlers: MODULE_HANDLERS maps module classes to these ------------------------------
+    def visit_conv(self, node: fx.Node, sources: list[fx.Node]) -> None:
+        """nn.Conv2d on channels at axis 1: a plain conv starts a space; a depthwise or grouped one as wide
+        as its input keeps it; a grouped one that changes the width is pinned."""
+        path, conv, source = node.target, self.modules[node.target], sources[0]
+        if self.axis_of(source) != 1:
+            return self.visit_unsupported_module(node, sources)
+        in_layout, out_shape = self.layout[source], _shape(node)
+        unit = conv.kernel_size[0] * conv.kernel_size[1] * out_shape[2] * out_shape[3]
+        group_width = conv.in_channels // conv.groups
+        if conv.groups == 1:
+            self.add_layer(node, Layer(path, "conv", in_layout, self.fresh(node), unit))
+        elif conv.in_channels == conv.out_channels:  # each output channel reads its own group: one space
+            self.layout[node] = in_layout
+            kind = "depthwise" if group_width == 1 else "grouped"
+            self.add_layer(node, Layer(path, kind, in_layout, in_layout, unit, group_width=group_width))
+            offsets = [sum(s.width for s in in_layout[:i]) for i in range(len(in_layout) + 1)]
+            if any(offset % group_width for offset in offsets):
+                self.pin(in_layout, f"grouped convolution {path} has groups that straddle concatenated inputs")
+        else:
+            self.unsupported(node, f"grouped convolution {path} (groups={conv.groups}) maps {conv.in_channels} "
+                                   f"channels to {conv.out_channels}: no cut keeps its groups whole")
+            self.count_fixed(node, path, conv)
+
+    def visit_linear(self, node: fx.Node, sources: list[fx.Node]) -> None:
+        """nn.Linear reading the channel axis as its last: a 1x1 conv over every position of an example."""
+        source = sources[0]
+        in_shape = _shape(source)
+        if not in_shape or self.axis_of(source) != len(in_shape) - 1:
+            return self.visit_unsupported_module(node, sources)
+        unit = math.prod(in_shape[1:-1])  # positions per example
+        out_layout = self.fresh(node, axis=len(in_shape) - 1)
+        self.add_layer(node, Layer(node.target, "linear", self.layout[source], out_layout, unit))
+
+    def visit_norm(self, node: fx.Node, sources: list[fx.Node]) -> None:
+        """BatchNorm on channels at axis 1: a member of its input's group."""
+        source = sources[0]
+        if self.axis_of(source) != 1:
+            return self.visit_unsupported_module(node, sources)
+        self.keep(node, source)
+        self.add_layer(node, Layer(node.target, "norm", self.layout[source], self.layout[source]))
+
+    def visit_unsupported_module(self, node: fx.Node, sources: list[fx.Node]) -> None:
+        """A module no handler takes, or one whose handler's condition fails: its channels are pinned with
+        the most specific reason there is, and its MACs counted at its full widths."""
+        path, module = node.target, self.modules[node.target]
+        if isinstance(module, nn.MultiheadAttention):
+            why = (f"nn.MultiheadAttention {path} is not called as batch-first self-attention without masks "
+                   "(the only form whose heads are cut, `training.attention`)")
+        elif isinstance(module, nn.Linear):
+            why = f"linear {path} reads axis -1 of a tensor whose channel axis is {self.axis_of(sources[0])}"
+        elif isinstance(module, CROSS_CHANNEL_NORMS):
+            why = (f"{type(module).__name__} {path} normalises across channels: cutting some changes what it "
+                   "computes for the rest")
+        else:
+            why = f"module {path} ({type(module).__name__}) is not a layer the cuts understand"
+        self.unsupported(node, why)
+        self.count_fixed(node, path, module)
+
+    # -- handlers: FUNCTION_HANDLERS maps ops to these; the channel-wise ones serve MODULE_HANDLERS too --
     def visit_zero_keeping(self, node: fx.Node, sources: list[fx.Node]) -> None:
         self.keep(node, sources[0])
 
@@ -577,11 +597,15 @@ class _Analysis:
         if next(iter(axes)) != 1:
             self.axis[node] = next(iter(axes))
 
-    def visit_flatten_call(self, node: fx.Node, sources: list[fx.Node]) -> None:
-        start = _arg(node, 1, "start_dim", 0)
-        self.visit_flatten(node, sources[0], start, _arg(node, 2, "end_dim", -1))
-
-    def visit_flatten(self, node: fx.Node, source: fx.Node, start: int, end: int = -1) -> None:
+    def visit_flatten(self, node: fx.Node, sources: list[fx.Node]) -> None:
+        """torch.flatten, x.flatten, nn.Flatten: the channel axis moves when axes before it merge; merging it
+        with other axes keeps the channel order only when those are all of size 1."""
+        if node.op == "call_module":
+            module = self.modules[node.target]
+            start, end = module.start_dim, module.end_dim
+        else:
+            start, end = _arg(node, 1, "start_dim", 0), _arg(node, 2, "end_dim", -1)
+        source = sources[0]
         shape = _shape(source) or ()
         rank, axis = len(shape), self.axis_of(source)
         start, end = start % max(rank, 1), end % max(rank, 1)
@@ -944,7 +968,7 @@ def _arg(node: fx.Node, position: int, name: str, default):
     return node.args[position] if len(node.args) > position else node.kwargs.get(name, default)
 
 
-def _table(*entries: tuple[set, Callable]) -> dict:
+def _table(*entries: tuple[Iterable, Callable]) -> dict:
     return {target: handler for targets, handler in entries for target in targets}
 
 
@@ -953,7 +977,7 @@ FUNCTION_HANDLERS = _table(
     (ZERO_KEEPING_FUNCTIONS | ZERO_KEEPING_METHODS | IDENTITY_IN_EVAL_FUNCTIONS, A.visit_zero_keeping),
     (ZERO_REVIVING_FUNCTIONS | ZERO_REVIVING_METHODS, A.visit_zero_reviving),
     (ADDS | SUBS, A.visit_add), (MULS | DIVS, A.visit_product),
-    ({torch.cat, torch.concat}, A.visit_cat), ({torch.flatten, "flatten"}, A.visit_flatten_call),
+    ({torch.cat, torch.concat}, A.visit_cat), ({torch.flatten, "flatten"}, A.visit_flatten),
     ({torch.mean, "mean"}, A.visit_mean), ({operator.getitem}, A.visit_getitem), ({F.pad}, A.visit_pad),
     (PERMUTES, A.visit_permute), (SPLITS | {torch.narrow, "narrow"}, A.visit_split),
     (FACTORIES, A.visit_factory), (RESHAPES, A.visit_reshape), ({F.layer_norm, F.group_norm, F.instance_norm, F.local_response_norm}, A.visit_normalising), (MATMULS | {torch.addmm, torch.baddbmm, F.linear, F.conv1d, F.conv2d,
@@ -961,6 +985,13 @@ FUNCTION_HANDLERS = _table(
 )
 """Op -> how the trace reads it (call_function targets and call_method names); an op not here is pinned."""
 HEAVY_FUNCTIONS = {torch.einsum, F.bilinear, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d}
+MODULE_HANDLERS = _table(
+    ({nn.Conv2d}, A.visit_conv), ({nn.Linear}, A.visit_linear), (NORM_MODULES, A.visit_norm),
+    ({nn.Flatten}, A.visit_flatten), (ZERO_KEEPING_MODULES + IDENTITY_IN_EVAL_MODULES, A.visit_zero_keeping),
+    (ZERO_REVIVING_MODULES, A.visit_zero_reviving),
+)
+"""Module class -> how the trace reads it; a module takes the entry of its class or nearest base class
+(`visit_module`), one with none is pinned (`visit_unsupported_module`)."""
 del A
 
 
