@@ -81,9 +81,10 @@ bench: venv
 	$(PY) -m bench.speedup --run $(RUN_DIR) --out $(REPORTS)/speedup.json $(BENCH_ARGS)
 	$(PY) -m bench.train_overhead --config $(CONFIG) --out $(REPORTS)/train_overhead.json $(BENCH_ARGS)
 
-# dense, polarized, Torch-Pruning, activation density and FlipOut on one budget, polarized and Torch-Pruning at
-# every kept-FLOPs target (TARGETS=0.3,0.5,0.7 by default), per seed (SEEDS=0 by default; SEEDS=0,1,2 for a
-# spread, about 25 min per seed on 2 cores): reports/compare/compare.{json,md,png}
+# dense, polarized, three Torch-Pruning recipes, activation density and FlipOut on one budget (ResNet-20 with
+# projection shortcuts), polarized and Torch-Pruning at every kept-FLOPs target (TARGETS=0.3,0.5,0.7 by
+# default), per seed (SEEDS=0 by default; SEEDS=0,1,2 JOBS=3 for a spread, seeds side by side; docs/compare.md
+# gives the time): reports/compare/compare.{json,md,png}
 $(VENV)/.installed-bench: requirements-bench.txt | venv
 	$(PY) -m pip install -q -r requirements-bench.txt
 	touch $@
@@ -99,7 +100,7 @@ results: venv
 	$(PY) -m scripts.render_readme
 
 # PASSIVE: OpenMP threads that spin while waiting made torch 10x slower whenever anything else ran.
-test: venv data
+test: venv data $(VENV)/.installed-bench
 	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q tests
 
 clean:

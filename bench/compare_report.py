@@ -128,6 +128,23 @@ def summary_table(summary: list[dict]) -> list[str]:
     return lines
 
 
+def verdicts(summary: list[dict]) -> list[str]:
+    """In words, per Torch-Pruning row: where polarized wins, ties or loses beyond the seed spread, and
+    where the two were not at equal MACs."""
+    lines = []
+    for entry in summary:
+        against = entry.get("polarized_vs")
+        if against is None:
+            continue
+        lead = f"{against['difference_points']['mean']:+.2f} points (spread {against['spread_points']:.2f})"
+        if not entry["equal_macs"]:
+            text = f"no verdict: not at equal MACs (kept {entry['flops_ratio']['mean']:.3f}); polarized {lead}"
+        else:
+            text = {"win": "polarized wins", "loss": "polarized loses", "tie": "a tie"}[against["verdict"]] + f", {lead}"
+        lines.append(f"- against {entry['label']} at target {target_text(entry['target'])}: {text}.")
+    return lines
+
+
 def versus_text(entry: dict) -> str:
     against = entry.get("polarized_vs")
     if against is None:
@@ -228,7 +245,7 @@ def markdown(report: dict) -> str:
     if len(seeds) > 1:
         lines += [f"## Over {len(seeds)} seeds", "",
                   "Mean ± sample standard deviation over the seeds for accuracy and gap; means for the rest.", "",
-                  *summary_table(report["summary"]), "", "## Every run", ""]
+                  *summary_table(report["summary"]), "", *verdicts(report["summary"]), "", "## Every run", ""]
     lines += [*runs_table(report["rows"]), "", *notes(report)]
     return "\n".join(lines) + "\n"
 

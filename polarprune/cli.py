@@ -19,8 +19,7 @@ COMMANDS = {
     "compare": ("polarprune.bench.compare", "every method on one budget (python -m bench.compare)"),
 }
 # `polarprune bench NAME`: the benchmark modules that have a command line
-BENCHMARKS = ("speedup", "train_overhead", "serving_overhead", "latency_target", "shapes", "seeds",
-              "torch_pruning_peer", "check_timing")
+BENCHMARKS = ("speedup", "train_overhead", "serving_overhead", "latency_target", "shapes", "seeds", "check_timing")
 
 
 def parser() -> argparse.ArgumentParser:

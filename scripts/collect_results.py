@@ -7,9 +7,7 @@ Sources, each stamped by the command that wrote it (common.results): runs/<run>/
 runs/<run>_dense/metrics.json -> default_run.json; the same of the transformer run (--vit-run), its
 pruning.json and reports/<vit-run>/speedup.json (python -m bench.speedup) -> vit_run.json;
 runs/<run>/export_report.json -> export.json;
-reports/<run>/serving.json -> serving.json; runs/compare/torch_pruning/metrics.json (the standalone
-Torch-Pruning peer, python -m bench.torch_pruning_peer) -> torch_pruning.json; reports/compare/compare.json
-(make compare: its summary over seeds, rendered, and its rows) -> compare.json; reports/<run>/soak.json
+reports/<run>/serving.json -> serving.json; reports/compare/compare.json (make compare: its summary over seeds, rendered, and its rows) -> compare.json; reports/<run>/soak.json
 (python -m serving soak), reports/<run>/faults.json (python -m serving faults) and
 reports/corrupt_inputs.json (python -m tests.corrupt_inputs) -> reliability.json.
 The training and export sources are required; the others are collected when present. A file without a
@@ -105,16 +103,6 @@ def serving_result(reports: Path, run: str) -> tuple[dict, dict]:
     return data, {str(path): stamp}
 
 
-def peer_result(runs: Path) -> tuple[dict, dict]:
-    """The Torch-Pruning peer alone (python -m bench.torch_pruning_peer), same budget as the default run."""
-    path = runs / "compare" / "torch_pruning" / "metrics.json"
-    metrics, stamp = read_source(path)
-    data = pick(metrics, ("method", "epochs", "test_accuracy", "dense_flops", "pruned_flops", "flops_ratio",
-                          "pruned_params", "params_ratio", "train_seconds", "train_flops_ratio", "pruning",
-                          "torch_pruning", "widths"), path)
-    return data, {str(path): stamp}
-
-
 def compare_result(reports: Path) -> tuple[dict, dict]:
     path = reports / "compare" / "compare.json"
     report, stamp = read_source(path)
@@ -170,7 +158,6 @@ def collect(run: str, runs: Path, reports: Path, out: Path = RESULTS_DIR, only: 
             ("vit_run", lambda: transformer_result(runs, reports, vit_run), False),
             ("export", lambda: export_result(runs, run), True),
             ("serving", lambda: serving_result(reports, run), False),
-            ("torch_pruning", lambda: peer_result(runs), False),
             ("compare", lambda: compare_result(reports), False),
             ("reliability", lambda: reliability_result(reports, run), False)]
     unknown = set(only or ()) - {name for name, _, _ in jobs}
@@ -204,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="result files go here")
     parser.add_argument("--only", action="append", metavar="NAME",
                         help="collect only this result (repeatable): default_run, vit_run, export, serving, "
-                             "torch_pruning, compare, reliability")
+                             "compare, reliability")
     args = parser.parse_args(argv)
     try:
         written = collect(args.run, args.runs, args.reports, args.out, args.only, args.vit_run)

@@ -17,7 +17,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from polarprune.bench.compare_report import summary_table
+from polarprune.bench.compare_report import EQUAL_MACS, summary_table, verdicts
 from polarprune.common.atomicio import write_text
 from polarprune.common.results import REPO_ROOT
 
@@ -32,7 +32,6 @@ PRODUCERS = {  # what to run when a file is missing
                "reports/fmnist_vit/speedup.json`, then `python -m scripts.collect_results --only vit_run`",
     "export": "`make export`, then `make results`",
     "serving": "`make serve`, then `make results`",
-    "torch-pruning": "`python -m bench.torch_pruning_peer`, then `make results`",
     "compare": "`make compare`, then `make results`",
     "seeds": "the seed runs, then `python -m bench.seeds`",
     "latency-target": "`python -m bench.latency_target`",
@@ -139,20 +138,6 @@ def serving_table(document: dict) -> list[str]:
     return lines
 
 
-def torch_pruning_table(document: dict) -> list[str]:
-    step = document["pruning"]
-    return ["| method | epochs | test accuracy | kept MACs | kept params | training s | training MACs |",
-            "|---|---:|---:|---:|---:|---:|---:|",
-            f"| Torch-Pruning (`requirements-bench.txt`), L1 global, round_to 16 | {document['epochs']} "
-            f"| {document['test_accuracy']:.4f} | {document['flops_ratio']:.3f} ({document['pruned_flops'] / 1e6:.2f}M) "
-            f"| {document['params_ratio']:.3f} ({document['pruned_params'] / 1e3:.1f}k) "
-            f"| {document['train_seconds']:.0f} | {document['train_flops_ratio']:.3f} |",
-            "", f"Dense for {step['epoch']} of {document['epochs']} epochs, then one prune (global ratio "
-            f"{step['pruning_ratio']:.2f}) to kept MACs {step['flops_ratio']:.3f} against a target of "
-            f"{step['target_flops_ratio']:.3f}, then fine-tuned; conv widths after pruning: "
-            + ", ".join(str(width) for width in document["widths"].values()) + "."]
-
-
 def compare_table(document: dict) -> list[str]:
     """make compare's summary per method and target (bench/compare_report.py's table, from its JSON)."""
     budget, seeds = document["budget"], document["budget"]["seeds"]
@@ -163,9 +148,11 @@ def compare_table(document: dict) -> list[str]:
             f"seed{'s' if len(seeds) > 1 else ''} {', '.join(str(s) for s in seeds)}. onnxruntime CPU, "
             f"{document['timing']['threads']} threads, the exported networks of one seed timed interleaved in one "
             f"process ({document['cpu']}); speed-up against the same seed's dense run.", "",
-            *summary_table(document["summary"]), "",
-            f"{spread} Activation density and FlipOut run once per seed with their own knobs (target -); "
-            "Torch-Pruning prunes to the kept MACs the polarized run reached at its target and seed."]
+            *summary_table(document["summary"]), "", *verdicts(document["summary"]), "",
+            f"{spread} Each Torch-Pruning row prunes to the kept MACs the polarized run reached at its target and "
+            f"seed, and is marked not equal where it stays more than {EQUAL_MACS:g} away; polarized minus this: a win or a loss "
+            "only beyond the seed spread. Activation density and FlipOut run once per seed with their own knobs "
+            "(target -)."]
 
 
 def recorded_runs(rows: list[dict]) -> str:
@@ -311,7 +298,7 @@ def reliability_summary(document: dict) -> list[str]:
 
 
 TABLES = {"default-run": default_run_table, "vit-run": vit_run_table, "export": export_table, "serving": serving_table,
-          "torch-pruning": torch_pruning_table, "compare": compare_table, "seeds": seeds_table,
+          "compare": compare_table, "seeds": seeds_table,
           "latency-target": latency_target_table, "reliability": reliability_table,
           "reliability-summary": reliability_summary}
 

@@ -294,7 +294,7 @@ def test_flipout_trains_to_its_sparsity_and_exports_a_dense_shape(tmp_path):
                     reason="about a minute (five trainings and exports): set POLARPRUNE_SLOW_TESTS=1")
 def test_compare_quick_writes_its_report(tmp_path):
     from polarprune.bench.compare import main
-    # The Torch-Pruning row has its own test (tests/test_torch_pruning_peer.py): it needs a bench-only package.
+    # The Torch-Pruning rows have their own tests (tests/test_torch_pruning_method.py).
     runs = tmp_path / "runs"
     assert main(["--quick", "--runs", str(runs), "--out", str(tmp_path / "out"), "--samples", "32",
                  "--set", "device=cpu", "--methods", "dense,polarized,activation_density,flipout",

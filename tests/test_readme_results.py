@@ -107,23 +107,6 @@ def test_collect_then_render_a_run(tmp_path):
     assert "| 1,000 / 500 (500) |" in render_readme.render_block("export", out)
 
 
-def test_collect_then_render_the_torch_pruning_peer(tmp_path):
-    runs, out = tmp_path / "runs", tmp_path / "results"
-    peer = {"method": "torch_pruning", "epochs": 4, "test_accuracy": 0.85, "dense_flops": 1000, "pruned_flops": 480,
-            "flops_ratio": 0.48, "pruned_params": 50, "params_ratio": 0.5, "train_seconds": 9.0,
-            "train_flops_ratio": 0.74, "torch_pruning": "1.6.1", "widths": {"stem.conv": 16, "layer1.0.conv1": 16},
-            "pruning": {"epoch": 2, "pruning_ratio": 0.42, "flops_ratio": 0.48, "target_flops_ratio": 0.5},
-            "provenance": STAMP}
-    (runs / "compare" / "torch_pruning").mkdir(parents=True)
-    (runs / "compare" / "torch_pruning" / "metrics.json").write_text(json.dumps(peer))
-    from scripts.collect_results import peer_result
-    data, sources = peer_result(runs)
-    write_result(out / "torch_pruning.json", data, sources)
-    table = render_readme.render_block("torch-pruning", out)
-    assert "| 0.8500 | 0.480 (0.00M) | 0.500 (0.1k) | 9 | 0.740 |" in table
-    assert "Dense for 2 of 4 epochs" in table and "widths after pruning: 16, 16" in table
-
-
 def compare_report(seeds: list[int]) -> dict:
     """compare.json as bench/compare.py writes it (its rows and summary from bench/compare_report.py)."""
     from polarprune.bench.compare_report import row_for, seed_summary
@@ -133,11 +116,13 @@ def compare_report(seeds: list[int]) -> dict:
 
     rows = []
     for seed in seeds:
-        for method, target, accuracy, ms in (("dense", None, 0.9, 1.0), ("polarized", 0.5, 0.88 - 0.02 * seed, 0.5)):
+        for method, target, accuracy, ms in (("dense", None, 0.9, 1.0), ("polarized", 0.5, 0.88 - 0.02 * seed, 0.5),
+                                             ("tp_l1", 0.5, 0.83 - 0.02 * seed, 0.5)):
             metrics = {"test_accuracy": accuracy, "flops_ratio": 1.0 if target is None else 0.49,
                        "pruned_flops": 100, "pruned_params": 80, "dense_params": 100, "train_seconds": 60.0}
             rows.append(row_for({"method": method, "label": method, "target": target, "seed": seed,
-                                 "run": f"runs/compare/seed{seed}/{method}"}, metrics, latency(ms), latency(1.0), 0.9))
+                                 "run": f"runs/compare/seed{seed}/{method}"}, metrics, latency(ms), latency(1.0), 0.9,
+                                0.49 if method == "tp_l1" else None))
     return {"quick": False, "cpu": "Test CPU", "wall_seconds": 600.0, "provenance": STAMP,
             "timing": {"threads": 2, "batches": [1, 64], "rounds": 300, "warmup": 5},
             "budget": {"dataset": "fashion_mnist", "model": "resnet20", "epochs": 4, "train_subset": 20000,
@@ -156,11 +141,14 @@ def test_collect_then_render_the_comparison(tmp_path, seeds):
     write_result(tmp_path / "compare.json", data, sources)
     table = render_readme.render_block("compare", tmp_path)
     if len(seeds) == 1:
-        assert "| polarized | 0.5 | 1 | 0.8800 | 2.00 | 0.490 | 0.80 | 60 | 0.500 (2.00x) | 32.00 (2.00x) |" in table
-        assert "One seed: no spread." in table and "±" not in table
+        assert "| polarized | 0.5 | 1 | 0.8800 | 2.00 | 0.490 | 0.80 | 60 | 0.500 (2.00x) | 32.00 (2.00x) | - |" in table
+        assert "One seed: no spread." in table and "0.8800 ±" not in table
+        assert "against tp_l1 at target 0.5: a tie, +5.00 points (spread 0.00)" in table  # one seed wins nothing
     else:  # 0.88, 0.86, 0.84: mean 0.86, standard deviation 0.02; gap 4 +- 2 points
         assert "| polarized | 0.5 | 3 | 0.8600 ± 0.0200 | 4.00 ± 2.00 | 0.490 |" in table
         assert "mean ± standard deviation over 3 seeds" in table
+        assert "| 5.00 ± 0.00: win |" in table  # 5 points ahead on every seed, each side's spread 2 points
+        assert "against tp_l1 at target 0.5: polarized wins, +5.00 points (spread 2.00)" in table
     assert "Source: [`docs/results/compare.json`]" in table
 
 

@@ -43,7 +43,8 @@ class ShrinkingMethod(Method):
     def shrink(self, model: nn.Module, local: dict[str, list[int]]) -> nn.Module:
         """Cut `model` (the current, already smaller network) to the channels `local` keeps, indices into
         its current widths; the same model if nothing changes."""
-        if all(len(local.get(unit, kept)) == len(kept) for unit, kept in self.kept.items()):
+        local = {unit: list(local.get(unit, range(len(kept)))) for unit, kept in self.kept.items()}
+        if all(len(local[unit]) == len(kept) for unit, kept in self.kept.items()):
             return model
         self.kept = self.composed(local)
         current = trace_network(model, example_for(model, self.graph.input_shape))
