@@ -33,6 +33,7 @@ import multiprocessing
 import os
 import shutil
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -238,9 +239,20 @@ def train_seeds(base: dict, args: argparse.Namespace) -> dict[int, dict[Run, dic
     if args.jobs == 1 or len(args.seeds) == 1:
         return {seed: train_seed(seed, base, args) for seed in args.seeds}
     spawn = multiprocessing.get_context("spawn")  # no forked torch thread pools
-    with concurrent.futures.ProcessPoolExecutor(min(args.jobs, len(args.seeds)), mp_context=spawn) as pool:
+    with concurrent.futures.ProcessPoolExecutor(min(args.jobs, len(args.seeds)), mp_context=spawn,
+                                                initializer=exit_with_parent, initargs=(os.getpid(),)) as pool:
         futures = {seed: pool.submit(train_seed, seed, base, args) for seed in args.seeds}
         return {seed: future.result() for seed, future in futures.items()}
+
+
+def exit_with_parent(parent: int) -> None:
+    """In a worker: end when the comparison that started it is gone (killed, not only interrupted), rather
+    than train on unwatched into the run folders a new comparison is using."""
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+    threading.Thread(target=watch, daemon=True).start()
 
 
 def seed_rows(seed: int, metrics: dict[Run, dict], args: argparse.Namespace, settings: dict) -> tuple[list[dict], dict]:

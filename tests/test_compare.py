@@ -174,3 +174,44 @@ def test_one_seed_is_never_a_win_and_rows_off_the_macs_say_so():
     assert entry["polarized_vs"]["verdict"] == "tie" and entry["equal_macs"] is False
     table = "\n".join(report_io.summary_table(summary))
     assert "0.600 (not equal)" in table and "12.50: not at equal MACs" in table
+
+
+PARENT = """
+import concurrent.futures, multiprocessing, os, sys, time
+from polarprune.bench.compare import exit_with_parent
+
+def pid_then_sleep():
+    return os.getpid()
+
+if __name__ == "__main__":
+    context = multiprocessing.get_context("spawn")
+    pool = concurrent.futures.ProcessPoolExecutor(1, mp_context=context, initializer=exit_with_parent,
+                                                  initargs=(os.getpid(),))
+    print(pool.submit(pid_then_sleep).result(), flush=True)
+    time.sleep(60)
+"""
+
+
+def test_a_seed_worker_ends_when_the_comparison_is_killed(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    script = tmp_path / "parent.py"
+    script.write_text(PARENT)
+    root = str(Path(compare.__file__).resolve().parents[1])  # the checkout: polarprune imports from there
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=env)
+    worker = int(parent.stdout.readline())
+    os.kill(parent.pid, signal.SIGKILL)  # no cleanup runs: the worker must notice by itself
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(worker, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    os.kill(worker, signal.SIGKILL)
+    pytest.fail("the worker outlived the killed comparison by 10 s")

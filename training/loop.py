@@ -147,7 +147,7 @@ class RunData:
 
 def seed_and_load(cfg: TrainConfig, device: torch.device, shard: tuple[int, int] = (0, 1)) -> RunData:
     """Seed python, numpy and torch with cfg.seed, then load the splits, in the order every run does: the
-    same config draws the same network and batches (bench/torch_pruning_peer.py starts from the dense run)."""
+    same config draws the same network and batches (every method of `make compare` starts from the same network)."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     random.seed(cfg.seed)
