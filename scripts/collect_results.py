@@ -27,7 +27,7 @@ RUN_KEYS = ("method", "epochs", "test_accuracy", "dense_flops", "pruned_flops", 
             "pruned_params", "params_ratio", "removed_blocks", "train_seconds")
 COMPARE_ROW_KEYS = ("method", "label", "target", "seed", "test_accuracy", "gap_points", "flops_ratio", "pruned_flops",
                     "kept_params", "params_ratio", "weight_sparsity", "train_seconds", "train_flops_ratio",
-                    "latency_ms", "speedup")
+                    "latency_ms", "speedup", "matched_flops_ratio", "equal_macs")
 
 
 def pick(document: dict, keys: tuple[str, ...], source: Path) -> dict:
