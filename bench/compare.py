@@ -224,12 +224,18 @@ def time_models(paths: dict[str, Path], threads: int, settings: dict) -> tuple[d
     return {name: {str(batch): summaries[batch][name] for batch in BATCHES} for name in paths}, session
 
 
+def matched_macs(metrics: dict[Run, dict], run: Run) -> float | None:
+    """The kept MACs a Torch-Pruning run prunes to: those the same seed's polarized run reached at its
+    target (None for other methods, or without that polarized run)."""
+    matched = metrics.get(Run("polarized", run.target, run.seed)) if run.method in TORCH_PRUNING_ARMS else None
+    return matched["flops_ratio"] if matched else None
+
+
 def train_seed(seed: int, base: dict, args: argparse.Namespace) -> dict[Run, dict]:
     """Train and export every run of one seed: metrics.json by run."""
     metrics: dict[Run, dict] = {}
     for run in planned_runs(args.methods, args.targets, seed):
-        matched = metrics.get(Run("polarized", run.target, seed)) if run.method in TORCH_PRUNING_ARMS else None
-        cfg = run_config(base, run, args.runs, matched["flops_ratio"] if matched else None)
+        cfg = run_config(base, run, args.runs, matched_macs(metrics, run))
         metrics[run] = train_and_export(run, cfg, args)
     return metrics
 
@@ -263,10 +269,9 @@ def seed_rows(seed: int, metrics: dict[Run, dict], args: argparse.Namespace, set
     dense = Run("dense", None, seed)
     rows = []
     for run in metrics:
-        matched = metrics.get(Run("polarized", run.target, seed)) if run.method in TORCH_PRUNING_ARMS else None
         rows.append(report_io.row_for(run.identity(args.runs), metrics[run], latency[run.name], latency[dense.name],
                                       metrics[dense]["test_accuracy"],
-                                      matched["flops_ratio"] if matched else None))
+                                      matched_macs(metrics, run)))
     return rows, session
 
 

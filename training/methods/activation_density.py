@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..gating import full_mask, mask_macs
+from ..gating import mask_macs
 from ..mask import Mask
 from .base import RunContext, failed
 from .shrinking import ShrinkingMethod
@@ -104,7 +104,7 @@ class ActivationDensityMethod(ShrinkingMethod):
         self.dense_train_macs = 0    # the same examples through the dense network
         self.epoch_seconds: dict[int, float] = {}  # epoch -> seconds of its training steps (and resize)
         self.meter = DensityMeter()
-        self.macs = self.dense_macs = mask_macs(graph, full_mask(graph))
+        self.macs = self.dense_macs
         self._hooks: list[Any] = []
         self._epoch_started, self._world_size = 0.0, 1
 

@@ -23,6 +23,7 @@ class ShrinkingMethod(Method):
         self.dense_widths = {name: group.width for name, group in graph.prunable().items()}
         self.kept = {unit: list(range(width)) for unit, width in self.dense_widths.items()}  # dense indices
         self.finished = False  # the model is the dense-shaped gated network of `finish`
+        self.dense_macs = mask_macs(graph, full_mask(graph))
 
     def restore_model(self) -> nn.Module:
         if self.finished:
@@ -38,7 +39,7 @@ class ShrinkingMethod(Method):
     def kept_macs_ratio(self, kept: dict[str, list[int]]) -> float:
         """Kept MACs of the network `kept` (dense indices) describes, as a share of the dense network's:
         the count every method's `flops_ratio` uses."""
-        return mask_macs(self.graph, Mask(kept)) / mask_macs(self.graph, full_mask(self.graph))
+        return mask_macs(self.graph, Mask(kept)) / self.dense_macs
 
     def shrink(self, model: nn.Module, local: dict[str, list[int]]) -> nn.Module:
         """Cut `model` (the current, already smaller network) to the channels `local` keeps, indices into
