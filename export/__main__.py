@@ -16,7 +16,7 @@ PROG = "python -m export"
 
 def parse_args(argv: list[str] | None) -> ExportOptions:
     arguments = cli_parser(PROG, __doc__.splitlines()[0])
-    arguments.add_argument("--run", required=True, type=Path, help="run folder (checkpoint.pt, mask.json), or a folder polarprune.save_for_export wrote")
+    arguments.add_argument("--run", required=True, type=Path, help="run folder (network.pt, mask.json), or a folder polarprune.save_for_export wrote")
     arguments.add_argument("--target", choices=TARGETS, default="cpu", help="Triton deployment target")
     arguments.add_argument("--dense-run", type=Path,
                            help="a run of method dense on the same data and model (e.g. runs/<name>_dense): "
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     options = parse_args(argv)
     try:
         report = run(options)
-    except PolarpruneError as error:  # export's own, and training's for a bad checkpoint, mask or dataset
+    except PolarpruneError as error:  # export's own, and training's for a bad network.pt, mask or dataset
         return fail(PROG, error)
     _print_summary(report)
     print(f"report: {options.run / REPORT_NAME}")

@@ -1,6 +1,8 @@
 """The export stage as a library: `run(ExportOptions(run=Path("runs/<name>")))` returns the report.
 
-Into the run folder: pruned_model.pt2, dense.onnx, pruned.onnx, test_samples.npz, export_report.json
+From the run folder it reads network.pt (the trained network, its data and normalisation:
+`training.network_file`) and mask.json (the mask, its only copy), nothing of training's config, methods
+or resume state. Into the run folder: pruned_model.pt2, dense.onnx, pruned.onnx, test_samples.npz, export_report.json
 (plus dense.plan/pruned.plan with engine=True on a GPU machine, *.ort-<level>.onnx with ort_optimized).
 All of it is built in a staging folder and moved in only after every check passed, so a failure leaves
 the run folder as it was; export_report.json comes last, once the Triton repository holds
@@ -8,6 +10,7 @@ the run folder as it was; export_report.json comes last, once the Triton reposit
 """
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -16,11 +19,10 @@ from pathlib import Path
 from polarprune.common.atomicio import WriteFailed, write_json
 from polarprune.common.results import provenance
 from polarprune.training.arch import SpecError
-from polarprune.training.checkpoint import load_checkpoint, trained_model
 from polarprune.training.data import FolderOptions, load_splits, normalize
 from polarprune.training.flops import count_macs
-from polarprune.training.gating import GatedNetwork
 from polarprune.training.mask import Mask, load_mask
+from polarprune.training.network_file import NETWORK_FILE, TrainedNetwork, load_network
 
 from . import ExportError
 from . import tensorrt_build as trt_build
@@ -38,7 +40,7 @@ TARGETS = ("cpu", "gpu")
 class ExportOptions:
     """What to export and how; the defaults are `python -m export`'s."""
 
-    run: Path                                # run folder (checkpoint.pt, mask.json)
+    run: Path                                # run folder (network.pt, mask.json)
     target: str = "cpu"                      # Triton deployment target: "cpu" or "gpu"
     dense_run: Path | None = None            # a dense-method run on the same data and model, served as dense
     engine: bool = False                     # also build TensorRT engines (GPU machines)
@@ -68,50 +70,55 @@ class ExportOptions:
                 raise ExportError(f"export option {name}: {why} (got {getattr(self, name)!r})")
 
 
-def load_test_samples(config: dict, network: dict, count: int, source: Path) -> Samples:
+def load_test_samples(trained: TrainedNetwork, count: int, source: Path) -> Samples:
     """The first `count` images of the run's official test split (image_folder: val/), normalised as in
-    training."""
-    if "dataset" not in config:
-        raise ExportError(f"{source}: checkpoint config names no dataset")
-    info, _, _, test = load_splits(config["dataset"], config.get("data_dir"), None, 0, int(config.get("seed", 0)),
-                                   FolderOptions.from_config(config))
-    expected = (network["in_channels"], tuple(network["input_size"]), network["num_classes"])
+    training (network.pt's normalisation)."""
+    data = trained.data
+    if not isinstance(data.get("dataset"), str):
+        raise ExportError(f"{source}: names no dataset")
+    info, _, _, test = load_splits(data["dataset"], data.get("data_dir"), None, 0, int(data.get("seed", 0)),
+                                   FolderOptions.from_config(data))
+    network = trained.info
+    expected = (network.in_channels, tuple(network.input_size), network.num_classes)
     if (info.in_channels, tuple(info.input_size), info.num_classes) != expected:
         raise ExportError(f"{source}: the network takes {expected[0]}x{expected[1]} inputs and {expected[2]} "
                           f"classes, but {info.name} gives {info.in_channels}x{info.input_size}, "
                           f"{info.num_classes} classes")
+    normalization = {"mean": list(trained.normalization["mean"]), "std": list(trained.normalization["std"])}
     count = min(count, len(test))
-    return Samples(normalize(test.images[:count], info), test.labels[:count].clone(),
-                   {"mean": list(info.mean), "std": list(info.std)})
+    as_trained = dataclasses.replace(info, mean=tuple(normalization["mean"]), std=tuple(normalization["std"]))
+    return Samples(normalize(test.images[:count], as_trained), test.labels[:count].clone(), normalization)
 
 
-def load_run(run_dir: Path) -> tuple[dict, dict, Mask]:
-    """(checkpoint state, mask.json document, mask), checked to belong to the same network."""
+def load_run(run_dir: Path) -> tuple[TrainedNetwork, dict, Mask]:
+    """(network.pt, mask.json document, mask), checked to belong together: the same network, and the mask
+    the network was trained to (network.pt names it by digest; mask.json is its only copy)."""
     if not run_dir.is_dir():
         raise ExportError(f"{run_dir}: no such run folder")
-    checkpoint_path, mask_path = run_dir / "checkpoint.pt", run_dir / "mask.json"
-    state = load_checkpoint(checkpoint_path)
+    network_path, mask_path = run_dir / NETWORK_FILE, run_dir / "mask.json"
+    trained = load_network(network_path)
     try:
         document, mask = load_mask(mask_path)
     except SpecError as error:  # some of load_mask's messages do not name the file
         raise MaskMismatchError(error if str(mask_path) in str(error) else f"{mask_path}: {error}") from None
-    if document["network"] != state["network"]:
-        raise MaskMismatchError(f"{mask_path}: made for a different network than {checkpoint_path} "
-                                f"(its network description differs from the checkpoint's)")
-    return state, document, mask
+    if document["network"] != trained.info.describe():
+        raise MaskMismatchError(f"{mask_path}: made for a different network than {network_path} "
+                                f"(its network description differs)")
+    if mask.digest() != trained.mask_sha256:
+        raise MaskMismatchError(f"{mask_path}: not the mask {network_path} was trained to (the kept channels or "
+                                "closed blocks differ): it comes from another run, or was edited")
+    return trained, document, mask
 
 
-def load_dense_reference(dense_run: Path, state: dict):
-    """The trained network of a dense-method run made for the same network and data as `state`."""
-    dense_checkpoint = dense_run / "checkpoint.pt"
-    dense_state = load_checkpoint(dense_checkpoint)
-    if dense_state["config"].get("method") != "dense":
-        raise ExportError(f"{dense_checkpoint}: --dense-run must be a run of method dense "
-                          f"(this one is {dense_state['config'].get('method')!r})")
-    if dense_state["network"] != state["network"] or dense_state["config"].get("dataset") != state["config"].get("dataset"):
-        raise ExportError(f"{dense_checkpoint}: --dense-run trained another network or dataset than the run")
-    model, _ = trained_model(dense_state, dense_checkpoint)
-    return model.eval()
+def load_dense_reference(dense_run: Path, trained: TrainedNetwork):
+    """The trained network of a dense-method run made for the same network and data as `trained`."""
+    dense_path = dense_run / NETWORK_FILE
+    dense = load_network(dense_path)
+    if dense.method != "dense":
+        raise ExportError(f"{dense_path}: --dense-run must be a run of method dense (this one is {dense.method!r})")
+    if dense.info.describe() != trained.info.describe() or dense.data.get("dataset") != trained.data.get("dataset"):
+        raise ExportError(f"{dense_path}: --dense-run trained another network or dataset than the run")
+    return dense.network.eval()
 
 
 def stage_artifacts(options: ExportOptions, staging: Path, networks: Networks, samples: Samples, document: dict,
@@ -141,22 +148,21 @@ def stage_artifacts(options: ExportOptions, staging: Path, networks: Networks, s
 
 def run(options: ExportOptions) -> dict:
     """Export the run in `options.run`; its export_report.json (also written into the run folder).
-    ExportError (or a training error for a bad checkpoint/mask/dataset) on any problem, leaving the run
+    ExportError (or a training error for a bad network.pt/mask/dataset) on any problem, leaving the run
     folder and the model repository as they were."""
     options.validate()
     run_dir = Path(options.run)
     if is_program_folder(run_dir):  # what the Python API saved (training.api.save_for_export)
         return run_programs(options)
-    state, document, mask = load_run(run_dir)
-    checkpoint_path, mask_path = run_dir / "checkpoint.pt", run_dir / "mask.json"
-    model, graph = trained_model(state, checkpoint_path)
-    networks = prune(model, graph, mask, str(checkpoint_path), str(mask_path))
-    dense_source = "gates_removed" if isinstance(model, GatedNetwork) else "trained"
+    trained, document, mask = load_run(run_dir)
+    network_path, mask_path = run_dir / NETWORK_FILE, run_dir / "mask.json"
+    networks = prune(trained.network, trained.graph, mask, str(mask_path))
+    dense_source = "trained" if trained.method == "dense" else "gates_removed"
     if options.dense_run is not None:
-        networks.dense = load_dense_reference(Path(options.dense_run), state)
+        networks.dense = load_dense_reference(Path(options.dense_run), trained)
         dense_source = "dense_run"
-    samples = load_test_samples(state["config"], state["network"], options.samples, checkpoint_path)
-    input_shape = (state["network"]["in_channels"], *state["network"]["input_size"])
+    samples = load_test_samples(trained, options.samples, network_path)
+    input_shape = trained.info.input_shape
     surgery_diff = check_equivalence(networks.reference, networks.pruned, networks.graph, mask, samples.images)
     for kind in KINDS:
         measured, expected = count_macs(getattr(networks, kind), input_shape), document[f"{kind}_flops"]
@@ -181,10 +187,10 @@ def run(options: ExportOptions) -> dict:
             failure.exit_code = error.exit_code
         raise failure from None
     report = build_report(
-        run_name=run_dir.name, config=state["config"],
+        run_name=run_dir.name, dataset=trained.data["dataset"], model=trained.info.model, method=trained.method,
         dense_source=dense_source,
         dense=facts["summaries"]["dense"], pruned=facts["summaries"]["pruned"], graph=networks.graph,
-        mask=mask, mask_document=document, input_shape=input_shape, num_classes=state["network"]["num_classes"],
+        mask=mask, mask_document=document, input_shape=input_shape, num_classes=trained.info.num_classes,
         max_abs_diff_surgery=surgery_diff, max_abs_diff_onnx=facts["onnx_diffs"],
         max_abs_logit=facts["logit_scale"],
         test_samples={"file": "test_samples.npz", "count": len(samples.labels)},

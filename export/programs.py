@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from polarprune.common.atomicio import write_json
+from polarprune.training.network_file import NETWORK_FILE
 from polarprune.training.program import NORMALIZATION_FILE, PROGRAM_FILES
 from polarprune.training.pruning_report import FILES as PRUNING_FILES
 from polarprune.training.flops import count_params
@@ -28,7 +29,7 @@ from .onnx_export import count_onnx_macs, export_onnx, validate_with_onnxruntime
 from .surgery import load_pruned
 
 def is_program_folder(folder: Path) -> bool:
-    return all((folder / name).is_file() for name in PROGRAM_FILES.values()) and not (folder / "checkpoint.pt").exists()
+    return all((folder / name).is_file() for name in PROGRAM_FILES.values()) and not (folder / NETWORK_FILE).exists()
 
 
 def _samples(path: Path) -> tuple[np.ndarray, np.ndarray]:

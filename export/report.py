@@ -33,16 +33,16 @@ def kept_channels_table(graph: NetworkGraph, mask: Mask) -> dict[str, dict]:
             for name, group in graph.prunable().items()}
 
 
-def build_report(*, run_name: str, config: dict, dense_source: str, dense: dict, pruned: dict,
+def build_report(*, run_name: str, dataset: str, model: str, method: str, dense_source: str, dense: dict, pruned: dict,
                  graph: NetworkGraph, mask: Mask, mask_document: dict, input_shape: tuple[int, ...],
                  num_classes: int, max_abs_diff_surgery: float, max_abs_diff_onnx: dict[str, float],
                  max_abs_logit: dict[str, float], test_samples: dict, engine: dict, triton: dict,
                  ort_optimized: dict | None) -> dict:
     return {
         "run": run_name,
-        "dataset": config.get("dataset"),
-        "model": config.get("model"),
-        "method": config.get("method"),
+        "dataset": dataset,
+        "model": model,
+        "method": method,
         "input_shape": list(input_shape),
         "num_classes": num_classes,
         "model_names": triton["model_names"],

@@ -22,7 +22,7 @@ from polarprune.common.cli import EXIT_FAILED
 from polarprune.training.program import load_pruned as _load_program
 from polarprune.training.program import save_pruned as _save_program
 from polarprune.training import equivalence
-from polarprune.training.gating import GatedNetwork, check_mask, cut, full_mask
+from polarprune.training.gating import check_mask, cut, masked_network
 from polarprune.training.graph import NetworkGraph
 from polarprune.training.mask import Mask, MaskError
 
@@ -32,7 +32,7 @@ PRUNED_FILE = "pruned_model.pt2"
 
 
 class MaskMismatchError(ExportError):
-    """mask.json does not fit the network (unknown groups, bad indices, gates frozen differently)."""
+    """mask.json does not fit the network (unknown groups, bad indices) or is not the run's mask."""
 
 
 class SurgeryError(ExportError):
@@ -44,54 +44,21 @@ class SurgeryError(ExportError):
 @dataclass
 class Networks:
     """The three networks the export stage compares."""
-    reference: nn.Module  # gated, gates fixed to the mask: what was trained
+    reference: nn.Module  # the trained network with gates fixed to the mask: what the pruned one must equal
     dense: nn.Module      # dense architecture, trained weights, no gates
     pruned: nn.Module     # physically cut
     graph: NetworkGraph
 
 
-def masked_reference(model: nn.Module, graph: NetworkGraph, mask: Mask, source: str = "checkpoint") -> nn.Module:
-    """The gated network with every gate fixed to `mask` (hard 0/1): what the pruned network must equal.
-
-    A gate the checkpoint already froze must agree with the mask; an unfrozen one (interrupted run) is
-    frozen here on a copy. An ungated network is its own reference and admits only the all-kept mask."""
-    if not isinstance(model, GatedNetwork):
-        if mask != full_mask(graph):
-            raise MaskMismatchError(f"{source}: the network has no gates (an ungated method) but the mask "
-                                    "removes channels or blocks")
-        return model.eval()
-    reference = copy.deepcopy(model)
-    frozen_as = {path: gate.frozen_mask.clone() for path, gate in reference.gates().items() if gate.is_frozen}
-    reference.freeze(mask)
-    for path, gate in reference.gates().items():
-        if path in frozen_as and not torch.equal(frozen_as[path], gate.frozen_mask):
-            raise MaskMismatchError(
-                f"{source}: the {_gate_name(path)} is frozen to {_describe(frozen_as[path])} but the mask wants "
-                f"{_describe(gate.frozen_mask)}; the mask was not made for this checkpoint")
-    return reference.eval()
-
-
-def _gate_name(path: str) -> str:
-    """"channel_gates.layer1__0__conv1" -> "channel gate of group layer1.0.conv1"."""
-    kind, _, key = path.partition(".")
-    return f"{'channel gate of group' if kind == 'channel_gates' else 'block gate of'} {key.replace('__', '.')}"
-
-
-def _describe(values: torch.Tensor) -> str:
-    open_ = torch.nonzero(values > 0.5).flatten().tolist()
-    return f"{len(open_)}/{values.numel()} open {open_[:8]}{'...' if len(open_) > 8 else ''}"
-
-
-def prune(model: nn.Module, graph: NetworkGraph, mask: Mask, checkpoint_source: str = "checkpoint",
-          mask_source: str = "mask.json") -> Networks:
-    """Reference, dense and pruned networks for a trained model (gated or plain) and its mask."""
+def prune(plain: nn.Module, graph: NetworkGraph, mask: Mask, mask_source: str = "mask.json") -> Networks:
+    """Reference, dense and pruned networks for a trained network in its dense shape (`graph`'s trace,
+    no gates) and its mask."""
     try:
         check_mask(graph, mask, mask_source)
     except MaskError as error:
         raise MaskMismatchError(str(error)) from None
-    reference = masked_reference(model, graph, mask, checkpoint_source)
-    plain = model.plain() if isinstance(model, GatedNetwork) else copy.deepcopy(model)
-    return Networks(reference, plain.eval(), cut(graph, mask, plain).eval(), graph)
+    return Networks(masked_network(graph, plain, mask), copy.deepcopy(plain).eval(), cut(graph, mask, plain).eval(),
+                    graph)
 
 
 # -- pruned vs gated ----------------------------------------------------------------------------------

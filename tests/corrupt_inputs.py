@@ -97,7 +97,7 @@ def _scratch(prefix: str) -> Path:
 
 
 def _finished_run() -> Path:
-    """A synthetic finished run (checkpoint, mask.json, metrics.json), made once per process."""
+    """A synthetic finished run (network.pt, mask.json, metrics.json), made once per process."""
     if "run" not in _CACHE:
         from export_fixtures import make_run
         _CACHE["run"] = make_run(_scratch("corrupt-run-") / "r20", "resnet20", (28, 28), seed=6,
@@ -126,13 +126,34 @@ def _export(root: Path, file: str, damage: Callable[[Path], None]) -> Scene:
                  [run.parent, repository])
 
 
+def _resume(root: Path, damage: Callable[[Path], None]) -> Scene:
+    """`python -m training --resume` of a run whose checkpoint.pt is damaged (an interrupted run's own
+    checkpoint: the gated network of the synthetic run, after epoch 1 of 4)."""
+    from polarprune.training.__main__ import main
+    if "checkpoint" not in _CACHE:
+        from export_fixtures import trained_model
+        from polarprune.training.checkpoint import describe_model, save_checkpoint
+        model, _, document, graph = trained_model("resnet20", (28, 28), seed=6)
+        _CACHE["checkpoint"] = _scratch("corrupt-checkpoint-") / "checkpoint.pt"
+        save_checkpoint(_CACHE["checkpoint"], {"config": {}, "network": document["network"],
+                                               "model": model.state_dict(), "epoch": 1,
+                                               "trained_model": describe_model(model, graph)})
+    config, runs = root / "run.yaml", root / "runs"
+    config.write_text(GOOD_CONFIG)
+    (runs / "r20").mkdir(parents=True)
+    shutil.copy(_CACHE["checkpoint"], runs / "r20" / "checkpoint.pt")
+    damage(runs / "r20" / "checkpoint.pt")
+    return Scene("python -m training", main, ["--config", str(config), "--set", f"out_dir={runs}", "--set", "name=r20",
+                                              "--resume"], runs / "r20" / "checkpoint.pt", [runs])
+
+
 def _bytes(damage: Callable[[bytes], bytes]) -> Callable[[Path], None]:
     def apply(path: Path) -> None:
         path.write_bytes(damage(path.read_bytes()))
     return apply
 
 
-def _checkpoint_edit(change: Callable[[dict, Path], object]) -> Callable[[Path], None]:
+def _tensor_file_edit(change: Callable[[dict, Path], object]) -> Callable[[Path], None]:
     def apply(path: Path) -> None:
         import torch
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -150,13 +171,13 @@ def _with(document: dict, **changes) -> dict:
     return {**document, **changes}
 
 
-def _first_weight(state: dict, value: float) -> dict:
-    model = dict(state["model"])
-    key = next(k for k, v in model.items() if v.is_floating_point() and v.numel() > 1)
-    tensor = model[key].clone()
+def _first_weight(state: dict, value: float, key: str = "weights") -> dict:
+    weights = dict(state[key])
+    name = next(k for k, v in weights.items() if v.is_floating_point() and v.numel() > 1)
+    tensor = weights[name].clone()
     tensor.view(-1)[0] = value
-    model[key] = tensor
-    return {**state, "model": model}
+    weights[name] = tensor
+    return {**state, key: weights}
 
 
 class _Payload:
@@ -337,21 +358,32 @@ def _cases() -> list[Case]:
     add("config YAML", "inf value", _config(GOOD_CONFIG + "lr: .inf\n"))
     add("config YAML", "not UTF-8", _config(b"\xff\xfe" + GOOD_CONFIG.encode()))
 
-    # checkpoint.pt
+    # checkpoint.pt (what --resume reads)
     for name, damage in BYTE_DAMAGE.items():
-        add("checkpoint.pt", name, lambda root, d=damage: _export(root, "checkpoint.pt", _bytes(d)))
-    add("checkpoint.pt", "wrong version", lambda root: _export(root, "checkpoint.pt", _checkpoint_edit(
-        lambda s, p: _with(s, version=99))))
-    add("checkpoint.pt", "wrong shape (a list)", lambda root: _export(root, "checkpoint.pt", _checkpoint_edit(
-        lambda s, p: [1, 2, 3])))
-    add("checkpoint.pt", "wrong shape (a bare state dict)", lambda root: _export(root, "checkpoint.pt",
-                                                                              _checkpoint_edit(lambda s, p: s["model"])))
-    add("checkpoint.pt", "NaN weights", lambda root: _export(root, "checkpoint.pt", _checkpoint_edit(
-        lambda s, p: _first_weight(s, float("nan")))))
-    add("checkpoint.pt", "inf weights", lambda root: _export(root, "checkpoint.pt", _checkpoint_edit(
-        lambda s, p: _first_weight(s, float("inf")))))
-    add("checkpoint.pt", "carries code", lambda root: _export(root, "checkpoint.pt", _checkpoint_edit(
+        add("checkpoint.pt", name, lambda root, d=damage: _resume(root, _bytes(d)))
+    add("checkpoint.pt", "wrong version", lambda root: _resume(root, _tensor_file_edit(lambda s, p: _with(s, version=99))))
+    add("checkpoint.pt", "wrong shape (a bare state dict)", lambda root: _resume(root, _tensor_file_edit(
+        lambda s, p: s["model"])))
+    add("checkpoint.pt", "NaN weights", lambda root: _resume(root, _tensor_file_edit(
+        lambda s, p: _first_weight(s, float("nan"), "model"))))
+    add("checkpoint.pt", "carries code", lambda root: _resume(root, _tensor_file_edit(
         lambda s, p: _with(s, config=_Payload(str(p.parent / "ran"))))))
+
+    # network.pt (what export reads of a finished run)
+    for name, damage in BYTE_DAMAGE.items():
+        add("network.pt", name, lambda root, d=damage: _export(root, "network.pt", _bytes(d)))
+    add("network.pt", "wrong version", lambda root: _export(root, "network.pt", _tensor_file_edit(
+        lambda s, p: _with(s, version=99))))
+    add("network.pt", "wrong shape (a list)", lambda root: _export(root, "network.pt", _tensor_file_edit(
+        lambda s, p: [1, 2, 3])))
+    add("network.pt", "wrong shape (a bare state dict)", lambda root: _export(root, "network.pt",
+                                                                           _tensor_file_edit(lambda s, p: s["weights"])))
+    add("network.pt", "NaN weights", lambda root: _export(root, "network.pt", _tensor_file_edit(
+        lambda s, p: _first_weight(s, float("nan")))))
+    add("network.pt", "inf weights", lambda root: _export(root, "network.pt", _tensor_file_edit(
+        lambda s, p: _first_weight(s, float("inf")))))
+    add("network.pt", "carries code", lambda root: _export(root, "network.pt", _tensor_file_edit(
+        lambda s, p: _with(s, data=_Payload(str(p.parent / "ran"))))))
 
     # mask.json
     for name, damage in BYTE_DAMAGE.items():

@@ -1,7 +1,7 @@
 """Synthetic finished runs for export tests.
 
-`make_run` lays out a run folder the way a finished training run does (checkpoint.pt with gates frozen
-to the mask, mask.json, metrics.json), from a gated model with random kept channels, chosen closed
+`make_run` lays out a run folder the way a finished training run does (network.pt, mask.json,
+metrics.json), from a gated model with random kept channels, chosen closed
 blocks and randomised BatchNorm statistics and affine terms, so equivalence checks are not trivial.
 """
 from __future__ import annotations
@@ -13,10 +13,11 @@ import pytest
 import torch
 from torch import nn
 
-from polarprune.training.checkpoint import describe_model, save_checkpoint
+from polarprune.training.data.registry import DATASETS, dataset_info
 from polarprune.training.gating import GatedNetwork, full_mask, mask_problem
 from polarprune.training.graph import NetworkGraph, trace_network
 from polarprune.training.mask import Mask, mask_document, save_mask
+from polarprune.training.network_file import NETWORK_FILE, save_network
 from polarprune.training.networks import NetworkInfo, build_network
 
 
@@ -103,19 +104,19 @@ def trained_model(model_name: str = "resnet20", input_size=(16, 16), in_channels
 def make_run(run_dir: str | Path, model_name: str = "resnet20", input_size=(16, 16), in_channels: int = 1,
              num_classes: int = 10, seed: int = 0, gated: bool = True, dynamic: bool = False,
              dataset: str = "fashion_mnist", **mask_options) -> Path:
-    """Write checkpoint.pt, mask.json and metrics.json of a finished synthetic run; returns run_dir."""
+    """Write network.pt, mask.json and metrics.json of a finished synthetic run; returns run_dir."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     model, mask, document, graph = trained_model(model_name, input_size, in_channels, num_classes, seed, gated,
                                                  dynamic, **mask_options)
     method = "polarized" if gated else "dense"
-    config = {"dataset": dataset, "data_dir": None, "model": model_name, "method": method, "seed": seed,
-              "dynamic_gates": dynamic, "round_to": 1}
-    method_state = {"mask": {"kept_channels": mask.kept_channels, "closed_blocks": mask.closed_blocks}} if gated else {}
-    save_checkpoint(run_dir / "checkpoint.pt", {
-        "config": config, "network": document["network"], "model": model.state_dict(),
-        "trained_model": describe_model(model, graph), "epoch": 1,
-        "method_state": method_state})
+    known = dataset_info(dataset) if dataset in DATASETS else None
+    normalization = ({"mean": list(known.mean), "std": list(known.std)}
+                     if known is not None and known.in_channels == in_channels
+                     else {"mean": [0.5] * in_channels, "std": [0.5] * in_channels})
+    plain = model.plain() if gated else model
+    save_network(run_dir / NETWORK_FILE, plain, network_info(model_name, input_size, in_channels, num_classes), mask,
+                 method, {"dataset": dataset, "data_dir": None, "seed": seed}, normalization, {})
     save_mask(run_dir / "mask.json", document)
     metrics = {"dataset": dataset, "model": model_name, "method": method, "test_accuracy": 0.1,
                **{k: document[k] for k in ("dense_flops", "pruned_flops", "flops_ratio")}}

@@ -17,7 +17,7 @@ from export_fixtures import single_torch_thread  # noqa: F401 (autouse fixture)
 def test_the_table_covers_every_file_and_damage_the_issue_names():
     files = {case.file for case in CASES}
     assert len(CASES) >= 60 and len({case.id for case in CASES}) == len(CASES)
-    for file in ("config YAML", "checkpoint.pt", "mask.json", "program .pt2", "model.onnx", "config.pbtxt",
+    for file in ("config YAML", "checkpoint.pt", "network.pt", "mask.json", "program .pt2", "model.onnx", "config.pbtxt",
                  "result metrics.json", "image folder PNG"):
         assert file in files
         assert {c.damage for c in CASES if c.file == file} >= set(BYTE_DAMAGE), file

@@ -19,7 +19,7 @@ from run_helpers import ENV, ROOT, kill_after_first_checkpoint, training_command
 TINY = dict(dataset="fashion_mnist", model="resnet20", epochs=3, batch_size=64, train_subset=768,
             val_size=128, test_subset=256, eval_batch_size=128, progress=False, seed=0,
             target_flops_ratio=0.5, freeze_fraction=0.34, device="cpu")  # device cpu: gloo, on any host
-ARTIFACTS = ("checkpoint.pt", "mask.json", "metrics.json", "log.jsonl", "progress.png", "gate_scores.png")
+ARTIFACTS = ("checkpoint.pt", "network.pt", "mask.json", "metrics.json", "log.jsonl", "progress.png", "gate_scores.png")
 
 
 def run_parallel(settings: dict) -> subprocess.CompletedProcess:

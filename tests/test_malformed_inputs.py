@@ -36,7 +36,7 @@ from polarprune.export.__main__ import main as export_main
 from polarprune.export.api import ExportOptions, write_triton_models
 from polarprune.common.model_repository import RepositoryError, parse_config
 from polarprune.export.triton_repo import TritonModelOptions, read_onnx_signature, write_model_version, write_model_versions
-from export_fixtures import make_run, single_torch_thread  # noqa: F401 (autouse fixture)
+from export_fixtures import make_run, single_torch_thread, trained_model  # noqa: F401 (autouse fixture)
 from polarprune.serving.__main__ import main as serving_main
 from polarprune.serving.client import InputSpecError, ServingError, TritonClassifier
 from polarprune.serving.run_artifacts import RunArtifactsError, RunArtifactsMissing, load_run
@@ -47,6 +47,8 @@ from tiny_onnx import tiny_classifier
 from run_helpers import require_triton
 from polarprune.training.__main__ import main as training_main
 from polarprune.training.arch import SpecError
+from polarprune.training.checkpoint import CheckpointError, describe_model, load_checkpoint, save_checkpoint
+from polarprune.training.checkpoint import trained_model as trained_model_of
 from polarprune.training.config import ConfigError, load_config
 from polarprune.training.data import FMNIST_SEARCH_DIRS
 from polarprune.training.distributed import Cluster
@@ -190,10 +192,10 @@ def test_dynamic_gates_without_a_validation_set_is_a_config_error(tmp_path, caps
     assert "config key 'val_size': dynamic gates need a validation set" in err and "set val_size > 0" in err, err
 
 
-# == checkpoints and mask.json through `python -m export` =================================================
-# Covered in test_onnx_export.py: a truncated zip, a missing checkpoint, an unknown architecture, the mask
-# of another network or run, an index of 999, a crash while staging artifacts (run folder as it was).
-# Here the model repository already holds an earlier export, and must come out byte for byte the same.
+# == network.pt and mask.json through `python -m export` =================================================
+# Covered in test_onnx_export.py: a truncated zip, a missing network.pt, an unknown architecture, the mask
+# of another network or run, an edited mask, an index of 999, a crash while staging artifacts (run folder as
+# it was). Here the model repository already holds an earlier export, and must come out byte for byte the same.
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
@@ -213,30 +215,26 @@ def exported_before(tmp_path, finished_run):
     return run_dir, repository
 
 
-def _state(run_dir):
-    return torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)
+def _state(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _save_state(run_dir, state):
-    torch.save(state, run_dir / "checkpoint.pt")
-
-
-def _edit_state(**changes):
+def _edit_state(file, **changes):
     def edit(run_dir):
-        state = _state(run_dir)
+        state = _state(run_dir / file)
         for key, change in changes.items():
             state[key] = change(state[key])
-        _save_state(run_dir, state)
+        torch.save(state, run_dir / file)
     return edit
 
 
 def _edit_weights(run_dir, key, tensor=None):
-    state = _state(run_dir)
+    state = _state(run_dir / "network.pt")
     if tensor is None:
-        del state["model"][key]
+        del state["weights"][key]
     else:
-        state["model"][key] = tensor
-    _save_state(run_dir, state)
+        state["weights"][key] = tensor
+    torch.save(state, run_dir / "network.pt")
 
 
 def _edit_mask(change):
@@ -248,40 +246,41 @@ def _edit_mask(change):
 
 
 def _drop_network_key(key):
-    """The network description of checkpoint.pt and mask.json alike (they must agree) lacks `key`."""
+    """The network description of network.pt and mask.json alike (they must agree) lacks `key`."""
     def edit(run_dir):
-        _edit_state(network=lambda n: {k: v for k, v in n.items() if k != key})(run_dir)
+        _edit_state("network.pt", network=lambda n: {k: v for k, v in n.items() if k != key})(run_dir)
         _edit_mask(lambda m: m["network"].pop(key))(run_dir)
     return edit
 
 
-CHECKPOINT_CASES = {
-    "random bytes": (lambda d: (d / "checkpoint.pt").write_bytes(np.random.default_rng(0).bytes(4096)),
-                     "unreadable or corrupt checkpoint"),
-    "cut in half": (lambda d: (d / "checkpoint.pt").write_bytes(
-        (d / "checkpoint.pt").read_bytes()[:len((d / "checkpoint.pt").read_bytes()) // 2]),
-        "unreadable or corrupt checkpoint"),
-    "empty file": (lambda d: (d / "checkpoint.pt").write_bytes(b""), "unreadable or corrupt checkpoint"),
-    "a bare state_dict": (lambda d: _save_state(d, _state(d)["model"]), "not a polarprune checkpoint"),
-    "weights not a state dict": (_edit_state(model=lambda _: "weights"), "'model' must be a state dict"),
-    "config not a dict": (_edit_state(config=lambda _: ["fashion_mnist"]), "config must be a dict, not list"),
-    # export rebuilds the network from the trained_model record, not from the training config
-    "unknown trained model": (_edit_state(trained_model=lambda _: {"kind": "sliced"}),
-                              "trained_model must be a record of kind gated, plain or cut"),
-    "a network cut mid-run": (_edit_state(trained_model=lambda _: {"kind": "cut"}),
-                              "cut to its mask by a run that stopped before its end; resume the run"),
-    "gate record incomplete": (_edit_state(trained_model=lambda _: {"kind": "gated", "dynamic": False}),
-                               "trained_model of kind gated lacks round_to, score_clamp"),
-    "negative epoch": (_edit_state(epoch=lambda _: -1), "epoch must be a count >= 0"),
-    "network not a dict": (_edit_state(network=lambda _: "resnet20"), "'network' must be a dict describing"),
+def _write(name, data):
+    return lambda d: (d / name).write_bytes(data(d))
+
+
+NETWORK_CASES = {
+    "random bytes": (_write("network.pt", lambda d: np.random.default_rng(0).bytes(4096)),
+                     "unreadable or corrupt network file"),
+    "cut in half": (_write("network.pt", lambda d: (d / "network.pt").read_bytes()[
+        :len((d / "network.pt").read_bytes()) // 2]), "unreadable or corrupt network file"),
+    "empty file": (_write("network.pt", lambda d: b""), "unreadable or corrupt network file"),
+    "a bare state_dict": (lambda d: torch.save(_state(d / "network.pt")["weights"], d / "network.pt"),
+                          "not a polarprune network file"),
+    "weights not a state dict": (_edit_state("network.pt", weights=lambda _: "weights"),
+                                 "'weights' must be a state dict"),
+    "NaN weights": (lambda d: _edit_weights(d, "fc.weight", torch.full((10, 64), float("nan"))),
+                    "weight fc.weight holds NaN or Inf"),
+    "network not a dict": (_edit_state("network.pt", network=lambda _: "resnet20"), "'network' must be a dict"),
     "network without a key": (_drop_network_key("in_channels"),
                               "network description is incomplete or malformed (KeyError('in_channels')"),
-    "weights of another size": (lambda d: _edit_weights(d, "network.layer3.2.conv1.weight", torch.zeros(3, 3, 3, 3)),
-                                "size mismatch for network.layer3.2.conv1.weight"),
-    "a weight missing": (lambda d: _edit_weights(d, "network.fc.weight"),
-                         'Missing key(s) in state_dict: "network.fc.weight"'),
+    "normalization of other channels": (_edit_state("network.pt", normalization=lambda n: {"mean": [0.1] * 3,
+                                                                                          "std": [0.2] * 3}),
+                                        "normalization must give a mean and a positive std for each of the 1"),
+    "weights of another size": (lambda d: _edit_weights(d, "layer3.2.conv1.weight", torch.zeros(3, 3, 3, 3)),
+                                "size mismatch for layer3.2.conv1.weight"),
+    "a weight missing": (lambda d: _edit_weights(d, "fc.weight"), 'Missing key(s) in state_dict: "fc.weight"'),
     # Had it run, the payload would have added a file to the run folder, and the tree check would see it.
-    "code in the pickle": (lambda d: _save_state(d, {**_state(d), "config": WritesAFile(d / "ran")}),
+    "code in the pickle": (lambda d: torch.save({**_state(d / "network.pt"), "data": WritesAFile(d / "ran")},
+                                                d / "network.pt"),
                            "refused: it holds pickled Python objects (io.open)"),
 }
 MASK_CASES = {
@@ -294,12 +293,12 @@ MASK_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", [*CHECKPOINT_CASES, *MASK_CASES])
+@pytest.mark.parametrize("case", [*NETWORK_CASES, *MASK_CASES])
 def test_export_refuses_bad_run_files_and_leaves_everything_as_it_was(exported_before, case):
     run_dir, repository = exported_before
-    damage, expected = {**CHECKPOINT_CASES, **MASK_CASES}[case]
+    damage, expected = {**NETWORK_CASES, **MASK_CASES}[case]
     damage(run_dir)
-    file = run_dir / ("checkpoint.pt" if case in CHECKPOINT_CASES else "mask.json")
+    file = run_dir / ("network.pt" if case in NETWORK_CASES else "mask.json")
     run_before, repository_before = tree(run_dir), tree(repository)
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -309,6 +308,54 @@ def test_export_refuses_bad_run_files_and_leaves_everything_as_it_was(exported_b
     assert expected in message and "Traceback" not in message, message
     assert tree(run_dir) == run_before and tree(repository) == repository_before
     assert not temporaries(run_dir.parent.parent)
+
+
+# == checkpoint.pt, as --resume and distill_from read it ================================================
+
+@pytest.fixture(scope="module")
+def finished_checkpoint(tmp_path_factory):
+    """checkpoint.pt of a finished run: the gated network of the synthetic run, with its trained_model record."""
+    model, _, document, graph = trained_model("resnet20", (28, 28), seed=6, closed_blocks=["layer2.0"])
+    path = tmp_path_factory.mktemp("checkpoint") / "checkpoint.pt"
+    save_checkpoint(path, {"config": {"dataset": "fashion_mnist", "model": "resnet20", "method": "polarized"},
+                           "network": document["network"], "model": model.state_dict(),
+                           "trained_model": describe_model(model, graph), "epoch": 4})
+    return path
+
+
+CHECKPOINT_CASES = {
+    "random bytes": (lambda p: p.write_bytes(np.random.default_rng(0).bytes(4096)), "unreadable or corrupt checkpoint"),
+    "empty file": (lambda p: p.write_bytes(b""), "unreadable or corrupt checkpoint"),
+    "a bare state_dict": (lambda p: torch.save(_state(p)["model"], p), "not a polarprune checkpoint"),
+    "weights not a state dict": (lambda p: _edit_state(p.name, model=lambda _: "weights")(p.parent),
+                                 "'model' must be a state dict"),
+    "config not a dict": (lambda p: _edit_state(p.name, config=lambda _: ["fashion_mnist"])(p.parent),
+                          "config must be a dict, not list"),
+    "unknown trained model": (lambda p: _edit_state(p.name, trained_model=lambda _: {"kind": "sliced"})(p.parent),
+                              "trained_model must be a record of kind gated, plain or cut"),
+    "a network cut mid-run": (lambda p: _edit_state(p.name, trained_model=lambda _: {"kind": "cut"})(p.parent),
+                              "cut to its mask by a run that stopped before its end; resume the run"),
+    "gate record incomplete": (lambda p: _edit_state(p.name, trained_model=lambda _: {"kind": "gated",
+                                                                                      "dynamic": False})(p.parent),
+                               "trained_model of kind gated lacks round_to, score_clamp"),
+    "negative epoch": (lambda p: _edit_state(p.name, epoch=lambda _: -1)(p.parent), "epoch must be a count >= 0"),
+    "network not a dict": (lambda p: _edit_state(p.name, network=lambda _: "resnet20")(p.parent),
+                           "'network' must be a dict describing"),
+    "code in the pickle": (lambda p: torch.save({**_state(p), "config": WritesAFile(p.parent / "ran")}, p),
+                           "refused: it holds pickled Python objects (io.open)"),
+}
+
+
+@pytest.mark.parametrize("case", list(CHECKPOINT_CASES))
+def test_a_bad_checkpoint_is_refused_naming_it(tmp_path, finished_checkpoint, case):
+    path = tmp_path / "checkpoint.pt"
+    shutil.copy(finished_checkpoint, path)
+    damage, expected = CHECKPOINT_CASES[case]
+    damage(path)
+    with pytest.raises(CheckpointError) as caught:
+        trained_model_of(load_checkpoint(path), path)
+    assert str(caught.value).startswith(f"{path}: ") and expected in str(caught.value), caught.value
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]  # nothing ran
 
 
 # == mask.json, read directly =========================================================================

@@ -19,6 +19,7 @@ from polarprune.export.onnx_export import (INPUT_NAME, OUTPUT_NAME, OnnxExportEr
                                 validate_with_onnxruntime)
 from polarprune.export.surgery import load_pruned, prune
 from export_fixtures import make_run, single_torch_thread, trained_model  # noqa: F401 (autouse fixture)
+from polarprune.training.checkpoint import save_checkpoint
 from polarprune.training.config import make_config
 from polarprune.training.data import FMNIST_SEARCH_DIRS
 from polarprune.training.errors import ConfigError
@@ -59,7 +60,7 @@ def exported(tmp_path_factory):
 def test_artifacts_and_report(exported):
     run_dir, repository, report, mask, _ = exported
     names = sorted(p.name for p in run_dir.iterdir())
-    assert names == sorted(["checkpoint.pt", "mask.json", "metrics.json", "dense.onnx", "pruned.onnx",
+    assert names == sorted(["network.pt", "mask.json", "metrics.json", "dense.onnx", "pruned.onnx",
                             "pruned_model.pt2", "test_samples.npz", "export_report.json"])
     assert report["model_names"] == {"dense": "fm_r20_dense", "pruned": "fm_r20_pruned"}
     assert (report["dataset"], report["input_shape"], report["num_classes"]) == ("fashion_mnist", [1, 28, 28], 10)
@@ -142,7 +143,7 @@ def test_triton_repository_and_serving_view(exported):
 ])
 def test_pruned_onnx_of_other_architectures(tmp_path, model_name, options):
     model, mask, document, graph = trained_model(model_name, (16, 16), seed=4, **options)
-    pruned = prune(model, graph, mask).pruned
+    pruned = prune(model.plain(), graph, mask).pruned
     proto = export_onnx(pruned, tmp_path / "pruned.onnx", (1, 16, 16))
     assert count_onnx_macs(proto) == document["pruned_flops"]
     images = torch.randn(8, 1, 16, 16)
@@ -176,14 +177,14 @@ def _fails(run_dir, *pattern_parts, exit_code=EXIT_BAD_INPUT):
     return err
 
 
-def test_corrupt_checkpoint(small_run):
-    (small_run / "checkpoint.pt").write_bytes(b"PK\x03\x04 truncated zip")
-    _fails(small_run, str(small_run / "checkpoint.pt"), "corrupt")
+def test_corrupt_network_file(small_run):
+    (small_run / "network.pt").write_bytes(b"PK\x03\x04 truncated zip")
+    _fails(small_run, str(small_run / "network.pt"), "corrupt")
 
 
-def test_missing_checkpoint(small_run):
-    (small_run / "checkpoint.pt").unlink()
-    _fails(small_run, str(small_run / "checkpoint.pt"), "no checkpoint")
+def test_missing_network_file(small_run):
+    (small_run / "network.pt").unlink()
+    _fails(small_run, str(small_run / "network.pt"), "no network.pt", "--resume")
 
 
 def test_mask_of_another_network(small_run, tmp_path):
@@ -195,7 +196,16 @@ def test_mask_of_another_network(small_run, tmp_path):
 def test_mask_of_another_training_run(small_run, tmp_path):
     other = make_run(tmp_path / "other", "resnet20", (28, 28), seed=7, closed_blocks=["layer3.0"])
     shutil.copy(other / "mask.json", small_run / "mask.json")
-    _fails(small_run, str(small_run / "checkpoint.pt"), "is frozen to", "not made for this checkpoint")
+    _fails(small_run, str(small_run / "mask.json"), "not the mask", "network.pt was trained to")
+
+
+def test_edited_mask(small_run):
+    """A mask.json that still fits the network but is not the run's: the trained network was never
+    checked against it, so export refuses it rather than serve channels the training closed."""
+    document = json.loads((small_run / "mask.json").read_text())
+    document["kept_channels"]["layer1.0.conv1"] = document["kept_channels"]["layer1.0.conv1"][:-1]
+    (small_run / "mask.json").write_text(json.dumps(document))
+    _fails(small_run, str(small_run / "mask.json"), "not the mask", "edited")
 
 
 def test_mask_with_bad_indices(small_run):
@@ -206,12 +216,12 @@ def test_mask_with_bad_indices(small_run):
 
 
 def test_unknown_architecture(small_run):
-    state = torch.load(small_run / "checkpoint.pt", weights_only=True)
+    state = torch.load(small_run / "network.pt", weights_only=True)
     state["network"] = {**state["network"], "model": "no_such_package.nets:Net"}
-    torch.save(state, small_run / "checkpoint.pt")
+    torch.save(state, small_run / "network.pt")
     document = json.loads((small_run / "mask.json").read_text())
     (small_run / "mask.json").write_text(json.dumps({**document, "network": state["network"]}))
-    _fails(small_run, str(small_run / "checkpoint.pt"), "cannot rebuild the network", "no_such_package")
+    _fails(small_run, str(small_run / "network.pt"), "cannot rebuild the network", "no_such_package")
 
 
 @needs_fmnist
@@ -232,16 +242,15 @@ def test_failure_mid_export_leaves_run_folder_as_it_was(small_run, monkeypatch):
 @needs_fmnist
 def test_a_latency_run_on_a_runtime_this_machine_lacks_exports_here(small_run):
     """A run trained with cost: latency on onnxruntime-cuda (on a GPU machine) exports on this CPU machine:
-    the network is rebuilt from the checkpoint's trained_model record, and a fresh interpreter running the
-    export loads neither the training config nor its methods (which would refuse the runtime here)."""
+    export reads network.pt and mask.json, and a fresh interpreter running it loads neither the training
+    config nor its methods (which would refuse the runtime here), even with the run's checkpoint beside."""
     if "CUDAExecutionProvider" in ort.get_available_providers():
         pytest.skip("this onnxruntime has the CUDA provider: the runtime is not missing here")
-    state = torch.load(small_run / "checkpoint.pt", weights_only=True)
-    state["config"] = {**state["config"], "cost": "latency", "target_latency_ratio": 0.5,
-                       "latency_runtime": "onnxruntime-cuda"}
-    torch.save(state, small_run / "checkpoint.pt")
+    config = {"dataset": "fashion_mnist", "model": "resnet20", "method": "polarized", "cost": "latency",
+              "target_latency_ratio": 0.5, "latency_runtime": "onnxruntime-cuda"}
+    save_checkpoint(small_run / "checkpoint.pt", {"config": config, "network": {}, "model": {}, "epoch": 4})
     with pytest.raises(ConfigError, match="latency_runtime"):  # what rebuilding through the config meets here
-        make_config(dict(state["config"]))
+        make_config(dict(config))
     repository = small_run.parent.parent / "model_repository"
     code = ("import sys; from polarprune.export.__main__ import main; "
             f"code = main(['--run', {str(small_run)!r}, '--repository', {str(repository)!r}, '--samples', '64']); "
@@ -252,19 +261,7 @@ def test_a_latency_run_on_a_runtime_this_machine_lacks_exports_here(small_run):
     exit_code, *loaded = done.stdout.split("MODULES ", 1)[1].split()
     assert exit_code == "0", done.stderr[-3000:]
     assert [m for m in loaded if m.startswith(TRAINING_ONLY)] == []
-    assert "polarprune.training.checkpoint" in loaded  # it did read the checkpoint
+    assert "polarprune.training.network_file" in loaded  # it did read the run's network
     report = json.loads((small_run / "export_report.json").read_text())
     assert report["method"] == "polarized" and report["removed_blocks"] == ["layer2.0"]
     assert (repository / "r20_pruned").is_dir()
-
-
-@needs_fmnist
-def test_a_checkpoint_without_the_trained_model_record_still_exports(small_run):
-    """Checkpoints written before the trained_model record are rebuilt through their config and method."""
-    state = torch.load(small_run / "checkpoint.pt", weights_only=True)
-    del state["trained_model"]
-    torch.save(state, small_run / "checkpoint.pt")
-    code, _, err = run_cli("--run", str(small_run), "--repository", str(small_run.parent.parent / "repo"),
-                           "--samples", "64")
-    assert code == 0, err
-    assert json.loads((small_run / "export_report.json").read_text())["removed_blocks"] == ["layer2.0"]

@@ -64,7 +64,7 @@ def test_engine_matches_onnxruntime(tmp_path):
     from export_fixtures import trained_model
 
     model, mask, document, graph = trained_model("resnet20", (16, 16), seed=0, closed_blocks=["layer2.0"])
-    pruned = prune(model, graph, mask).pruned
+    pruned = prune(model.plain(), graph, mask).pruned
     export_onnx(pruned, tmp_path / "pruned.onnx", (1, 16, 16))
     want_fp16 = major_version(tensorrt.__version__) == 10 or fp16_converter_installed()
     plan = plan_build(tensorrt.__version__, want_fp16, fp16_converter_installed())

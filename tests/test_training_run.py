@@ -1,5 +1,6 @@
 """Short real runs on a Fashion-MNIST subset: the target is met, the artifacts are complete, resume works."""
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -7,13 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from polarprune.training.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from polarprune.training.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, trained_model
 from polarprune.training.config import make_config
 from polarprune.training.flops import count_macs
-from polarprune.training.gating import GatedNetwork, cut
+from polarprune.training.gating import GatedNetwork, cut, masked_network
 from polarprune.training.graph import trace_network
 from polarprune.training.loop import RunError, train
 from polarprune.training.mask import load_mask
+from polarprune.training.network_file import load_network
 from polarprune.training.networks import NetworkInfo, build_network
 
 from run_helpers import kill_after_first_checkpoint, training_command
@@ -45,9 +47,33 @@ def test_short_run_meets_its_flops_target_and_learns(polarized_run):
                 "train_seconds"):
         assert key in metrics
     assert json.loads((run_dir / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
-    for name in ("checkpoint.pt", "mask.json", "log.jsonl", "progress.png", "gate_scores.png"):
+    for name in ("checkpoint.pt", "network.pt", "mask.json", "log.jsonl", "progress.png", "gate_scores.png"):
         assert (run_dir / name).is_file(), name
     assert len((run_dir / "log.jsonl").read_text().splitlines()) == 3
+
+
+def test_network_file_holds_the_trained_network_and_names_its_mask(polarized_run, tmp_path):
+    """network.pt (export's input) with mask.json computes what the checkpoint's gated network computes;
+    it holds no gates and no copy of the mask, only its digest. A finished run resumed without it (a run
+    from before network.pt) writes it again."""
+    run_dir, metrics = polarized_run
+    trained = load_network(run_dir / "network.pt")
+    _, mask = load_mask(run_dir / "mask.json")
+    assert trained.mask_sha256 == mask.digest() and trained.method == "polarized"
+    assert not any("gate" in key for key in trained.network.state_dict())
+    state = load_checkpoint(run_dir / "checkpoint.pt")
+    gated, _ = trained_model(state, run_dir / "checkpoint.pt")
+    images = torch.randn(8, *trained.info.input_shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(masked_network(trained.graph, trained.network, mask)(images), gated.eval()(images),
+                              atol=1e-5)
+    assert trained.data["dataset"] == "fashion_mnist" and trained.normalization["mean"] == metrics["data"]["mean"]
+
+    shutil.copytree(run_dir, tmp_path / "run")
+    (tmp_path / "run" / "network.pt").unlink()
+    again = train(quick_config(tmp_path, target_flops_ratio=0.5), resume=True)
+    assert again["kept_channels"] == metrics["kept_channels"]
+    assert load_network(tmp_path / "run" / "network.pt").mask_sha256 == mask.digest()
 
 
 def test_mask_rebuilds_the_pruned_network_from_its_network_description(polarized_run):
@@ -175,6 +201,6 @@ def test_resume_from_a_checkpoint_without_optimizer_state_is_refused(tmp_path, p
     del state["optimizer"], state["rng"]
     state.pop("format"), state.pop("version")
     save_checkpoint(tmp_path / "run" / "checkpoint.pt", state)
-    with pytest.raises(RunError, match="holds no optimizer or rng state; it can be exported but not resumed"):
+    with pytest.raises(RunError, match="holds no optimizer or rng state, so the run cannot go on"):
         train(quick_config(tmp_path, target_flops_ratio=0.5), resume=True)
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoint.pt"]

@@ -1,12 +1,13 @@
-"""checkpoint.pt: everything needed to resume a run or export it, validated on load.
+"""checkpoint.pt: everything needed to resume a run, validated on load. (Export reads network.pt instead:
+`training.network_file`.)
 
 Keys: format, version, config (dict), network (`training.networks.NetworkInfo.describe()`), model (state
 dict of the model the method trains), trained_model (which network those weights fit: `describe_model`),
 optimizers, scheduler, epoch (epochs completed), method_state, rng, history (per-epoch log rows).
 `trained_model(state)` rebuilds the network from the checkpoint alone: the network description, its trace
-and the trained_model record, never the training config or its method, so a run exports (and teaches)
-on a machine that could not train it (say, one without the latency cost's runtime). A resume goes through
-the method instead (training.loop), which also knows the optimiser and schedule state.
+and the trained_model record, never the training config or its method, so a finished run can teach
+another (`distill_from`) on a machine that could not train it. A resume goes through the method instead
+(training.loop), which also knows the optimiser and schedule state.
 
 Loaded with torch's weights-only unpickler: tensors and plain data only, so a checkpoint from someone
 else cannot run code (numpy's RNG state is stored as a tensor for that). Versions 1 and 2 described the
@@ -70,39 +71,51 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     write_bytes(path, buffer.getvalue())
 
 
-def _load_weights_only(path: Path) -> dict[str, Any]:
-    """The pickled dict, read without running any code it carries; CheckpointError for anything else."""
+def load_tensor_file(path: Path, kind: str = "checkpoint", error: type[Exception] = CheckpointError) -> Any:
+    """The pickled document of a checkpoint (or another tensor file training writes: `kind`), read without
+    running any code it carries; `error` naming the file for anything else."""
+    legacy = LEGACY_GLOBAL_NAMES if kind == "checkpoint" else set()
     try:
         needed = set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
-    except Exception as error:  # not a zip, or a damaged one
-        raise CheckpointError(f"{path}: unreadable or corrupt checkpoint ({type(error).__name__}: {error})") from None
-    if needed - LEGACY_GLOBAL_NAMES:
-        raise CheckpointError(
-            f"{path}: refused: it holds pickled Python objects ({', '.join(sorted(needed - LEGACY_GLOBAL_NAMES))}), "
+    except Exception as problem:  # not a zip, or a damaged one
+        raise error(f"{path}: unreadable or corrupt {kind} ({type(problem).__name__}: {problem})") from None
+    if needed - legacy:
+        raise error(
+            f"{path}: refused: it holds pickled Python objects ({', '.join(sorted(needed - legacy))}), "
             "and loading those "
-            "could run code. polarprune checkpoints hold tensors and plain data only: use run folders you made "
+            f"could run code. polarprune {kind}s hold tensors and plain data only: use run folders you made "
             "yourself, or train the run again")
     try:
         with torch.serialization.safe_globals(LEGACY_GLOBALS if needed else []):
             state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:  # torch's reason follows a fixed line, after its generic advice
-        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    except pickle.UnpicklingError as problem:  # torch's reason follows a fixed line, after its generic advice
+        lines = [line.strip() for line in str(problem).splitlines() if line.strip()]
         reason = next((lines[i + 1] for i, line in enumerate(lines[:-1]) if "WeightsUnpickler error" in line),
                       lines[0] if lines else "")
-        raise CheckpointError(f"{path}: refused or corrupt: the weights-only loader stops at it ({reason})") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as error:
-        raise CheckpointError(f"{path}: unreadable or corrupt checkpoint ({type(error).__name__}: {error})") from None
+        raise error(f"{path}: refused or corrupt: the weights-only loader stops at it ({reason})") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as problem:
+        raise error(f"{path}: unreadable or corrupt {kind} ({type(problem).__name__}: {problem})") from None
     if needed and (not isinstance(state, dict) or state.get("version") != LEGACY_VERSION):
-        raise CheckpointError(f"{path}: holds numpy arrays, which only checkpoint version {LEGACY_VERSION} "
-                              "did (for numpy's RNG state); not a checkpoint polarprune wrote")
+        raise error(f"{path}: holds numpy arrays, which only checkpoint version {LEGACY_VERSION} "
+                    "did (for numpy's RNG state); not a checkpoint polarprune wrote")
     return state
+
+
+def check_state_dict(weights: Any, path: Path, key: str, error: type[Exception] = CheckpointError) -> None:
+    """`weights` (the file's entry `key`) is a state dict of named tensors, every float finite."""
+    if not isinstance(weights, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                for k, v in weights.items()):
+        raise error(f"{path}: '{key}' must be a state dict of named tensors")
+    broken = next((k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if broken is not None:  # a diverged or damaged run: nothing downstream would say so
+        raise error(f"{path}: weight {broken} holds NaN or Inf; resume from an earlier checkpoint or retrain")
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no checkpoint (train first: make train)")
-    state = _load_weights_only(path)
+    state = load_tensor_file(path)
     if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT and state.get("version") in SPEC_VERSIONS:
         raise CheckpointError(f"{path}: a checkpoint of version {state['version']} (polarprune before traced gates); "
                               "this version cannot resume or export it: retrain the run (make train)")
@@ -117,14 +130,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     # A damaged or hand-made file must fail here, naming itself, not deep inside torch or the loop.
     if not isinstance(state["config"], dict):
         raise CheckpointError(f"{path}: checkpoint config must be a dict, not {type(state['config']).__name__}")
-    model = state["model"]
-    if not isinstance(model, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
-                                              for k, v in model.items()):
-        raise CheckpointError(f"{path}: checkpoint 'model' must be a state dict of named tensors")
-    broken = next((k for k, v in model.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
-    if broken is not None:  # a diverged or damaged run: nothing downstream would say so
-        raise CheckpointError(f"{path}: checkpoint weight {broken} holds NaN or Inf; resume from an earlier "
-                              "checkpoint or retrain")
+    check_state_dict(state["model"], path, "model")
     if not isinstance(state["epoch"], int) or isinstance(state["epoch"], bool) or state["epoch"] < 0:
         raise CheckpointError(f"{path}: checkpoint epoch must be a count >= 0, not {state['epoch']!r}")
     if not isinstance(state["network"], dict):

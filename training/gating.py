@@ -352,3 +352,17 @@ def embed(graph: NetworkGraph, small: nn.Module, mask: Mask, init_score: float =
     gated.network.load_state_dict(targets, strict=True)
     gated.freeze(mask)
     return gated
+
+
+@torch.no_grad()
+def masked_network(graph: NetworkGraph, plain: nn.Module, mask: Mask) -> GatedNetwork:
+    """`plain` (the traced network in its dense shape, trained weights) with every gate frozen to `mask`:
+    what `cut(graph, mask, plain)` must compute, reached by another path (gates multiply, nothing is cut)."""
+    gated = GatedNetwork(graph)
+    missing, unexpected = gated.network.load_state_dict(plain.state_dict(), strict=False)
+    stray = [key for key in missing if not key.startswith(("channel_gates.", "block_gates."))]
+    if stray or unexpected:
+        raise ValueError(f"the weights do not fit the traced network (missing {stray[:3]}, unexpected "
+                         f"{list(unexpected)[:3]})")
+    gated.freeze(mask)
+    return gated.eval()

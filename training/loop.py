@@ -1,8 +1,8 @@
 """The shared training loop: data, optimisers, per-epoch checkpoints, resume, metrics and plots.
 
 A run directory `<out_dir>/<name>/` holds checkpoint.pt (resume state), log.jsonl (one row per epoch),
-mask.json (the static sub-network: kept channels of each traced group, closed blocks), metrics.json and plots. Every write is
-atomic; a run is resumable from its last completed epoch. Under torchrun the same loop runs on every
+mask.json (the static sub-network: kept channels of each traced group, closed blocks), network.pt (the trained
+network for export: `training.network_file`), metrics.json and plots. Every write is atomic; a run is resumable from its last completed epoch. Under torchrun the same loop runs on every
 rank (training/distributed.py); rank 0 alone writes.
 """
 from __future__ import annotations
@@ -32,11 +32,12 @@ from .distributed import Cluster, check_consensus, fingerprint, start_cluster, s
 from .errors import TrainingError
 from .flops import count_params
 from .gates import Gate
-from .gating import cut, mask_problem
+from .gating import GatedNetwork, cut, mask_problem
 from .graph import GraphError, NetworkGraph, trace_network
 from .losses import TaskLoss
 from .mask import mask_document, save_mask
 from .methods import RunContext, make_method
+from .network_file import NETWORK_FILE, save_network
 from .networks import NetworkError, NetworkInfo, build_network, load_weights, read_weights
 from .plots import write_plots
 from .pruning_report import pruning_report, report_markdown, write_pruning_report
@@ -205,8 +206,8 @@ def check_resumable(cfg: TrainConfig, state: dict[str, Any], checkpoint_path: Pa
         raise RunError(f"--resume with a different config: {', '.join(changed)} changed")
     lacking = [key for key in ("optimizer", "rng") if key not in state]
     if lacking:
-        raise RunError(f"--resume: {checkpoint_path} holds no {' or '.join(lacking)} state; it can be "
-                       "exported but not resumed")
+        raise RunError(f"--resume: {checkpoint_path} holds no {' or '.join(lacking)} state, so the run cannot "
+                       "go on from it")
 
 
 def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
@@ -254,10 +255,11 @@ def _train(cfg: TrainConfig, resume: bool, cluster: Cluster, device: torch.devic
     model.to(device)
     method.prepare(model, ctx)
     sgd, gate_sgd, scheduler = make_optimizers(model, cfg, total_steps, start_epoch * steps_per_epoch)
-    if state is not None:
-        sgd.load_state_dict(state["optimizer"])
-        if gate_sgd is not None and state.get("gate_optimizer"):
+    if state is not None and start_epoch < cfg.epochs:  # a finished run takes no step (and its optimisers
+        sgd.load_state_dict(state["optimizer"])          # are those of the network it cut, not of the
+        if gate_sgd is not None and state.get("gate_optimizer"):  # gated one it saved): it only finishes again
             gate_sgd.load_state_dict(state["gate_optimizer"])
+    if state is not None:
         set_rng_state(state["rng"])
 
     def checkpoint_state(epochs_done: int) -> dict[str, Any]:
@@ -392,11 +394,19 @@ def _teacher(cfg: TrainConfig, network_info: NetworkInfo, cluster: Cluster, devi
     return teacher.to(device).eval()
 
 
+def data_source(cfg: TrainConfig) -> dict[str, Any]:
+    """Where the run's images come from, as network.pt records it for export (a config-like mapping:
+    dataset, data_dir, seed and the image-folder options)."""
+    folder = {key: list(value) if isinstance(value, tuple) else value
+              for key, value in dataclasses.asdict(FolderOptions.from_config(cfg.to_dict())).items()}
+    return {"dataset": cfg.dataset, "data_dir": cfg.data_dir, "seed": cfg.seed, **folder}
+
+
 def finish_run(cfg, run_dir, method, model, test_batches, device, history, train_seconds, graph: NetworkGraph,
                network_info: NetworkInfo, cluster: Cluster = Cluster(), energy: EnergyReading | None = None,
                parallel=None, data=None, val_batches=None):
     """Evaluate exactly the static sub-network (on the test split, and on the validation split that method
-    choices are made on), and write mask.json, metrics.json and plots (rank 0)."""
+    choices are made on), and write mask.json, network.pt (export's input), metrics.json and plots (rank 0)."""
     test_accuracy, _ = evaluate(model, test_batches.epoch(0), device, cluster)
     # every rank walks the whole validation split: no sum over ranks
     val_accuracy = evaluate(model, val_batches.epoch(0), device)[0] if val_batches is not None and len(val_batches) else None
@@ -419,6 +429,9 @@ def finish_run(cfg, run_dir, method, model, test_batches, device, history, train
     }
     if cluster.is_main:
         save_mask(run_dir / "mask.json", document)
+        plain = model.plain() if isinstance(model, GatedNetwork) else model
+        save_network(run_dir / NETWORK_FILE, plain, network_info, mask, cfg.method, data_source(cfg),
+                     {"mean": data["mean"], "std": data["std"]}, metrics["provenance"])
         write_plots(run_dir, model, history)
         report = pruning_report(graph, mask, metrics["target_flops_ratio"], cfg.round_to,  # pruning.md/.json/.png
                                 metrics.get("projection") if isinstance(metrics.get("projection"), dict) else None)

@@ -11,6 +11,7 @@ of it: a last resort, every move of which `projection_report` lists.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import reprlib
 from dataclasses import dataclass, field
@@ -35,6 +36,12 @@ class MaskError(SpecError):
 class Mask:
     kept_channels: dict[str, list[int]]   # channel group -> sorted kept indices (groups of closed blocks absent)
     closed_blocks: list[str] = field(default_factory=list)
+
+    def digest(self) -> str:
+        """sha256 of the mask's content: how a file names the mask it belongs to without holding a copy."""
+        content = {"kept_channels": {name: sorted(kept) for name, kept in self.kept_channels.items()},
+                   "closed_blocks": sorted(self.closed_blocks)}
+        return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
 def leading_mask(widths: dict[str, int], closed_blocks=(), gone=()) -> Mask:
