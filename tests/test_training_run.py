@@ -194,6 +194,15 @@ def test_sigkilled_run_resumes_to_the_mask_of_an_uninterrupted_run(tmp_path, pol
     assert {unit: len(kept) for unit, kept in mask.kept_channels.items()} == resumed["kept_channels"]
 
 
+def test_a_finished_run_is_not_lengthened(tmp_path, polarized_run):
+    """Its last checkpoint holds the network it deploys (gates frozen, put back in the dense shape) beside
+    the optimiser of the network it had cut: training on from there crashed inside torch."""
+    run_dir, _ = polarized_run
+    shutil.copytree(run_dir, tmp_path / "run")
+    with pytest.raises(RunError, match=r"epochs=4: .*is a finished run of 3 epochs.*train a new, longer run"):
+        train(quick_config(tmp_path, target_flops_ratio=0.5, epochs=4), resume=True)
+
+
 def test_resume_from_a_checkpoint_without_optimizer_state_is_refused(tmp_path, polarized_run):
     from polarprune.training.checkpoint import save_checkpoint
     run_dir, _ = polarized_run

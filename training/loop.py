@@ -43,8 +43,8 @@ from .plots import write_plots
 from .pruning_report import pruning_report, report_markdown, write_pruning_report
 
 # Keys that may differ between the interrupted run and its resume (they do not change the result).
-# A resume may also move the run to another device or thread count and lengthen it; the run's latency table
-# travels in its checkpoint (a moved run folder resumes).
+# A resume may also move the run to another device or thread count and lengthen it (not once it has
+# finished); the run's latency table travels in its checkpoint (a moved run folder resumes).
 RESUME_FREE_KEYS = PLACEMENT_KEYS | {"device", "threads", "epochs", "latency_cache"}
 
 
@@ -204,6 +204,10 @@ def check_resumable(cfg: TrainConfig, state: dict[str, Any], checkpoint_path: Pa
     changed = changed_keys(state["config"], cfg, RESUME_FREE_KEYS)
     if changed:
         raise RunError(f"--resume with a different config: {', '.join(changed)} changed")
+    planned = state["config"].get("epochs")
+    if state["epoch"] == planned and cfg.epochs > planned:
+        raise RunError(f"--resume with epochs={cfg.epochs}: {checkpoint_path} is a finished run of {planned} epochs, "
+                       "saved as the network it deploys, so it cannot train on: train a new, longer run")
     lacking = [key for key in ("optimizer", "rng") if key not in state]
     if lacking:
         raise RunError(f"--resume: {checkpoint_path} holds no {' or '.join(lacking)} state, so the run cannot "
