@@ -172,7 +172,7 @@ def trained_model(state: dict[str, Any], path: str | Path = "checkpoint") -> tup
                  if record["kind"] == "gated" else graph.module)
     except (NetworkError, GraphError, KeyError, TypeError, ValueError) as error:
         raise CheckpointError(f"{path}: cannot rebuild the network it was trained on ({error})") from None
-    _load_weights(model, state, path)
+    load_weights_strictly(model, state["model"], path)
     return model, graph
 
 
@@ -191,16 +191,19 @@ def model_from_checkpoint(state: dict[str, Any], path: str | Path = "checkpoint"
         model = method.restore_model()
     except (NetworkError, ConfigError, GraphError, KeyError, TypeError, ValueError) as error:
         raise CheckpointError(f"{path}: cannot rebuild the network it was trained on ({error})") from None
-    _load_weights(model, state, path)
+    load_weights_strictly(model, state["model"], path)
     return model, graph, method
 
 
-def _load_weights(model: nn.Module, state: dict[str, Any], path: str | Path) -> None:
+def load_weights_strictly(model: nn.Module, weights: dict[str, Any], path: str | Path,
+                          error: type[Exception] = CheckpointError) -> None:
+    """`weights` into `model`, every key and shape matching; `error` naming the file and torch's first
+    two problems otherwise."""
     try:
-        model.load_state_dict(state["model"], strict=True)
-    except (RuntimeError, TypeError, AttributeError) as error:
+        model.load_state_dict(weights, strict=True)
+    except (RuntimeError, TypeError, AttributeError) as problem:
         # torch's message: a "loading state_dict for ..." line, then one line per problem.
-        problems = [line.strip() for line in str(error).strip().splitlines()[1:] if line.strip()]
+        problems = [line.strip() for line in str(problem).strip().splitlines()[1:] if line.strip()]
         more = f" (and {len(problems) - 2} more)" if len(problems) > 2 else ""
-        raise CheckpointError(f"{path}: weights do not fit the network it describes: "
-                              f"{'; '.join(problems[:2]) or error}{more}") from None
+        raise error(f"{path}: weights do not fit the network it describes: "
+                    f"{'; '.join(problems[:2]) or problem}{more}") from None

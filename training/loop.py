@@ -1,9 +1,10 @@
 """The shared training loop: data, optimisers, per-epoch checkpoints, resume, metrics and plots.
 
 A run directory `<out_dir>/<name>/` holds checkpoint.pt (resume state), log.jsonl (one row per epoch),
-mask.json (the static sub-network: kept channels of each traced group, closed blocks), network.pt (the trained
-network for export: `training.network_file`), metrics.json and plots. Every write is atomic; a run is resumable from its last completed epoch. Under torchrun the same loop runs on every
-rank (training/distributed.py); rank 0 alone writes.
+mask.json (the static sub-network: kept channels of each traced group, closed blocks), network.pt (the
+trained network for export: `training.network_file`), metrics.json and plots. Every write is atomic; a run
+is resumable from its last completed epoch. Under torchrun the same loop runs on every rank
+(training/distributed.py); rank 0 alone writes.
 """
 from __future__ import annotations
 

@@ -21,7 +21,7 @@ from torch import nn
 from polarprune.common.atomicio import write_bytes
 
 from .arch import check_header
-from .checkpoint import check_state_dict, load_tensor_file
+from .checkpoint import check_state_dict, load_tensor_file, load_weights_strictly
 from .errors import TrainingError
 from .graph import GraphError, NetworkGraph, trace_network
 from .mask import Mask
@@ -89,11 +89,6 @@ def load_network(path: str | Path) -> TrainedNetwork:
                for key in ("mean", "std")) or not all(value > 0 for value in normalization["std"]):
         raise NetworkFileError(f"{path}: normalization must give a mean and a positive std for each of the "
                                f"{info.in_channels} input channels, not {normalization!r}")
-    try:
-        graph.module.load_state_dict(document["weights"], strict=True)
-    except RuntimeError as error:
-        problems = [line.strip() for line in str(error).strip().splitlines()[1:] if line.strip()]
-        raise NetworkFileError(f"{path}: weights do not fit the network it describes: "
-                               f"{'; '.join(problems[:2]) or error}") from None
+    load_weights_strictly(graph.module, document["weights"], path, NetworkFileError)
     return TrainedNetwork(info, graph, document["mask_sha256"], document["method"], document["data"], normalization,
                           document.get("provenance") or {})
