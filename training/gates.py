@@ -159,20 +159,23 @@ class TargetConstraint:
     Two phases. While the target still ramps down (`ramping`), "kept <= target" is an inequality
     (`one_sided_ramp`): lambda1 stays >= 0, so gates running ahead of the schedule are not pushed back open.
     Once the target is final it is an equality, and with `restart` lambda1 never pushes the ratio away from
-    it: when the ratio lies on the other side of the target than lambda1 pushes, lambda1 starts again from
-    0. Without the restart, the lambda1 built up while the ratio lagged the ramp kept closing gates for
-    hundreds of steps after the ratio had fallen below the band (docs/method.md)."""
+    it: when the ratio lies outside the band (`tolerance`) on the other side of the target than lambda1
+    pushes, lambda1 starts again from 0. Without the restart, the lambda1 built up while the ratio lagged the
+    ramp kept closing gates for hundreds of steps after the ratio had fallen below the band. Within the band
+    lambda1 is kept: it is the force that holds the gates it moved against the task loss (`gate_loss`), and a
+    restart there let the task loss reopen a block the moment the ramp ended (docs/method.md)."""
 
     def __init__(self, lr: float, one_sided_ramp: bool = True, restart: bool = True):
         self.lr, self.one_sided_ramp, self.restart = lr, one_sided_ramp, restart
         self.lambda1 = self.lambda2 = 0.0
 
-    def __call__(self, ratio: torch.Tensor, target: float, ramping: bool = False) -> torch.Tensor:
+    def __call__(self, ratio: torch.Tensor, target: float, ramping: bool = False,
+                 tolerance: float = 0.0) -> torch.Tensor:
         """The term for this step; the multipliers are raised after it is formed."""
         gap = ratio - target
         loss = self.lambda1 * gap + self.lambda2 * gap ** 2
         miss = float(gap.detach())  # equal on every rank: the gates are synchronised
-        if self.restart and not ramping and miss * self.lambda1 < 0:
+        if self.restart and not ramping and miss * self.lambda1 < 0 and abs(miss) > tolerance:
             self.lambda1 = 0.0
         self.lambda1 += self.lr * miss
         if ramping and self.one_sided_ramp:
@@ -197,14 +200,17 @@ def gate_loss(model, cost, target: float, tolerance: float, target_term: TargetC
     - The target term: a `TargetConstraint` (`ramping`: the target still falls), or, given a number w, the
       fixed w * (ratio - target)^2. It sees the hard ratio (`ratio: expected`: of the gate probabilities);
       with `moves: band` its gradient reaches only the gates whose flip lands nearer the band
-      (`GatedNetwork.band_ratio`), else every gate.
+      (`GatedNetwork.band_ratio`), and, within the band once the target is final, the gates held in the
+      state lambda1 pushes towards; else every gate.
     - The polarizer holds gates where they are. With `release_pulled`, once the target is final and the
       ratio lies outside the band, it leaves out the gates the target term moves: some gate has to flip
       there, and the polarizer held exactly those against it (docs/method.md)."""
-    hard = model.band_ratio(cost, target, tolerance) if moves == "band" else model.kept_ratio(cost)
+    lagrangian = isinstance(target_term, TargetConstraint)
+    hold = 0.0 if ramping or not lagrangian else target_term.lambda1
+    hard = model.band_ratio(cost, target, tolerance, final=not ramping, hold=hold) if moves == "band" \
+        else model.kept_ratio(cost)
     seen = model.kept_ratio(cost, expected=True) if ratio == "expected" else hard
-    loss = target_term(seen, target, ramping) if isinstance(target_term, TargetConstraint) \
-        else target_term * (seen - target) ** 2
+    loss = target_term(seen, target, ramping, tolerance) if lagrangian else target_term * (seen - target) ** 2
     kept = float(hard.detach())
     if polarization_weight == 0:
         return loss, kept
