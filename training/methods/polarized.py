@@ -55,10 +55,10 @@ class PolarizedSettings:
     one_sided_ramp: bool = True          # while the target ramps, lambda1 >= 0: gates ahead of it are not
                                          # pushed back open (afterwards the target is an equality)
     constraint_restart: bool = True      # once the target is final, lambda1 never pushes the ratio away from it:
-                                         # it starts again from 0 when the ratio crosses the target
+                                         # it starts again from 0 when the ratio leaves the band on the other side
     constraint_lr: float = 1.0           # ascent step of the multipliers, per step and unit of ratio missed
-    constraint_moves: str = "band"       # "band": the target term pushes only gates whose flip keeps the ratio
-                                         # within flops_tolerance of the target (GatedNetwork.band_ratio); "all"
+    constraint_moves: str = "band"       # "band": the target term pushes only gates whose flip lands nearer the
+                                         # band, in tiers once the target is final (GatedNetwork.band_ratio); "all"
     constraint_ratio: str = "hard"       # the ratio the target term sees: "hard" (the network the step ran) or
                                          # "expected" (of the gate probabilities; the polarizer makes them agree)
     flops_weight: float = 20.0           # constraint: squared only
