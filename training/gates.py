@@ -49,7 +49,6 @@ class Gate(nn.Module):
         # Set by forward, read by the losses of the same step (values carry STE gradients), per unit.
         self.last_values: torch.Tensor | None = None
         self.last_probs: torch.Tensor | None = None
-        self.movable: torch.Tensor | None = None  # 0/1 per unit: which units a cost term may move (None: all)
         self.pulled: torch.Tensor | None = None   # 0/1 per unit: the units the target term moved this step
 
     @property
@@ -84,8 +83,6 @@ class Gate(nn.Module):
         if self.last_values is None:
             return float(self.frozen_mask.sum())
         values = self.last_probs if expected else self.last_values
-        if self.movable is not None:  # the gradient reaches only the movable units
-            values = values.detach() + self.movable * (values - values.detach())
         width = (values * self.unit_width).sum(dim=-1)
         return width.mean() if width.dim() else width
 

@@ -231,32 +231,28 @@ class GatedNetwork(nn.Module):
         ratio = self.kept_ratio(cost)
         if not learning or not ratio.requires_grad or any(g.last_values.dim() > 1 for g in learning):
             return ratio  # nothing moves, or dynamic gates (a value per input): every gate may move
-        slopes = torch.autograd.grad(ratio, [g.last_values for g in learning], retain_graph=True, allow_unused=True)
+        slopes = torch.autograd.grad(ratio, [g.last_values for g in learning], allow_unused=True)
+        live = [(gate, slope) for gate, slope in zip(learning, slopes) if slope is not None]
+        slope = torch.cat([s for _, s in live])  # every unit of every gate, in one vector
+        values = torch.cat([g.last_values.detach() for g, _ in live])
         now = float(ratio.detach())
-        flips = {}  # gate -> (lands in the band, lands nearer, crosses the target, held by the push), per unit
-        for gate, slope in zip(learning, slopes):
-            if slope is None:
-                continue
-            after = torch.where(gate.last_values.detach() > 0.5, now - slope, now + slope)
-            miss, moves = (after - target).abs(), slope != 0  # a unit inside a closed block moves nothing
-            kept_as_pushed = gate.last_values.detach() < 0.5 if hold > 0 else gate.last_values.detach() > 0.5
-            flips[gate] = (moves & (miss <= tolerance), moves & (miss < abs(now - target)),
-                           (after - target) * (now - target) < 0, moves & kept_as_pushed & (hold != 0))
-        tiers = [lambda f: f[0] | f[1]]  # in the band, the flips that stay in it (none lands nearer outside it)
+        after = torch.where(values > 0.5, now - slope, now + slope)
+        miss, moves = (after - target).abs(), slope != 0  # a unit inside a closed block moves nothing
+        lands, nearer = moves & (miss <= tolerance), moves & (miss < abs(now - target))
+        crosses = (after - target) * (now - target) < 0
+        held = moves & ((values < 0.5) if hold > 0 else (values > 0.5)) & (hold != 0)
+        tiers = [lands | nearer]  # in the band, the flips that stay in it (none lands nearer outside it)
         if final and abs(now - target) <= tolerance:
-            tiers = [lambda f: f[0] | f[1] | f[3]]
+            tiers = [lands | nearer | held]
         elif final:
-            tiers = [lambda f: f[0], lambda f: f[1] & ~f[2], lambda f: f[1], lambda f: f[2]]
-        for tier in tiers:
-            if any(bool(tier(f).any()) for f in flips.values()):
-                break
-        for gate, f in flips.items():
-            gate.movable = gate.pulled = tier(f).float()
-        try:
-            return self.kept_ratio(cost)
-        finally:
-            for gate in learning:
-                gate.movable = None
+            tiers = [lands, nearer & ~crosses, nearer, crosses]
+        chosen = next((tier for tier in tiers if bool(tier.any())), tiers[-1]).to(slope.dtype)
+        for (gate, _), pulled in zip(live, chosen.split([len(s) for _, s in live])):
+            gate.pulled = pulled
+        # The ratio is multilinear in the gate values, so its gradient in one gate's values is that gate's
+        # slope whichever others move: the ratio with only the chosen units' gradient is this sum.
+        change = torch.cat([g.last_values - g.last_values.detach() for g, _ in live])  # 0, STE gradient
+        return ratio.detach() + (slope * chosen * change).sum()
 
     @property
     def dense_macs(self) -> float:
