@@ -13,10 +13,13 @@ Targets
 Safety rules: a version a server may be serving is never touched (each export adds version n+1); a model
 folder holding anything this module did not write (tracked in `.polarprune.json`) is refused before any
 write; a version folder is built under a temporary name and renamed into place; every config.pbtxt is
-parsed into Triton's ModelConfig protobuf before it is written. A write that fails (or is interrupted)
-puts config.pbtxt and the manifest back as they were; `write_model_versions` does that for several models
-at once, so an export adds both of its models or neither. Staging folders a killed process left behind
-are swept by the next write to that model.
+parsed into Triton's ModelConfig protobuf before it is written. The config names the one version it serves
+(`version_policy: specific`) and is written last, after the version folder is in place: its atomic rename
+is the commit, so a process killed at any step leaves a config whose version is complete and matches it.
+A write that fails (or is interrupted by an exception) puts config.pbtxt and the manifest back as they
+were; `write_model_versions` does that for several models at once, so an export adds both of its models or
+neither, and it writes the configs only once every version folder is in place. Staging folders a killed
+process left behind are swept by the next write to that model.
 """
 from __future__ import annotations
 
@@ -123,12 +126,14 @@ def read_onnx_signature(onnx_path: str | os.PathLike) -> ModelSignature:
     return ModelSignature(inputs[0].name, dims_of(inputs[0]), graph.output[0].name, dims_of(graph.output[0]))
 
 
-def build_config(model_name: str, signature: ModelSignature,
-                 options: TritonModelOptions) -> model_config_pb2.ModelConfig:
-    """Triton's ModelConfig message for `options.target`."""
+def build_config(model_name: str, signature: ModelSignature, options: TritonModelOptions,
+                 version: int | None = None) -> model_config_pb2.ModelConfig:
+    """Triton's ModelConfig message for `options.target`, serving only `version` when given."""
     options.check()
     pb = model_config_pb2
     config = pb.ModelConfig(name=model_name, max_batch_size=options.max_batch_size)
+    if version is not None:
+        config.version_policy.specific.versions.append(version)
     if options.target == "cpu":
         config.backend = "python"
     elif options.engine_path:
@@ -168,9 +173,10 @@ def build_config(model_name: str, signature: ModelSignature,
     return config
 
 
-def render_config(model_name: str, signature: ModelSignature, options: TritonModelOptions) -> str:
+def render_config(model_name: str, signature: ModelSignature, options: TritonModelOptions,
+                  version: int | None = None) -> str:
     """The config.pbtxt text for `options.target` (validated by `parse_config` before any write)."""
-    body = text_format.MessageToString(build_config(model_name, signature, options))
+    body = text_format.MessageToString(build_config(model_name, signature, options, version))
     return (f"# Written by polarprune export/triton_repo.py (target {options.target}); rewritten on export.\n"
             + body)
 
@@ -286,16 +292,24 @@ class _FolderState:
             self.model_dir.rmdir()
 
 
-def _write_version(repository: str | os.PathLike, model_name: str, onnx_path: str | os.PathLike,
-                   options: TritonModelOptions) -> _FolderState:
-    """write_model_version's work; returns the folder's earlier state with the new version noted."""
+@dataclass
+class _StagedModel:
+    """A model whose new version folder is in place, and the config that will make the server use it."""
+
+    state: _FolderState
+    config_text: str
+
+
+def _add_version_folder(repository: str | os.PathLike, model_name: str, onnx_path: str | os.PathLike,
+                        options: TritonModelOptions) -> _StagedModel:
+    """Put version n+1 of `model_name` in place (the manifest claims it first); the config still names
+    the version the server serves, so a process killed after this leaves that version serving."""
     if not _MODEL_NAME.match(model_name):
         raise RepositoryError(f"invalid model name {model_name!r} (letters, digits, _ . -)")
     options.check()
     onnx_path = Path(onnx_path)
     signature = read_onnx_signature(onnx_path)
-    config_text = render_config(model_name, signature, options)
-    parse_config(config_text, model_name)
+    parse_config(render_config(model_name, signature, options), model_name)
     if options.engine_path:
         payload = {"model.plan": Path(options.engine_path)}
     elif options.target == "cpu":
@@ -323,7 +337,6 @@ def _write_version(repository: str | os.PathLike, model_name: str, onnx_path: st
             "target": options.target, "files": sorted(payload), "source": str(onnx_path.resolve()),
             "options": asdict(options)}
         _write_readable(model_dir / MANIFEST_NAME, json.dumps(manifest, indent=2) + "\n")
-        _write_readable(model_dir / "config.pbtxt", config_text)
         final = model_dir / str(version)
         if final.exists():  # a concurrent export took this number; do not merge into it
             raise RepositoryError(f"{final} appeared while writing; re-run the export")
@@ -335,30 +348,33 @@ def _write_version(repository: str | os.PathLike, model_name: str, onnx_path: st
             shutil.rmtree(staging, ignore_errors=True)
         state.restore()
         raise
-    return state
+    return _StagedModel(state, render_config(model_name, signature, options, version))
 
 
 def write_model_version(repository: str | os.PathLike, model_name: str, onnx_path: str | os.PathLike,
                         options: TritonModelOptions = TritonModelOptions()) -> Path:
-    """Add version n+1 of `model_name` (from `onnx_path`, or `options.engine_path`) and its config.
+    """Add version n+1 of `model_name` (from `onnx_path`, or `options.engine_path`) and a config serving it.
 
     Returns the new version folder. Raises RepositoryError, with nothing written, when the model name,
     the ONNX signature, the config or the folder's ownership is wrong; any other failure while writing
     puts the folder back as it was and re-raises.
     """
-    return _write_version(repository, model_name, onnx_path, options).added_version
+    return write_model_versions(repository, [(model_name, onnx_path, options)])[0]
 
 
 def write_model_versions(repository: str | os.PathLike,
                          entries: list[tuple[str, str | os.PathLike, TritonModelOptions]]) -> list[Path]:
     """Add a version of each (model_name, onnx_path, options), all or none: when one fails, the ones
-    already written are taken back and the repository is left as it was."""
-    written: list[_FolderState] = []
+    already written are taken back and the repository is left as it was. Every version folder is in
+    place before the first config changes, so the configs switch within a few renames of each other."""
+    staged: list[_StagedModel] = []
     try:
         for model_name, onnx_path, options in entries:
-            written.append(_write_version(repository, model_name, onnx_path, options))
+            staged.append(_add_version_folder(repository, model_name, onnx_path, options))
+        for model in staged:
+            _write_readable(model.state.model_dir / "config.pbtxt", model.config_text)
     except BaseException:
-        for state in reversed(written):
-            state.restore()
+        for model in reversed(staged):
+            model.state.restore()
         raise
-    return [state.added_version for state in written]
+    return [model.state.added_version for model in staged]

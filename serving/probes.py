@@ -82,7 +82,7 @@ def percentiles_ms(samples_ms) -> dict[str, float]:
 
 
 def served_version(client: TritonClassifier) -> str:
-    """The highest version the server reports loaded (Triton's default policy serves the latest)."""
+    """The highest version the server reports loaded (the one export's config names, or the latest)."""
     versions = [v for v in client.spec.versions if str(v).isdigit()]
     return max(versions, key=int) if versions else ""
 

@@ -29,9 +29,10 @@ def reload_model(http_url: str, model: str, version: str | None = None,
 
     Triton's load call returns once the new version is ready; the old one is unloaded after its
     in-flight requests finish, so we also wait for it to leave the READY list (bounded by `timeout_s`).
-    The default version policy (latest 1) is what makes the old version go; other policies keep it and
-    we then only wait for the new one. ServerError carries Triton's reason when the load fails (the
-    previously loaded version then keeps serving).
+    The version policy decides how many versions stay READY: export's configs name the one they serve
+    (`specific`), Triton's default keeps the latest one; another `latest` count keeps that many.
+    ServerError carries Triton's reason when the load fails (the previously loaded version then keeps
+    serving).
     """
     start = time.monotonic()
     with TritonAdmin(http_url, timeout_s=timeout_s) as admin:
@@ -42,7 +43,10 @@ def reload_model(http_url: str, model: str, version: str | None = None,
             still = f"; still serving version(s) {list(before)}" if before else ""
             raise ServerError(f"reload of {model!r} failed: {refused}{still}") from None
         policy = admin.version_policy(model)
-        keep = int(policy["latest"].get("num_versions", 1)) if "latest" in policy else None
+        if "specific" in policy:
+            keep = len(policy["specific"].get("versions", [])) or None
+        else:
+            keep = int(policy["latest"].get("num_versions", 1)) if "latest" in policy else None
         deadline = start + timeout_s
         while True:
             after = admin.ready_versions(model)

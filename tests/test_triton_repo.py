@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
+import shutil
 import sys
 import types
 from pathlib import Path, PurePosixPath
@@ -16,7 +18,8 @@ from google.protobuf import json_format
 from tiny_onnx import tiny_classifier
 from polarprune.common.model_repository import (KNOWN_RELEASES, MANIFEST_NAME, TRITON_RELEASE, RepositoryError,
                                      model_versions, parse_config, plan_problem)
-from polarprune.export.triton_repo import TritonModelOptions, build_config, read_onnx_signature, render_config, write_model_version
+from polarprune.export.triton_repo import (TritonModelOptions, build_config, read_onnx_signature, render_config,
+                                           write_model_version, write_model_versions)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -154,6 +157,65 @@ def test_versions_increment_and_old_versions_stay_untouched(tmp_path, onnx_file)
     assert model_versions(repo / "tiny") == [1, 2, 3]
     assert snapshot(repo / "tiny" / "1") == before
     assert (repo / "tiny" / "2" / "model.onnx").read_bytes() == other.read_bytes()
+
+
+def served_version_problems(model_dir: Path) -> list[str]:
+    """Why the version model_dir's config serves is not a complete version matching that config."""
+    config = parse_config((model_dir / "config.pbtxt").read_text(), model_dir.name)
+    versions = list(config.version_policy.specific.versions)
+    if len(versions) != 1:
+        return [f"the config names versions {versions}, not one"]
+    version_dir = model_dir / str(versions[0])
+    missing = [name for name in ("model.onnx", "model.py") if not (version_dir / name).is_file()]
+    if missing:
+        return [f"version {versions[0]} lacks {missing}"]
+    dims = read_onnx_signature(version_dir / "model.onnx").input_dims
+    return [] if tuple(config.input[0].dims) == dims else [f"config dims {list(config.input[0].dims)} != {dims}"]
+
+
+def test_a_write_killed_at_any_step_leaves_each_config_serving_a_complete_matching_version(tmp_path, onnx_file):
+    """SIGKILL-like deaths (os._exit) before each file-system step of a two-model write: whatever step it
+    reaches, each config names one complete version whose input matches the config, and the next write
+    succeeds. The new models take 6x6 inputs, the old ones 8x8, so a config ahead of its version shows."""
+    new_onnx = tiny_classifier(tmp_path / "new.onnx", side=6)
+    models = ("m_dense", "m_pruned")
+    completed_at = None
+    for step in range(1, 40):
+        repo = tmp_path / f"repo{step}"
+        for model in models:
+            write_model_version(repo, model, onnx_file)
+        pid = os.fork()
+        if pid == 0:  # the child dies right before its step-th rename, replace or copy
+            calls = [0]
+
+            def dying(real):
+                def call(*args, **kwargs):
+                    calls[0] += 1
+                    if calls[0] == step:
+                        os._exit(9)
+                    return real(*args, **kwargs)
+                return call
+            os.rename, os.replace, shutil.copyfile = dying(os.rename), dying(os.replace), dying(shutil.copyfile)
+            try:
+                write_model_versions(repo, [(model, new_onnx, TritonModelOptions()) for model in models])
+            finally:
+                os._exit(0 if calls[0] < step else 1)
+        _, status = os.waitpid(pid, 0)
+        code = os.waitstatus_to_exitcode(status)
+        assert code in (0, 9), code
+        for model in models:
+            assert served_version_problems(repo / model) == [], (step, model)
+        if code == 0:
+            completed_at = step
+            break
+        for model in models:  # the next export cleans up and serves its own version
+            write_model_version(repo, model, new_onnx)
+            assert served_version_problems(repo / model) == []
+            assert not [p for p in (repo / model).iterdir() if p.name.startswith(".polarprune-tmp")]
+    assert completed_at is not None and completed_at > 8, completed_at  # copies, manifests, folders, configs
+    for model in models:
+        config = parse_config((repo / model / "config.pbtxt").read_text(), model)
+        assert list(config.version_policy.specific.versions) == [2] and list(config.input[0].dims) == [1, 6, 6]
 
 
 def test_foreign_files_are_refused_and_nothing_is_written(tmp_path, onnx_file):
