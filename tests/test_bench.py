@@ -210,3 +210,26 @@ def test_seeds_arms_count_the_dense_run_a_fine_tune_started_from(tmp_path):
     assert seeds_main(["--arm", "no pattern", "--out", str(out)]) == 2
     assert seeds_main(["--dense", str(tmp_path / "dense{seed}"), "--seeds", "0,1", "--out", str(out),
                        "--arm", f"seed 5@5={tmp_path}/ft{{seed}}"]) == 2  # no dense run of seed 5
+
+
+def test_the_learned_network_from_scratch_has_the_masks_widths_and_a_fresh_draw(tmp_path):
+    """bench.scratch: the run's pruned network, its MACs those of the mask, its layers initialised anew at
+    their cut width (Kaiming fan-out, as the built-in initialises itself), not the dense draw cut down."""
+    from export_fixtures import make_run
+    from polarprune.bench.scratch import learned_network
+    from polarprune.training.graph import trace_network
+
+    run = make_run(tmp_path / "run", "resnet20", (16, 16), seed=1, closed_blocks=["layer2.0"], round_to=4)
+    document = json.loads((run / "mask.json").read_text())
+    network = learned_network(str(run))
+    problem = mask_problem(trace_network(network, torch.zeros(2, 1, 16, 16)))
+    assert round(problem.cost(problem.full())) == document["pruned_flops"] != document["dense_flops"]
+    assert not any(name.startswith("layer2.0.") for name, _ in network.named_modules())
+    convs = [m for m in network.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)]
+    # A group cut to half its width or less: the dense draw cut down would be >= 1.41x too narrow there.
+    assert any(2 * len(kept) <= document["group_widths"][group] for group, kept in document["kept_channels"].items())
+    for conv in convs:  # fan-out Kaiming: std = sqrt(2 / (out_channels * 9))
+        expected = math.sqrt(2 / (conv.out_channels * 9))
+        assert abs(conv.weight.std().item() / expected - 1) < 0.15, (conv, conv.weight.std().item(), expected)
+    norms = [m for m in network.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert all(torch.equal(m.weight, torch.ones_like(m.weight)) and not m.running_mean.any() for m in norms)
