@@ -13,7 +13,7 @@ from polarprune.training.config import make_config
 from polarprune.training.flops import count_macs
 from polarprune.training.gating import GatedNetwork, cut, masked_network
 from polarprune.training.graph import trace_network
-from polarprune.training.loop import RunError, train
+from polarprune.training.loop import RunError, cosine_schedule, train
 from polarprune.training.mask import load_mask
 from polarprune.training.network_file import load_network
 from polarprune.training.networks import NetworkInfo, build_network
@@ -23,7 +23,8 @@ from run_helpers import kill_after_first_checkpoint, training_command
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = dict(dataset="fashion_mnist", model="resnet20", epochs=3, batch_size=64, train_subset=1536,
              val_size=256, test_subset=1000, eval_batch_size=500, progress=False, seed=0, threads=2,
-             device="cpu")  # explicit: "auto" would move these runs to a GPU where one exists
+             device="cpu",  # explicit: "auto" would move these runs to a GPU where one exists
+             ramp_fraction=0.4, freeze_fraction=0.6)  # the default config's schedule: the mask freezes in epoch 2
 
 
 def quick_config(tmp_path, **overrides):
@@ -35,6 +36,19 @@ def polarized_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
     metrics = train(quick_config(out, target_flops_ratio=0.5))
     return out / "run", metrics
+
+
+def test_the_weights_schedule_starts_again_at_the_step_the_method_names():
+    restart = [None]
+    factor = cosine_schedule(100, lambda: restart[0])
+    plain = [factor(step) for step in range(101)]
+    assert plain[0] == 1 and plain[50] == pytest.approx(0.5) and plain[100] == pytest.approx(0)
+    restart[0] = 40  # e.g. the polarized mask froze at step 40
+    assert [factor(step) for step in range(40)] == plain[:40]
+    assert factor(40) == 1 and factor(70) == pytest.approx(0.5) and factor(100) == pytest.approx(0)
+    assert factor(130) == pytest.approx(0)
+    restart[0] = 100  # a step at or past the end starts nothing
+    assert [factor(step) for step in range(101)] == plain
 
 
 def test_short_run_meets_its_flops_target_and_learns(polarized_run):
@@ -130,6 +144,10 @@ def test_resume_after_interruption_gives_the_same_run(tmp_path, polarized_run, m
     assert resumed["kept_channels"] == full["kept_channels"]
     assert resumed["test_accuracy"] == pytest.approx(full["test_accuracy"], abs=0.01)
     assert len((run_dir / "log.jsonl").read_text().splitlines()) == 3
+    # The mask froze before the interruption, so the resumed run continues the schedule restarted there.
+    assert full["freeze"]["progress"] < 2 / 3 and resumed["freeze"] == full["freeze"]
+    learning_rates = lambda folder: [json.loads(line)["lr"] for line in (folder / "log.jsonl").read_text().splitlines()]
+    assert learning_rates(run_dir) == pytest.approx(learning_rates(polarized_run[0]), rel=1e-9)
 
 
 def test_existing_run_is_not_overwritten(polarized_run):

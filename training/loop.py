@@ -15,7 +15,7 @@ import random
 import time
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -76,10 +76,23 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def make_optimizers(model, cfg: TrainConfig, total_steps: int, done_steps: int = 0):
-    """SGD + cosine for the weights; plain SGD with momentum for gate scores. Not Adam for the scores:
-    Adam normalises away gradient size, so every gate moved in lockstep under the shared FLOPs push and
-    they all closed together (measured; README). With SGD a gate closes when its cost outweighs its use."""
+def cosine_schedule(total_steps: int, restart: Callable[[], int | None] = lambda: None) -> Callable[[int], float]:
+    """The weights' learning-rate factor at a step: one cosine from 1 to 0 over the run; once `restart()`
+    names a step r (`Method.schedule_restart`), a new cosine from 1 at r to 0 at the end."""
+    def factor(step: int) -> float:
+        start = restart()
+        if start is None or not 0 <= start < total_steps or step < start:
+            start = 0
+        return 0.5 * (1 + math.cos(math.pi * (min(step, total_steps) - start) / (total_steps - start)))
+    return factor
+
+
+def make_optimizers(model, cfg: TrainConfig, total_steps: int, done_steps: int = 0,
+                    restart: Callable[[], int | None] = lambda: None):
+    """SGD + cosine for the weights (`cosine_schedule`); plain SGD with momentum for gate scores. Not Adam
+    for the scores: Adam normalises away gradient size, so every gate moved in lockstep under the shared
+    FLOPs push and they all closed together (measured; README). With SGD a gate closes when its cost
+    outweighs its use."""
     score_ids = {id(m.score) for m in model.modules() if isinstance(m, Gate)}
     named = list(model.named_parameters())
     weights = [(n, p) for n, p in named if id(p) not in score_ids]
@@ -90,7 +103,7 @@ def make_optimizers(model, cfg: TrainConfig, total_steps: int, done_steps: int =
     ]
     sgd = torch.optim.SGD(weight_groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
     gate_sgd = torch.optim.SGD(scores, lr=cfg.gate_lr, momentum=cfg.gate_momentum) if scores else None
-    cosine = lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
+    cosine = cosine_schedule(total_steps, restart)
     scheduler = torch.optim.lr_scheduler.LambdaLR(sgd, cosine)
     # A resumed run (or a model replaced mid-run) continues its schedule where it was.
     scheduler.last_epoch = done_steps
@@ -191,7 +204,7 @@ def swap_optimizers(old_model, new_model, sgd, method, cfg: TrainConfig, total_s
     method can map them (`Method.carry_momentum`), the momentum of the weights it kept."""
     momentum = {name: sgd.state[p]["momentum_buffer"] for name, p in old_model.named_parameters()
                 if "momentum_buffer" in sgd.state.get(p, {})}
-    sgd, gate_sgd, scheduler = make_optimizers(new_model, cfg, total_steps, done_steps)
+    sgd, gate_sgd, scheduler = make_optimizers(new_model, cfg, total_steps, done_steps, method.schedule_restart)
     carried = method.carry_momentum(momentum)
     for name, p in new_model.named_parameters():
         if name in carried:
@@ -259,7 +272,8 @@ def _train(cfg: TrainConfig, resume: bool, cluster: Cluster, device: torch.devic
         energy = EnergyReading.from_dict(state["energy"]) if state.get("energy") else None
     model.to(device)
     method.prepare(model, ctx)
-    sgd, gate_sgd, scheduler = make_optimizers(model, cfg, total_steps, start_epoch * steps_per_epoch)
+    sgd, gate_sgd, scheduler = make_optimizers(model, cfg, total_steps, start_epoch * steps_per_epoch,
+                                               method.schedule_restart)
     if state is not None and start_epoch < cfg.epochs:  # a finished run takes no step (and its optimisers
         sgd.load_state_dict(state["optimizer"])          # are those of the network it cut, not of the
         if gate_sgd is not None and state.get("gate_optimizer"):  # gated one it saved): it only finishes again

@@ -74,6 +74,11 @@ class Method:
         the network cut once a mask froze) gets fresh optimisers, like one from `start_epoch`."""
         return model
 
+    def schedule_restart(self) -> int | None:
+        """The step from which the weights' cosine schedule starts again over the remaining steps, once the
+        method knows it (`training.loop.cosine_schedule`); None: one schedule for the whole run."""
+        return None
+
     def carry_momentum(self, momentum: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """After `start_epoch` handed back a new model: the optimiser momentum of its parameters (by name),
         from the old model's (`momentum`). Default: none carried, the new model's optimiser starts fresh."""

@@ -80,6 +80,8 @@ class PolarizedSettings:
                                          # with the target final, before the mask freezes
     freeze_fraction: float = 0.75        # of all steps, when the mask freezes at the latest; the rest fine-tunes
     cut_after_freeze: bool = True        # fine-tune the physically cut network (cheaper); false: the gated one
+    lr_restart_at_freeze: bool = True    # the weights' cosine starts again at the freeze, over the steps left
+                                         # (learning-rate rewinding, Renda et al. 2020; docs/accuracy.md)
     # the gates' cost (training/latency.py): kept MACs, or latency measured on the deployment runtime
     cost: str = "flops"                  # "flops": kept MACs; "latency": a per-layer latency table
     target_latency_ratio: float | None = None  # cost=latency: kept / dense latency (0.5 = "2x faster"); the
@@ -392,6 +394,12 @@ class PolarizedMethod(Method):
         return {"predicted_ratio": mask_cost(self.cost, self.mask) / self.cost.dense, **times,
                 "batch": settings.batch, "threads": settings.threads, "runtime": settings.runtime,
                 "table": "latency_table.json"}
+
+    def schedule_restart(self) -> int | None:
+        """The freeze step, with `lr_restart_at_freeze`: the cut network trains on a schedule of its own."""
+        if self.cfg.lr_restart_at_freeze and self.freeze_point is not None:
+            return self.freeze_point.get("step")  # none when the mask froze only at the end
+        return None
 
     def final_mask(self, model: GatedNetwork) -> Mask:
         return self.mask
