@@ -1,8 +1,10 @@
 """Gates: hard forward values, straight-through gradients, polarization, gradients reach every parameter."""
+import copy
+
 import pytest
 import torch
 
-from polarprune.training.gates import Gate, kept_target, polarization, straight_through
+from polarprune.training.gates import Gate, kept_target, polarization, polarizer, straight_through
 from polarprune.training.gating import GatedBatchNorm2d, GatedNetwork, gate_channels
 from polarprune.training.graph import trace_network
 from polarprune.training.networks import NetworkInfo, build_network
@@ -114,6 +116,35 @@ def test_every_parameter_of_a_dynamic_gated_resnet_receives_a_gradient():
 
 def test_every_parameter_of_a_gated_vgg_receives_a_gradient():
     _all_parameters_get_gradients(_gated("vgg16", 3), (3, 16, 16))
+
+
+def test_gates_evaluated_together_give_each_gates_own_values_and_gradients():
+    # GatedNetwork.forward evaluates its static gates in one call (training.gates.StaticGates); the traced
+    # network alone (gated.network) has every gate evaluate itself at each of its points.
+    torch.manual_seed(0)
+    info = NetworkInfo("resnet20", 1, 10, (16, 16))
+    together = GatedNetwork(trace_network(build_network(info), info.example_input()), round_to=4, score_clamp=3.0)
+    with torch.no_grad():
+        for gate in together.gates().values():
+            gate.score.copy_(torch.randn(gate.score.shape) * 2)  # some open, some closed, some past the clamp
+        together.channel_gate("layer3.0.conv1").score.fill_(-5.0)  # clamped to a tie: min_open picks a unit
+    alone = copy.deepcopy(together)
+    x = torch.randn(4, 1, 16, 16)
+    results = []
+    for model, forward in ((together, together), (alone, alone.network)):
+        out = forward(x)
+        loss = out.logsumexp(1).sum() + 3 * model.kept_ratio() + polarizer(*model.gate_probs(), t=0.1)
+        loss.backward()
+        results.append((out.detach(), {n: p.detach().clone() for n, p in model.named_parameters()},
+                        {n: p.grad for n, p in model.named_parameters()},
+                        {n: g.last_values.detach() for n, g in model.gates().items() if g.last_values is not None}))
+    assert together.static_gates is not None and alone.static_gates is None
+    assert int(results[0][3]["channel_gates.layer3__0__conv1"].sum()) == 1
+    (out, params, grads, values), (out_alone, params_alone, grads_alone, values_alone) = results
+    assert torch.equal(out, out_alone)
+    for mine, theirs in ((params, params_alone), (grads, grads_alone), (values, values_alone)):
+        assert mine.keys() == theirs.keys()
+        assert all(torch.equal(mine[n], theirs[n]) for n in mine), [n for n in mine if not torch.equal(mine[n], theirs[n])]
 
 
 def test_kept_target_ramps_after_warm_up():

@@ -8,19 +8,51 @@ mask is fixed later by majority vote. Once frozen, a gate is a constant 0/1 vect
 """
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import nn
+
+
+def hard_values(logits: torch.Tensor, min_open: int = 0) -> torch.Tensor:
+    """1[logit > 0], with at least `min_open` units (the highest logits) open along the last dimension."""
+    hard = (logits > 0).to(logits.dtype)
+    if min_open > 0:
+        top = logits.detach().topk(min_open, dim=-1).indices
+        hard = hard.scatter(-1, top, 1.0)
+    return hard
+
+
+def with_sigmoid_gradient(hard: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(`hard` carrying the gradient of sigmoid(logits), sigmoid probabilities)."""
+    probs = torch.sigmoid(logits)
+    return hard + (probs - probs.detach()), probs  # the bracket is exactly 0 forward: values stay 0/1
 
 
 def straight_through(logits: torch.Tensor, min_open: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(hard 0/1 values carrying sigmoid gradients, sigmoid probabilities). At least `min_open` units
     (the highest logits) stay open along the last dimension."""
-    probs = torch.sigmoid(logits)
-    hard = (logits > 0).to(logits.dtype)
-    if min_open > 0:
-        top = logits.detach().topk(min_open, dim=-1).indices
-        hard = hard.scatter(-1, top, 1.0)
-    return hard + (probs - probs.detach()), probs  # the bracket is exactly 0 forward: values stay 0/1
+    return with_sigmoid_gradient(hard_values(logits, min_open), logits)
+
+
+def hold_unpulled(probs: torch.Tensor, pulled: torch.Tensor | None) -> torch.Tensor:
+    """`probs` whose gradient skips the units `pulled` (0/1 per unit) marks; None: all of them pass."""
+    if pulled is None:
+        return probs
+    return probs.detach() + (1 - pulled) * (probs - probs.detach())
+
+
+@torch.no_grad()
+def clamp_scores(gates: list[Gate]) -> None:
+    """Each learning gate's score clamped in place to [-score_clamp, score_clamp] (0: no clamp), before use;
+    one in-place call per clamp value for all the scores."""
+    scores: dict[float, list[torch.Tensor]] = {}
+    for gate in gates:
+        if gate.score_clamp > 0 and gate.score.requires_grad:
+            scores.setdefault(gate.score_clamp, []).append(gate.score)
+    for clamp, group in scores.items():
+        torch._foreach_clamp_min_(group, -clamp)  # = clamp_(-c, c), bit for bit
+        torch._foreach_clamp_max_(group, clamp)
 
 
 class Gate(nn.Module):
@@ -50,6 +82,8 @@ class Gate(nn.Module):
         self.last_values: torch.Tensor | None = None
         self.last_probs: torch.Tensor | None = None
         self.pulled: torch.Tensor | None = None   # 0/1 per unit: the units the target term moved this step
+        # Per channel, this forward's values when `StaticGates` evaluated them with the network's other gates.
+        self.channel_values: torch.Tensor | None = None
 
     @property
     def is_frozen(self) -> bool:
@@ -62,14 +96,14 @@ class Gate(nn.Module):
 
     def logits(self, layer_input: torch.Tensor | None = None) -> torch.Tensor:
         """(units,) for a static gate, (batch, units) for a dynamic one."""
-        if self.score_clamp > 0 and self.score.requires_grad:
-            with torch.no_grad():
-                self.score.clamp_(-self.score_clamp, self.score_clamp)
+        clamp_scores([self])
         if self.head is None or layer_input is None:
             return self.score
         return self.score + self.head(layer_input.mean(dim=(2, 3)))
 
     def forward(self, layer_input: torch.Tensor | None = None) -> torch.Tensor:
+        if self.channel_values is not None:
+            return self.channel_values
         if self.is_frozen or self.fixed:
             self.last_values, self.last_probs = None, None
             return self.frozen_mask
@@ -89,10 +123,7 @@ class Gate(nn.Module):
     def held_probs(self) -> torch.Tensor:
         """`last_probs` whose gradient skips the units the target term moved this step (`pulled`): a loss
         that holds gates where they are (the polarizer) leaves those to it."""
-        if self.pulled is None:
-            return self.last_probs
-        probs = self.last_probs
-        return probs.detach() + (1 - self.pulled) * (probs - probs.detach())
+        return hold_unpulled(self.last_probs, self.pulled)
 
     def freeze(self, mask: torch.Tensor) -> None:
         """Fix the gate to a 0/1 mask per channel; the score stops receiving gradients."""
@@ -113,6 +144,68 @@ class Gate(nn.Module):
             self._stop_training()
 
 
+class StaticGates:
+    """The learning gates of a network that have no dynamic head, evaluated together once per forward pass:
+    one clamp, threshold, sigmoid and straight-through over all their scores concatenated and one expansion
+    to channels; each gate gets views of the result (`last_values`, `last_probs`, `channel_values`), a gate
+    called at several points computes nothing more. Values and gradients are each gate's own evaluation
+    (tests/test_gates.py); per gate, those small ops and their backward were most of what the gates cost a
+    training step. The whole vectors serve the gate losses (`kept_widths`, `training.gating.GatedNetwork`)."""
+
+    def __init__(self, gates: list[Gate]):
+        self.gates = gates
+        self.units = [len(gate.sizes) for gate in gates]
+        self.starts = [0, *itertools.accumulate(self.units)][:-1]
+        self.channels = [len(gate.unit_of_channel) for gate in gates]
+        self.unit_of_channel = torch.cat([g.unit_of_channel + start for g, start in zip(gates, self.starts)])
+        self.unit_width = torch.cat([gate.unit_width for gate in gates])
+        self.gate_of_unit = torch.repeat_interleave(torch.arange(len(gates)), torch.tensor(self.units)).to(
+            self.unit_width.device)
+        self.min_open = self.unit_width.new_tensor([gate.min_open for gate in gates])
+        self.values: torch.Tensor | None = None   # per unit of every gate, of the last evaluation
+        self.probs: torch.Tensor | None = None
+        self.pulled: torch.Tensor | None = None   # per unit: what the target term moved (`Gate.pulled`)
+
+    def fits(self, gates: list[Gate]) -> bool:
+        """Whether these are the gates (same ones, same order) and their buffers are where these are."""
+        return gates == self.gates and gates[0].unit_width.device == self.unit_width.device \
+            and gates[0].unit_width.dtype == self.unit_width.dtype
+
+    def evaluate(self) -> None:
+        clamp_scores(self.gates)
+        logits = torch.cat([gate.score for gate in self.gates])
+        hard = hard_values(logits)
+        opened = hard.new_zeros(len(self.gates)).index_add_(0, self.gate_of_unit, hard)
+        for index in (opened < self.min_open).nonzero().flatten().tolist():  # rare: too few units open
+            start, gate = self.starts[index], self.gates[index]
+            hard[start:start + self.units[index]] = hard_values(logits[start:start + self.units[index]],
+                                                                gate.min_open)
+        values, probs = with_sigmoid_gradient(hard, logits)
+        per_channel = values.index_select(0, self.unit_of_channel).split(self.channels)
+        for gate, gate_values, gate_probs, channel_values in zip(
+                self.gates, values.split(self.units), probs.split(self.units), per_channel):
+            gate.last_values, gate.last_probs, gate.pulled = gate_values, gate_probs, None
+            gate.channel_values = channel_values
+        self.values, self.probs, self.pulled = values, probs, None
+
+    def release(self) -> None:
+        """After the forward pass: the gates evaluate themselves again if called outside of one."""
+        for gate in self.gates:
+            gate.channel_values = None
+
+    def pull(self, pulled: torch.Tensor) -> None:
+        """The units the target term moved this step (0/1 per unit of every gate), also per gate."""
+        self.pulled = pulled
+        for gate, gate_pulled in zip(self.gates, pulled.split(self.units)):
+            gate.pulled = gate_pulled
+
+    def kept_widths(self, expected: bool = False) -> list[torch.Tensor]:
+        """`Gate.kept_width` of every gate, from one sum over units."""
+        values = self.probs if expected else self.values
+        widths = values.new_zeros(len(self.gates)).index_add(0, self.gate_of_unit, values * self.unit_width)
+        return list(widths.unbind())
+
+
 def polarization(probs: torch.Tensor, t: float, center: str = "threshold") -> torch.Tensor:
     """Polarizer of Zhuang et al. (NeurIPS 2020), t * mean(p) - mean|p - c|, on gate probabilities.
 
@@ -121,9 +214,23 @@ def polarization(probs: torch.Tensor, t: float, center: str = "threshold") -> to
     gates whose p lies between the mean and 0.5 are pushed towards opening, and against a FLOPs target
     about half the gates hovered at the boundary in our toy runs (tests/test_gates.py; README).
     """
-    probs = probs.reshape(-1)
-    c = probs.mean() if center == "mean" else 0.5
-    return t * probs.mean() - (probs - c).abs().mean()
+    return polarizations([probs.reshape(-1)], t, center)[0]
+
+
+def polarizations(probs: list[torch.Tensor], t: float, center: str = "threshold") -> torch.Tensor:
+    """`polarization` of each vector in `probs`, in one vector, from sums over them concatenated (a few
+    ops, not a few per gate); the gradients are those of each vector's own."""
+    flat = torch.cat(probs)
+    sizes = [len(p) for p in probs]
+    group = torch.repeat_interleave(torch.arange(len(probs), device=flat.device),
+                                    torch.tensor(sizes, device=flat.device))
+    count = flat.new_tensor(sizes)
+
+    def mean(x: torch.Tensor) -> torch.Tensor:
+        return flat.new_zeros(len(probs)).index_add(0, group, x) / count
+    average = mean(flat)
+    c = average.index_select(0, group) if center == "mean" else 0.5
+    return t * average - mean((flat - c).abs())
 
 
 def consensus_disagreement(probs: torch.Tensor) -> torch.Tensor:
@@ -138,7 +245,7 @@ def polarizer(channel_probs: list[torch.Tensor], block_probs: list[torch.Tensor]
     """The polarizing term of a whole network: the mean over channel groups of each group's polarizer,
     plus one over all block gates together (a single block gate cannot polarize on its own)."""
     per_input = [p.mean(dim=0) if p.dim() > 1 else p for p in channel_probs]
-    total = torch.stack([polarization(p, t, center) for p in per_input]).mean() if per_input else None
+    total = polarizations(per_input, t, center).mean() if per_input else None
     if block_probs:
         blocks = polarization(torch.cat([p.mean(dim=0) if p.dim() > 1 else p for p in block_probs]), t, center)
         total = blocks if total is None else total + blocks

@@ -24,7 +24,7 @@ from torch import fx, nn
 from .cost import (Cost, MacsCost, Number, check_mask, costed_layers, full_mask, group_units,  # noqa: F401
                    group_widths, kept_macs, layer_sum, mask_cost, mask_macs, mask_problem, mask_widths)
 from .cutting import cut, kept_index  # noqa: F401
-from .gates import Gate, straight_through
+from .gates import Gate, StaticGates, hold_unpulled, straight_through
 from .graph import PRODUCING_KINDS, NetworkGraph
 from .mask import GateDecision, Mask, MaskError, MaskProblem, choose_mask  # noqa: F401 (MaskError: importers)
 
@@ -134,6 +134,7 @@ class GatedNetwork(nn.Module):
         network.add_submodule("block_gates", nn.ModuleDict(block))      # one state-dict entry each
         self._insert_gates(network, nodes)
         self.network = network
+        self.static_gates: StaticGates | None = None  # the gates of the last forward pass evaluated together
 
     @property
     def channel_gates(self) -> nn.ModuleDict:
@@ -190,7 +191,17 @@ class GatedNetwork(nn.Module):
         return network.graph.call_module(target, (source,) if source is not None else ())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.network(x)
+        learning = [g for g in self.gates().values() if g.head is None and g.learns]
+        if not learning:
+            self.static_gates = None
+            return self.network(x)
+        if self.static_gates is None or not self.static_gates.fits(learning):
+            self.static_gates = StaticGates(learning)
+        self.static_gates.evaluate()
+        try:
+            return self.network(x)
+        finally:
+            self.static_gates.release()
 
     # -- gate values ------------------------------------------------------------------------------
     def channel_gate(self, group: str) -> Gate:
@@ -203,8 +214,13 @@ class GatedNetwork(nn.Module):
         """Kept width of every group and value of every block from the gate values of the last forward
         pass (averaged over inputs for dynamic gates), or with `expected` from its gate probabilities;
         they carry the gradients to the scores."""
-        return ({name: self.channel_gate(name).kept_width(expected) for name in self.graph.prunable()},
-                {name: self.block_gate(name).kept_width(expected) for name in self.graph.blocks})
+        together = self.static_gates
+        widths = dict(zip(together.gates, together.kept_widths(expected))) if together is not None else {}
+
+        def width(gate: Gate) -> Number:
+            return widths[gate] if gate in widths else gate.kept_width(expected)
+        return ({name: width(self.channel_gate(name)) for name in self.graph.prunable()},
+                {name: width(self.block_gate(name)) for name in self.graph.blocks})
 
     def kept_ratio(self, cost: Cost | None = None, expected: bool = False) -> torch.Tensor:
         """Kept / dense cost (default: MACs) of the last forward pass's hard gates (the network it ran,
@@ -228,13 +244,12 @@ class GatedNetwork(nn.Module):
         sign of the term's push: > 0 closes), the gradient also reaches the gates already in the state the
         push keeps them in (closed for hold > 0), so the term holds them against the task loss."""
         learning = [g for g in self.gates().values() if g.learns and g.last_values is not None]
+        together = self.static_gates
         ratio = self.kept_ratio(cost)
-        if not learning or not ratio.requires_grad or any(g.last_values.dim() > 1 for g in learning):
+        if together is None or together.gates != learning or not ratio.requires_grad:
             return ratio  # nothing moves, or dynamic gates (a value per input): every gate may move
-        slopes = torch.autograd.grad(ratio, [g.last_values for g in learning], allow_unused=True)
-        live = [(gate, slope) for gate, slope in zip(learning, slopes) if slope is not None]
-        slope = torch.cat([s for _, s in live])  # every unit of every gate, in one vector
-        values = torch.cat([g.last_values.detach() for g, _ in live])
+        slope, = torch.autograd.grad(ratio, together.values)  # every unit of every gate, in one vector
+        values = together.values.detach()
         now = float(ratio.detach())
         after = torch.where(values > 0.5, now - slope, now + slope)
         miss, moves = (after - target).abs(), slope != 0  # a unit inside a closed block moves nothing
@@ -247,11 +262,10 @@ class GatedNetwork(nn.Module):
         elif final:
             tiers = [lands, nearer & ~crosses, nearer, crosses]
         chosen = next((tier for tier in tiers if bool(tier.any())), tiers[-1]).to(slope.dtype)
-        for (gate, _), pulled in zip(live, chosen.split([len(s) for _, s in live])):
-            gate.pulled = pulled
+        together.pull(chosen)
         # The ratio is multilinear in the gate values, so its gradient in one gate's values is that gate's
         # slope whichever others move: the ratio with only the chosen units' gradient is this sum.
-        change = torch.cat([g.last_values - g.last_values.detach() for g, _ in live])  # 0, STE gradient
+        change = together.values - values  # 0, STE gradient
         return ratio.detach() + (slope * chosen * change).sum()
 
     @property
@@ -261,7 +275,13 @@ class GatedNetwork(nn.Module):
     def gate_probs(self, held: bool = False) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """(unit probabilities per channel gate, block gate probabilities) of the last forward pass, of the
         gates that learn; `held`: without gradient to the units the target term moved (`Gate.held_probs`)."""
-        probs = (lambda g: g.held_probs()) if held else (lambda g: g.last_probs)
+        together, evaluated = self.static_gates, {}
+        if together is not None:
+            all_probs = hold_unpulled(together.probs, together.pulled) if held else together.probs
+            evaluated = dict(zip(together.gates, all_probs.split(together.units)))
+
+        def probs(gate: Gate) -> torch.Tensor:
+            return evaluated[gate] if gate in evaluated else gate.held_probs() if held else gate.last_probs
         return ([probs(g) for g in self.channel_gates.values() if g.learns],
                 [probs(g) for g in self.block_gates.values() if g.learns])
 
