@@ -5,6 +5,7 @@ Forward value = 1[score > 0];
 backward treats it as sigmoid(score), so d(value)/d(score) = sigmoid'(score). A dynamic gate adds an
 input-dependent term from a light head (global pool -> linear) on the layer input; the static consensus
 mask is fixed later by majority vote. Once frozen, a gate is a constant 0/1 vector and trains no more.
+A network's learning static gates are evaluated together, once per forward pass (`StaticGates`).
 """
 from __future__ import annotations
 
@@ -172,6 +173,7 @@ class StaticGates:
             and gates[0].unit_width.dtype == self.unit_width.dtype
 
     def evaluate(self) -> None:
+        """Every gate's values for the coming forward pass, as `Gate.forward` computes them one by one."""
         clamp_scores(self.gates)
         logits = torch.cat([gate.score for gate in self.gates])
         hard = hard_values(logits)

@@ -3,7 +3,8 @@
 `GatedNetwork` wraps a copy of the user's network, traced once (`training.graph`), with a channel `Gate`
 per prunable group and a block `Gate` per residual branch inserted into the traced graph: a gate point's
 output is multiplied by its groups' gate values (ones for channels that cannot go), a branch output by its
-block gate. The user's modules keep their paths and state-dict keys. All gates start open (score
+block gate; its forward pass evaluates the static gates together first (`training.gates.StaticGates`).
+The user's modules keep their paths and state-dict keys. All gates start open (score
 `init_score` > 0, hard value 1), so before the first step the gated network computes exactly what the
 network computed.
 
