@@ -144,7 +144,8 @@ def test_gates_evaluated_together_give_each_gates_own_values_and_gradients():
     assert torch.equal(out, out_alone)
     for mine, theirs in ((params, params_alone), (grads, grads_alone), (values, values_alone)):
         assert mine.keys() == theirs.keys()
-        assert all(torch.equal(mine[n], theirs[n]) for n in mine), [n for n in mine if not torch.equal(mine[n], theirs[n])]
+        differing = [n for n in mine if not torch.equal(mine[n], theirs[n])]
+        assert not differing, differing
 
 
 def test_kept_target_ramps_after_warm_up():
