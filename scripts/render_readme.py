@@ -37,6 +37,8 @@ PRODUCERS = {  # what to run when a file is missing
     "seeds-amd": "the seed runs on an AMD machine, then `python -m bench.seeds --out docs/results/seeds_amd.json`",
     "seeds-tiers": "the seed runs of the tiered target term, then `python -m bench.seeds --out "
                    "docs/results/seeds_tiers.json`",
+    "seeds-restart": "the seed runs with the learning rate restarted at the freeze, then `python -m bench.seeds "
+                     "--out docs/results/seeds_restart.json`",
     "latency-target": "`python -m bench.latency_target`",
     "reliability": "`python -m serving soak`, `python -m serving faults` and `python -m tests.corrupt_inputs "
                    "--out reports/corrupt_inputs.json`, then `make results`",
@@ -302,7 +304,7 @@ def reliability_summary(document: dict) -> list[str]:
 
 TABLES = {"default-run": default_run_table, "vit-run": vit_run_table, "export": export_table, "serving": serving_table,
           "compare": compare_table, "seeds": seeds_table, "seeds-amd": seeds_table, "seeds-tiers": seeds_table,
-          "latency-target": latency_target_table, "reliability": reliability_table,
+          "seeds-restart": seeds_table, "latency-target": latency_target_table, "reliability": reliability_table,
           "reliability-summary": reliability_summary}
 
 
