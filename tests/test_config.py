@@ -1,4 +1,6 @@
 """Configs: YAML + overrides, and bad input refused with the key named."""
+from pathlib import Path
+
 import pytest
 
 from polarprune.training.config import ConfigError, changed_keys, load_config, make_config
@@ -84,6 +86,20 @@ def test_same_run_is_one_predicate_with_the_free_keys_of_the_question():
 
     cfg = make_config({"epochs": 3, "name": "b", "threads": 2})
     recorded = {**make_config({"epochs": 2, "name": "a", "lr": 0.2}).to_dict()}
-    del recorded["round_to"]  # a key newer than the recorded run counts as its default
     assert changed_keys(recorded, cfg) == ["epochs", "lr", "threads"]  # name only places the run
     assert changed_keys(recorded, cfg, RESUME_FREE_KEYS) == ["lr"]  # a resume may lengthen or move a run
+    # a key newer than the recorded run is a change: its default need not be what the run did
+    del recorded["lr_restart_at_freeze"]
+    assert changed_keys(recorded, cfg, RESUME_FREE_KEYS) == ["lr", "lr_restart_at_freeze"]
+
+
+def test_a_resume_names_the_keys_newer_than_its_run():
+    from polarprune.training.loop import RunError, check_resumable
+
+    cfg = make_config({"epochs": 2})
+    recorded = cfg.to_dict()
+    del recorded["lr_restart_at_freeze"]  # a run made before the restart existed: one cosine
+    state = {"config": recorded, "epoch": 1, "optimizer": {}, "rng": {}}
+    with pytest.raises(RunError, match=r"lr_restart_at_freeze changed \(lr_restart_at_freeze: newer than the run"):
+        check_resumable(cfg, state, Path("runs/old/checkpoint.pt"))
+    check_resumable(cfg, {**state, "config": cfg.to_dict()}, Path("runs/old/checkpoint.pt"))  # the same run resumes

@@ -121,11 +121,11 @@ PLACEMENT_KEYS = frozenset({"name", "out_dir", "progress"})
 
 def changed_keys(recorded: dict[str, Any], cfg: TrainConfig, free: frozenset[str] = PLACEMENT_KEYS) -> list[str]:
     """The keys outside `free` in which a run's recorded config differs from `cfg`: the one "same run?"
-    test (a resume and a reused run ask it with their own `free` keys). A key added to the config after
-    that run was made counts as its default, which keeps the earlier behaviour."""
-    defaults = TrainConfig().to_dict()
+    test (a resume and a reused run ask it with their own `free` keys). A key the record lacks (added to
+    the config after the run was made) counts as changed: its default need not be what the code did then
+    (`lr_restart_at_freeze` arrived switched on)."""
     return sorted(key for key, value in cfg.to_dict().items()
-                  if key not in free and recorded.get(key, defaults[key]) != value)
+                  if key not in free and (key not in recorded or recorded[key] != value))
 
 
 def _coerce(key: str, value: Any, annotation: Any) -> Any:

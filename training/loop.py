@@ -217,7 +217,10 @@ def check_resumable(cfg: TrainConfig, state: dict[str, Any], checkpoint_path: Pa
     states present."""
     changed = changed_keys(state["config"], cfg, RESUME_FREE_KEYS)
     if changed:
-        raise RunError(f"--resume with a different config: {', '.join(changed)} changed")
+        newer = [key for key in changed if key not in state["config"]]
+        raise RunError(f"--resume with a different config: {', '.join(changed)} changed"
+                       + (f" ({', '.join(newer)}: newer than the run, which did not record it; train a new run)"
+                          if newer else ""))
     planned = state["config"].get("epochs")
     if state["epoch"] == planned and cfg.epochs > planned:
         raise RunError(f"--resume with epochs={cfg.epochs}: {checkpoint_path} is a finished run of {planned} epochs, "
