@@ -52,7 +52,7 @@ def arm_row(seed: int, folder: Path, metrics: dict, dense: dict) -> dict:
     return {"seed": seed, "accuracy": metrics["test_accuracy"], "dense_accuracy": dense["test_accuracy"],
             "gap_points": 100 * (dense["test_accuracy"] - metrics["test_accuracy"]),
             "val_accuracy": metrics.get("val_accuracy"),
-            "flops_ratio": metrics["flops_ratio"], "learned_flops_ratio": projection.get("learned_flops_ratio"),
+            "flops_ratio": kept_macs(metrics, dense), "learned_flops_ratio": projection.get("learned_flops_ratio"),
             "flipped_flops_share": projection.get("flipped_flops_share"),
             "closed_flops_share": projection.get("closed_flops_share"),
             "freeze": metrics.get("freeze"), "target_flops_ratio": metrics.get("target_flops_ratio"),
@@ -63,6 +63,19 @@ def arm_row(seed: int, folder: Path, metrics: dict, dense: dict) -> dict:
             "label_smoothing": config.get("label_smoothing", 0.0),
             "run": (metrics.get("provenance") or {}).get("command"),
             "commit": (metrics.get("provenance") or {}).get("commit")}
+
+
+def same_network(metrics: dict, dense: dict) -> bool:
+    """Whether the run gated the dense run's network (a network of its own, e.g. a learned one trained from
+    scratch, is measured against itself in its metrics.json)."""
+    return metrics.get("dense_flops", dense.get("dense_flops")) == dense.get("dense_flops")
+
+
+def kept_macs(metrics: dict, dense: dict) -> float:
+    """The run's deployed MACs over the dense run's (its own flops_ratio where that is the same thing)."""
+    if same_network(metrics, dense) or "pruned_flops" not in metrics:
+        return metrics["flops_ratio"]
+    return metrics["pruned_flops"] / dense["dense_flops"]
 
 
 def kept_units(folder: Path) -> set[str] | None:
@@ -94,8 +107,10 @@ def collect(dense_pattern: str, arms: dict[str, tuple[str, list[int] | None]], s
         unknown = sorted(set(arm_seeds or seeds) - set(seeds))
         if unknown:
             raise BenchError(f"--arm {label!r}: seeds {unknown} are not among --seeds {seeds} (no dense run to compare)")
-        rows = [arm_row(seed, *finished_run(pattern, seed), dense[seed]) for seed in arm_seeds or seeds]
-        masks = [kept_units(Path(pattern.format(seed=seed))) for seed in arm_seeds or seeds]
+        runs = {seed: finished_run(pattern, seed) for seed in arm_seeds or seeds}
+        rows = [arm_row(seed, folder, metrics, dense[seed]) for seed, (folder, metrics) in runs.items()]
+        masks = [kept_units(folder) if same_network(metrics, dense[seed]) else None  # units of other networks
+                 for seed, (folder, metrics) in runs.items()]                     # share names, not meaning
         gaps = [row["gap_points"] for row in rows]
         out.append({"label": label, "pattern": pattern, "seeds": rows,
                     "mean_accuracy": statistics.fmean(r["accuracy"] for r in rows),

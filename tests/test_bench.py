@@ -212,6 +212,27 @@ def test_seeds_arms_count_the_dense_run_a_fine_tune_started_from(tmp_path):
                        "--arm", f"seed 5@5={tmp_path}/ft{{seed}}"]) == 2  # no dense run of seed 5
 
 
+def test_seeds_count_a_network_of_its_own_against_the_dense_runs_macs(tmp_path):
+    """A learned network trained from scratch reports its MACs against itself (flops_ratio 1.0); bench.seeds
+    counts them against the dense run's network, and compares no mask of it with another's."""
+    from polarprune.bench.seeds import main as seeds_main
+
+    for seed in (0, 1):
+        _finished_run(tmp_path / f"dense{seed}", 0.87)
+        _finished_run(tmp_path / f"scratch{seed}", 0.86)
+        for folder, flops in ((f"dense{seed}", (1000, 1000, 1.0)), (f"scratch{seed}", (400, 400, 1.0))):
+            metrics = json.loads((tmp_path / folder / "metrics.json").read_text())
+            metrics.update(zip(("dense_flops", "pruned_flops", "flops_ratio"), flops))
+            (tmp_path / folder / "metrics.json").write_text(json.dumps(metrics))
+        (tmp_path / f"scratch{seed}" / "mask.json").write_text("not read: the network is not the dense one")
+    out = tmp_path / "levers.json"
+    assert seeds_main(["--dense", str(tmp_path / "dense{seed}"), "--seeds", "0,1", "--out", str(out),
+                       "--arm", f"scratch={tmp_path}/scratch{{seed}}"]) == 0
+    (arm,) = json.loads(out.read_text())["arms"]
+    assert [row["flops_ratio"] for row in arm["seeds"]] == [0.4, 0.4] and arm["mean_flops_ratio"] == 0.4
+    assert arm["mask_overlap"] is None
+
+
 def test_the_learned_network_from_scratch_has_the_masks_widths_and_a_fresh_draw(tmp_path):
     """bench.scratch: the run's pruned network, its MACs those of the mask, its layers initialised anew at
     their cut width (Kaiming fan-out, as the built-in initialises itself), not the dense draw cut down."""
