@@ -39,6 +39,8 @@ PRODUCERS = {  # what to run when a file is missing
                    "docs/results/seeds_tiers.json`",
     "seeds-restart": "the seed runs with the learning rate restarted at the freeze, then `python -m bench.seeds "
                      "--out docs/results/seeds_restart.json`",
+    "seeds-choices": "the runs of the fine-tune learning rate and target-0.3 study, then `python -m bench.seeds "
+                     "--out docs/results/seeds_choices.json`",
     "latency-target": "`python -m bench.latency_target`",
     "reliability": "`python -m serving soak`, `python -m serving faults` and `python -m tests.corrupt_inputs "
                    "--out reports/corrupt_inputs.json`, then `make results`",
@@ -304,7 +306,7 @@ def reliability_summary(document: dict) -> list[str]:
 
 TABLES = {"default-run": default_run_table, "vit-run": vit_run_table, "export": export_table, "serving": serving_table,
           "compare": compare_table, "seeds": seeds_table, "seeds-amd": seeds_table, "seeds-tiers": seeds_table,
-          "seeds-restart": seeds_table, "latency-target": latency_target_table, "reliability": reliability_table,
+          "seeds-restart": seeds_table, "seeds-choices": seeds_table, "latency-target": latency_target_table, "reliability": reliability_table,
           "reliability-summary": reliability_summary}
 
 
