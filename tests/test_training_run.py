@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 QUICK = dict(dataset="fashion_mnist", model="resnet20", epochs=3, batch_size=64, train_subset=1536,
              val_size=256, test_subset=1000, eval_batch_size=500, progress=False, seed=0, threads=2,
              device="cpu",  # explicit: "auto" would move these runs to a GPU where one exists
-             ramp_fraction=0.4, freeze_fraction=0.6)  # the default config's schedule: the mask freezes in epoch 2
+             ramp_fraction=0.4, freeze_fraction=0.6)  # the mask freezes in epoch 2 of 3
 
 
 def quick_config(tmp_path, **overrides):
