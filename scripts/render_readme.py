@@ -39,6 +39,7 @@ PRODUCERS = {  # what to run when a file is missing
                    "docs/results/seeds_tiers.json`",
     "seeds-restart": "the seed runs with the learning rate restarted at the freeze, then `python -m bench.seeds "
                      "--out docs/results/seeds_restart.json`",
+    "seeds-ramp": "the seed runs of the longer ramp, then `python -m bench.seeds --out docs/results/seeds_ramp.json`",
     "seeds-choices": "the runs of the fine-tune learning rate and target-0.3 study, then `python -m bench.seeds "
                      "--out docs/results/seeds_choices.json`",
     "latency-target": "`python -m bench.latency_target`",
@@ -306,7 +307,8 @@ def reliability_summary(document: dict) -> list[str]:
 
 TABLES = {"default-run": default_run_table, "vit-run": vit_run_table, "export": export_table, "serving": serving_table,
           "compare": compare_table, "seeds": seeds_table, "seeds-amd": seeds_table, "seeds-tiers": seeds_table,
-          "seeds-restart": seeds_table, "seeds-choices": seeds_table, "latency-target": latency_target_table, "reliability": reliability_table,
+          "seeds-restart": seeds_table, "seeds-choices": seeds_table, "seeds-ramp": seeds_table,
+          "latency-target": latency_target_table, "reliability": reliability_table,
           "reliability-summary": reliability_summary}
 
 
