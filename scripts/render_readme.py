@@ -42,6 +42,8 @@ PRODUCERS = {  # what to run when a file is missing
     "seeds-ramp": "the seed runs of the longer ramp, then `python -m bench.seeds --out docs/results/seeds_ramp.json`",
     "seeds-choices": "the runs of the fine-tune learning rate and target-0.3 study, then `python -m bench.seeds "
                      "--out docs/results/seeds_choices.json`",
+    "seeds-finetune": "the runs of the fine-tune study, then `python -m bench.seeds --dense "
+                      "'runs/study3/dense8_seed{seed}' --out docs/results/seeds_finetune.json`",
     "latency-target": "`python -m bench.latency_target`",
     "reliability": "`python -m serving soak`, `python -m serving faults` and `python -m tests.corrupt_inputs "
                    "--out reports/corrupt_inputs.json`, then `make results`",
@@ -308,6 +310,7 @@ def reliability_summary(document: dict) -> list[str]:
 TABLES = {"default-run": default_run_table, "vit-run": vit_run_table, "export": export_table, "serving": serving_table,
           "compare": compare_table, "seeds": seeds_table, "seeds-amd": seeds_table, "seeds-tiers": seeds_table,
           "seeds-restart": seeds_table, "seeds-choices": seeds_table, "seeds-ramp": seeds_table,
+          "seeds-finetune": seeds_table,
           "latency-target": latency_target_table, "reliability": reliability_table,
           "reliability-summary": reliability_summary}
 
