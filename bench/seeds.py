@@ -9,7 +9,8 @@
 
 Reads finished run folders (`{seed}` in a pattern is the seed) and writes, per arm and seed, test accuracy,
 the gap to that seed's dense run, kept FLOPs (before and after the move into the target band), training
-time, and the epochs of compute (an arm that starts from a dense run's weights also paid for that run);
+time, and the epochs of compute (an arm also paid for the run whose weights it starts from, and for the run
+whose learned network it trains from scratch);
 per arm the mean gap and its standard deviation over seeds. Without --arm: the default run's layout
 (`<runs>/<run>_seed<s>` against `<runs>/<run>_dense_seed<s>`).
 """
@@ -45,10 +46,33 @@ def run_config(folder: Path, metrics: dict) -> dict:
     return load_checkpoint(folder / "checkpoint.pt")["config"]
 
 
+LEARNED_NETWORK = "bench.scratch:learned_network"  # a network that a finished run's mask defines
+
+
+def compute_epochs(metrics: dict, config: dict) -> int | None:
+    """The run's epochs plus those of every run it stands on: the run whose weights it starts from
+    (`init_weights`) and the run whose mask it trains from scratch (bench.scratch). None when one of those
+    runs is not on disk to count."""
+    total = metrics["epochs"]
+    sources = [config.get("init_weights")]
+    if str(config.get("model", "")).endswith(LEARNED_NETWORK):
+        sources.append((config.get("model_args") or {}).get("run"))
+    for source in filter(None, sources):
+        folder = Path(source) if Path(source).is_dir() else Path(source).parent
+        path = folder / "metrics.json"
+        if not path.is_file():
+            return None
+        upstream = json.loads(path.read_text())
+        epochs = compute_epochs(upstream, run_config(folder, upstream))
+        if epochs is None:
+            return None
+        total += epochs
+    return total
+
+
 def arm_row(seed: int, folder: Path, metrics: dict, dense: dict) -> dict:
     config = run_config(folder, metrics)
     projection = metrics.get("projection") or {}
-    starts_dense = bool(config.get("init_weights"))
     return {"seed": seed, "accuracy": metrics["test_accuracy"], "dense_accuracy": dense["test_accuracy"],
             "gap_points": 100 * (dense["test_accuracy"] - metrics["test_accuracy"]),
             "val_accuracy": metrics.get("val_accuracy"),
@@ -58,7 +82,7 @@ def arm_row(seed: int, folder: Path, metrics: dict, dense: dict) -> dict:
             "freeze": metrics.get("freeze"), "target_flops_ratio": metrics.get("target_flops_ratio"),
             "threads": config.get("threads"), "cpu": ((metrics.get("provenance") or {}).get("machine") or {}).get("cpu"),
             "train_seconds": metrics["train_seconds"], "epochs": metrics["epochs"],
-            "compute_epochs": metrics["epochs"] + (dense["epochs"] if starts_dense else 0),
+            "compute_epochs": compute_epochs(metrics, config),
             "init_weights": config.get("init_weights"), "distill_from": config.get("distill_from"),
             "label_smoothing": config.get("label_smoothing", 0.0),
             "run": (metrics.get("provenance") or {}).get("command"),
@@ -119,7 +143,8 @@ def collect(dense_pattern: str, arms: dict[str, tuple[str, list[int] | None]], s
                     "mean_flops_ratio": statistics.fmean(r["flops_ratio"] for r in rows),
                     "mean_train_seconds": statistics.fmean(r["train_seconds"] for r in rows),
                     "mask_overlap": mean_jaccard(masks),
-                    "compute_epochs": sorted({r["compute_epochs"] for r in rows})})
+                    "compute_epochs": sorted({r["compute_epochs"] for r in rows},
+                                             key=lambda epochs: -1 if epochs is None else epochs)})
     return {"dense": {"pattern": dense_pattern,
                       "seeds": [{"seed": s, "accuracy": m["test_accuracy"], "train_seconds": m["train_seconds"],
                                  "epochs": m["epochs"], "run": (m.get("provenance") or {}).get("command"),

@@ -212,6 +212,25 @@ def test_seeds_arms_count_the_dense_run_a_fine_tune_started_from(tmp_path):
                        "--arm", f"seed 5@5={tmp_path}/ft{{seed}}"]) == 2  # no dense run of seed 5
 
 
+def test_seeds_count_the_epochs_of_every_run_an_arm_stands_on(tmp_path):
+    """Compute is counted from the runs themselves, not from the --dense reference: a fine-tune of a 4-epoch
+    dense run compared with an 8-epoch one paid 8 epochs, and the learned network it found, trained from
+    scratch for 8, paid 16. A source that is not on disk leaves the count unknown, not guessed."""
+    from polarprune.bench.seeds import compute_epochs
+
+    _finished_run(tmp_path / "dense4", 0.87)
+    _finished_run(tmp_path / "ft", 0.88, init_weights=str(tmp_path / "dense4" / "checkpoint.pt"))
+    ft = json.loads((tmp_path / "ft" / "metrics.json").read_text())
+    assert compute_epochs(ft, ft["config"]) == 8
+    scratch = {"epochs": 8, "config": {"model": "polarprune.bench.scratch:learned_network",
+                                       "model_args": {"run": str(tmp_path / "ft")}}}
+    assert compute_epochs(scratch, scratch["config"]) == 16
+    own_network = {"epochs": 8, "config": {"model": "mypackage.nets:make", "model_args": {"run": str(tmp_path / "ft")}}}
+    assert compute_epochs(own_network, own_network["config"]) == 8  # only bench.scratch's argument names a run
+    gone = {"epochs": 4, "config": {"init_weights": str(tmp_path / "deleted" / "checkpoint.pt")}}
+    assert compute_epochs(gone, gone["config"]) is None
+
+
 def test_seeds_count_a_network_of_its_own_against_the_dense_runs_macs(tmp_path):
     """A learned network trained from scratch reports its MACs against itself (flops_ratio 1.0); bench.seeds
     counts them against the dense run's network, and compares no mask of it with another's."""
