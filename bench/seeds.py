@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 from polarprune.bench import BenchError
+from polarprune.bench.scratch import learned_network
 from polarprune.common.cli import EXIT_OK, PolarpruneError, cli_parser, fail
 from polarprune.common.results import provenance, write_result
 from polarprune.training.checkpoint import load_checkpoint
@@ -46,7 +47,9 @@ def run_config(folder: Path, metrics: dict) -> dict:
     return load_checkpoint(folder / "checkpoint.pt")["config"]
 
 
-LEARNED_NETWORK = "bench.scratch:learned_network"  # a network that a finished run's mask defines
+# The model path of bench.scratch's network (a finished run's mask, trained from scratch), as a config names
+# it with or without the package prefix.
+LEARNED_NETWORK = f"{learned_network.__module__.removeprefix('polarprune.')}:{learned_network.__name__}"
 
 
 def compute_epochs(metrics: dict, config: dict) -> int | None:

@@ -202,7 +202,8 @@ def seeds_table(document: dict) -> list[str]:
                     + f" | {arm['mean_flops_ratio']:.3f} | {per_seed(arm, 'learned_flops_ratio', '.3f')} | "
                     + f"{per_seed(arm, 'flipped_flops_share', '.3f')} | {frozen} | "
                     + (f"{overlap:.2f}" if overlap is not None else "-") + " | "
-                    + "/".join("unknown" if e is None else str(e) for e in arm["compute_epochs"]) + f" | {arm['mean_train_seconds']:.0f} |")
+                    + "/".join("unknown" if e is None else str(e) for e in arm["compute_epochs"])
+                    + f" | {arm['mean_train_seconds']:.0f} |")
         runs.append(f"{arm['label']}: {recorded_runs(arm['seeds'])}")
     rows += ["", learned_target_goal(document)]
     dense = document["dense"]
