@@ -15,7 +15,9 @@ request header goes over HTTP/gRPC.
 from __future__ import annotations
 
 import os
+import time
 import uuid
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,6 +30,7 @@ from polarprune.common.cli import EXIT_BAD_INPUT
 from polarprune.serving.errors import ServingStageError
 
 PROTOCOLS = ("http", "grpc")
+UNREGISTER_WAIT_S = 5.0  # how long close() waits for Triton to release a shared-memory region
 
 
 class InputSpecError(ServingStageError, ValueError):
@@ -91,12 +94,31 @@ class _SharedMemoryPair:
 
     def close(self) -> None:
         for kind, handle in list(self.handles.items()):
-            try:
-                self._client._call("unregister_system_shared_memory", self.names[kind], json_reply=False)
-            except ServingError:
-                pass  # the server is gone: its registration went with it
+            self._unregister(self.names[kind])
             system_shm.destroy_shared_memory_region(handle)
         self.handles = {}
+
+    def _unregister(self, name: str) -> None:
+        """Unregister one region, waiting out the server's hold on it.
+
+        The reply to a request can reach the client before Triton has released the request, and until then
+        Triton (2.51) refuses to unregister its regions ("... it is currently in use"); later versions defer
+        the unregister themselves. So "in use" is retried for up to UNREGISTER_WAIT_S. A server that cannot
+        be reached took its registrations with it; anything else is a warning, not lost silently."""
+        deadline = time.monotonic() + UNREGISTER_WAIT_S
+        while True:
+            try:
+                self._client._call("unregister_system_shared_memory", name, json_reply=False)
+                return
+            except ServingError as failed:
+                if "currently in use" in failed.message and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                    continue
+                if failed.status == "connection" or "UNAVAILABLE" in failed.status:
+                    return
+                warnings.warn(f"shared-memory region {name} may stay registered with the server: {failed}",
+                              RuntimeWarning, stacklevel=3)
+                return
 
 
 class TritonClassifier:

@@ -38,7 +38,7 @@ from polarprune.serving.client import TritonClassifier
 from polarprune.serving.errors import ServingStageError
 from polarprune.serving.loadtest import _process_label
 from polarprune.serving.server import LocalTriton, LocalTritonConfig
-from polarprune.serving.soak import SoakSettings, soak, summarize
+from polarprune.serving.soak import ServerGone, SoakSettings, soak, summarize
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -88,6 +88,8 @@ def kill_stub_under_load(server: LocalTriton, models: dict[str, str], images: np
     try:
         raw = soak({"http": endpoints.http_url, "grpc": endpoints.grpc_url}, models, images, settings,
                    server.pid, server.process, log=log)
+    except ServerGone as gone:  # the server's own last words say more than its exit status
+        raise ServerGone(f"{gone}\ntritonserver log:\n{server.log_excerpt(errors_only=False)}") from None
     finally:
         timer.cancel()
     summary = summarize(raw, "stub kill", "the bundled tritonserver")

@@ -193,16 +193,17 @@ class LocalTriton:
     def log_path(self) -> Path:
         return self._workdir / "tritonserver.log"
 
-    def log_excerpt(self, lines: int = 30) -> str:
-        """Error lines of the server log (the CUDA/NVML/DCGM noise of a CPU machine filtered out)."""
+    def log_excerpt(self, lines: int = 30, errors_only: bool = True) -> str:
+        """Error lines of the server log (the CUDA/NVML/DCGM noise of a CPU machine filtered out); with
+        `errors_only=False` its last lines whatever they are (how a crash ended: a signal, an abort)."""
         try:
             text = self.log_path.read_text(errors="replace").splitlines()
         except OSError:
             return "(no server log)"
         noise = ("CudaDriverHelper", "NVML", "DCGM", "cuda", "CUDA")
-        errors = [l for l in text if (l.startswith("E") or l.startswith("error"))
-                  and not any(n in l for n in noise)]
-        return "\n".join((errors or text)[-lines:])
+        kept = [l for l in text if not any(n in l for n in noise)]
+        errors = [l for l in kept if l.startswith("E") or l.startswith("error")] if errors_only else []
+        return "\n".join((errors or kept)[-lines:])
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.config.startup_timeout_s

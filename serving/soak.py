@@ -150,7 +150,7 @@ class _Supervisor:
         self._reloaded_at: dict[str, float] = {}
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, daemon=True)
-        self.started = time.monotonic()
+        self.started = time.monotonic()  # soak() resets it when the last client has connected
 
     # called by clients
     def stub_died(self, role: str, seen: str, sent_at: float | None = None) -> None:
@@ -322,8 +322,14 @@ def soak(urls: dict[str, str], models: dict[str, str], images: np.ndarray, setti
     supervisor = _Supervisor(urls["http"], models, settings, server_pid, server_process, log)
     logs = [_ClientLog() for _ in plan]
     window: dict = {}
-    ready = threading.Barrier(len(plan) + 1, timeout=60.0, action=lambda: window.update(
-        start=time.perf_counter(), stop=time.perf_counter() + settings.seconds))
+
+    def open_window() -> None:
+        """The soak's clock starts when the last client has connected; the memory samples and events
+        count from the same moment, so each lands in the interval it belongs to however long connecting took."""
+        supervisor.started = time.monotonic()
+        window.update(start=time.perf_counter(), stop=time.perf_counter() + settings.seconds)
+
+    ready = threading.Barrier(len(plan) + 1, timeout=60.0, action=open_window)
     threads = [threading.Thread(target=_client, daemon=True,
                                 args=(slot, plan[slot], urls, models, images, settings, supervisor, window, ready,
                                       logs)) for slot in range(len(plan))]

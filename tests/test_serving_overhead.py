@@ -9,16 +9,18 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import pytest
+import tritonclient.utils.shared_memory as system_shm
 
 from polarprune.bench import check_timing
 from polarprune.bench.timing import NO_SPINNING, ort_session, summarize
 from polarprune.export.triton_repo import write_model_version
-from polarprune.serving.client import InputSpecError, TritonClassifier
+from polarprune.serving.client import InputSpecError, ServingError, TritonClassifier, _SharedMemoryPair
 from polarprune.serving.server import LocalTriton, LocalTritonConfig
 from test_serving import require_triton
 from tiny_onnx import tiny_classifier
@@ -83,6 +85,46 @@ def test_shared_memory_path_gives_the_same_logits_and_cleans_up(server, workspac
     with TritonClassifier(server.url("http"), MODELS["pruned"], "http") as plain:
         registered = plain._client.get_system_shared_memory_status()
     assert not {entry["name"] for entry in registered} & set(regions.values())
+
+
+class _HeldRegionServer:
+    """Stands in for TritonClassifier._call: the server holds each region for `held` unregister calls
+    ("currently in use", as Triton 2.51 answers while it has not released the last request), then lets go."""
+
+    def __init__(self, held: int, then: ServingError | None = None):
+        self.held, self.then, self.calls = held, then, []
+
+    def _call(self, method, name, json_reply=True):
+        self.calls.append(name)
+        if self.held:
+            self.held -= 1
+            raise ServingError("m", "StatusCode.INTERNAL", f"Cannot unregister shared memory region '{name}', "
+                                                           "it is currently in use.")
+        if self.then is not None:
+            raise self.then
+
+
+def _regions_closed_through(server) -> None:
+    pair = _SharedMemoryPair.__new__(_SharedMemoryPair)
+    pair._client, pair.names = server, {"input": "r_in"}
+    pair.handles = {"input": system_shm.create_shared_memory_region("r_in", f"/polarprune_test_{uuid.uuid4().hex}", 8)}
+    pair.close()
+    assert pair.handles == {}
+
+
+def test_close_waits_while_the_server_still_holds_a_region():
+    server = _HeldRegionServer(held=3)
+    _regions_closed_through(server)
+    assert server.calls == ["r_in"] * 4  # three refusals, then the unregister that went through
+
+
+@pytest.mark.parametrize("failure, warns", [(ServingError("m", "connection", "refused"), False),
+                                            (ServingError("m", "StatusCode.UNAVAILABLE", "gone"), False),
+                                            (ServingError("m", "StatusCode.INTERNAL", "odd"), True)])
+def test_close_warns_about_a_region_it_could_not_unregister(failure, warns, recwarn):
+    _regions_closed_through(_HeldRegionServer(held=0, then=failure))
+    flagged = [w for w in recwarn if "may stay registered" in str(w.message)]
+    assert len(flagged) == int(warns)
 
 
 def test_serving_overhead_quick_run_writes_its_figures(workspace, tmp_path):
