@@ -36,8 +36,8 @@ from polarprune.common.energy import process_tree
 from polarprune.serving.admin import TritonAdmin
 from polarprune.serving.client import TritonClassifier
 from polarprune.serving.errors import ServingStageError
-from polarprune.serving.loadtest import _process_label
 from polarprune.serving.server import LocalTriton, LocalTritonConfig
+from polarprune.serving.server_memory import process_label
 from polarprune.serving.soak import ServerGone, SoakSettings, soak, summarize
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,7 +58,7 @@ def _alive(pid: int) -> bool:
 
 def _stub_pid(server_pid: int, model: str) -> int | None:
     for pid in process_tree(server_pid)[1:]:
-        if _process_label(pid).startswith(f"{model} v") and _alive(pid):
+        if process_label(pid).startswith(f"{model} v") and _alive(pid):
             return pid
     return None
 
@@ -162,7 +162,7 @@ def kill_server_under_soak(run_dir: Path, repository: Path, models: tuple[str, .
         if attach:
             server_pid, started = own.pid, []
         else:
-            server_pid = next(pid for pid in process_tree(tool.pid) if _process_label(pid) == "tritonserver")
+            server_pid = next(pid for pid in process_tree(tool.pid) if process_label(pid) == "tritonserver")
             started = [pid for pid in process_tree(tool.pid) if pid != tool.pid]
         stubs = [pid for pid in process_tree(server_pid)[1:]]
         os.kill(server_pid, signal.SIGKILL)

@@ -27,33 +27,21 @@ import numpy as np
 from polarprune.common.energy import EnergyMeter, process_tree, tree_cpu_seconds, tree_rss_bytes
 from polarprune.serving.probes import ROLES, ProbeSettings, _drive, longest_drive_s
 from polarprune.serving.server import Endpoints
+from polarprune.serving.server_memory import MB, process_label
 
-MB = 1024 * 1024
 REMOTE_MEMORY = "resident memory of a remote server (--url) is not visible from this machine"
 REMOTE_ENERGY = ("the server's CPU time is not visible for a remote server (--url), nor are its host's "
                  "RAPL/NVML counters; run the probes against the local server or meter the server host")
 
 
 # ---- server memory ---------------------------------------------------------------------------------
-def _process_label(pid: int) -> str:
-    """'tritonserver', or '<model> v<version> stub' for a python-backend stub (from its model.py path)."""
-    try:
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return f"pid {pid} (gone)"
-    if len(argv) > 1 and argv[1].endswith(b"model.py"):
-        model_py = Path(argv[1].decode(errors="replace"))
-        return f"{model_py.parent.parent.name} v{model_py.parent.name} stub"
-    return Path(argv[0].decode(errors="replace")).name or f"pid {pid}"
-
-
 def rss_by_process_mb(root: int) -> dict[str, float]:
     """Resident MB of the server itself and of each python-backend stub under it."""
     parts = {}
     for pid in process_tree(root)[1:]:
-        label = _process_label(pid)
+        label = process_label(pid)
         parts[label] = parts.get(label, 0.0) + tree_rss_bytes(pid) / MB
-    parts[_process_label(root)] = tree_rss_bytes(root) / MB - sum(parts.values())
+    parts[process_label(root)] = tree_rss_bytes(root) / MB - sum(parts.values())
     return dict(sorted(parts.items()))
 
 

@@ -5,8 +5,9 @@
 `clients` closed-loop clients (64 by default), each on its own connection, split evenly over the two
 models, both protocols (HTTP and gRPC) and a mix of batch sizes. Per interval (a minute by default) and
 per model: requests, failures by reason, p50/p99. For a local server, the resident memory of tritonserver
-and of each python-backend stub is sampled every few seconds. A leak is judged on the growth of the
-server's whole process tree from the end of the warm-up (the first interval) to the end.
+and of each python-backend stub is sampled every few seconds by a watcher process of its own
+(`serving.server_memory`). A leak is judged on the growth of the server's whole process tree from the end
+of the warm-up (the first interval) to the end.
 
 A supervisor thread watches the server while the clients run:
 - the server process gone (local) or not answering for `server_gone_s` (remote): the soak stops at once
@@ -36,8 +37,8 @@ from polarprune.common.energy import process_tree
 from polarprune.serving.admin import TritonAdmin
 from polarprune.serving.client import TritonClassifier
 from polarprune.serving.errors import ServerError
-from polarprune.serving.loadtest import MB, _process_label
 from polarprune.serving.probes import ROLES
+from polarprune.serving.server_memory import MemoryWatch, process_label
 
 STUB_DEAD = "is not healthy"      # Triton's message for a request to a model whose stub died
 JOIN_GRACE_S = 5.0
@@ -104,31 +105,10 @@ def stub_pids(server_pid: int) -> dict[int, str]:
             state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
         except (OSError, IndexError):
             continue
-        label = _process_label(pid)  # a zombie's command line is empty: it is not listed
+        label = process_label(pid)  # a zombie's command line is empty: it is not listed
         if state != "Z" and label.endswith(" stub"):
             stubs[pid] = label
     return stubs
-
-
-def rss_mb(pid: int) -> float:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024 / MB
-    except OSError:
-        pass
-    return 0.0
-
-
-def memory_by_process(server_pid: int) -> dict[str, float]:
-    """Resident MB of tritonserver and of each live python-backend stub (dead ones hold none)."""
-    parts: dict[str, float] = {}
-    for pid in process_tree(server_pid):
-        mb = rss_mb(pid)
-        if mb > 0:
-            label = _process_label(pid)
-            parts[label] = parts.get(label, 0.0) + mb
-    return parts
 
 
 class _Supervisor:
@@ -144,7 +124,6 @@ class _Supervisor:
         self.stop = threading.Event()
         self.gone: str | None = None
         self.events: list[dict] = []
-        self.memory: list[dict] = []          # {"t": s, "by_process": {label: MB}, "total_mb": MB}
         self._reload_wanted: dict[str, float] = {}
         self._stubs: dict[int, str] = {}
         self._reloaded_at: dict[str, float] = {}
@@ -232,15 +211,7 @@ class _Supervisor:
         self.log(f"soak: {model} reloaded in {done - noticed:.1f} s; its clients go on")
         self.gates[role].set()
 
-    def _sample_memory(self) -> None:
-        if self.server_pid is None:
-            return
-        parts = memory_by_process(self.server_pid)
-        self.memory.append({"t": time.monotonic() - self.started, "by_process": parts,
-                            "total_mb": sum(parts.values())})
-
     def _run(self) -> None:
-        next_memory = 0.0
         since = [time.monotonic()]
         with TritonAdmin(self.http_url, timeout_s=1.0) as admin:
             while not self.stop.is_set():
@@ -256,12 +227,7 @@ class _Supervisor:
                     self._reload(role, noticed)
                 if wanted and self.server_pid is not None:
                     self._stubs = stub_pids(self.server_pid)  # the unloads ended the old stubs: not deaths
-                now = time.monotonic()
-                if now >= next_memory:
-                    self._sample_memory()
-                    next_memory = now + self.settings.memory_every_s
                 self.stop.wait(0.1)
-        self._sample_memory()
 
 
 def _client(slot: int, plan: tuple[str, str, int], urls: dict[str, str], models: dict[str, str],
@@ -321,6 +287,24 @@ def soak(urls: dict[str, str], models: dict[str, str], images: np.ndarray, setti
     load_before = os.getloadavg()
     supervisor = _Supervisor(urls["http"], models, settings, server_pid, server_process, log)
     logs = [_ClientLog() for _ in plan]
+    # A process of its own samples the memory: this one's GIL belongs to the clients (serving.server_memory).
+    watch = MemoryWatch(server_pid, settings.memory_every_s) if server_pid is not None else None
+    try:
+        elapsed, stuck = _run_clients(plan, logs, urls, models, images, settings, supervisor, log)
+    finally:
+        memory = watch.stop(since=supervisor.started) if watch is not None else []
+    if supervisor.gone:
+        raise ServerGone(f"{supervisor.gone} after {elapsed:.1f} s of the soak; stopped its {len(plan)} clients "
+                         f"({stuck} still waiting on a request)")
+    raw = _summarize_raw(plan, logs, supervisor, memory, settings, elapsed, stuck, models)
+    raw["load_average"] = {"start": list(load_before), "end": list(os.getloadavg()),
+                           "note": "1/5/15-minute load averages of the machine, the soak's own clients included"}
+    return raw
+
+
+def _run_clients(plan, logs, urls: dict[str, str], models: dict[str, str], images: np.ndarray,
+                 settings: SoakSettings, supervisor: _Supervisor, log) -> tuple[float, int]:
+    """Connect every client, run them for the window under the supervisor, join them: (seconds, stuck clients)."""
     window: dict = {}
 
     def open_window() -> None:
@@ -357,17 +341,11 @@ def soak(urls: dict[str, str], models: dict[str, str], images: np.ndarray, setti
     supervisor.join()
     elapsed = time.perf_counter() - window["start"]
     stuck = sum(thread.is_alive() for thread in threads)
-    if supervisor.gone:
-        raise ServerGone(f"{supervisor.gone} after {elapsed:.1f} s of the soak; stopped its {len(plan)} clients "
-                         f"({stuck} still waiting on a request)")
-    raw = _summarize_raw(plan, logs, supervisor, settings, elapsed, stuck, models)
-    raw["load_average"] = {"start": list(load_before), "end": list(os.getloadavg()),
-                           "note": "1/5/15-minute load averages of the machine, the soak's own clients included"}
-    return raw
+    return elapsed, stuck
 
 
-def _summarize_raw(plan, logs, supervisor: _Supervisor, settings: SoakSettings, elapsed: float, stuck: int,
-                   models: dict[str, str]) -> dict:
+def _summarize_raw(plan, logs, supervisor: _Supervisor, memory: list[dict], settings: SoakSettings, elapsed: float,
+                   stuck: int, models: dict[str, str]) -> dict:
     # Whole intervals only: a shorter tail (the window's rest, the last requests) joins the last one.
     count = max(1, min(math.floor(elapsed / settings.interval_s + 1e-6),
                        math.floor(settings.seconds / settings.interval_s + 1e-6)))
@@ -395,7 +373,7 @@ def _summarize_raw(plan, logs, supervisor: _Supervisor, settings: SoakSettings, 
     return {"settings": asdict(settings), "models": models, "seconds": elapsed, "clients": len(plan),
             "started_monotonic": supervisor.started,
             "client_plan": [list(p) for p in plan], "stuck_clients": stuck, "intervals": intervals,
-            "memory_samples": supervisor.memory, "events": supervisor.events}
+            "memory_samples": memory, "events": supervisor.events}
 
 
 def memory_per_interval(samples: list[dict], interval_s: float, count: int) -> list[dict]:

@@ -7,6 +7,8 @@ memory series of the server and of each stub, that the verdict agrees with the f
 from __future__ import annotations
 
 import json
+import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +16,7 @@ import pytest
 
 from polarprune.export.triton_repo import write_model_version
 from polarprune.serving.__main__ import main as serving_main
+from polarprune.serving.server_memory import MemoryWatch
 from polarprune.serving.soak import SoakSettings, leak_check, summarize
 from tiny_onnx import tiny_classifier
 from run_helpers import require_triton
@@ -108,3 +111,28 @@ def test_verdict_lists_every_failed_check():
     assert not summary["ok"] and len(summary["problems"]) == 4, summary["problems"]
     assert "2 of 42 requests failed" in summary["problems"][0] and "grew 20.0%" in summary["problems"][1]
     assert "dense p99 in the last interval is 2.00x the first" in summary["problems"][2]
+
+
+def test_memory_watch_samples_from_its_own_process_and_ends_with_the_server():
+    """The watcher process samples a stand-in 'server' (a sleeping process) on its own clock, takes a last
+    sample when stopped, and leaves by itself once the server is gone."""
+    server = subprocess.Popen(["sleep", "30"])
+    try:
+        since = time.monotonic()
+        watch = MemoryWatch(server.pid, 0.2)
+        time.sleep(1.5)
+        samples = watch.stop(since=since)
+        assert len(samples) >= 4, samples  # about 7 in 1.5 s at 0.2 s, however busy this process is
+        assert all(0 <= a["t"] < b["t"] for a, b in zip(samples, samples[1:]))
+        assert all(set(s["by_process"]) == {"sleep"} and s["total_mb"] > 0 for s in samples), samples[0]
+        gone = MemoryWatch(server.pid, 0.2)
+        server.kill()
+        server.wait()
+        deadline = time.monotonic() + 10
+        while gone._process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert gone._process.poll() == 0  # it noticed the server's end without being told
+        gone.stop(since=since)
+    finally:
+        server.kill()
+        server.wait()
