@@ -15,12 +15,12 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 from polarprune.common.energy import process_tree
 
 MB = 1024 * 1024
-PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # `polarprune` imports from here in a checkout and a wheel
 
 
 def process_label(pid: int) -> str:
@@ -61,11 +61,14 @@ class MemoryWatch:
 
     def __init__(self, server_pid: int, every_s: float):
         self._out = tempfile.NamedTemporaryFile(prefix="polarprune_memory_", suffix=".jsonl", delete=False)
+        self._err = tempfile.TemporaryFile()
+        # where `polarprune` was imported from (the checkout's root or site-packages), whatever the working directory
+        importable = str(Path(sys.modules["polarprune"].__file__).resolve().parents[1])
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-            p for p in (str(PACKAGE_ROOT.parent), os.environ.get("PYTHONPATH", "")) if p)}
+            p for p in (importable, os.environ.get("PYTHONPATH", "")) if p)}
         self._process = subprocess.Popen(
             [sys.executable, "-m", "polarprune.serving.server_memory", str(server_pid), repr(float(every_s))],
-            stdout=self._out, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, env=env)
+            stdout=self._out, stderr=self._err, stdin=subprocess.DEVNULL, env=env)
 
     def stop(self, since: float) -> list[dict]:
         """The samples, oldest first, as {"t": seconds after the monotonic time `since`, "by_process", "total_mb"};
@@ -78,6 +81,12 @@ class MemoryWatch:
             self._process.kill()
             self._process.wait()
         self._out.close()
+        if self._process.returncode not in (0, -signal.SIGKILL):
+            self._err.seek(0)
+            tail = self._err.read().decode(errors="replace").strip().splitlines()[-3:]
+            warnings.warn(f"the memory watcher exited with code {self._process.returncode}: "
+                          f"{' / '.join(tail) or 'no message'}", RuntimeWarning, stacklevel=2)
+        self._err.close()
         path = Path(self._out.name)
         try:
             lines = path.read_text().splitlines()

@@ -113,9 +113,10 @@ def test_verdict_lists_every_failed_check():
     assert "dense p99 in the last interval is 2.00x the first" in summary["problems"][2]
 
 
-def test_memory_watch_samples_from_its_own_process_and_ends_with_the_server():
+def test_memory_watch_samples_from_its_own_process_and_ends_with_the_server(tmp_path, monkeypatch, recwarn):
     """The watcher process samples a stand-in 'server' (a sleeping process) on its own clock, takes a last
-    sample when stopped, and leaves by itself once the server is gone."""
+    sample when stopped, and leaves by itself once the server is gone; from any working directory."""
+    monkeypatch.chdir(tmp_path)  # `python -m` would find the package in the checkout's root by accident
     server = subprocess.Popen(["sleep", "30"])
     try:
         since = time.monotonic()
@@ -133,6 +134,7 @@ def test_memory_watch_samples_from_its_own_process_and_ends_with_the_server():
             time.sleep(0.05)
         assert gone._process.poll() == 0  # it noticed the server's end without being told
         gone.stop(since=since)
+        assert not [w for w in recwarn if "memory watcher" in str(w.message)]
     finally:
         server.kill()
         server.wait()
