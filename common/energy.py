@@ -83,18 +83,20 @@ def tree_cpu_seconds(root: int) -> float:
     return sum(_proc_cpu_seconds(pid) for pid in process_tree(root))
 
 
+def rss_bytes(pid: int) -> int:
+    """Resident memory of one process (VmRSS), in bytes; 0 for a process that is gone or holds none."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def tree_rss_bytes(root: int) -> int:
     """Resident memory of `root` and its descendants (VmRSS), in bytes."""
-    total = 0
-    for pid in process_tree(root):
-        try:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1]) * 1024
-                    break
-        except OSError:
-            continue
-    return total
+    return sum(rss_bytes(pid) for pid in process_tree(root))
 
 
 # ---- hardware counters -------------------------------------------------------------------------------

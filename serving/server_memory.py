@@ -1,10 +1,10 @@
 """The local tritonserver's process tree: what each process is, and its resident memory over time.
 
-`MemoryWatch` samples the memory from a process of its own (`python -m serving.server_memory PID SECONDS`).
-Inside a soak's process the 64 client threads keep the GIL busy, and every file read of a /proc scan waits
-for it again: one scan took up to 1.5 s on a 2-core machine, and in a CI run a whole 6-second interval got
-no memory sample. The watcher stamps each sample with the system-wide monotonic clock and writes it as one
-JSON line; the soak reads them when it stops the watcher.
+`MemoryWatch` samples the memory from a process of its own (`python -m polarprune.serving.server_memory
+PID SECONDS`). Inside a soak's process the 64 client threads keep the GIL busy, and every file read of a
+/proc scan waits for it again: one scan took up to 1.5 s on a 2-core machine, and in a CI run a whole
+6-second interval got no memory sample. The watcher stamps each sample with the system-wide monotonic
+clock and writes it as one JSON line; the soak reads them when it stops the watcher.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import time
 import warnings
 from pathlib import Path
 
-from polarprune.common.energy import process_tree
+from polarprune.common.energy import process_tree, rss_bytes
 
 MB = 1024 * 1024
 
@@ -35,21 +35,11 @@ def process_label(pid: int) -> str:
     return Path(argv[0].decode(errors="replace")).name or f"pid {pid}"
 
 
-def rss_mb(pid: int) -> float:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024 / MB
-    except OSError:
-        pass
-    return 0.0
-
-
 def memory_by_process(server_pid: int) -> dict[str, float]:
     """Resident MB of tritonserver and of each live python-backend stub (dead ones hold none)."""
     parts: dict[str, float] = {}
     for pid in process_tree(server_pid):
-        mb = rss_mb(pid)
+        mb = rss_bytes(pid) / MB
         if mb > 0:
             label = process_label(pid)
             parts[label] = parts.get(label, 0.0) + mb
@@ -62,7 +52,7 @@ class MemoryWatch:
     def __init__(self, server_pid: int, every_s: float):
         self._out = tempfile.NamedTemporaryFile(prefix="polarprune_memory_", suffix=".jsonl", delete=False)
         self._err = tempfile.TemporaryFile()
-        # where `polarprune` was imported from (the checkout's root or site-packages), whatever the working directory
+        # where `polarprune` was imported from (a checkout's root or site-packages), whatever the cwd
         importable = str(Path(sys.modules["polarprune"].__file__).resolve().parents[1])
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(
             p for p in (importable, os.environ.get("PYTHONPATH", "")) if p)}
@@ -81,7 +71,8 @@ class MemoryWatch:
             self._process.kill()
             self._process.wait()
         self._out.close()
-        if self._process.returncode not in (0, -signal.SIGKILL):
+        # 0: stopped by SIGTERM or the server's end; -SIGTERM: stopped before its handler was set; -SIGKILL: stuck
+        if self._process.returncode not in (0, -signal.SIGTERM, -signal.SIGKILL):
             self._err.seek(0)
             tail = self._err.read().decode(errors="replace").strip().splitlines()[-3:]
             warnings.warn(f"the memory watcher exited with code {self._process.returncode}: "
