@@ -8,7 +8,7 @@
                           [--seeds 0,1,2]
 
 Reads finished run folders (`{seed}` in a pattern is the seed) and writes, per arm and seed, test accuracy,
-the gap to that seed's dense run, kept FLOPs (before and after the move into the target band), training
+validation accuracy, the last epoch's training accuracy, the gap to that seed's dense run, kept FLOPs (before and after the move into the target band), training
 time, and the epochs of compute (an arm also paid for the run whose weights it starts from, and for the run
 whose learned network it trains from scratch);
 per arm the mean gap and its standard deviation over seeds. Without --arm: the default run's layout
@@ -73,12 +73,20 @@ def compute_epochs(metrics: dict, config: dict) -> int | None:
     return total
 
 
+def last_train_accuracy(folder: Path) -> float | None:
+    """Training accuracy over the run's last epoch (its log.jsonl's last line; None without one): how well
+    the run fits its training data, where test accuracy says how well it generalises."""
+    path = folder / "log.jsonl"
+    lines = path.read_text().splitlines() if path.is_file() else []
+    return json.loads(lines[-1]).get("train_accuracy") if lines else None
+
+
 def arm_row(seed: int, folder: Path, metrics: dict, dense: dict) -> dict:
     config = run_config(folder, metrics)
     projection = metrics.get("projection") or {}
     return {"seed": seed, "accuracy": metrics["test_accuracy"], "dense_accuracy": dense["test_accuracy"],
             "gap_points": 100 * (dense["test_accuracy"] - metrics["test_accuracy"]),
-            "val_accuracy": metrics.get("val_accuracy"),
+            "val_accuracy": metrics.get("val_accuracy"), "train_accuracy": last_train_accuracy(folder),
             "flops_ratio": kept_macs(metrics, dense), "learned_flops_ratio": projection.get("learned_flops_ratio"),
             "flipped_flops_share": projection.get("flipped_flops_share"),
             "closed_flops_share": projection.get("closed_flops_share"),

@@ -49,13 +49,14 @@ PRODUCERS = {  # what to run when a file is missing
                    "--out reports/corrupt_inputs.json`, then `make results`",
 }
 PRODUCERS["reliability-summary"] = PRODUCERS["reliability"]
+PRODUCERS["seeds-finetune-val"] = PRODUCERS["seeds-finetune"]
 
 
 class RenderError(Exception):
     """A marker names no known table, or a result file cannot be read."""
 
 
-BLOCK_FILES = {"reliability-summary": "reliability.json"}  # blocks that render another block's file
+BLOCK_FILES = {"reliability-summary": "reliability.json", "seeds-finetune-val": "seeds_finetune.json"}  # blocks that render another block's file
 
 
 def file_name(block: str) -> str:
@@ -218,6 +219,29 @@ def seeds_table(document: dict) -> list[str]:
                        "The runs: " + "; ".join(runs) + "."]
 
 
+def seeds_validation_table(document: dict) -> list[str]:
+    """Per-seed validation accuracy of every arm of a seeds file (what choices are made on) and the mean
+    training accuracy over each run's last epoch ("-": a seed the arm did not run, or a run without a log)."""
+    seeds = [row["seed"] for row in document["dense"]["seeds"]]
+    fitted = any(row.get("train_accuracy") is not None for arm in document["arms"] for row in arm["seeds"])
+    rows = ["| training | " + " | ".join(f"val, seed {seed}" for seed in seeds) + " | val (mean) |"
+            + (" training accuracy, last epoch (mean) |" if fitted else ""),
+            "|---|" + "---:|" * (len(seeds) + 1 + fitted)]
+
+    def mean(values: list[float | None], fmt: str) -> str:
+        known = [v for v in values if v is not None]
+        return format(statistics.fmean(known), fmt) if known else "-"
+
+    for arm in document["arms"]:
+        by_seed = {row["seed"]: row for row in arm["seeds"]}
+        vals = [by_seed.get(seed, {}).get("val_accuracy") for seed in seeds]
+        rows.append(f"| {arm['label']} | " + " | ".join("-" if v is None else f"{v:.4f}" for v in vals)
+                    + f" | {mean(vals, '.4f')} |"
+                    + (f" {mean([row.get('train_accuracy') for row in arm['seeds']], '.3f')} |" if fitted else ""))
+    return rows + ["", "Validation: the 2,000 training images each run holds out. The arms and their commands are "
+                       "those of the table above (same result file)."]
+
+
 LEARNED_WITHIN, FLIPPED_AT_MOST = 0.03, 0.03  # issue 19's goal for every polarized run
 
 
@@ -311,7 +335,7 @@ def reliability_summary(document: dict) -> list[str]:
 TABLES = {"default-run": default_run_table, "vit-run": vit_run_table, "export": export_table, "serving": serving_table,
           "compare": compare_table, "seeds": seeds_table, "seeds-amd": seeds_table, "seeds-tiers": seeds_table,
           "seeds-restart": seeds_table, "seeds-choices": seeds_table, "seeds-ramp": seeds_table,
-          "seeds-finetune": seeds_table,
+          "seeds-finetune": seeds_table, "seeds-finetune-val": seeds_validation_table,
           "latency-target": latency_target_table, "reliability": reliability_table,
           "reliability-summary": reliability_summary}
 

@@ -212,6 +212,30 @@ def test_seeds_arms_count_the_dense_run_a_fine_tune_started_from(tmp_path):
                        "--arm", f"seed 5@5={tmp_path}/ft{{seed}}"]) == 2  # no dense run of seed 5
 
 
+def test_seeds_record_each_runs_last_epoch_training_accuracy_and_render_validation_per_seed(tmp_path):
+    """The last line of log.jsonl gives the fit a run ended with; the validation table puts every seed's
+    validation accuracy side by side, "-" for a seed an arm did not run."""
+    from polarprune.bench.seeds import main as seeds_main
+    from scripts.render_readme import seeds_validation_table
+
+    for seed, val in ((0, 0.871), (1, 0.882)):
+        _finished_run(tmp_path / f"dense{seed}", 0.87)
+        _finished_run(tmp_path / f"ft{seed}", 0.88)
+        metrics = json.loads((tmp_path / f"ft{seed}" / "metrics.json").read_text())
+        (tmp_path / f"ft{seed}" / "metrics.json").write_text(json.dumps({**metrics, "val_accuracy": val}))
+    (tmp_path / "ft0" / "log.jsonl").write_text(
+        json.dumps({"epoch": 1, "train_accuracy": 0.8}) + "\n" + json.dumps({"epoch": 2, "train_accuracy": 0.9}) + "\n")
+    out = tmp_path / "levers.json"
+    assert seeds_main(["--dense", str(tmp_path / "dense{seed}"), "--seeds", "0,1", "--out", str(out),
+                       "--arm", f"fine-tune={tmp_path}/ft{{seed}}", "--arm", f"one seed@1={tmp_path}/ft{{seed}}"]) == 0
+    document = json.loads(out.read_text())
+    assert [row["train_accuracy"] for row in document["arms"][0]["seeds"]] == [0.9, None]  # seed 1 has no log
+    header, _, both, one = seeds_validation_table(document)[:4]
+    assert header.startswith("| training | val, seed 0 | val, seed 1 | val (mean) | training accuracy")
+    assert both == "| fine-tune | 0.8710 | 0.8820 | 0.8765 | 0.900 |"
+    assert one == "| one seed | - | 0.8820 | 0.8820 | - |"
+
+
 def test_seeds_count_the_epochs_of_every_run_an_arm_stands_on(tmp_path):
     """Compute is counted from the runs themselves, not from the --dense reference: a fine-tune of a 4-epoch
     dense run compared with an 8-epoch one paid 8 epochs, and the learned network it found, trained from
