@@ -24,10 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
-from polarprune.common.energy import EnergyMeter, process_tree, tree_cpu_seconds, tree_rss_bytes
+from polarprune.common.energy import EnergyMeter, tree_cpu_seconds, tree_rss_bytes
 from polarprune.serving.probes import ROLES, ProbeSettings, _drive, longest_drive_s
 from polarprune.serving.server import Endpoints
-from polarprune.serving.server_memory import MB, process_label
+from polarprune.serving.server_memory import MB, memory_by_process
 
 REMOTE_MEMORY = "resident memory of a remote server (--url) is not visible from this machine"
 REMOTE_ENERGY = ("the server's CPU time is not visible for a remote server (--url), nor are its host's "
@@ -35,16 +35,6 @@ REMOTE_ENERGY = ("the server's CPU time is not visible for a remote server (--ur
 
 
 # ---- server memory ---------------------------------------------------------------------------------
-def rss_by_process_mb(root: int) -> dict[str, float]:
-    """Resident MB of the server itself and of each python-backend stub under it."""
-    parts = {}
-    for pid in process_tree(root)[1:]:
-        label = process_label(pid)
-        parts[label] = parts.get(label, 0.0) + tree_rss_bytes(pid) / MB
-    parts[process_label(root)] = tree_rss_bytes(root) / MB - sum(parts.values())
-    return dict(sorted(parts.items()))
-
-
 class _RssSampler:
     """Samples the tree RSS of `root` every `interval_s` in a thread (bounded by the `with` block)."""
 
@@ -104,7 +94,7 @@ def run_load_test(endpoints: Endpoints, models: dict[str, str], images: np.ndarr
         return sampler.now_mb() if sampler else None
 
     with sampler or contextlib.nullcontext():
-        start_mb, start_parts = rss_mb(), rss_by_process_mb(server_pid) if sampler else None
+        start_mb, start_parts = rss_mb(), memory_by_process(server_pid) if sampler else None
         early_mb = None
         for index, concurrency in enumerate(settings.load_concurrencies):
             log(f"load test: {concurrency} client(s), {settings.load_seconds:g} s per model ...")
@@ -119,7 +109,7 @@ def run_load_test(endpoints: Endpoints, models: dict[str, str], images: np.ndarr
                                "rss_peak_mb": sampler.peak_mb(began) if sampler else None})
             if index == 0:
                 early_mb = rss_mb()
-        end_mb, end_parts = rss_mb(), rss_by_process_mb(server_pid) if sampler else None
+        end_mb, end_parts = rss_mb(), memory_by_process(server_pid) if sampler else None
     memory = (_steady_memory(sampler, levels, start_mb, early_mb, end_mb, start_parts, end_parts) if sampler
               else {"unavailable": REMOTE_MEMORY})
     return {"protocol": protocol, "batch_size": len(batch), "seconds_per_level": settings.load_seconds,

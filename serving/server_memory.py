@@ -36,14 +36,15 @@ def process_label(pid: int) -> str:
 
 
 def memory_by_process(server_pid: int) -> dict[str, float]:
-    """Resident MB of tritonserver and of each live python-backend stub (dead ones hold none)."""
+    """Resident MB of tritonserver and of each live python-backend stub (dead ones hold none), each process
+    counted once under its own label, by label."""
     parts: dict[str, float] = {}
     for pid in process_tree(server_pid):
         mb = rss_bytes(pid) / MB
         if mb > 0:
             label = process_label(pid)
             parts[label] = parts.get(label, 0.0) + mb
-    return parts
+    return dict(sorted(parts.items()))
 
 
 class MemoryWatch:
