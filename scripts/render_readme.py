@@ -45,6 +45,7 @@ PRODUCERS = {  # what to run when a file is missing
     "seeds-finetune": "the runs of the fine-tune study, then `python -m bench.seeds --dense "
                       "'runs/study3/dense8_seed{seed}' --out docs/results/seeds_finetune.json`",
     "latency-target": "`python -m bench.latency_target`",
+    "block-shock": "`python -m bench.block_shock --run <a finished dense run>`",
     "reliability": "`python -m serving soak`, `python -m serving faults` and `python -m tests.corrupt_inputs "
                    "--out reports/corrupt_inputs.json`, then `make results`",
 }
@@ -242,6 +243,17 @@ def seeds_validation_table(document: dict) -> list[str]:
                        "those of the table above (same result file)."]
 
 
+def block_shock_table(document: dict) -> list[str]:
+    rows = ["| blocks closed | branch output zero (a closed block) | branch output its per-channel mean |",
+            "|---|---:|---:|",
+            f"| none (the trained network) | {document['dense_val_accuracy']:.4f} | - |"]
+    rows += [f"| {', '.join(row['blocks'])} | {row['zero']:.4f} | {row['mean']:.4f} |"
+             for row in document["single"] + document["sets"]]
+    return rows + ["", f"Validation accuracy of `{document['run']}` on its {document['val_images']:,} validation "
+                       f"images, in eval mode, before any training step; the means over {document['mean_images']:,} "
+                       "training images."]
+
+
 LEARNED_WITHIN, FLIPPED_AT_MOST = 0.03, 0.03  # issue 19's goal for every polarized run
 
 
@@ -335,7 +347,7 @@ def reliability_summary(document: dict) -> list[str]:
 TABLES = {"default-run": default_run_table, "vit-run": vit_run_table, "export": export_table, "serving": serving_table,
           "compare": compare_table, "seeds": seeds_table, "seeds-amd": seeds_table, "seeds-tiers": seeds_table,
           "seeds-restart": seeds_table, "seeds-choices": seeds_table, "seeds-ramp": seeds_table,
-          "seeds-finetune": seeds_table, "seeds-finetune-val": seeds_validation_table,
+          "seeds-finetune": seeds_table, "seeds-finetune-val": seeds_validation_table, "block-shock": block_shock_table,
           "latency-target": latency_target_table, "reliability": reliability_table,
           "reliability-summary": reliability_summary}
 

@@ -297,3 +297,44 @@ def test_the_learned_network_from_scratch_has_the_masks_widths_and_a_fresh_draw(
         assert abs(conv.weight.std().item() / expected - 1) < 0.15, (conv, conv.weight.std().item(), expected)
     norms = [m for m in network.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert all(torch.equal(m.weight, torch.ones_like(m.weight)) and not m.running_mean.any() for m in norms)
+
+
+def test_block_shock_zero_is_the_cut_network_and_mean_is_measured(tmp_path):
+    """bench.block_shock's "zero" is what the cut network with that block closed scores on the same images;
+    "mean" replaces the branch by a constant, so it differs; a block the network lacks is refused."""
+    from polarprune.bench.block_shock import main as shock_main
+    from polarprune.training.data import load_splits
+    from polarprune.training.data.images import normalize
+
+    dense = dense_network("resnet20", (1, 28, 28))
+    network = dense.graph.module
+    for module in network.modules():  # BN statistics that are not the identity, so the branches carry offsets
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.bias.data.uniform_(-0.5, 0.5)
+    run = tmp_path / "dense"
+    run.mkdir()
+    torch.save({"model": network.state_dict()}, run / "checkpoint.pt")
+    info = NetworkInfo("resnet20", 1, 10, (28, 28))
+    save_mask(run / "mask.json", mask_document(full_mask(dense.graph), mask_problem(dense.graph), info.describe(), 16))
+    config = {"dataset": "fashion_mnist", "data_dir": None, "train_subset": 300, "val_size": 200, "seed": 0}
+    (run / "metrics.json").write_text(json.dumps({"test_accuracy": 0.1, "epochs": 1, "config": config}))
+    out = tmp_path / "shock.json"
+    assert shock_main(["--run", str(run), "--close", "layer1.1,layer3.2", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert [row["blocks"] for row in result["single"]][:2] == [["layer1.0"], ["layer1.1"]]
+    assert len(result["single"]) == 9 and result["val_images"] == 200
+
+    data, _, val, _ = load_splits("fashion_mnist", None, 300, 200, 0)
+    images = normalize(val.images, data)
+    closed = ["layer1.1", "layer3.2"]
+    gone = {g for b in closed for g in dense.graph.groups_inside(b)}
+    mask = Mask({name: list(range(group.width)) for name, group in dense.graph.prunable().items() if name not in gone},
+                closed)
+    pruned = cut(dense.graph, mask, network).eval()
+    with torch.no_grad():
+        cut_accuracy = int((pruned(images).argmax(1) == val.labels).sum()) / len(val.labels)
+    (together,) = result["sets"]
+    assert together["zero"] == pytest.approx(cut_accuracy, abs=1e-9)
+    assert together["mean"] != together["zero"] or result["dense_val_accuracy"] == together["zero"]
+    assert shock_main(["--run", str(run), "--close", "layer9.9", "--out", str(out)]) == 2
