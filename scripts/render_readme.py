@@ -50,14 +50,18 @@ PRODUCERS = {  # what to run when a file is missing
                    "--out reports/corrupt_inputs.json`, then `make results`",
 }
 PRODUCERS["reliability-summary"] = PRODUCERS["reliability"]
-PRODUCERS["seeds-finetune-val"] = PRODUCERS["seeds-finetune"]
+PRODUCERS["seeds-ceiling"] = ("the runs of the fine-tune's ceiling study, then `python -m bench.seeds --dense "
+                              "'runs/study5/dense8_seed{seed}' --seeds 0,1,2,3,4 --out docs/results/seeds_ceiling.json`")
+for name in ("seeds-finetune", "seeds-ceiling"):
+    PRODUCERS[f"{name}-val"] = PRODUCERS[name]
 
 
 class RenderError(Exception):
     """A marker names no known table, or a result file cannot be read."""
 
 
-BLOCK_FILES = {"reliability-summary": "reliability.json", "seeds-finetune-val": "seeds_finetune.json"}  # blocks that render another block's file
+BLOCK_FILES = {"reliability-summary": "reliability.json", "seeds-finetune-val": "seeds_finetune.json",
+               "seeds-ceiling-val": "seeds_ceiling.json"}  # blocks that render another block's file
 
 
 def file_name(block: str) -> str:
@@ -347,7 +351,8 @@ def reliability_summary(document: dict) -> list[str]:
 TABLES = {"default-run": default_run_table, "vit-run": vit_run_table, "export": export_table, "serving": serving_table,
           "compare": compare_table, "seeds": seeds_table, "seeds-amd": seeds_table, "seeds-tiers": seeds_table,
           "seeds-restart": seeds_table, "seeds-choices": seeds_table, "seeds-ramp": seeds_table,
-          "seeds-finetune": seeds_table, "seeds-finetune-val": seeds_validation_table, "block-shock": block_shock_table,
+          "seeds-finetune": seeds_table, "seeds-finetune-val": seeds_validation_table,
+          "seeds-ceiling": seeds_table, "seeds-ceiling-val": seeds_validation_table, "block-shock": block_shock_table,
           "latency-target": latency_target_table, "reliability": reliability_table,
           "reliability-summary": reliability_summary}
 
