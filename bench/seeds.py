@@ -157,7 +157,9 @@ def collect(dense_pattern: str, arms: dict[str, tuple[str, list[int] | None]], s
                     "compute_epochs": sorted({r["compute_epochs"] for r in rows},
                                              key=lambda epochs: -1 if epochs is None else epochs)})
     return {"dense": {"pattern": dense_pattern,
-                      "seeds": [{"seed": s, "accuracy": m["test_accuracy"], "train_seconds": m["train_seconds"],
+                      "seeds": [{"seed": s, "accuracy": m["test_accuracy"], "val_accuracy": m.get("val_accuracy"),
+                                 "train_accuracy": last_train_accuracy(Path(dense_pattern.format(seed=s))),
+                                 "train_seconds": m["train_seconds"],
                                  "epochs": m["epochs"], "run": (m.get("provenance") or {}).get("command"),
                                  "commit": (m.get("provenance") or {}).get("commit")}
                                 for s, m in dense.items()],

@@ -228,7 +228,8 @@ def seeds_validation_table(document: dict) -> list[str]:
     """Per-seed validation accuracy of every arm of a seeds file (what choices are made on) and the mean
     training accuracy over each run's last epoch ("-": a seed the arm did not run, or a run without a log)."""
     seeds = [row["seed"] for row in document["dense"]["seeds"]]
-    fitted = any(row.get("train_accuracy") is not None for arm in document["arms"] for row in arm["seeds"])
+    fitted = any(row.get("train_accuracy") is not None
+                 for arm in document["arms"] + [document["dense"]] for row in arm["seeds"])
     rows = ["| training | " + " | ".join(f"val, seed {seed}" for seed in seeds) + " | val (mean) |"
             + (" training accuracy, last epoch (mean) |" if fitted else ""),
             "|---|" + "---:|" * (len(seeds) + 1 + fitted)]
@@ -237,7 +238,8 @@ def seeds_validation_table(document: dict) -> list[str]:
         known = [v for v in values if v is not None]
         return format(statistics.fmean(known), fmt) if known else "-"
 
-    for arm in document["arms"]:
+    dense = {"label": "the dense reference", "seeds": document["dense"]["seeds"]}
+    for arm in document["arms"] + ([dense] if any("val_accuracy" in row for row in dense["seeds"]) else []):
         by_seed = {row["seed"]: row for row in arm["seeds"]}
         vals = [by_seed.get(seed, {}).get("val_accuracy") for seed in seeds]
         rows.append(f"| {arm['label']} | " + " | ".join("-" if v is None else f"{v:.4f}" for v in vals)

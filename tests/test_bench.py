@@ -223,6 +223,8 @@ def test_seeds_record_each_runs_last_epoch_training_accuracy_and_render_validati
         _finished_run(tmp_path / f"ft{seed}", 0.88)
         metrics = json.loads((tmp_path / f"ft{seed}" / "metrics.json").read_text())
         (tmp_path / f"ft{seed}" / "metrics.json").write_text(json.dumps({**metrics, "val_accuracy": val}))
+    dense0 = json.loads((tmp_path / "dense0" / "metrics.json").read_text())
+    (tmp_path / "dense0" / "metrics.json").write_text(json.dumps({**dense0, "val_accuracy": 0.86}))
     (tmp_path / "ft0" / "log.jsonl").write_text(
         json.dumps({"epoch": 1, "train_accuracy": 0.8}) + "\n" + json.dumps({"epoch": 2, "train_accuracy": 0.9}) + "\n")
     out = tmp_path / "levers.json"
@@ -234,6 +236,7 @@ def test_seeds_record_each_runs_last_epoch_training_accuracy_and_render_validati
     assert header.startswith("| training | val, seed 0 | val, seed 1 | val (mean) | training accuracy")
     assert both == "| fine-tune | 0.8710 | 0.8820 | 0.8765 | 0.900 |"
     assert one == "| one seed | - | 0.8820 | 0.8820 | - |"
+    assert seeds_validation_table(document)[4] == "| the dense reference | 0.8600 | - | 0.8600 | - |"
 
 
 def test_seeds_count_the_epochs_of_every_run_an_arm_stands_on(tmp_path):
