@@ -252,7 +252,7 @@ def seeds_validation_table(document: dict) -> list[str]:
 def block_shock_table(document: dict) -> list[str]:
     rows = ["| blocks closed | branch output zero (a closed block) | branch output its per-channel mean |",
             "|---|---:|---:|",
-            f"| none (the trained network) | {document['dense_val_accuracy']:.4f} | - |"]
+            f"| none (the trained network) | {document['intact_val_accuracy']:.4f} | - |"]
     rows += [f"| {', '.join(row['blocks'])} | {row['zero']:.4f} | {row['mean']:.4f} |"
              for row in document["single"] + document["sets"]]
     return rows + ["", f"Validation accuracy of `{document['run']}` on its {document['val_images']:,} validation "
