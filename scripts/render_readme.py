@@ -52,7 +52,9 @@ PRODUCERS = {  # what to run when a file is missing
 PRODUCERS["reliability-summary"] = PRODUCERS["reliability"]
 PRODUCERS["seeds-ceiling"] = ("the runs of the fine-tune's ceiling study, then `python -m bench.seeds --dense "
                               "'runs/study5/dense8_seed{seed}' --seeds 0,1,2,3,4 --out docs/results/seeds_ceiling.json`")
-for name in ("seeds-finetune", "seeds-ceiling"):
+PRODUCERS["seeds-vit"] = ("the ViT runs of three seeds, then `python -m bench.seeds --dense 'runs/study5/vit_dense_seed{seed}' "
+                          "--out docs/results/seeds_vit.json`")
+for name in ("seeds-finetune", "seeds-ceiling", "seeds-vit"):
     PRODUCERS[f"{name}-val"] = PRODUCERS[name]
 
 
@@ -61,7 +63,7 @@ class RenderError(Exception):
 
 
 BLOCK_FILES = {"reliability-summary": "reliability.json", "seeds-finetune-val": "seeds_finetune.json",
-               "seeds-ceiling-val": "seeds_ceiling.json"}  # blocks that render another block's file
+               "seeds-ceiling-val": "seeds_ceiling.json", "seeds-vit-val": "seeds_vit.json"}  # blocks that render another block's file
 
 
 def file_name(block: str) -> str:
@@ -354,7 +356,8 @@ TABLES = {"default-run": default_run_table, "vit-run": vit_run_table, "export": 
           "compare": compare_table, "seeds": seeds_table, "seeds-amd": seeds_table, "seeds-tiers": seeds_table,
           "seeds-restart": seeds_table, "seeds-choices": seeds_table, "seeds-ramp": seeds_table,
           "seeds-finetune": seeds_table, "seeds-finetune-val": seeds_validation_table,
-          "seeds-ceiling": seeds_table, "seeds-ceiling-val": seeds_validation_table, "block-shock": block_shock_table,
+          "seeds-ceiling": seeds_table, "seeds-ceiling-val": seeds_validation_table,
+          "seeds-vit": seeds_table, "seeds-vit-val": seeds_validation_table, "block-shock": block_shock_table,
           "latency-target": latency_target_table, "reliability": reliability_table,
           "reliability-summary": reliability_summary}
 
