@@ -6,8 +6,8 @@ by a constant on its skip path, which would ship as one bias add).
     python -m bench.block_shock --run runs/<dense run> [--close layer1.1,layer1.2] --out docs/results/block_shock.json
 
 Each block alone, then each `--close` set together. Blocks come from the run's traced graph; a branch must
-end in a module (e.g. a batch norm) for its output to be replaced. Evaluated in eval mode on the run's own
-validation split, with the run's data settings.
+end in a module (e.g. a batch norm) whose output holds channels on dimension 1 (N, C, ...) for it to be
+replaced. Evaluated in eval mode on the run's own validation split, with the run's data settings.
 """
 from __future__ import annotations
 
@@ -66,7 +66,10 @@ def measure(run: Path, close_sets: list[list[str]]) -> dict:
     images, labels = normalize(val.images, data), val.labels
 
     means: dict[str, torch.Tensor] = {}
-    hooks = [module.register_forward_hook(lambda m, i, o, name=name: means.__setitem__(name, o.mean((0, 2, 3))))
+    def record_mean(module, inputs, output, name):  # per channel, over the batch and every other dimension
+        means[name] = output.mean([0, *range(2, output.dim())])
+
+    hooks = [module.register_forward_hook(lambda m, i, o, name=name: record_mean(m, i, o, name))
              for name, module in branches.items()]
     network(normalize(train.images[:MEAN_IMAGES], data))
     for hook in hooks:
@@ -114,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = measure(args.run, [[b.strip() for b in text.split(",") if b.strip()] for text in args.close])
     except (PolarpruneError, KeyError, ValueError) as error:
-        return fail("python -m bench.block_shock", error if isinstance(error, PolarpruneError) else BenchError(str(error)))
+        return fail("python -m bench.block_shock",
+                    error if isinstance(error, PolarpruneError) else BenchError(str(error)))
     write_result(args.out, result, {"python -m bench.block_shock": provenance()})
     print(f"nothing closed: {result['intact_val_accuracy']:.4f} validation accuracy")
     for row in result["single"] + result["sets"]:

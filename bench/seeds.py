@@ -8,9 +8,9 @@
                           [--seeds 0,1,2]
 
 Reads finished run folders (`{seed}` in a pattern is the seed) and writes, per arm and seed, test accuracy,
-validation accuracy, the last epoch's training accuracy, the gap to that seed's dense run, kept FLOPs (before and after the move into the target band), training
-time, and the epochs of compute (an arm also paid for the run whose weights it starts from, and for the run
-whose learned network it trains from scratch);
+validation accuracy, the last epoch's training accuracy, the gap to that seed's dense run, kept FLOPs (before
+and after the move into the target band), training time, and the epochs of compute (an arm also paid for
+the run whose weights it starts from, and for the run whose learned network it trains from scratch);
 per arm the mean gap and its standard deviation over seeds. Without --arm: the default run's layout
 (`<runs>/<run>_seed<s>` against `<runs>/<run>_dense_seed<s>`).
 """
@@ -136,7 +136,8 @@ def mean_jaccard(masks: list[set | None]) -> float | None:
 
 def collect(dense_pattern: str, arms: dict[str, tuple[str, list[int] | None]], seeds: list[int]) -> dict:
     """`arms`: label -> (folder pattern, its seeds or None for all of `seeds`)."""
-    dense = {seed: finished_run(dense_pattern, seed)[1] for seed in seeds}
+    dense_runs = {seed: finished_run(dense_pattern, seed) for seed in seeds}
+    dense = {seed: metrics for seed, (_, metrics) in dense_runs.items()}
     out = []
     for label, (pattern, arm_seeds) in arms.items():
         unknown = sorted(set(arm_seeds or seeds) - set(seeds))
@@ -158,7 +159,7 @@ def collect(dense_pattern: str, arms: dict[str, tuple[str, list[int] | None]], s
                                              key=lambda epochs: -1 if epochs is None else epochs)})
     return {"dense": {"pattern": dense_pattern,
                       "seeds": [{"seed": s, "accuracy": m["test_accuracy"], "val_accuracy": m.get("val_accuracy"),
-                                 "train_accuracy": last_train_accuracy(Path(dense_pattern.format(seed=s))),
+                                 "train_accuracy": last_train_accuracy(dense_runs[s][0]),
                                  "train_seconds": m["train_seconds"],
                                  "epochs": m["epochs"], "run": (m.get("provenance") or {}).get("command"),
                                  "commit": (m.get("provenance") or {}).get("commit")}

@@ -51,9 +51,10 @@ PRODUCERS = {  # what to run when a file is missing
 }
 PRODUCERS["reliability-summary"] = PRODUCERS["reliability"]
 PRODUCERS["seeds-ceiling"] = ("the runs of the fine-tune's ceiling study, then `python -m bench.seeds --dense "
-                              "'runs/study5/dense8_seed{seed}' --seeds 0,1,2,3,4 --out docs/results/seeds_ceiling.json`")
-PRODUCERS["seeds-vit"] = ("the ViT runs of three seeds, then `python -m bench.seeds --dense 'runs/study5/vit_dense_seed{seed}' "
-                          "--out docs/results/seeds_vit.json`")
+                              "'runs/study5/dense8_seed{seed}' --seeds 0,1,2,3,4 "
+                              "--out docs/results/seeds_ceiling.json`")
+PRODUCERS["seeds-vit"] = ("the ViT runs of three seeds, then `python -m bench.seeds --dense "
+                          "'runs/study5/vit_dense_seed{seed}' --out docs/results/seeds_vit.json`")
 for name in ("seeds-finetune", "seeds-ceiling", "seeds-vit"):
     PRODUCERS[f"{name}-val"] = PRODUCERS[name]
 
@@ -62,8 +63,9 @@ class RenderError(Exception):
     """A marker names no known table, or a result file cannot be read."""
 
 
+# blocks that render another block's file
 BLOCK_FILES = {"reliability-summary": "reliability.json", "seeds-finetune-val": "seeds_finetune.json",
-               "seeds-ceiling-val": "seeds_ceiling.json", "seeds-vit-val": "seeds_vit.json"}  # blocks that render another block's file
+               "seeds-ceiling-val": "seeds_ceiling.json", "seeds-vit-val": "seeds_vit.json"}
 
 
 def file_name(block: str) -> str:
@@ -247,8 +249,8 @@ def seeds_validation_table(document: dict) -> list[str]:
         rows.append(f"| {arm['label']} | " + " | ".join("-" if v is None else f"{v:.4f}" for v in vals)
                     + f" | {mean(vals, '.4f')} |"
                     + (f" {mean([row.get('train_accuracy') for row in arm['seeds']], '.3f')} |" if fitted else ""))
-    return rows + ["", "Validation: the 2,000 training images each run holds out. The arms and their commands are "
-                       "those of the table above (same result file)."]
+    return rows + ["", "Validation: the training images each run holds out (`val_size`). The arms and their "
+                       "commands are those of the table above (same result file)."]
 
 
 def block_shock_table(document: dict) -> list[str]:
