@@ -53,9 +53,11 @@ PRODUCERS["reliability-summary"] = PRODUCERS["reliability"]
 PRODUCERS["seeds-ceiling"] = ("the runs of the fine-tune's ceiling study, then `python -m bench.seeds --dense "
                               "'runs/study5/dense8_seed{seed}' --seeds 0,1,2,3,4 "
                               "--out docs/results/seeds_ceiling.json`")
+PRODUCERS["seeds-split"] = ("the runs of the fine-tune's split study, then `python -m bench.seeds --dense "
+                             "'runs/study6/dense8_seed{seed}' --seeds 0,1,2,3,4 --out docs/results/seeds_split.json`")
 PRODUCERS["seeds-vit"] = ("the ViT runs of three seeds, then `python -m bench.seeds --dense "
                           "'runs/study5/vit_dense_seed{seed}' --out docs/results/seeds_vit.json`")
-for name in ("seeds-finetune", "seeds-ceiling", "seeds-vit"):
+for name in ("seeds-finetune", "seeds-ceiling", "seeds-split", "seeds-vit"):
     PRODUCERS[f"{name}-val"] = PRODUCERS[name]
 
 
@@ -65,7 +67,8 @@ class RenderError(Exception):
 
 # blocks that render another block's file
 BLOCK_FILES = {"reliability-summary": "reliability.json", "seeds-finetune-val": "seeds_finetune.json",
-               "seeds-ceiling-val": "seeds_ceiling.json", "seeds-vit-val": "seeds_vit.json"}
+               "seeds-ceiling-val": "seeds_ceiling.json", "seeds-split-val": "seeds_split.json",
+               "seeds-vit-val": "seeds_vit.json"}
 
 
 def file_name(block: str) -> str:
@@ -359,6 +362,7 @@ TABLES = {"default-run": default_run_table, "vit-run": vit_run_table, "export": 
           "seeds-restart": seeds_table, "seeds-choices": seeds_table, "seeds-ramp": seeds_table,
           "seeds-finetune": seeds_table, "seeds-finetune-val": seeds_validation_table,
           "seeds-ceiling": seeds_table, "seeds-ceiling-val": seeds_validation_table,
+          "seeds-split": seeds_table, "seeds-split-val": seeds_validation_table,
           "seeds-vit": seeds_table, "seeds-vit-val": seeds_validation_table, "block-shock": block_shock_table,
           "latency-target": latency_target_table, "reliability": reliability_table,
           "reliability-summary": reliability_summary}
