@@ -57,21 +57,20 @@ PRODUCERS["seeds-split"] = ("the runs of the fine-tune's split study, then `pyth
                              "'runs/study6/dense8_seed{seed}' --seeds 0,1,2,3,4 --out docs/results/seeds_split.json`")
 PRODUCERS["seeds-vit"] = ("the ViT runs of three seeds, then `python -m bench.seeds --dense "
                           "'runs/study5/vit_dense_seed{seed}' --out docs/results/seeds_vit.json`")
-for name in ("seeds-finetune", "seeds-ceiling", "seeds-split", "seeds-vit"):
-    PRODUCERS[f"{name}-val"] = PRODUCERS[name]
+PRODUCERS["seeds-vit-b64"] = ("the ViT runs at batch 64, then `python -m bench.seeds --dense "
+                              "'runs/study6/vit_dense_b64_seed{seed}' --out docs/results/seeds_vit_b64.json`")
 
 
 class RenderError(Exception):
     """A marker names no known table, or a result file cannot be read."""
 
 
-# blocks that render another block's file
-BLOCK_FILES = {"reliability-summary": "reliability.json", "seeds-finetune-val": "seeds_finetune.json",
-               "seeds-ceiling-val": "seeds_ceiling.json", "seeds-split-val": "seeds_split.json",
-               "seeds-vit-val": "seeds_vit.json"}
+# blocks that render another block's file; a "-val" block renders its study's file (the validation view)
+BLOCK_FILES = {"reliability-summary": "reliability.json"}
 
 
 def file_name(block: str) -> str:
+    block = block.removesuffix("-val")
     return BLOCK_FILES.get(block, block.replace("-", "_") + ".json")
 
 
@@ -363,7 +362,8 @@ TABLES = {"default-run": default_run_table, "vit-run": vit_run_table, "export": 
           "seeds-finetune": seeds_table, "seeds-finetune-val": seeds_validation_table,
           "seeds-ceiling": seeds_table, "seeds-ceiling-val": seeds_validation_table,
           "seeds-split": seeds_table, "seeds-split-val": seeds_validation_table,
-          "seeds-vit": seeds_table, "seeds-vit-val": seeds_validation_table, "block-shock": block_shock_table,
+          "seeds-vit": seeds_table, "seeds-vit-val": seeds_validation_table,
+          "seeds-vit-b64": seeds_table, "seeds-vit-b64-val": seeds_validation_table, "block-shock": block_shock_table,
           "latency-target": latency_target_table, "reliability": reliability_table,
           "reliability-summary": reliability_summary}
 
@@ -374,7 +374,7 @@ def render_block(name: str, results_dir: Path = RESULTS_DIR) -> str:
     path = results_dir / file_name(name)
     shown = f"docs/results/{path.name}"
     if not path.is_file():
-        return f"*Not measured yet: `{shown}` does not exist; {PRODUCERS[name]} writes it.*\n"
+        return f"*Not measured yet: `{shown}` does not exist; {PRODUCERS[name.removesuffix('-val')]} writes it.*\n"
     try:
         document = json.loads(path.read_text())
         lines = TABLES[name](document)

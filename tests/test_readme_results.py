@@ -55,6 +55,12 @@ def test_missing_result_file_says_how_to_produce_it(tmp_path):
     assert "old numbers" not in rendered and "Not measured yet" in rendered and "make serve" in rendered
 
 
+@pytest.mark.parametrize("block", sorted(render_readme.TABLES))
+def test_every_block_names_its_producer_when_its_file_is_missing(tmp_path, block):
+    rendered = render_readme.render_block(block, tmp_path)
+    assert rendered.startswith("*Not measured yet") and render_readme.file_name(block) in rendered, rendered
+
+
 def test_unknown_block_is_refused():
     with pytest.raises(render_readme.RenderError, match="results:nonsense"):
         render_readme.render("<!-- results:nonsense -->\n<!-- /results:nonsense -->\n")
