@@ -65,12 +65,17 @@ class RenderError(Exception):
     """A marker names no known table, or a result file cannot be read."""
 
 
-# blocks that render another block's file; a "-val" block renders its study's file (the validation view)
+# blocks that render another block's file; a "-val" block is the validation view of its study's file
 BLOCK_FILES = {"reliability-summary": "reliability.json"}
 
 
+def study(block: str) -> str:
+    """The block whose result file and producer a block shares: itself, or the study of a "-val" view."""
+    return block.removesuffix("-val")
+
+
 def file_name(block: str) -> str:
-    block = block.removesuffix("-val")
+    block = study(block)
     return BLOCK_FILES.get(block, block.replace("-", "_") + ".json")
 
 
@@ -359,13 +364,12 @@ def reliability_summary(document: dict) -> list[str]:
 TABLES = {"default-run": default_run_table, "vit-run": vit_run_table, "export": export_table, "serving": serving_table,
           "compare": compare_table, "seeds": seeds_table, "seeds-amd": seeds_table, "seeds-tiers": seeds_table,
           "seeds-restart": seeds_table, "seeds-choices": seeds_table, "seeds-ramp": seeds_table,
-          "seeds-finetune": seeds_table, "seeds-finetune-val": seeds_validation_table,
-          "seeds-ceiling": seeds_table, "seeds-ceiling-val": seeds_validation_table,
-          "seeds-split": seeds_table, "seeds-split-val": seeds_validation_table,
-          "seeds-vit": seeds_table, "seeds-vit-val": seeds_validation_table,
-          "seeds-vit-b64": seeds_table, "seeds-vit-b64-val": seeds_validation_table, "block-shock": block_shock_table,
+          "seeds-finetune": seeds_table, "seeds-ceiling": seeds_table, "seeds-split": seeds_table,
+          "seeds-vit": seeds_table, "seeds-vit-b64": seeds_table, "block-shock": block_shock_table,
           "latency-target": latency_target_table, "reliability": reliability_table,
           "reliability-summary": reliability_summary}
+# every seed study has a validation view of the same file
+TABLES.update({f"{name}-val": seeds_validation_table for name, table in list(TABLES.items()) if table is seeds_table})
 
 
 def render_block(name: str, results_dir: Path = RESULTS_DIR) -> str:
@@ -374,7 +378,7 @@ def render_block(name: str, results_dir: Path = RESULTS_DIR) -> str:
     path = results_dir / file_name(name)
     shown = f"docs/results/{path.name}"
     if not path.is_file():
-        return f"*Not measured yet: `{shown}` does not exist; {PRODUCERS[name.removesuffix('-val')]} writes it.*\n"
+        return f"*Not measured yet: `{shown}` does not exist; {PRODUCERS[study(name)]} writes it.*\n"
     try:
         document = json.loads(path.read_text())
         lines = TABLES[name](document)
